@@ -1,0 +1,1 @@
+"""Continued pre-training of a Chinese Bloom causal LM with HF Trainer + DeepSpeed ZeRO."""

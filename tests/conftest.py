@@ -1,0 +1,59 @@
+"""Shared fixtures. Everything is built here, offline: a small tokenizer, small corpora, a private cache."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = [
+    "昭通机场（ZPZT）是位于中国云南昭通的民用机场，始建于1935年。",
+    "北京是中华人民共和国的首都。",
+    "短",
+    "这是一篇比较长的文章，" * 30,
+    "文本里出现字面的 </s> 也只是文本。",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def job_cache(tmp_path_factory):
+    """A cache private to the test session (prepared data, the built-in tokenizer)."""
+    path = tmp_path_factory.mktemp("job-cache")
+    os.environ["JOB_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A 600-entry byte-level BPE with Bloom's specials, trained on a slice of the built-in corpus."""
+    from job.corpus import builtin_articles
+    from job.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer") / "tok"
+    train_tokenizer(builtin_articles()[:300] + DOCS, 600, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    from job.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(tiny_tokenizer_dir))
+
+
+def write_jsonl(path: Path, docs: list[str], column: str = "completion") -> Path:
+    path.write_text("".join(json.dumps({column: d, "source": "test"}, ensure_ascii=False) + "\n" for d in docs),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def docs_jsonl(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "docs.jsonl", DOCS)

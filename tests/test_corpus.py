@@ -1,0 +1,69 @@
+"""Every source becomes rows {"completion", "source"}; bad sources are one clear error."""
+
+from __future__ import annotations
+
+import pytest
+
+from job.corpus import builtin_articles, load_corpus
+from job.errors import JobError
+from tests.conftest import DOCS, write_jsonl
+
+
+def test_builtin_corpus_is_untagged_articles():
+    corpus = load_corpus(None)
+    assert corpus.rows.column_names == ["completion", "source"]
+    assert len(corpus.rows) > 3000
+    text = "\n".join(builtin_articles()[:50])
+    assert "/n " not in text and "/v " not in text and "/w" not in text  # word/tag tokens are stripped
+    assert sum(len(t) for t in builtin_articles()) > 1_500_000
+
+
+def test_jsonl_and_max_samples_keep_order(docs_jsonl):
+    corpus = load_corpus(str(docs_jsonl), max_samples=3)
+    assert corpus.rows["completion"][:] == DOCS[:3]
+    assert load_corpus(str(docs_jsonl), max_samples=3).fingerprint == corpus.fingerprint
+    assert load_corpus(str(docs_jsonl), max_samples=4).fingerprint != corpus.fingerprint
+
+
+def test_save_to_disk_parquet_glob_and_other_column(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": DOCS, "id": list(range(len(DOCS)))})
+    ds.save_to_disk(str(tmp_path / "disk"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dict"))
+    ds.to_parquet(str(tmp_path / "a.parquet"))
+    for source in (tmp_path / "disk", tmp_path / "dict", tmp_path / "a.parquet", tmp_path / "*.parquet"):
+        rows = load_corpus(str(source), text_column="text").rows
+        assert rows.column_names == ["completion", "source"]
+        assert rows["completion"][:] == DOCS
+
+
+def test_empty_texts_are_dropped(tmp_path):
+    rows = load_corpus(str(write_jsonl(tmp_path / "d.jsonl", ["甲", "", "  ", "乙"]))).rows
+    assert rows["completion"][:] == ["甲", "乙"]
+
+
+@pytest.mark.parametrize(
+    ("make", "column", "message"),
+    [
+        (lambda p: p / "missing.jsonl", "completion", "does not exist"),
+        (lambda p: (p / "empty_dir").mkdir() or p / "empty_dir", "completion", "is not a dataset"),
+        (lambda p: write_jsonl(p / "d.jsonl", DOCS), "text", "its columns are: completion, source"),
+        (lambda p: write_jsonl(p / "d.jsonl", []), "completion", "empty"),
+        (lambda p: write_jsonl(p / "d.jsonl", ["", " "]), "completion", "every text in column"),
+    ],
+)
+def test_bad_sources_are_clear_errors(tmp_path, make, column, message):
+    with pytest.raises(JobError, match=message):
+        load_corpus(str(make(tmp_path)), text_column=column)
+
+
+def test_malformed_jsonl_line_and_non_utf8_are_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"completion": "好"}\n{"completion": \n', encoding="utf-8")
+    with pytest.raises(JobError, match="line 2 is not a JSON object"):
+        load_corpus(str(bad))
+    gbk = tmp_path / "gbk.jsonl"
+    gbk.write_bytes('{"completion": "好"}\n'.encode() + '{"completion": "中文"}\n'.encode("gbk"))
+    with pytest.raises(JobError, match="line 2 is not UTF-8"):
+        load_corpus(str(gbk))

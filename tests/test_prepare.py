@@ -1,0 +1,85 @@
+"""Document-boundary invariants: one eos per document, nothing dropped, truncation adds no eos, caching."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from job.config import RunConfig
+from job.prepare import prepare
+from tests.conftest import DOCS
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def test_packing_keeps_every_token_and_one_eos_per_document(tiny_tokenizer, docs_jsonl, tmp_path):
+    cfg = RunConfig.load(data=str(docs_jsonl), max_length=16, packing=True, eval_fraction=0.0)
+    result = prepare(cfg, tiny_tokenizer, str(tmp_path / "out"))
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats == result.stats
+    eos = tiny_tokenizer.eos_token_id
+    expected = [t for d in DOCS for t in [*_ids(tiny_tokenizer, d), eos]]
+    rows = result.load()["train"]["input_ids"][:]
+    assert [t for r in rows for t in r] == expected  # the stream, in order, nothing dropped
+    assert all(len(r) == 16 for r in rows[:-1]) and 0 < len(rows[-1]) <= 16  # the last partial row is kept
+    assert stats["documents"] == len(DOCS) == stats["eos_tokens"]
+    assert stats["tokens"] == sum(len(_ids(tiny_tokenizer, d)) + 1 for d in DOCS) == len(expected)
+    assert stats["rows"] == len(rows)
+    assert stats["padding_tokens"] == 16 * len(rows) - len(expected)
+    assert stats["truncated_documents"] == 0
+
+
+def test_truncation_layout_adds_no_eos_to_cut_documents(tiny_tokenizer, docs_jsonl, tmp_path):
+    length = 12
+    cfg = RunConfig.load(data=str(docs_jsonl), max_length=length, packing=False, eval_fraction=0.0)
+    result = prepare(cfg, tiny_tokenizer, str(tmp_path / "out"))
+    rows = result.load()["train"]["input_ids"][:]
+    eos = tiny_tokenizer.eos_token_id
+    assert len(rows) == len(DOCS)
+    cut = 0
+    for doc, row in zip(DOCS, rows, strict=True):
+        ids = _ids(tiny_tokenizer, doc)
+        if len(ids) + 1 <= length:
+            assert row == [*ids, eos]
+        else:
+            cut += 1
+            assert row == ids[:length] and eos not in row
+    assert cut == result.stats["truncated_documents"] > 0
+    assert result.stats["eos_tokens"] == len(DOCS) - cut
+    assert result.stats["tokens"] == sum(len(r) for r in rows)
+
+
+def test_eval_split_holds_out_whole_documents(tiny_tokenizer):
+    cfg = RunConfig.load(max_samples=200, max_length=64, eval_fraction=0.1)
+    stats = prepare(cfg, tiny_tokenizer).stats
+    assert stats["eval"]["documents"] == 20 and stats["train"]["documents"] == 180
+    assert stats["documents"] == 200 == stats["eos_tokens"]
+    assert stats["tokens"] == stats["document_tokens"] + stats["documents"]
+
+
+def test_second_identical_run_tokenizes_nothing(tiny_tokenizer, docs_jsonl, monkeypatch):
+    import job.prepare as module
+
+    cfg = RunConfig.load(data=str(docs_jsonl), max_length=32)
+    first = prepare(cfg, tiny_tokenizer)
+    assert not first.cache_hit
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(module, "_tokenize_and_layout", refuse)
+    second = prepare(cfg, tiny_tokenizer)
+    assert second.cache_hit and second.path == first.path and second.stats == first.stats
+    with pytest.raises(AssertionError, match="tokenized again"):  # another length is another key
+        prepare(RunConfig.load(data=str(docs_jsonl), max_length=33), tiny_tokenizer)
+
+
+def test_output_with_other_settings_is_refused(tiny_tokenizer, docs_jsonl, tmp_path):
+    from job.errors import JobError
+
+    prepare(RunConfig.load(data=str(docs_jsonl), max_length=32), tiny_tokenizer, str(tmp_path / "out"))
+    with pytest.raises(JobError, match="prepared with other settings"):
+        prepare(RunConfig.load(data=str(docs_jsonl), max_length=64), tiny_tokenizer, str(tmp_path / "out"))

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -35,7 +36,8 @@ HELP = {
 def _option(name: str):
     hint = typing.get_type_hints(RunConfig)[name]
     flag = "--" + name.replace("_", "-")
-    base = next((t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)), str)
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    base = next(t for t in options if t is not type(None))
     if base is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=HELP.get(name))
     return click.option(flag, name, type=base, default=None, help=HELP.get(name))
@@ -214,6 +216,27 @@ def smoke(model):
     result = run_smoke(model)
     click.echo(json.dumps(result, ensure_ascii=False, indent=2))
     sys.exit(0 if result["ok"] else 1)
+
+
+@cli.command()
+@config_options(TRAIN_FIELDS)
+@click.option("--steps", type=int, default=10, show_default=True, help="timed optimizer steps")
+@click.option("--warmup", type=int, default=3, show_default=True, help="untimed steps first (compilation, caches)")
+@click.option("--synthetic/--corpus", default=True, show_default=True, help="random tokens, or the prepared corpus")
+@click.option("--compare", type=click.Choice(["eager", "sdpa", "flex"]), default=None,
+              help="also run this attention (e.g. the stock eager) in the same process and report the ratio")
+@click.option("--tokenize", "tokenize_mode", is_flag=True, help="benchmark prepare against the bare tokenizer")
+def bench(config, steps, warmup, synthetic, compare, tokenize_mode, **values):
+    """Time the real training path (or tokenization); print one JSON line of figures."""
+    from job.bench import bench_tokenize, dumps, run_bench
+    from job.launch import single_process_env
+
+    cfg = _load(config, values)
+    if tokenize_mode:
+        click.echo(dumps(bench_tokenize(cfg)))
+        return
+    single_process_env(cfg)
+    click.echo(dumps(run_bench(cfg, steps, warmup, synthetic, compare)))
 
 
 def main():

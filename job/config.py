@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,12 +229,9 @@ class RunConfig:
             dataloader_pin_memory=not use_cpu,
             dataloader_persistent_workers=self.dataloader_workers > 0,
             report_to=[] if self.report_to == "none" else [r.strip() for r in self.report_to.split(",")],
-            logging_dir=str(Path(self.output_dir) / "tensorboard"),
             deepspeed=self.deepspeed_config(),
             use_cpu=use_cpu,
-            ddp_backend="gloo" if use_cpu else None,
             remove_unused_columns=False,
-            save_safetensors=True,
             include_num_input_tokens_seen="non_padding",  # real tokens, for tokens/s and MFU
             disable_tqdm=True,  # our progress bar shows tokens/s and time left
         )
@@ -292,7 +290,7 @@ def read_deepspeed_file(path_str: str) -> dict[str, Any]:
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Check a config value against its field's type; JSON ints may stand for floats."""
-    options = typing.get_args(hint) or (hint,)
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in options:
         return None
     for option in options:

@@ -68,13 +68,17 @@ def train(cfg: RunConfig) -> int:
     return _run_torchrun(cfg, nproc, output)
 
 
-def _run_in_process(cfg: RunConfig) -> int:
-    from job.train import run_worker
-
-    # DeepSpeed expects a process group even for one process.
+def single_process_env(cfg: RunConfig) -> None:
+    """DeepSpeed expects a process group even for one process: describe a world of one."""
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
                        ("MASTER_ADDR", cfg.master_addr), ("MASTER_PORT", str(cfg.master_port))):
         os.environ.setdefault(key, value)
+
+
+def _run_in_process(cfg: RunConfig) -> int:
+    from job.train import run_worker
+
+    single_process_env(cfg)
     return run_worker(cfg)
 
 

@@ -6,6 +6,7 @@ non-finite losses and live throughput; at the end a verified HF export in `OUTPU
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -113,29 +114,39 @@ def resume_point(cfg: RunConfig) -> str | None:
     return str(latest) if latest else None
 
 
-def run_worker(cfg: RunConfig) -> int:
-    """Train as configured; return the exit code (rank 0 also records it in STATUS_FILE)."""
-    from job.model import build_model, flops_per_token
+def build_trainer(cfg: RunConfig, data=None, callbacks: list[TrainerCallback] | None = None):
+    """The Trainer for `cfg` (model, data, collator, guards); `data` overrides the prepared dataset (bench)."""
+    from job.model import build_model
 
-    output = Path(cfg.output_dir)
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "tensorboard"))
     args = cfg.training_arguments(use_cpu=use_cpu)  # sets up the process group / DeepSpeed state
-    rank0 = args.process_index == 0
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
     model = build_model(cfg, tokenizer)
-    data = _load_prepared(cfg)
-    train_tokenizer = _right_padding(tokenizer)
+    data = data if data is not None else _load_prepared(cfg)
+    # Training pads on the right (labels of padding become -100); generation keeps the tokenizer's side.
+    train_tokenizer = copy.copy(tokenizer)
+    train_tokenizer.padding_side = "right"
     collator = DataCollatorForLanguageModeling(train_tokenizer, mlm=False, pad_to_multiple_of=None if use_cpu else 8)
-
     stop_guard = StopCallback(cfg.max_nonfinite_steps)
-    saver = CheckpointCallback(cfg.save_total_limit)
-    monitor_callbacks = _monitor_callbacks(cfg, model, use_cpu)
-    trainer = JobTrainer(
+    monitors = callbacks if callbacks is not None else _monitor_callbacks(cfg, model, use_cpu)
+    return JobTrainer(
         model=model, args=args, train_dataset=data["train"], eval_dataset=data.get("eval"),
         data_collator=collator, processing_class=tokenizer, stop_guard=stop_guard,
-        callbacks=[*monitor_callbacks, stop_guard, saver],
+        callbacks=[*monitors, stop_guard, CheckpointCallback(cfg.save_total_limit)],
     )
+
+
+def run_worker(cfg: RunConfig) -> int:
+    """Train as configured; return the exit code (rank 0 also records it in STATUS_FILE)."""
+    from job.model import flops_per_token
+
+    output = Path(cfg.output_dir)
+    trainer = build_trainer(cfg)
+    model, tokenizer, stop_guard = trainer.model, trainer.processing_class, trainer.stop_guard
+    rank0 = trainer.args.process_index == 0
+    data = {"eval": trainer.eval_dataset}
     resume = resume_point(cfg)
     if rank0:
         log.info("training %s; resume from %s", cfg.output_dir, resume or "scratch")
@@ -223,15 +234,6 @@ def _load_prepared(cfg: RunConfig):
         rows = cfg.eval_batches * cfg.per_device_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
         data["eval"] = data["eval"].select(range(min(rows, len(data["eval"]))))
     return data
-
-
-def _right_padding(tokenizer):
-    """Training pads on the right (labels of padding become -100); generation keeps the tokenizer's side."""
-    import copy
-
-    train_tokenizer = copy.copy(tokenizer)
-    train_tokenizer.padding_side = "right"
-    return train_tokenizer
 
 
 def _monitor_callbacks(cfg: RunConfig, model, use_cpu: bool) -> list[TrainerCallback]:

@@ -1,0 +1,177 @@
+"""Benchmarks of the real paths: training steps through `Trainer` (+ DeepSpeed, the chosen attention) and
+tokenization through `prepare`, each against its stock baseline measured in the same process."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import multiprocessing
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from job.config import RunConfig
+
+DATASHEET_BF16_TFLOPS = 989.0  # H100 SXM dense bf16, the MFU denominator the field notes use
+
+
+class StepTimer(TrainerCallback):
+    """Wall time and real tokens of each optimizer step after the warm-up."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+
+    def _sync(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self._start, self._seen = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        if state.global_step > self.warmup:
+            self.times.append(time.perf_counter() - self._start)
+            self.tokens.append(state.num_input_tokens_seen - self._seen)
+
+
+def synthetic_data(rows: int, length: int, vocab: int, eos: int, mean_document: int = 400, seed: int = 0):
+    """Random token rows with an eos ending a document every ~mean_document tokens (packed-like)."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, vocab, size=(rows, length), dtype=np.int64)
+    ids[rng.random((rows, length)) < 1.0 / mean_document] = eos
+    return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": ids.tolist()})})
+
+
+def bench_training(cfg: RunConfig, steps: int, warmup: int, synthetic: bool) -> dict:
+    from job.launch import prepare_inputs
+    from job.model import flops_per_token
+    from job.monitor import measure_matmul_tflops, peak_tflops
+    from job.train import build_trainer
+
+    cfg, tokenizer = prepare_inputs(cfg)
+    world = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
+    rows = (steps + warmup + 1) * cfg.per_device_batch_size * cfg.grad_accum * world
+    data = synthetic_data(rows, cfg.max_length, len(tokenizer), tokenizer.eos_token_id) if synthetic else None
+    timer = StepTimer(warmup)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer = build_trainer(cfg, data=data, callbacks=[timer])
+    if not synthetic and len(trainer.get_train_dataloader()) < (steps + warmup) * cfg.grad_accum:
+        data = synthetic_data(rows, cfg.max_length, len(tokenizer), tokenizer.eos_token_id)
+        trainer.train_dataset = data["train"]
+        synthetic = True
+    trainer.train()
+    per_token = flops_per_token(trainer.model.config, cfg.max_length)
+    step_s = statistics.median(timer.times)
+    tokens_per_s = sum(timer.tokens) / sum(timer.times)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
+    tflops = tokens_per_s * per_token / 1e12 / world
+    peak = peak_tflops(device)
+    result = {
+        "attention": getattr(trainer.model, "job_attention", cfg.attention),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "tflops": round(tflops, 2),
+        "mfu": round(tflops / peak, 4) if peak else None,
+        "step_s": round(step_s, 4),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "steps_timed": len(timer.times),
+        "flops_per_token": per_token,
+        "data": "synthetic" if synthetic else "prepared",
+        "_device": device,
+    }
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if peak is None or device.type == "cpu":
+        result["mfu_datasheet_note"] = "no datasheet peak for this device"
+    result["_measured_ceiling"] = measure_matmul_tflops(device, torch.bfloat16 if cfg.bf16 else torch.float32)
+    return result
+
+
+def run_bench(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, compare: str | None) -> dict:
+    """One JSON-able summary: the configured path, and the stock path in the same process if asked."""
+    output = Path(tempfile.mkdtemp(prefix="job-bench-"))
+    try:
+        cfg = dataclasses.replace(cfg, output_dir=str(output / "run"), save_steps=10**9, eval_fraction=cfg.eval_fraction,
+                                  eval_steps=0, report_to="none", max_steps=steps + warmup, resume="never")
+        main = bench_training(cfg, steps, warmup, synthetic)
+        device, ceiling = main.pop("_device"), main.pop("_measured_ceiling")
+        summary = {
+            **main,
+            "mfu_datasheet": round(main["tflops"] / DATASHEET_BF16_TFLOPS, 4) if device.type == "cuda" else None,
+            "measured_ceiling_tflops": round(ceiling, 1),
+            "mfu_measured": round(main["tflops"] / ceiling, 4) if ceiling else None,
+            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+            "settings": {k: getattr(cfg, k) for k in ("preset", "max_length", "per_device_batch_size", "grad_accum",
+                                                      "bf16", "deepspeed", "zero_stage", "attention", "torch_compile")},
+        }
+        if compare:
+            base_cfg = dataclasses.replace(cfg, attention=compare, output_dir=str(output / "baseline"))
+            base = bench_training(base_cfg, steps, warmup, synthetic)
+            base.pop("_device"), base.pop("_measured_ceiling")
+            summary["baseline"] = {k: base[k] for k in ("attention", "tokens_per_s", "tflops", "step_s",
+                                                         "peak_memory_gib")}
+            summary["speedup"] = round(main["tokens_per_s"] / base["tokens_per_s"], 3)
+        return summary
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ tokenization
+def _bare_chunk(args):
+    folder, texts = args
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def bench_tokenize(cfg: RunConfig) -> dict:
+    """`prepare` against the bare batched fast tokenizer on the same text and process count."""
+    from job.corpus import TEXT, load_corpus
+    from job.prepare import prepare
+    from job.tokenizer import resolve_tokenizer
+
+    corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
+    tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
+    texts = corpus.rows[TEXT][:]
+    characters = sum(len(t) for t in texts)
+    chunks = [(tokenizer.name_or_path, texts[i : i + 1000]) for i in range(0, len(texts), 1000)]
+    start = time.perf_counter()
+    if cfg.num_proc > 1:
+        with multiprocessing.get_context("spawn").Pool(cfg.num_proc) as pool:
+            pool.map(_bare_chunk, chunks[:1])  # start-up is not tokenization
+            start = time.perf_counter()
+            bare_tokens = sum(pool.map(_bare_chunk, chunks))
+    else:
+        bare_tokens = sum(_bare_chunk(c) for c in chunks)
+    bare_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = prepare(dataclasses.replace(cfg, eval_fraction=0.0), tokenizer, str(Path(tmp) / "out"), corpus=corpus)
+        prepare_s = time.perf_counter() - start
+    assert result.stats["document_tokens"] == bare_tokens, "prepare and the bare tokenizer disagree"
+    return {
+        "mode": "tokenize", "num_proc": cfg.num_proc, "documents": len(texts), "characters": characters,
+        "tokens": bare_tokens, "bare_tokens_per_s": round(bare_tokens / bare_s), "bare_s": round(bare_s, 2),
+        "prepare_tokens_per_s": round(bare_tokens / prepare_s), "prepare_s": round(prepare_s, 2),
+        "prepare_vs_bare": round(bare_s / prepare_s, 3),
+    }
+
+
+def dumps(summary: dict) -> str:
+    return json.dumps(summary, ensure_ascii=False, default=str)

@@ -61,7 +61,7 @@ def bench_training(cfg: RunConfig, steps: int, warmup: int, synthetic: bool) -> 
     from job.monitor import measure_matmul_tflops, peak_tflops
     from job.train import build_trainer
 
-    cfg, tokenizer = prepare_inputs(cfg)
+    cfg, tokenizer, _ = prepare_inputs(cfg)
     world = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
     rows = (steps + warmup + 1) * cfg.per_device_batch_size * cfg.grad_accum * world
     data = synthetic_data(rows, cfg.max_length, len(tokenizer), tokenizer.eos_token_id) if synthetic else None

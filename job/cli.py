@@ -229,12 +229,14 @@ def smoke(model):
 def bench(config, steps, warmup, synthetic, compare, tokenize_mode, **values):
     """Time the real training path (or tokenization); print one JSON line of figures."""
     from job.bench import bench_tokenize, dumps, run_bench
+    from job.doctor import resolve_master_port
     from job.launch import single_process_env
 
     cfg = _load(config, values)
     if tokenize_mode:
         click.echo(dumps(bench_tokenize(cfg)))
         return
+    cfg.master_port = resolve_master_port(cfg)
     single_process_env(cfg)
     click.echo(dumps(run_bench(cfg, steps, warmup, synthetic, compare)))
 

@@ -81,7 +81,7 @@ class RunConfig:
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    master_port: int | None = None  # None: a free port on one node, 29500 across nodes
     resume: str = "auto"  # auto | never | a checkpoint folder
     shutdown_timeout_s: int = 600  # a signalled run gets this long to checkpoint
     # --- report ---
@@ -139,7 +139,7 @@ class RunConfig:
              f"--resume {self.resume!r} is neither auto, never nor a checkpoint folder",
              "use --resume auto to continue from the newest complete checkpoint")
         need(self.device in ("auto", "cuda", "cpu"), f"unknown --device {self.device!r}", "use auto, cuda or cpu")
-        need(1 <= self.master_port <= 65535, f"--master-port {self.master_port} is not a port", "use 1-65535")
+        need(self.master_port is None or 1 <= self.master_port <= 65535, f"--master-port {self.master_port} is not a port", "use 1-65535")
 
     # ------------------------------------------------------------------ rendering
     @property

@@ -115,18 +115,32 @@ def check_disk(cfg: RunConfig, parameters: int | None) -> Check:
     return Check("disk", True, f"{free / 2**30:.1f} GiB free, ~{need / 2**30:.1f} GiB needed per checkpoint pair")
 
 
+def resolve_master_port(cfg: RunConfig) -> int:
+    """The rendezvous port: as given; else any free port on one node, else 29500 (every node must agree)."""
+    if cfg.master_port is not None:
+        return cfg.master_port
+    if cfg.nnodes > 1:
+        return 29500
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def check_port(cfg: RunConfig) -> Check:
+    if cfg.master_port is None and cfg.nnodes == 1:
+        return Check("master port", True, "a free port is chosen at launch")
+    port = resolve_master_port(cfg)
     if cfg.node_rank != 0:
-        return Check("master port", True, f"node {cfg.node_rank} connects to {cfg.master_addr}:{cfg.master_port}")
+        return Check("master port", True, f"node {cfg.node_rank} connects to {cfg.master_addr}:{port}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
-            s.bind(("", cfg.master_port))
+            s.bind(("", port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                return Check("master port", False, f"port {cfg.master_port} is already in use",
+                return Check("master port", False, f"port {port} is already in use",
                              "pass another --master-port (or stop the process holding it)")
             raise
-    return Check("master port", True, f"{cfg.master_port} free")
+    return Check("master port", True, f"{port} free")
 
 
 def check_shm() -> Check:

@@ -25,13 +25,19 @@ log = logging.getLogger("job")
 
 
 def prepare_inputs(cfg: RunConfig):
-    """Resolve the tokenizer to a folder and the data to a prepared folder (CPU work, done once, before launch)."""
+    """Check the data, tokenizer and model, then prepare the data once (CPU work, before any launch).
+
+    Returns the config with `tokenizer` and `prepared` resolved to folders every worker reads, the
+    tokenizer, and the model's parameter count. Everything that can be wrong is found before anything
+    is written (the prepared data goes to the cache, never half-way).
+    """
     from job.corpus import load_corpus
     from job.prepare import prepare, read_prepared_stats
     from job.tokenizer import resolve_tokenizer
 
-    corpus = None if cfg.prepared else load_corpus(cfg.data, cfg.text_column, cfg.max_samples)  # bad data fails first
+    corpus = None if cfg.prepared else load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
     tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
+    parameters = doctor.model_parameters(cfg, len(tokenizer))  # a broken model folder fails here
     if cfg.prepared:
         stats = read_prepared_stats(cfg.prepared)
         if stats["eos_token_id"] != tokenizer.eos_token_id:
@@ -44,15 +50,16 @@ def prepare_inputs(cfg: RunConfig):
                  {k: result.stats[k] for k in ("documents", "tokens", "rows")})
         cfg.prepared = str(result.path)
     cfg.tokenizer = tokenizer.name_or_path  # the folder every worker loads
-    return cfg, tokenizer
+    return cfg, tokenizer, parameters
 
 
 def train(cfg: RunConfig) -> int:
     """Check, prepare, write the config, launch; the exit code of the run."""
     for check in (doctor.check_devices, doctor.check_deepspeed, doctor.check_output, doctor.check_port):
         doctor.require(check(cfg))
-    cfg, tokenizer = prepare_inputs(cfg)
-    doctor.require(doctor.check_disk(cfg, doctor.model_parameters(cfg, len(tokenizer))))
+    cfg, tokenizer, parameters = prepare_inputs(cfg)
+    doctor.require(doctor.check_disk(cfg, parameters))
+    cfg.master_port = doctor.resolve_master_port(cfg)
 
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,134 @@
+"""The worker end to end on one CPU process: train, checkpoint, export, reload, smoke, report; plus the
+collator's label semantics and the guard against a diverging loss."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from job.config import RunConfig
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_tokenizer_dir):
+    """`python -m job train` as a user runs it: tiny preset, DeepSpeed ZeRO-2 (the default file), one process."""
+    from job.corpus import builtin_articles
+    from tests.conftest import write_jsonl
+
+    root = tmp_path_factory.mktemp("train")
+    write_jsonl(root / "docs.jsonl", builtin_articles()[:300])
+    output = root / "out"
+    args = ["train", "--config", "quickstart", "--data", str(root / "docs.jsonl"), "--tokenizer",
+            str(tiny_tokenizer_dir), "--output-dir", str(output), "--max-length", "64", "--max-steps", "40",
+            "--per-device-batch-size", "8", "--grad-accum", "1", "--logging-steps", "5", "--eval-steps", "20",
+            "--save-steps", "20", "--learning-rate", "3e-3", "--eval-fraction", "0.1"]
+    proc = subprocess.run([sys.executable, "-m", "job", *args], capture_output=True, text=True, env=_env(),
+                          cwd=root, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return output, proc
+
+
+def test_final_folder_reloads_with_stock_transformers(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output, _ = trained
+    final = output / "final"
+    assert (final / "model.safetensors").stat().st_size > 0
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert model.config.model_type == "bloom"
+    assert model.config.eos_token_id == tokenizer.eos_token_id == 2 and tokenizer.pad_token_id == 3
+    assert all(p.numel() > 0 and p.isfinite().all() for p in model.parameters())
+
+
+def test_run_config_checkpoints_and_status(trained):
+    output, proc = trained
+    cfg = RunConfig.load(str(output / "run_config.json"))
+    assert (cfg.max_length, cfg.max_steps, cfg.per_device_batch_size) == (64, 40, 8)
+    assert cfg.prepared and cfg.tokenizer  # resolved folders, read by every worker
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
+    assert all((p / "COMPLETE").exists() for p in output.glob("checkpoint-*"))
+    assert json.loads((output / "exit_status.json").read_text())["code"] == 0
+    assert "final" in proc.stdout
+
+
+def test_held_out_loss_falls_and_metrics_are_logged(trained):
+    output, _ = trained
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert len(evals) >= 3  # at the start, at step 20, at the end
+    assert evals[-1]["eval_loss"] < 0.8 * evals[0]["eval_loss"]
+    assert math.isclose(evals[-1]["eval_perplexity"], math.exp(evals[-1]["eval_loss"]), rel_tol=1e-6)
+    assert any(r.get("tokens_per_s", 0) > 0 for r in rows)
+
+
+def test_report_and_tensorboard(trained):
+    output, _ = trained
+    report = (output / "report.md").read_text(encoding="utf-8")
+    assert "loss.png" in report and "perplexity" in report.lower()
+    assert (output / "loss.png").stat().st_size > 5000
+    assert list((output / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_smoke_passes_in_a_fresh_process(trained):
+    output, _ = trained
+    proc = subprocess.run([sys.executable, "-m", "job", "smoke", "--model", str(output / "final")],
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["ok"] is True and all(result["checks"].values())
+
+
+def test_collator_labels_keep_eos_and_mask_padding(tiny_tokenizer):
+    import copy
+
+    from transformers import DataCollatorForLanguageModeling
+
+    tok = copy.copy(tiny_tokenizer)
+    tok.padding_side = "right"
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    batch = DataCollatorForLanguageModeling(tok, mlm=False)([{"input_ids": [10, 11, eos]}, {"input_ids": [12]}])
+    assert batch["input_ids"].tolist() == [[10, 11, eos], [12, pad, pad]]
+    assert batch["labels"].tolist() == [[10, 11, eos], [12, -100, -100]]  # the shift happens inside the model
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_tokenizer, docs_jsonl):
+    import torch
+
+    from job.checkpoints import complete_checkpoints
+    from job.prepare import prepare
+    from job.train import build_trainer
+
+    cfg = RunConfig.load(data=str(docs_jsonl), tokenizer=tiny_tokenizer.name_or_path, output_dir=str(tmp_path / "o"),
+                         max_length=8, per_device_batch_size=2, grad_accum=1, max_steps=20, save_steps=2,
+                         deepspeed="none", report_to="none", eval_fraction=0.0, dataloader_workers=0,
+                         max_nonfinite_steps=3, prompts=[])
+    cfg.prepared = str(prepare(cfg, tiny_tokenizer).path)
+    trainer = build_trainer(cfg, callbacks=[])
+    real_compute_loss = trainer.compute_loss
+
+    def poisoned(model, inputs, **kwargs):  # the loss turns NaN from step 5 on, as after a blow-up
+        loss = real_compute_loss(model, inputs, **kwargs)
+        return loss * float("nan") if trainer.state.global_step >= 4 else loss
+
+    trainer.compute_loss = poisoned
+    trainer.train()
+    assert trainer.stop_guard.reason == "diverged"
+    assert trainer.state.global_step == 4 + 3  # three non-finite steps in a row, then stop
+    kept = [p.name for p in complete_checkpoints(tmp_path / "o")]
+    assert kept[-1] == "checkpoint-4"  # nothing saved from a non-finite step
+    assert torch.isfinite(torch.load(tmp_path / "o" / "checkpoint-4" / "rng_state.pth", weights_only=False)
+                          ["cpu"].float()).all()

@@ -106,8 +106,8 @@ def run_bench(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, compare:
     """One JSON-able summary: the configured path, and the stock path in the same process if asked."""
     output = Path(tempfile.mkdtemp(prefix="job-bench-"))
     try:
-        cfg = dataclasses.replace(cfg, output_dir=str(output / "run"), save_steps=10**9, eval_fraction=cfg.eval_fraction,
-                                  eval_steps=0, report_to="none", max_steps=steps + warmup, resume="never")
+        cfg = dataclasses.replace(cfg, output_dir=str(output / "run"), save_steps=10**9, eval_steps=0,
+                                  report_to="none", max_steps=steps + warmup, resume="never")
         main = bench_training(cfg, steps, warmup, synthetic)
         device, ceiling = main.pop("_device"), main.pop("_measured_ceiling")
         summary = {

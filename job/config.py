@@ -61,6 +61,7 @@ class RunConfig:
     lr_scheduler: str = "cosine"
     warmup_steps: int = 10
     weight_decay: float = 0.01
+    adam_beta2: float = 0.95  # the usual LM pre-training value; 0.999 adapts too slowly early on
     max_grad_norm: float = 1.0
     logging_steps: int = 10
     eval_steps: int = 0  # 0: evaluate at the start and the end only
@@ -139,7 +140,8 @@ class RunConfig:
              f"--resume {self.resume!r} is neither auto, never nor a checkpoint folder",
              "use --resume auto to continue from the newest complete checkpoint")
         need(self.device in ("auto", "cuda", "cpu"), f"unknown --device {self.device!r}", "use auto, cuda or cpu")
-        need(self.master_port is None or 1 <= self.master_port <= 65535, f"--master-port {self.master_port} is not a port", "use 1-65535")
+        need(self.master_port is None or 1 <= self.master_port <= 65535,
+             f"--master-port {self.master_port} is not a port", "use 1-65535")
 
     # ------------------------------------------------------------------ rendering
     @property
@@ -212,6 +214,7 @@ class RunConfig:
             lr_scheduler_type=self.lr_scheduler,
             warmup_steps=self.warmup_steps,
             weight_decay=self.weight_decay,
+            adam_beta2=self.adam_beta2,
             max_grad_norm=self.max_grad_norm,
             logging_steps=self.logging_steps,
             logging_first_step=True,

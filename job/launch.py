@@ -57,7 +57,7 @@ def train(cfg: RunConfig) -> int:
     """Check, prepare, write the config, launch; the exit code of the run."""
     for check in (doctor.check_devices, doctor.check_deepspeed, doctor.check_output, doctor.check_port):
         doctor.require(check(cfg))
-    cfg, tokenizer, parameters = prepare_inputs(cfg)
+    cfg, _, parameters = prepare_inputs(cfg)
     doctor.require(doctor.check_disk(cfg, parameters))
     cfg.master_port = doctor.resolve_master_port(cfg)
 

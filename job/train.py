@@ -22,6 +22,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 from job import checkpoints
 from job.config import RunConfig
 from job.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
+from job.monitor import install as install_monitors
 from job.prepare import read_prepared_stats
 from job.tokenizer import load_tokenizer
 
@@ -130,23 +131,27 @@ def build_trainer(cfg: RunConfig, data=None, callbacks: list[TrainerCallback] | 
     train_tokenizer.padding_side = "right"
     collator = DataCollatorForLanguageModeling(train_tokenizer, mlm=False, pad_to_multiple_of=None if use_cpu else 8)
     stop_guard = StopCallback(cfg.max_nonfinite_steps)
-    monitors = callbacks if callbacks is not None else _monitor_callbacks(cfg, model, use_cpu)
-    return JobTrainer(
+    trainer = JobTrainer(
         model=model, args=args, train_dataset=data["train"], eval_dataset=data.get("eval"),
         data_collator=collator, processing_class=tokenizer, stop_guard=stop_guard,
-        callbacks=[*monitors, stop_guard, CheckpointCallback(cfg.save_total_limit)],
+        callbacks=[stop_guard, CheckpointCallback(cfg.save_total_limit)],  # after the Trainer's flow control
     )
+    install_monitors(trainer, callbacks if callbacks is not None else _monitor_callbacks(cfg, model, use_cpu))
+    return trainer
 
 
 def run_worker(cfg: RunConfig) -> int:
     """Train as configured; return the exit code (rank 0 also records it in STATUS_FILE)."""
+    from transformers.utils import logging as hf_logging
+
     from job.model import flops_per_token
+
+    hf_logging.disable_progress_bar()  # shard-writing bars; our ProgressCallback reports training
 
     output = Path(cfg.output_dir)
     trainer = build_trainer(cfg)
     model, tokenizer, stop_guard = trainer.model, trainer.processing_class, trainer.stop_guard
     rank0 = trainer.args.process_index == 0
-    data = {"eval": trainer.eval_dataset}
     resume = resume_point(cfg)
     if rank0:
         log.info("training %s; resume from %s", cfg.output_dir, resume or "scratch")
@@ -166,7 +171,7 @@ def run_worker(cfg: RunConfig) -> int:
                    f"{last}. Run again with --resume auto to continue")
         return _finish(output, rank0, EXIT_PREEMPTED, message)
 
-    final_metrics = trainer.evaluate() if data.get("eval") is not None else {}
+    final_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     final = export_final(trainer, tokenizer, output, rank0)
     if rank0:
         _write_report(cfg, trainer, final, before, final_metrics, time.time() - started,
@@ -297,3 +302,10 @@ def _write_report(cfg, trainer, final: Path, before, final_metrics, seconds, flo
         "host": os.uname().nodename,
     }
     write_report(Path(cfg.output_dir), cfg.to_dict(), hardware, summary, samples)
+    from job.report import read_metrics
+
+    evals = [r["eval_loss"] for r in read_metrics(Path(cfg.output_dir) / "metrics.jsonl") if "eval_loss" in r]
+    if evals and eval_loss is not None:
+        log.info("held-out loss %.4f -> %.4f (%.0f%% of the start)", evals[0], eval_loss, 100 * eval_loss / evals[0])
+    for sample in samples:
+        log.info("sample: %s|%s", sample["prompt"], sample["after"].replace("\n", " "))

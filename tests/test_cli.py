@@ -21,8 +21,9 @@ def run_cli(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
-def snapshot(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+def snapshot(root: Path) -> dict[str, int | None]:
+    """Every path, with the content stamp of each file (a folder's own mtime moves when a probe file comes and goes)."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns if p.is_file() else None for p in root.rglob("*")}
 
 
 @pytest.fixture
@@ -50,11 +51,14 @@ def _model_folder(world: Path, config: str | None) -> str:
     return str(folder)
 
 
+_HELD: list[socket.socket] = []
+
+
 def _busy_port(world: Path) -> str:
     holder = socket.socket()
     holder.bind(("", 0))
     holder.listen()
-    world.holder = holder  # kept open for the test's duration
+    _HELD.append(holder)  # kept open for the test's duration
     return str(holder.getsockname()[1])
 
 
@@ -67,7 +71,8 @@ def _previous_run(world: Path, **values) -> None:
 BASE = ["--tokenizer", "{w}/tok", "--output-dir", "{w}/out", "--max-steps", "1"]
 CASES = {
     "missing data path": (["--data", "{w}/nope.jsonl"], None, "does not exist"),
-    "folder that is not a dataset": (["--data", "{w}/tok"], None, "is not a dataset"),
+    "folder that is not a dataset": (["--data", "{w}/notes"], lambda w: (w / "notes").mkdir() or
+                                     (w / "notes" / "README.txt").write_text("hi"), "is not a dataset"),
     "wrong text column": (["--data", "{w}/good.jsonl", "--text-column", "text"], None,
                           "its columns are: completion, source"),
     "empty corpus": (["--data", "{w}/empty.jsonl"], lambda w: write_jsonl(w / "empty.jsonl", []), "is empty"),

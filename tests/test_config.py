@@ -25,7 +25,7 @@ def test_every_recipe_loads(recipe):
 def test_unknown_key_and_wrong_type_are_refused(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"max_lenght": 5}))
-    with pytest.raises(JobError, match="unknown config key.*max_lenght"):
+    with pytest.raises(JobError, match=r"unknown config key.*max_lenght"):
         RunConfig.load(str(path))
     path.write_text(json.dumps({"max_length": "long"}))
     with pytest.raises(JobError, match="expected int"):
@@ -50,10 +50,10 @@ def test_bad_deepspeed_files(tmp_path):
     with pytest.raises(JobError, match="not valid JSON"):
         RunConfig.load(deepspeed=str(broken)).deepspeed_config()
     broken.write_text(json.dumps({"zero_optimisation": {"stage": 2}}))
-    with pytest.raises(JobError, match="unknown key.*zero_optimisation"):
+    with pytest.raises(JobError, match=r"unknown key.*zero_optimisation"):
         RunConfig.load(deepspeed=str(broken)).deepspeed_config()
     broken.write_text(json.dumps({"train_batch_size": 100, "zero_optimization": {"stage": 2}}))
-    with pytest.raises(JobError, match="train_batch_size=100 but batch 16 x accumulation 4 x 2 processes = 128"):
+    with pytest.raises(JobError, match=r"train_batch_size=100 but batch 16 x accumulation 4 x 2 processes = 128"):
         RunConfig.load(deepspeed=str(broken)).check_batch_arithmetic(world_size=2)
     RunConfig.load(deepspeed=str(broken), grad_accum=25, per_device_batch_size=2).check_batch_arithmetic(2)
 

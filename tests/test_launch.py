@@ -168,7 +168,7 @@ def test_kill_during_a_save_loses_only_that_save(inputs, reference):
     model, tok, data, root = inputs
     output = root / "killed"
     args = train_args(model, tok, data, output)
-    for attempt in range(3):  # the kill must land inside the save of checkpoint-8
+    for _attempt in range(3):  # the kill must land inside the save of checkpoint-8
         if output.exists():
             import shutil
 

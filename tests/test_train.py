@@ -69,7 +69,7 @@ def test_held_out_loss_falls_and_metrics_are_logged(trained):
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_loss" in r]
     assert len(evals) >= 3  # at the start, at step 20, at the end
-    assert evals[-1]["eval_loss"] < 0.8 * evals[0]["eval_loss"]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5  # nats: well past noise
     assert math.isclose(evals[-1]["eval_perplexity"], math.exp(evals[-1]["eval_loss"]), rel_tol=1e-6)
     assert any(r.get("tokens_per_s", 0) > 0 for r in rows)
 

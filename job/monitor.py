@@ -1,0 +1,406 @@
+"""Live training metrics as Trainer callbacks: throughput and MFU, a JSON-lines metrics file, a progress bar.
+
+Trainer calls its callbacks in list order and puts its own reporting callbacks (TensorBoard, ...) first, so a
+callback given to `Trainer(callbacks=...)` would add its values to the `logs` dict after TensorBoard has already
+written them. `install(trainer, [...])` puts ours right after Trainer's flow control and before any reporter;
+`ThroughputCallback` must come before `MetricsFileCallback`, which writes what the others added.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+# bf16 dense tensor-core peaks (TFLOP/s, no sparsity) from the datasheets. First match wins: specific names first.
+PEAK_BF16_TFLOPS: list[tuple[tuple[str, ...], float]] = [
+    (("GH200",), 989.0),
+    (("H200", "NVL"), 835.0),
+    (("H200",), 989.0),
+    (("H100", "PCIE"), 756.0),
+    (("H100", "NVL"), 835.0),
+    (("H100",), 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    (("H800", "PCIE"), 756.0),
+    (("H800",), 989.0),
+    (("B200",), 2250.0),
+    (("B100",), 1750.0),
+    (("A100",), 312.0),
+    (("A800",), 312.0),
+    (("L40S",), 362.0),
+    (("L40",), 181.0),
+    (("L4",), 121.0),
+    (("A10G",), 125.0),
+    (("A10",), 125.0),
+    (("6000", "ADA"), 364.0),  # RTX 6000 Ada
+    (("A6000",), 155.0),
+    (("4090",), 165.0),
+    (("3090",), 71.0),
+]
+TRAIN_LOG_KEY = "loss"  # present in the Trainer's periodic training logs only (eval logs carry eval_loss)
+
+
+# ----------------------------------------------------------------------------------------------- peaks
+def peak_tflops(device: torch.device | str | int | None = None) -> float | None:
+    """The datasheet bf16 dense peak of a CUDA device in TFLOP/s; None for CPU or an unknown card."""
+    if not torch.cuda.is_available():
+        return None
+    if isinstance(device, str):
+        device = torch.device(device)
+    if isinstance(device, torch.device):
+        if device.type != "cuda":
+            return None
+        device = device.index if device.index is not None else torch.cuda.current_device()
+    return peak_tflops_for_name(torch.cuda.get_device_name(device if device is not None else 0))
+
+
+def peak_tflops_for_name(name: str) -> float | None:
+    """Match whole words of the device name: "L4" is not "L40S", "A10" is not "A100"."""
+    words = set(re.split(r"[^0-9A-Z]+", name.upper()))
+    for parts, tflops in PEAK_BF16_TFLOPS:
+        if all(p in words for p in parts):
+            return tflops
+    return None
+
+
+def measure_matmul_tflops(device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                          n: int = 8192, seconds: float = 1.0) -> float:
+    """The achieved TFLOP/s of a square matmul loop: a measured ceiling for MFU.
+
+    On CPU it uses fp32 (CPU bf16 matmuls are emulated and slow) and n <= 512, and takes well under 2 s.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if not cuda:
+        dtype, n, seconds = torch.float32, min(n, 512), min(seconds, 0.5)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    with torch.inference_mode():
+        for _ in range(3):  # warm-up: kernels chosen, clocks up
+            torch.mm(a, b)
+        sync()
+        iters, started = 0, time.perf_counter()
+        while True:
+            for _ in range(10 if cuda else 1):
+                torch.mm(a, b)
+                iters += 1
+            sync()
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds:
+                break
+    return 2.0 * n**3 * iters / elapsed / 1e12
+
+
+def memory_gib() -> float:
+    """Peak CUDA memory allocated by this process, else its resident set size, in GiB."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**30
+    except ImportError:  # pragma: no cover - psutil ships with the project's requirements
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------------------------- wiring
+def install(trainer, callbacks: list[TrainerCallback]) -> None:
+    """Put `callbacks` (in this order) before Trainer's reporters, so TensorBoard & co. see what they add.
+
+    Also drops Trainer's `PrinterCallback` (it prints every raw log dict when `disable_tqdm=True`) when a
+    `ProgressCallback` of ours takes its place.
+    """
+    from transformers.trainer_callback import DefaultFlowCallback, PrinterCallback
+
+    handler = trainer.callback_handler
+    for cb in callbacks:
+        if cb in handler.callbacks:
+            handler.callbacks.remove(cb)
+    if any(isinstance(cb, ProgressCallback) for cb in callbacks):
+        handler.callbacks[:] = [cb for cb in handler.callbacks if not isinstance(cb, PrinterCallback)]
+    # DefaultFlowCallback decides should_log/evaluate/save in on_step_end: keep it first.
+    at = next((i + 1 for i, cb in enumerate(handler.callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
+    handler.callbacks[at:at] = list(callbacks)
+    for cb in callbacks:
+        cb._installed = True
+
+
+class _Ordered(TrainerCallback):
+    """Warns once if a callback that edits `logs` was added behind the reporters (`Trainer(callbacks=...)`)."""
+
+    _installed = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self._installed and state.is_world_process_zero and args.report_to:
+            import logging
+
+            logging.getLogger("job").warning(
+                "%s was not added with job.monitor.install(trainer, ...): values it adds to the logs reach "
+                "metrics.jsonl but not %s", type(self).__name__, ", ".join(args.report_to))
+
+
+# ----------------------------------------------------------------------------------------------- throughput
+def _sig(value: float, digits: int = 6) -> float:
+    """Rounded to significant digits (tiny CPU TFLOP/s must not round to 0)."""
+    return float(f"{value:.{digits}g}")
+
+
+class ThroughputCallback(_Ordered):
+    """Adds tokens_per_s, tflops, tflops_per_device, mfu, mfu_measured, memory_gib and tokens_seen to each
+    training log.
+
+    Tokens are `state.num_input_tokens_seen` (real tokens with `include_num_input_tokens_seen="non_padding"`,
+    already summed over ranks); the window is the wall time since the previous training log, less the time spent
+    in evaluation and checkpoint saving, so the figure is training speed. The first window of a run (or of a
+    resumed run) includes start-up: the report leaves it out.
+    """
+
+    def __init__(self, flops_per_token: float, peak_tflops: float | None,
+                 device_ceiling_tflops: float | None = None):
+        self.flops_per_token = float(flops_per_token)
+        self.peak_tflops = peak_tflops
+        self.device_ceiling_tflops = device_ceiling_tflops
+        self._window_start: float | None = None
+        self._window_tokens = 0
+        self._paused = 0.0
+        self._mark = 0.0  # last moment training was known to be running
+        self.last: dict[str, float] = {}  # the latest values, for the progress bar and tests
+
+    def _start_window(self, state, now: float) -> None:
+        self._window_start, self._window_tokens, self._paused, self._mark = now, state.num_input_tokens_seen, 0.0, now
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self._start_window(state, time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._mark = time.perf_counter()
+
+    def _pause(self) -> None:
+        """Evaluation or saving just ended: the time since training last ran is not training time."""
+        if self._window_start is None:
+            return
+        now = time.perf_counter()
+        self._paused += now - self._mark
+        self._mark = now
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._pause()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._pause()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or TRAIN_LOG_KEY not in logs or self._window_start is None:
+            return
+        now = time.perf_counter()
+        seconds = now - self._window_start - self._paused
+        tokens = state.num_input_tokens_seen - self._window_tokens
+        values: dict[str, float] = {"tokens_seen": int(state.num_input_tokens_seen)}
+        if seconds > 0 and tokens > 0:
+            tokens_per_s = tokens / seconds
+            tflops = tokens_per_s * self.flops_per_token / 1e12
+            per_device = tflops / max(1, args.world_size)
+            values.update(tokens_per_s=_sig(tokens_per_s), tflops=_sig(tflops), tflops_per_device=_sig(per_device))
+            if self.peak_tflops:
+                values["mfu"] = _sig(per_device / self.peak_tflops)
+            if self.device_ceiling_tflops:
+                values["mfu_measured"] = _sig(per_device / self.device_ceiling_tflops)
+        values["memory_gib"] = _sig(memory_gib(), 4)
+        logs.update(values)
+        self.last = values
+        self._start_window(state, now)
+
+
+# ----------------------------------------------------------------------------------------------- metrics file
+def _json_safe(value: Any) -> Any:
+    """Strict JSON: non-finite floats become null (a NaN loss is still visible as a null loss)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def perplexity(loss: float | None) -> float | None:
+    if loss is None or not math.isfinite(loss):
+        return None
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+class MetricsFileCallback(_Ordered):
+    """Appends every log (with step, epoch, time, tokens_seen) to a JSON-lines file on rank 0, flushed per line.
+
+    Eval logs get `<prefix>_perplexity = exp(<prefix>_loss)` in the logs dict itself, so the reporters see it.
+    Each training start appends `{"event": "train_begin", "step": N}`: a resumed run keeps the earlier lines and
+    the report drops those that the resume repeats.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = None
+        self._started = time.time()
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        line = json.dumps({k: _json_safe(v) for k, v in record.items()}, ensure_ascii=False, allow_nan=False)
+        self._file.write(line + "\n")
+        self._file.flush()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self._started = time.time()
+        if state.is_world_process_zero:
+            self._write({"event": "train_begin", "step": state.global_step, "tokens_seen": state.num_input_tokens_seen,
+                         "max_steps": state.max_steps, "timestamp": round(self._started, 3)})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        for key in [k for k in logs if k.startswith("eval") and k.endswith("_loss")]:
+            ppl = perplexity(logs[key])
+            if ppl is not None:
+                logs[key[: -len("_loss")] + "_perplexity"] = ppl
+        if not state.is_world_process_zero:
+            return
+        now = time.time()
+        record = {**logs, "step": state.global_step, "epoch": state.epoch,
+                  "time": round(now - self._started, 3), "tokens_seen": state.num_input_tokens_seen,
+                  "timestamp": round(now, 3)}
+        self._write(record)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __del__(self):
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------- progress
+def _clock(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressCallback(TrainerCallback):
+    """Steps, loss, tokens/s and time left on rank 0: a tqdm bar on a terminal, else a line every `interval_s`.
+
+    Writes to stderr. Trainer's own bar is off (`disable_tqdm=True`); `install` removes its PrinterCallback.
+    """
+
+    def __init__(self, interval_s: float = 30.0, stream=None, tty: bool | None = None):
+        self.interval_s = interval_s
+        self.stream = stream
+        self.tty = tty
+        self.bar = None
+        self._started = 0.0
+        self._first_step = 0
+        self._last_line = 0.0
+        self._latest: dict[str, float] = {}
+
+    @property
+    def _out(self):
+        return self.stream if self.stream is not None else sys.stderr
+
+    def _is_tty(self) -> bool:
+        if self.tty is not None:
+            return self.tty
+        isatty = getattr(self._out, "isatty", None)
+        return bool(isatty and isatty())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self._started = self._last_line = time.time()
+        self._first_step = state.global_step
+        if self._is_tty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", file=self._out,
+                            dynamic_ncols=True, desc="train")
+
+    def _left(self, state) -> float | None:
+        done = state.global_step - self._first_step
+        if done <= 0 or not state.max_steps:
+            return None
+        return (time.time() - self._started) / done * (state.max_steps - state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+            return
+        now = time.time()
+        if now - self._last_line >= self.interval_s or state.global_step >= state.max_steps:
+            self._last_line = now
+            self._print(self._line(state))
+
+    def _line(self, state) -> str:
+        parts = [f"step {state.global_step}/{state.max_steps}"
+                 + (f" ({100 * state.global_step / state.max_steps:.0f}%)" if state.max_steps else "")]
+        if "loss" in self._latest:
+            parts.append(f"loss {self._latest['loss']:.4f}")
+        if "tokens_per_s" in self._latest:
+            parts.append(f"{self._latest['tokens_per_s']:,.0f} tok/s")
+        if "mfu" in self._latest:
+            parts.append(f"MFU {100 * self._latest['mfu']:.1f}%")
+        parts.append(f"elapsed {_clock(time.time() - self._started)}")
+        parts.append(f"left {_clock(self._left(state))}")
+        return " | ".join(parts)
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=self._out)
+        else:
+            print(line, file=self._out, flush=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            self._latest = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+            if self.bar is not None:
+                post = {"loss": f"{logs['loss']:.4f}"}
+                if "tokens_per_s" in logs:
+                    post["tok/s"] = f"{logs['tokens_per_s']:,.0f}"
+                if "mfu" in logs:
+                    post["mfu"] = f"{100 * logs['mfu']:.1f}%"
+                self.bar.set_postfix(post, refresh=False)
+        evals = {k: v for k, v in logs.items() if k.startswith("eval_") and k.endswith(("_loss", "_perplexity"))}
+        if evals:
+            shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in evals.items())
+            self._print(f"eval at step {state.global_step}: {shown}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif state.is_world_process_zero:
+            self._print(f"training ended at step {state.global_step} after {_clock(time.time() - self._started)}")

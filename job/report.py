@@ -1,0 +1,312 @@
+"""The end-of-run report: `report.md`, `loss.png` and `throughput.png`, from `OUTPUT/metrics.jsonl`.
+
+Plot labels stay ASCII (matplotlib's default font has no CJK glyphs); Chinese text appears in the markdown only.
+Figures are drawn on an Agg canvas directly, so no pyplot backend or global state is touched.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_PNG = "loss.png"
+THROUGHPUT_PNG = "throughput.png"
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics file, as one consistent history.
+
+    A torn last line (a crash mid-write) is skipped. At each `train_begin` marker (a resume from step N) the
+    records after step N that the crashed run had written are dropped, since the resumed run repeats them; its
+    first throughput window (start-up) is flagged `warmup`.
+    """
+    if not path.exists():
+        return []
+    records: list[dict[str, Any]] = []
+    warm_next = False
+    last_tokens: float | None = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if record.get("event") == "train_begin":
+            step = record.get("step", 0) or 0
+            records = [r for r in records if (r.get("step") or 0) <= step]
+            warm_next, last_tokens = True, _num(record.get("tokens_seen"))
+            continue
+        if "tokens_per_s" in record:
+            record = dict(record)
+            tokens = _num(record.get("tokens_seen"))
+            if tokens is not None and last_tokens is not None and tokens > last_tokens:
+                record["window_tokens"] = tokens - last_tokens  # tokens / tokens_per_s = the window's seconds
+            last_tokens = tokens
+            if warm_next:
+                record["warmup"], warm_next = True, False
+        records.append(record)
+    # an eval repeated at the resume step (eval_on_start again): keep the latest
+    seen: dict[tuple, int] = {}
+    for i, r in enumerate(records):
+        if "eval_loss" in r:
+            seen[("eval", r.get("step"))] = i
+    return [r for i, r in enumerate(records) if "eval_loss" not in r or seen[("eval", r.get("step"))] == i]
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        else None
+
+
+def _series(records: list[dict], x: str, y: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        a, b = _num(r.get(x)), _num(r.get(y))
+        if a is not None and b is not None:
+            xs.append(a)
+            ys.append(b)
+    return xs, ys
+
+
+# ----------------------------------------------------------------------------------------------- plots
+def _figure(width: float = 8.0, height: float = 4.5):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _tokens_formatter():
+    from matplotlib.ticker import FuncFormatter
+
+    def fmt(v, _pos):
+        for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+            if abs(v) >= div:
+                return f"{v / div:g}{unit}"
+        return f"{v:g}"
+
+    return FuncFormatter(fmt)
+
+
+def plot_loss(records: list[dict], path: Path) -> bool:
+    train = _series([r for r in records if "loss" in r], "tokens_seen", "loss")
+    evals = _series([r for r in records if "eval_loss" in r], "tokens_seen", "eval_loss")
+    if not train[0] and not evals[0]:
+        return False
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    if train[0]:
+        ax.plot(*train, color="tab:blue", linewidth=1.4, label="train loss (per logging window)")
+    if evals[0]:
+        ax.plot(*evals, color="tab:orange", marker="o", linewidth=1.4, label="held-out eval loss")
+    ax.set_xlabel("tokens seen (real, non-padding)")
+    ax.set_ylabel("cross-entropy loss (nats / token)")
+    ax.set_title("Training and held-out loss")
+    ax.xaxis.set_major_formatter(_tokens_formatter())
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def plot_throughput(records: list[dict], path: Path) -> bool:
+    """tokens/s against step; MFU (%) in a second panel below when it was logged (the two would overlap on twin
+    axes: MFU is tokens/s times a constant)."""
+    rows = [r for r in records if "tokens_per_s" in r]
+    steps, tps = _series(rows, "step", "tokens_per_s")
+    if not steps:
+        return False
+    mfu = [(label, color, _series(rows, "step", key)) for key, label, color in (
+        ("mfu", "MFU vs datasheet bf16 peak", "tab:red"),
+        ("mfu_measured", "MFU vs measured matmul ceiling", "tab:purple"))]
+    mfu = [m for m in mfu if m[2][0]]
+    fig = _figure(8.0, 6.5 if mfu else 4.5)
+    ax = fig.add_subplot(2 if mfu else 1, 1, 1)
+    ax.plot(steps, tps, color="tab:blue", marker=".", label="real tokens/s (whole job)")
+    warm = [(s, t) for r in rows if r.get("warmup") for s, t in [(_num(r.get("step")), _num(r.get("tokens_per_s")))]
+            if s is not None and t is not None]
+    if warm:
+        ax.plot(*zip(*warm, strict=True), linestyle="none", marker="x", color="tab:gray", markersize=9,
+                label="start-up window (left out of means)")
+    ax.set_ylabel("real tokens / s")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best")
+    ax.set_title("Training throughput (evaluation and saving excluded)")
+    if mfu:
+        ax_mfu = fig.add_subplot(2, 1, 2, sharex=ax)
+        for label, color, (xs, ys) in mfu:
+            ax_mfu.plot(xs, [100 * y for y in ys], marker=".", color=color, label=label)
+        ax_mfu.set_ylabel("MFU (%)")
+        ax_mfu.set_ylim(bottom=0)
+        ax_mfu.grid(True, alpha=0.3)
+        ax_mfu.legend(loc="best")
+        ax_mfu.set_xlabel("optimizer step")
+    else:
+        ax.set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- markdown
+def _cell(text: Any) -> str:
+    """Text safe in a markdown table cell: HTML-escaped (`</s>` stays visible), pipes and newlines kept."""
+    if text is None:
+        return "n/a"
+    s = html.escape(str(text), quote=False).replace("|", "\\|").replace("\r", "")
+    return s.replace("\n", "<br>") if s.strip() else "<i>(empty)</i>"
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    v = _num(value)
+    if v is None:
+        return "n/a" if value is None else str(value)
+    if v.is_integer() and abs(v) >= 1000:
+        return f"{int(v):,}"
+    return f"{v:,.{digits}g}" if abs(v) < 1e6 else f"{v:,.0f}"
+
+
+def _duration(seconds: Any) -> str:
+    s = _num(seconds)
+    if s is None:
+        return "n/a"
+    s = round(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d} ({s:,} s)"
+
+
+def _pct(fraction: float | None) -> str:
+    if fraction is None:
+        return "n/a"
+    return f"{100 * fraction:.1f}%" if 100 * fraction >= 0.1 else f"{100 * fraction:.2g}%"
+
+
+def throughput_summary(records: list[dict]) -> dict[str, Any]:
+    """Means over the logging windows, leaving out each run's first (start-up) window when others exist.
+
+    Rates are weighted by each window's training time (tokens / tokens_per_s), so the mean tokens/s is all tokens
+    over all training time; without window sizes (an older file) every window counts the same.
+    """
+    rows = [r for r in records if (_num(r.get("tokens_per_s")) or 0) > 0]
+    steady = [r for r in rows if not r.get("warmup")]
+    note = None
+    if not steady and rows:
+        steady, note = rows, "only start-up windows were logged; the means include them"
+    seconds = [(_num(r.get("window_tokens")) or 0) / r["tokens_per_s"] for r in steady]
+    if not all(s > 0 for s in seconds):
+        seconds = [1.0] * len(steady)
+
+    def mean(key: str) -> float | None:
+        pairs = [(v, w) for r, w in zip(steady, seconds, strict=True) if (v := _num(r.get(key))) is not None]
+        total = sum(w for _, w in pairs)
+        return sum(v * w for v, w in pairs) / total if pairs and total > 0 else None
+
+    rates = [r["tokens_per_s"] for r in steady]
+    return {
+        "windows": len(steady),
+        "windows_total": len(rows),
+        "tokens_per_s": mean("tokens_per_s"),
+        "tokens_per_s_median": statistics.median(rates) if rates else None,
+        "tflops": mean("tflops"),
+        "tflops_per_device": mean("tflops_per_device"),
+        "mfu": mean("mfu"),
+        "mfu_measured": mean("mfu_measured"),
+        "memory_gib": max((v for r in rows if (v := _num(r.get("memory_gib"))) is not None), default=None),
+        "note": note,
+    }
+
+
+def _loss_pair(loss: float | None) -> str:
+    if loss is None:
+        return "n/a"
+    ppl = math.exp(loss) if loss < 700 else math.inf
+    return f"{loss:.4f} (perplexity {ppl:,.2f})"
+
+
+def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, samples: list[dict]) -> Path:
+    """Write `report.md` (plus `loss.png` and `throughput.png` when there is data) into `output_dir`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records = read_metrics(output_dir / METRICS_FILE)
+    has_loss = plot_loss(records, output_dir / LOSS_PNG)
+    has_tput = plot_throughput(records, output_dir / THROUGHPUT_PNG)
+
+    evals = [v for r in records if (v := _num(r.get("eval_loss"))) is not None]
+    first_eval = evals[0] if evals else None
+    final_eval = _num(summary.get("final_eval_loss"))
+    if final_eval is None and evals:
+        final_eval = evals[-1]
+    train_losses = [v for r in records if (v := _num(r.get("loss"))) is not None]
+    tput = throughput_summary(records)
+    tokens = summary.get("tokens_seen")
+    if tokens is None:
+        tokens = next((r["tokens_seen"] for r in reversed(records) if _num(r.get("tokens_seen")) is not None), None)
+    steps = summary.get("steps")
+    if steps is None:
+        steps = next((r["step"] for r in reversed(records) if _num(r.get("step")) is not None), None)
+
+    lines = ["# Training report", ""]
+    if summary.get("final_model"):
+        lines += [f"Final model: `{summary['final_model']}`", ""]
+    lines += ["## Summary", "", "| | |", "| --- | --- |"]
+    rows = [
+        ("duration (training, wall clock)", _duration(summary.get("seconds"))),
+        ("optimizer steps", _fmt(steps)),
+        ("tokens seen (real, non-padding)", _fmt(tokens)),
+        ("held-out eval loss, first", _loss_pair(first_eval)),
+        ("held-out eval loss, final", _loss_pair(final_eval)),
+        ("train loss, first / last logged", " / ".join(f"{v:.4f}" for v in (train_losses[:1] + train_losses[-1:]))
+         if train_losses else "n/a"),
+        ("mean tokens/s (whole job: tokens / training time)", _fmt(tput["tokens_per_s"], 6)),
+        ("median tokens/s of the logging windows", _fmt(tput["tokens_per_s_median"], 6)),
+        ("mean model TFLOP/s per device", _fmt(tput["tflops_per_device"])),
+        ("mean MFU (datasheet bf16 peak)", _pct(tput["mfu"])),
+        ("mean MFU (measured matmul ceiling)", _pct(tput["mfu_measured"])),
+        ("peak memory (GiB)", _fmt(tput["memory_gib"])),
+        ("FLOPs per token (6N + 12·L·d·T)", _fmt(summary.get("flops_per_token"))),
+    ]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", f"Throughput means cover {tput['windows']} of {tput['windows_total']} logging windows: each run's "
+              "first window (start-up, compilation) is left out; evaluation and checkpoint time is excluded from "
+              "every window." + (f" Note: {tput['note']}." if tput["note"] else ""), ""]
+    extra = {k: v for k, v in summary.items() if k not in {"steps", "tokens_seen", "seconds", "final_eval_loss",
+                                                           "final_perplexity", "flops_per_token", "final_model"}}
+    if extra:
+        lines += ["Other figures: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in extra.items()), ""]
+
+    lines += ["## Loss", ""]
+    lines += [f"![train and held-out loss against tokens seen]({LOSS_PNG})", ""] if has_loss \
+        else ["No loss was logged (metrics.jsonl is missing or empty).", ""]
+    lines += ["## Throughput", ""]
+    lines += [f"![tokens/s and MFU against step]({THROUGHPUT_PNG})", ""] if has_tput \
+        else ["No throughput was logged.", ""]
+
+    lines += ["## Samples (greedy, before and after training)", ""]
+    if samples:
+        lines += ["| prompt | before | after |", "| --- | --- | --- |"]
+        lines += [f"| {_cell(s.get('prompt'))} | {_cell(s.get('before'))} | {_cell(s.get('after'))} |"
+                  for s in samples]
+    else:
+        lines += ["No samples (no prompts configured, or the model could not be generated from)."]
+    lines += [""]
+
+    lines += ["## Hardware and software", "", "| | |", "| --- | --- |"]
+    lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in hardware.items()]
+    lines += ["", "## Effective configuration", "", "```json",
+              json.dumps(config, indent=2, ensure_ascii=False, default=str), "```", ""]
+
+    path = output_dir / "report.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,323 @@
+"""job.model: building/loading the model, the chunked loss, sizes; fp32 tiny models on CPU."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from job.attention import install_attention
+from job.config import RunConfig
+from job.errors import JobError
+from job.model import (
+    PRESET_SHAPES,
+    build_model,
+    chunked_causal_lm_loss,
+    config_parameter_count,
+    flops_per_token,
+    install_chunked_loss,
+    model_config,
+    parameter_count,
+)
+
+EOS, PAD = 2, 3
+
+
+class StandInTokenizer:
+    """Just what build_model reads from a tokenizer."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.unk_token_id, self.bos_token_id, self.eos_token_id, self.pad_token_id = 0, 1, 2, 3
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def tiny_bloom(vocab: int = 96, seed: int = 0, **overrides) -> BloomForCausalLM:
+    torch.manual_seed(seed)
+    config = BloomConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        **overrides,
+    )
+    return BloomForCausalLM(config)
+
+
+def expected_parameters(vocab: int, d: int, layers: int) -> int:
+    return vocab * d + layers * (12 * d * d + 13 * d) + 4 * d
+
+
+# ------------------------------------------------------------------------------------------------- chunked loss
+@pytest.mark.parametrize("num_items", [None, "tensor", "int"])
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_chunked_loss_equals_stock_loss_and_gradients(num_items, chunk):
+    torch.manual_seed(0)
+    batch, length, d, vocab = 3, 11, 16, 50
+    head = torch.nn.Linear(d, vocab, bias=False)
+    hidden = torch.randn(batch, length, d, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, length))
+    labels[0, 3:6] = -100
+    labels[2, 8:] = -100
+    # num_items_in_batch is counted over several micro-batches (gradient accumulation): larger than this one's count.
+    count = int((labels[..., 1:] != -100).sum()) + 17
+    items = {None: None, "tensor": torch.tensor(count), "int": count}[num_items]
+
+    want = ForCausalLMLoss(head(hidden), labels, vocab, num_items_in_batch=items)
+    want_grads = torch.autograd.grad(want, [hidden, head.weight])
+    got = chunked_causal_lm_loss(hidden, head, labels, num_items_in_batch=items, chunk_tokens=chunk)
+    got_grads = torch.autograd.grad(got, [hidden, head.weight])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_loss_takes_shift_labels_and_ignore_index():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 20, bias=False)
+    hidden = torch.randn(2, 9, 8)
+    shift = torch.randint(0, 20, (2, 9))
+    shift[1, :4] = -1
+    want = ForCausalLMLoss(head(hidden), None, 20, shift_labels=shift, ignore_index=-1)
+    got = chunked_causal_lm_loss(hidden, head, None, shift_labels=shift, ignore_index=-1, chunk_tokens=5)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_model_loss_never_materialises_full_logits():
+    """Every head call (forward and backward recompute) sees at most one chunk of tokens; no logits come back."""
+    model = tiny_bloom(vocab=4096)
+    install_attention(model, "sdpa")
+    install_chunked_loss(model, chunk_tokens=16)
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(out.shape))
+    ids = torch.randint(4, 4096, (2, 40))
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits is None
+    out.loss.backward()
+    assert {tuple(shape) for shape in rows} == {(16, 4096)}  # 80 tokens in chunks of 16, never [2, 40, 4096]
+    assert len(rows) == 2 * 5  # 5 chunks, each run forward and once more in the backward
+    assert model.transformer.word_embeddings.weight.grad is not None  # the tied head got its gradient
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "eager"])
+def test_model_chunked_loss_equals_stock(kind):
+    """Through the whole model, in training and evaluation, with the Trainer's num_items_in_batch or without."""
+    stock = tiny_bloom().train()
+    model = copy.deepcopy(stock)
+    install_attention(model, kind)
+    install_chunked_loss(model, chunk_tokens=13)
+    ids = torch.randint(4, 96, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    ids[1, 15:] = PAD
+    labels = ids.masked_fill(mask == 0, -100)
+    items = torch.tensor(int((labels[..., 1:] != -100).sum()) * 2)  # as if a second micro-batch were coming
+    for extra in ({}, {"num_items_in_batch": items}):
+        stock.zero_grad()
+        model.zero_grad()
+        want = stock(ids, attention_mask=mask, labels=labels, **extra)
+        got = model(ids, attention_mask=mask, labels=labels, **extra)
+        assert got.logits is None
+        torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+        want.loss.backward()
+        got.loss.backward()
+        for (name, p), q in zip(model.named_parameters(), stock.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    stock.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(ids, attention_mask=mask, labels=labels).loss,
+            stock(ids, attention_mask=mask, labels=labels).loss,
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        assert model(ids).logits.shape == (2, 24, 96)  # without labels: the full logits, as stock
+
+
+def test_trainer_with_gradient_accumulation_equals_stock(tmp_path):
+    """HF Trainer passes num_items_in_batch (counted over shifted labels) to the patched forward: two SGD steps of
+    2 x 4 padded rows give the stock model's weights."""
+    import datasets
+    from transformers import Trainer, TrainingArguments
+
+    model = build_model(RunConfig(preset="tiny", attention="sdpa"), StandInTokenizer(100))
+    assert {"labels", "cache", "logits_to_keep"} <= set(inspect.signature(model.forward).parameters)
+    stock = BloomForCausalLM(model.config)
+    stock.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(0)
+    rows = datasets.Dataset.from_dict(
+        {
+            "input_ids": torch.randint(4, 100, (16, 24), generator=g).tolist(),
+            "n": torch.randint(5, 25, (16,), generator=g).tolist(),
+        }
+    )
+
+    def collate(batch):
+        ids = torch.tensor([r["input_ids"] for r in batch])
+        mask = (torch.arange(ids.shape[1])[None] < torch.tensor([r["n"] for r in batch])[:, None]).long()
+        ids = ids.masked_fill(mask == 0, PAD)  # right padding, as the collator makes it
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    for m in (model, stock):
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            use_cpu=True,
+            report_to=[],
+            disable_tqdm=True,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            max_steps=2,
+            save_strategy="no",
+            remove_unused_columns=False,
+            optim="sgd",
+            learning_rate=0.1,
+        )
+        trainer = Trainer(model=m, args=args, train_dataset=rows, data_collator=collate)
+        assert trainer.model_accepts_loss_kwargs and trainer._loss_shifts_labels
+        trainer.train()
+    for (name, p), q in zip(model.state_dict().items(), stock.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------- build_model
+def test_build_tiny_preset(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = build_model(RunConfig(preset="tiny"), tok)
+    config = model.config
+    assert isinstance(model, BloomForCausalLM)
+    assert config.vocab_size % 64 == 0 and len(tok) <= config.vocab_size < len(tok) + 64
+    assert (config.hidden_size, config.n_layer, config.n_head) == (128, 4, 4)
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id, config.unk_token_id) == (
+        tok.bos_token_id,
+        tok.eos_token_id,
+        tok.pad_token_id,
+        tok.unk_token_id,
+    )
+    assert config.eos_token_id != config.pad_token_id
+    assert model.lm_head.weight is model.transformer.word_embeddings.weight
+    assert parameter_count(model) == expected_parameters(config.vocab_size, 128, 4)
+    assert model.job_attention == "sdpa"  # auto on CPU
+
+
+def test_bloom_389m_zh_shape():
+    assert model_config(RunConfig(preset="bloom-389m-zh"), 42437).vocab_size == 42496  # rounded up to 64
+    config = BloomConfig(vocab_size=42437, **PRESET_SHAPES["bloom-389m-zh"])
+    with torch.device("meta"):
+        model = BloomForCausalLM(config)
+    assert parameter_count(model) == 345_768_960  # Langboat/bloom-389m-zh: 345.8M, tied embeddings
+    assert flops_per_token(config, 1024) == pytest.approx(2.377e9, rel=1e-3)  # field notes: 2.38 GFLOP at seq 1024
+
+
+def test_flops_per_token_counts_the_tied_head_once():
+    for tied in (True, False):
+        model = tiny_bloom(tie_word_embeddings=tied)
+        c = model.config
+        assert config_parameter_count(c) == parameter_count(model)
+        assert flops_per_token(c, 32) == 6 * parameter_count(model) + 12 * c.n_layer * c.hidden_size * 32
+
+
+def saved_tiny(tmp_path, vocab: int = 128):
+    folder = tmp_path / "model"
+    tiny_bloom(vocab=vocab).save_pretrained(folder)
+    return folder
+
+
+def test_build_loads_a_saved_folder(tmp_path):
+    folder = saved_tiny(tmp_path)
+    model = build_model(RunConfig(model=str(folder), attention="auto"), StandInTokenizer(100))
+    stock = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.job_attention == "sdpa"
+    assert next(model.parameters()).dtype == torch.float32
+    for (name, p), q in zip(model.state_dict().items(), stock.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_saved_after_install_reloads_in_stock_transformers(tmp_path):
+    model = build_model(RunConfig(preset="tiny"), StandInTokenizer(100))
+    ids = torch.randint(4, 100, (2, 16))
+    torch.optim.SGD(model.parameters(), lr=0.1).zero_grad()
+    model(ids, labels=ids).loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()  # weights that differ from the initialisation
+    model.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["architectures"] == ["BloomForCausalLM"] and saved["model_type"] == "bloom"
+    assert "auto_map" not in saved and not any(k.startswith("job") for k in saved)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(stock) is BloomForCausalLM and "forward" not in stock.__dict__
+    for (name, p), q in zip(model.state_dict().items(), stock.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    model.eval()
+    stock.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, stock(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_generation_after_build_equals_stock():
+    model = build_model(RunConfig(preset="tiny"), StandInTokenizer(100)).eval()
+    stock = BloomForCausalLM(model.config).eval()
+    stock.load_state_dict(model.state_dict())
+    prompt = torch.randint(4, 100, (2, 5))
+    kwargs = dict(
+        attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=PAD
+    )
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, **kwargs), stock.generate(prompt, **kwargs))
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+def build_error(tmp_path, folder, tokenizer_size: int = 100, **cfg) -> str:
+    with pytest.raises(JobError) as info:
+        build_model(RunConfig(model=str(folder), **cfg), StandInTokenizer(tokenizer_size))
+    message = str(info.value)
+    assert "\n" not in message and info.value.fix
+    return message
+
+
+def test_error_missing_folder(tmp_path):
+    assert "does not exist" in build_error(tmp_path, tmp_path / "nope")
+
+
+def test_error_missing_config(tmp_path):
+    (tmp_path / "m").mkdir()
+    assert "config.json is missing" in build_error(tmp_path, tmp_path / "m")
+
+
+def test_error_broken_config(tmp_path):
+    folder = saved_tiny(tmp_path)
+    (folder / "config.json").write_text('{"model_type": "bloom",', encoding="utf-8")
+    assert "not valid JSON" in build_error(tmp_path, folder)
+
+
+def test_error_not_a_bloom_config(tmp_path):
+    folder = saved_tiny(tmp_path)
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 100}), encoding="utf-8")
+    assert "not a Bloom causal LM config" in build_error(tmp_path, folder)
+    (folder / "config.json").write_text("[1, 2]", encoding="utf-8")
+    assert "not a config object" in build_error(tmp_path, folder)
+
+
+def test_error_tokenizer_larger_than_model_vocab(tmp_path):
+    folder = saved_tiny(tmp_path, vocab=64)
+    assert "len(tokenizer)=100 > model vocab 64" in build_error(tmp_path, folder, tokenizer_size=100)
+
+
+def test_error_no_weights(tmp_path):
+    folder = saved_tiny(tmp_path)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    assert "has no weights" in build_error(tmp_path, folder)
+
+
+def test_error_flex_on_cpu(tmp_path):
+    assert "no backward" in build_error(tmp_path, saved_tiny(tmp_path), attention="flex", device="cpu")

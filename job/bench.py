@@ -106,8 +106,15 @@ def run_bench(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, compare:
     """One JSON-able summary: the configured path, and the stock path in the same process if asked."""
     output = Path(tempfile.mkdtemp(prefix="job-bench-"))
     try:
-        cfg = dataclasses.replace(cfg, output_dir=str(output / "run"), save_steps=10**9, eval_steps=0,
-                                  report_to="none", max_steps=steps + warmup, resume="never")
+        cfg = dataclasses.replace(
+            cfg,
+            output_dir=str(output / "run"),
+            save_steps=10**9,
+            eval_steps=0,
+            report_to="none",
+            max_steps=steps + warmup,
+            resume="never",
+        )
         main = bench_training(cfg, steps, warmup, synthetic)
         device, ceiling = main.pop("_device"), main.pop("_measured_ceiling")
         summary = {
@@ -116,15 +123,28 @@ def run_bench(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, compare:
             "measured_ceiling_tflops": round(ceiling, 1),
             "mfu_measured": round(main["tflops"] / ceiling, 4) if ceiling else None,
             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-            "settings": {k: getattr(cfg, k) for k in ("preset", "max_length", "per_device_batch_size", "grad_accum",
-                                                      "bf16", "deepspeed", "zero_stage", "attention", "torch_compile")},
+            "settings": {
+                k: getattr(cfg, k)
+                for k in (
+                    "preset",
+                    "max_length",
+                    "per_device_batch_size",
+                    "grad_accum",
+                    "bf16",
+                    "deepspeed",
+                    "zero_stage",
+                    "attention",
+                    "torch_compile",
+                )
+            },
         }
         if compare:
             base_cfg = dataclasses.replace(cfg, attention=compare, output_dir=str(output / "baseline"))
             base = bench_training(base_cfg, steps, warmup, synthetic)
             base.pop("_device"), base.pop("_measured_ceiling")
-            summary["baseline"] = {k: base[k] for k in ("attention", "tokens_per_s", "tflops", "step_s",
-                                                         "peak_memory_gib")}
+            summary["baseline"] = {
+                k: base[k] for k in ("attention", "tokens_per_s", "tflops", "step_s", "peak_memory_gib")
+            }
             summary["speedup"] = round(main["tokens_per_s"] / base["tokens_per_s"], 3)
         return summary
     finally:
@@ -166,9 +186,15 @@ def bench_tokenize(cfg: RunConfig) -> dict:
         prepare_s = time.perf_counter() - start
     assert result.stats["document_tokens"] == bare_tokens, "prepare and the bare tokenizer disagree"
     return {
-        "mode": "tokenize", "num_proc": cfg.num_proc, "documents": len(texts), "characters": characters,
-        "tokens": bare_tokens, "bare_tokens_per_s": round(bare_tokens / bare_s), "bare_s": round(bare_s, 2),
-        "prepare_tokens_per_s": round(bare_tokens / prepare_s), "prepare_s": round(prepare_s, 2),
+        "mode": "tokenize",
+        "num_proc": cfg.num_proc,
+        "documents": len(texts),
+        "characters": characters,
+        "tokens": bare_tokens,
+        "bare_tokens_per_s": round(bare_tokens / bare_s),
+        "bare_s": round(bare_s, 2),
+        "prepare_tokens_per_s": round(bare_tokens / prepare_s),
+        "prepare_s": round(prepare_s, 2),
         "prepare_vs_bare": round(bare_s / prepare_s, 3),
     }
 

@@ -16,8 +16,20 @@ import click
 from job.config import RunConfig
 from job.errors import EXIT_BAD_INPUT, JobError
 
-DATA_FIELDS = ["data", "text_column", "max_samples", "eval_fraction", "max_length", "packing", "num_proc",
-               "tokenizer", "vocab_size", "model", "trust_remote_code", "seed"]
+DATA_FIELDS = [
+    "data",
+    "text_column",
+    "max_samples",
+    "eval_fraction",
+    "max_length",
+    "packing",
+    "num_proc",
+    "tokenizer",
+    "vocab_size",
+    "model",
+    "trust_remote_code",
+    "seed",
+]
 MODEL_FIELDS = ["model", "tokenizer", "preset", "attention", "trust_remote_code"]
 TRAIN_FIELDS = [f for f in RunConfig.field_names() if f != "prompts"]
 HELP = {
@@ -49,8 +61,9 @@ def config_options(fields: list[str]):
     def decorate(fn):
         for name in reversed(fields):
             fn = _option(name)(fn)
-        return click.option("--config", "config", default=None,
-                            help="recipe name (quickstart, h100, tutorial) or JSON config file")(fn)
+        return click.option(
+            "--config", "config", default=None, help="recipe name (quickstart, h100, tutorial) or JSON config file"
+        )(fn)
 
     return decorate
 
@@ -94,8 +107,11 @@ def prepare(config, output, **values):
     corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
     tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
     result = run_prepare(cfg, tokenizer, output, corpus=corpus)
-    click.echo(json.dumps({"path": str(result.path), "cache_hit": result.cache_hit, **result.stats},
-                          ensure_ascii=False, indent=2))
+    click.echo(
+        json.dumps(
+            {"path": str(result.path), "cache_hit": result.cache_hit, **result.stats}, ensure_ascii=False, indent=2
+        )
+    )
 
 
 @cli.command()
@@ -202,8 +218,17 @@ def generate(model, prompts, prompts_file, max_new_tokens, greedy, top_k, top_p,
     if temperature <= 0 and not greedy:
         raise JobError(f"--temperature {temperature} must be above 0 when sampling", "use --greedy or a positive value")
     lm, tok = load_for_inference(model)
-    for out in run_generate(lm, tok, texts, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
-                            top_p=top_p, temperature=temperature, seed=seed):
+    for out in run_generate(
+        lm,
+        tok,
+        texts,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        top_k=top_k,
+        top_p=top_p,
+        temperature=temperature,
+        seed=seed,
+    ):
         click.echo(json.dumps(out, ensure_ascii=False) if as_json else f"{out['prompt']}{out['text']}")
 
 
@@ -223,8 +248,12 @@ def smoke(model):
 @click.option("--steps", type=int, default=10, show_default=True, help="timed optimizer steps")
 @click.option("--warmup", type=int, default=3, show_default=True, help="untimed steps first (compilation, caches)")
 @click.option("--synthetic/--corpus", default=True, show_default=True, help="random tokens, or the prepared corpus")
-@click.option("--compare", type=click.Choice(["eager", "sdpa", "flex"]), default=None,
-              help="also run this attention (e.g. the stock eager) in the same process and report the ratio")
+@click.option(
+    "--compare",
+    type=click.Choice(["eager", "sdpa", "flex"]),
+    default=None,
+    help="also run this attention (e.g. the stock eager) in the same process and report the ratio",
+)
 @click.option("--tokenize", "tokenize_mode", is_flag=True, help="benchmark prepare against the bare tokenizer")
 def bench(config, steps, warmup, synthetic, compare, tokenize_mode, **values):
     """Time the real training path (or tokenization); print one JSON line of figures."""

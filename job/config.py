@@ -117,31 +117,58 @@ class RunConfig:
             if not ok:
                 raise JobError(cause, fix)
 
-        need(self.max_length >= 2, f"--max-length {self.max_length} is below 2",
-             "a causal LM needs at least one token and its next one; use e.g. --max-length 384")
-        need(0.0 <= self.eval_fraction < 1.0, f"--eval-fraction {self.eval_fraction} is outside [0, 1)",
-             "use e.g. 0.02 to hold out 2% of the documents")
+        need(
+            self.max_length >= 2,
+            f"--max-length {self.max_length} is below 2",
+            "a causal LM needs at least one token and its next one; use e.g. --max-length 384",
+        )
+        need(
+            0.0 <= self.eval_fraction < 1.0,
+            f"--eval-fraction {self.eval_fraction} is outside [0, 1)",
+            "use e.g. 0.02 to hold out 2% of the documents",
+        )
         need(self.preset in PRESETS, f"unknown --preset {self.preset!r}", f"choose one of {', '.join(PRESETS)}")
-        need(self.attention in ATTENTIONS, f"unknown --attention {self.attention!r}",
-             f"choose one of {', '.join(ATTENTIONS)}")
+        need(
+            self.attention in ATTENTIONS,
+            f"unknown --attention {self.attention!r}",
+            f"choose one of {', '.join(ATTENTIONS)}",
+        )
         for name in ("per_device_batch_size", "grad_accum", "num_proc", "logging_steps", "save_steps", "nnodes"):
-            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1",
-                 f"got {getattr(self, name)}")
-        need(self.max_samples is None or self.max_samples >= 1, "--max-samples must be at least 1",
-             "leave it out to use every document")
-        need(self.epochs > 0 or self.max_steps > 0, "nothing to train: --epochs is 0 and --max-steps is not set",
-             "set --epochs or --max-steps")
+            need(
+                getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1", f"got {getattr(self, name)}"
+            )
+        need(
+            self.max_samples is None or self.max_samples >= 1,
+            "--max-samples must be at least 1",
+            "leave it out to use every document",
+        )
+        need(
+            self.epochs > 0 or self.max_steps > 0,
+            "nothing to train: --epochs is 0 and --max-steps is not set",
+            "set --epochs or --max-steps",
+        )
         need(self.nproc is None or self.nproc >= 1, "--nproc must be at least 1", f"got {self.nproc}")
-        need(0 <= self.node_rank < self.nnodes, f"--node-rank {self.node_rank} is not below --nnodes {self.nnodes}",
-             "node ranks run from 0 to nnodes-1")
-        need(self.zero_stage in (None, 0, 1, 2, 3), f"--zero-stage {self.zero_stage} is not 0-3",
-             "use 1, 2 or 3 (or --deepspeed none)")
-        need(self.resume in ("auto", "never") or Path(self.resume).is_dir(),
-             f"--resume {self.resume!r} is neither auto, never nor a checkpoint folder",
-             "use --resume auto to continue from the newest complete checkpoint")
+        need(
+            0 <= self.node_rank < self.nnodes,
+            f"--node-rank {self.node_rank} is not below --nnodes {self.nnodes}",
+            "node ranks run from 0 to nnodes-1",
+        )
+        need(
+            self.zero_stage in (None, 0, 1, 2, 3),
+            f"--zero-stage {self.zero_stage} is not 0-3",
+            "use 1, 2 or 3 (or --deepspeed none)",
+        )
+        need(
+            self.resume in ("auto", "never") or Path(self.resume).is_dir(),
+            f"--resume {self.resume!r} is neither auto, never nor a checkpoint folder",
+            "use --resume auto to continue from the newest complete checkpoint",
+        )
         need(self.device in ("auto", "cuda", "cpu"), f"unknown --device {self.device!r}", "use auto, cuda or cpu")
-        need(self.master_port is None or 1 <= self.master_port <= 65535,
-             f"--master-port {self.master_port} is not a port", "use 1-65535")
+        need(
+            self.master_port is None or 1 <= self.master_port <= 65535,
+            f"--master-port {self.master_port} is not a port",
+            "use 1-65535",
+        )
 
     # ------------------------------------------------------------------ rendering
     @property
@@ -174,8 +201,10 @@ class RunConfig:
         for key, ours in (("bf16", self.bf16), ("fp16", False)):
             section = ds.get(key)
             if isinstance(section, dict) and section.get("enabled") not in ("auto", ours):
-                raise JobError(f"{self.deepspeed} sets {key}.enabled={section['enabled']} but this run has "
-                               f"--bf16={self.bf16}", f'set "{key}": {{"enabled": "auto"}} in the DeepSpeed file')
+                raise JobError(
+                    f"{self.deepspeed} sets {key}.enabled={section['enabled']} but this run has --bf16={self.bf16}",
+                    f'set "{key}": {{"enabled": "auto"}} in the DeepSpeed file',
+                )
         return ds
 
     def check_batch_arithmetic(self, world_size: int) -> None:
@@ -186,17 +215,23 @@ class RunConfig:
         micro, accum = ds.get("train_micro_batch_size_per_gpu", "auto"), ds.get("gradient_accumulation_steps", "auto")
         total = ds.get("train_batch_size", "auto")
         if micro not in ("auto", self.per_device_batch_size):
-            raise JobError(f"{self.deepspeed} sets train_micro_batch_size_per_gpu={micro} but "
-                           f"--per-device-batch-size is {self.per_device_batch_size}",
-                           'set it to "auto" in the DeepSpeed file so the run config decides')
+            raise JobError(
+                f"{self.deepspeed} sets train_micro_batch_size_per_gpu={micro} but "
+                f"--per-device-batch-size is {self.per_device_batch_size}",
+                'set it to "auto" in the DeepSpeed file so the run config decides',
+            )
         if accum not in ("auto", self.grad_accum):
-            raise JobError(f"{self.deepspeed} sets gradient_accumulation_steps={accum} but --grad-accum is "
-                           f"{self.grad_accum}", 'set it to "auto" in the DeepSpeed file')
+            raise JobError(
+                f"{self.deepspeed} sets gradient_accumulation_steps={accum} but --grad-accum is {self.grad_accum}",
+                'set it to "auto" in the DeepSpeed file',
+            )
         expected = self.per_device_batch_size * self.grad_accum * world_size
         if total not in ("auto", expected):
-            raise JobError(f"{self.deepspeed} sets train_batch_size={total} but batch {self.per_device_batch_size}"
-                           f" x accumulation {self.grad_accum} x {world_size} processes = {expected}",
-                           'set train_batch_size to "auto" or make the three agree')
+            raise JobError(
+                f"{self.deepspeed} sets train_batch_size={total} but batch {self.per_device_batch_size}"
+                f" x accumulation {self.grad_accum} x {world_size} processes = {expected}",
+                'set train_batch_size to "auto" or make the three agree',
+            )
 
     def training_arguments(self, use_cpu: bool):
         """The `TrainingArguments` for this run (imported lazily: transformers is slow to import)."""
@@ -257,25 +292,64 @@ def read_config_file(name_or_path: str) -> dict[str, Any]:
         path = RECIPES_DIR / f"{name_or_path}.json"
         if not path.exists():
             names = sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
-            raise JobError(f"no recipe or config file {name_or_path!r}",
-                           f"use a JSON file path or one of the recipes: {', '.join(names)}")
+            raise JobError(
+                f"no recipe or config file {name_or_path!r}",
+                f"use a JSON file path or one of the recipes: {', '.join(names)}",
+            )
     values = read_json(path, "config file")
     if not isinstance(values, dict):
-        raise JobError(f"config file {path} holds a {type(values).__name__}, not an object", "write {\"key\": value}")
+        raise JobError(f"config file {path} holds a {type(values).__name__}, not an object", 'write {"key": value}')
     return {k: v for k, v in values.items() if not k.startswith("_")}  # "_comment" keys are documentation
 
 
 # Top-level keys DeepSpeed's config model accepts; anything else is most likely a typo.
 DEEPSPEED_KEYS = {
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
-    "optimizer", "scheduler", "fp16", "bf16", "amp", "zero_optimization", "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer", "steps_per_print", "wall_clock_breakdown", "dump_state", "prescale_gradients",
-    "gradient_predivide_factor", "communication_data_type", "seq_parallel_communication_data_type",
-    "sparse_gradients", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor",
-    "comms_logger", "data_types", "checkpoint", "aio", "elasticity", "compile", "memory_breakdown",
-    "torch_autocast", "timers", "graph_harvesting", "use_data_before_expert_parallelism",
-    "disable_allgather", "data_efficiency", "curriculum_learning", "pipeline", "weight_quantization",
-    "compression_training", "autotuning", "nebula", "load_universal_checkpoint", "use_node_local_storage",
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "optimizer",
+    "scheduler",
+    "fp16",
+    "bf16",
+    "amp",
+    "zero_optimization",
+    "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer",
+    "steps_per_print",
+    "wall_clock_breakdown",
+    "dump_state",
+    "prescale_gradients",
+    "gradient_predivide_factor",
+    "communication_data_type",
+    "seq_parallel_communication_data_type",
+    "sparse_gradients",
+    "activation_checkpointing",
+    "flops_profiler",
+    "tensorboard",
+    "wandb",
+    "csv_monitor",
+    "comms_logger",
+    "data_types",
+    "checkpoint",
+    "aio",
+    "elasticity",
+    "compile",
+    "memory_breakdown",
+    "torch_autocast",
+    "timers",
+    "graph_harvesting",
+    "use_data_before_expert_parallelism",
+    "disable_allgather",
+    "data_efficiency",
+    "curriculum_learning",
+    "pipeline",
+    "weight_quantization",
+    "compression_training",
+    "autotuning",
+    "nebula",
+    "load_universal_checkpoint",
+    "use_node_local_storage",
 }
 
 
@@ -286,8 +360,10 @@ def read_deepspeed_file(path_str: str) -> dict[str, Any]:
         raise JobError(f"DeepSpeed config {path} is not a JSON object", "see ds_config.json for the shape")
     unknown = sorted(k for k in ds if k not in DEEPSPEED_KEYS and not k.startswith("_"))
     if unknown:
-        raise JobError(f"DeepSpeed config {path} has unknown key(s): {', '.join(unknown)}",
-                       "fix the spelling (see https://www.deepspeed.ai/docs/config-json/)")
+        raise JobError(
+            f"DeepSpeed config {path} has unknown key(s): {', '.join(unknown)}",
+            "fix the spelling (see https://www.deepspeed.ai/docs/config-json/)",
+        )
     return {k: v for k, v in ds.items() if not k.startswith("_")}
 
 
@@ -305,5 +381,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if origin in (int, str, bool) and type(value) is origin:
             return value
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise JobError(f"config key {name!r} is {value!r} ({type(value).__name__}), expected {wanted}",
-                   "fix the value in the config file or flag")
+    raise JobError(
+        f"config key {name!r} is {value!r} ({type(value).__name__}), expected {wanted}",
+        "fix the value in the config file or flag",
+    )

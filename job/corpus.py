@@ -42,16 +42,20 @@ def load_corpus(source: str | None, text_column: str = TEXT, max_samples: int | 
     else:
         rows, fingerprint, name = _load_source(source)
     if text_column not in rows.column_names:
-        raise JobError(f"column {text_column!r} is not in {name}; its columns are: {', '.join(rows.column_names)}",
-                       "pass the text column with --text-column")
+        raise JobError(
+            f"column {text_column!r} is not in {name}; its columns are: {', '.join(rows.column_names)}",
+            "pass the text column with --text-column",
+        )
     if len(rows) == 0:
         raise JobError(f"the corpus {name} is empty (0 rows)", "point --data at a corpus with documents")
     if max_samples is not None:
         rows = rows.select(range(min(max_samples, len(rows))))  # the first N, as the tutorial does
     rows = _normalise(rows, text_column, name)
     if len(rows) == 0:
-        raise JobError(f"every text in column {text_column!r} of {name} is empty",
-                       "check --text-column: it must name the column holding the documents")
+        raise JobError(
+            f"every text in column {text_column!r} of {name} is empty",
+            "check --text-column: it must name the column holding the documents",
+        )
     key = json.dumps([fingerprint, text_column, max_samples])
     return Corpus(rows, hashlib.sha256(key.encode()).hexdigest()[:16], name)
 
@@ -68,8 +72,9 @@ def _normalise(rows, text_column: str, name: str):
         rows = rows.add_column(SOURCE, [name] * len(rows))
     feature = rows.features[TEXT]
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
-        raise JobError(f"column {text_column!r} of {name} holds {feature}, not text",
-                       "pass the text column with --text-column")
+        raise JobError(
+            f"column {text_column!r} of {name} holds {feature}, not text", "pass the text column with --text-column"
+        )
     return rows.filter(lambda batch: [bool(t and t.strip()) for t in batch[TEXT]], batched=True)
 
 
@@ -83,8 +88,10 @@ def _load_source(source: str):
             return _load_saved(path)
         files = sorted(str(p) for p in path.rglob("*") if p.suffix in _DATA_SUFFIXES)
         if not files:
-            raise JobError(f"{path} is not a dataset: no save_to_disk files and no .json/.jsonl/.parquet inside",
-                           "point --data at a save_to_disk folder, data files or a glob")
+            raise JobError(
+                f"{path} is not a dataset: no save_to_disk files and no .json/.jsonl/.parquet inside",
+                "point --data at a save_to_disk folder, data files or a glob",
+            )
         return _load_files(files, str(path))
     files = sorted(glob.glob(source, recursive=True)) if glob.has_magic(source) else ([source] if path.exists() else [])
     if files:
@@ -96,8 +103,10 @@ def _load_source(source: str):
     try:  # a hub id, e.g. pleisto/wikipedia-cn-20230720-filtered
         rows = datasets.load_dataset(source, split="train")
     except Exception as e:
-        raise JobError(f"{source} is neither a local path nor a loadable hub dataset ({type(e).__name__})",
-                       "check the path; hub ids need a network (HF_ENDPOINT may point at a mirror)") from None
+        raise JobError(
+            f"{source} is neither a local path nor a loadable hub dataset ({type(e).__name__})",
+            "check the path; hub ids need a network (HF_ENDPOINT may point at a mirror)",
+        ) from None
     return rows, f"hub:{source}:{rows._fingerprint}", source
 
 
@@ -119,8 +128,9 @@ def _load_files(files: list[str], name: str):
 
     kinds = {_DATA_SUFFIXES.get(Path(f).suffix) for f in files}
     if None in kinds or len(kinds) != 1:
-        raise JobError(f"{name}: data files must all be .json/.jsonl or all .parquet, got {files[:3]}",
-                       "pass one kind of file")
+        raise JobError(
+            f"{name}: data files must all be .json/.jsonl or all .parquet, got {files[:3]}", "pass one kind of file"
+        )
     kind = kinds.pop()
     if kind == "json" and sum(check_json_lines(Path(f)) for f in files) == 0:
         raise JobError(f"the corpus {name} is empty (no JSON records)", "point --data at a corpus with documents")
@@ -128,8 +138,9 @@ def _load_files(files: list[str], name: str):
     try:
         rows = datasets.Dataset.from_json(files) if kind == "json" else datasets.Dataset.from_parquet(files)
     except Exception as e:
-        raise JobError(f"{name} could not be read as {kind} ({type(e).__name__}: {e})".splitlines()[0],
-                       "check the files' format") from None
+        raise JobError(
+            f"{name} could not be read as {kind} ({type(e).__name__}: {e})".splitlines()[0], "check the files' format"
+        ) from None
     return rows, f"files:{json.dumps(stamp)}", Path(name).name
 
 
@@ -145,8 +156,10 @@ def check_json_lines(path: Path) -> int:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise JobError(f"{path} line {number} is not UTF-8 text",
-                               "re-encode the file as UTF-8 (e.g. iconv -f GB18030 -t UTF-8)") from None
+                raise JobError(
+                    f"{path} line {number} is not UTF-8 text",
+                    "re-encode the file as UTF-8 (e.g. iconv -f GB18030 -t UTF-8)",
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -178,8 +191,12 @@ def builtin_articles() -> list[str]:
         paragraph = "".join(token.rsplit("/", 1)[0] for token in raw.split())
         if not paragraph:
             continue
-        headline = (len(paragraph) <= 60 and not _SENTENCE_MARKS.intersection(paragraph)
-                    and not paragraph.endswith(("：", "，")) and not paragraph.startswith("（"))
+        headline = (
+            len(paragraph) <= 60
+            and not _SENTENCE_MARKS.intersection(paragraph)
+            and not paragraph.endswith(("：", "，"))
+            and not paragraph.startswith("（")
+        )
         if headline and in_body:
             articles.append([])
         if not articles:

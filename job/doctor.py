@@ -21,9 +21,27 @@ from job.errors import JobError
 
 # Fields a resumed run may change without becoming a different run.
 RESUMABLE_FIELDS = {
-    "nproc", "nnodes", "node_rank", "master_addr", "master_port", "resume", "save_steps", "save_total_limit",
-    "logging_steps", "eval_steps", "eval_batches", "dataloader_workers", "report_to", "shutdown_timeout_s",
-    "max_steps", "epochs", "num_proc", "prepared", "device", "max_nonfinite_steps", "prompts",
+    "nproc",
+    "nnodes",
+    "node_rank",
+    "master_addr",
+    "master_port",
+    "resume",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "eval_steps",
+    "eval_batches",
+    "dataloader_workers",
+    "report_to",
+    "shutdown_timeout_s",
+    "max_steps",
+    "epochs",
+    "num_proc",
+    "prepared",
+    "device",
+    "max_nonfinite_steps",
+    "prompts",
 }
 BYTES_PER_PARAMETER_CHECKPOINT = 16  # 16-bit weights + fp32 master, Adam m and v (ZeRO layout, with margin)
 
@@ -54,8 +72,12 @@ def check_devices(cfg: RunConfig) -> Check:
     gpus, nproc = visible_gpus(), processes_per_node(cfg)
     wants_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
     if wants_gpu and nproc > gpus:
-        return Check("devices", False, f"--nproc {nproc} is above the {gpus} GPU(s) visible",
-                     f"use --nproc {gpus} or fewer (or --device cpu)" if gpus else "run where GPUs are visible")
+        return Check(
+            "devices",
+            False,
+            f"--nproc {nproc} is above the {gpus} GPU(s) visible",
+            f"use --nproc {gpus} or fewer (or --device cpu)" if gpus else "run where GPUs are visible",
+        )
     where = f"{gpus} GPU(s)" if wants_gpu else "CPU (gloo)"
     return Check("devices", True, f"{nproc} process(es) per node x {cfg.nnodes} node(s) on {where}")
 
@@ -67,8 +89,12 @@ def check_deepspeed(cfg: RunConfig) -> Check:
     cfg.check_batch_arithmetic(processes_per_node(cfg) * cfg.nnodes)
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     world = processes_per_node(cfg) * cfg.nnodes
-    return Check("deepspeed", True, f"ZeRO-{stage}; global batch {cfg.per_device_batch_size} x {cfg.grad_accum} "
-                 f"x {world} = {cfg.per_device_batch_size * cfg.grad_accum * world} rows")
+    return Check(
+        "deepspeed",
+        True,
+        f"ZeRO-{stage}; global batch {cfg.per_device_batch_size} x {cfg.grad_accum} "
+        f"x {world} = {cfg.per_device_batch_size * cfg.grad_accum * world} rows",
+    )
 
 
 def check_output(cfg: RunConfig) -> Check:
@@ -87,17 +113,28 @@ def check_output(cfg: RunConfig) -> Check:
     previous = output / "run_config.json"
     if previous.exists():
         if cfg.resume == "never":
-            return Check("output", False, f"{output} already holds a run",
-                         "use --resume auto to continue it, or another --output-dir")
+            return Check(
+                "output",
+                False,
+                f"{output} already holds a run",
+                "use --resume auto to continue it, or another --output-dir",
+            )
         try:
             old = json.loads(previous.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             old = {}
-        changed = sorted(k for k, v in cfg.to_dict().items()
-                         if k not in RESUMABLE_FIELDS and k in old and old[k] != v and k != "tokenizer")
+        changed = sorted(
+            k
+            for k, v in cfg.to_dict().items()
+            if k not in RESUMABLE_FIELDS and k in old and old[k] != v and k != "tokenizer"
+        )
         if changed:
-            return Check("output", False, f"{output} holds a different run (changed: {', '.join(changed)})",
-                         "use another --output-dir, or the same settings to resume")
+            return Check(
+                "output",
+                False,
+                f"{output} holds a different run (changed: {', '.join(changed)})",
+                "use another --output-dir, or the same settings to resume",
+            )
         return Check("output", True, f"{output} holds this run: it will resume")
     return Check("output", True, f"{output} (new)")
 
@@ -110,8 +147,12 @@ def check_disk(cfg: RunConfig, parameters: int | None) -> Check:
         return Check("disk", True, f"{free / 2**30:.1f} GiB free (model size unknown)")
     need = parameters * BYTES_PER_PARAMETER_CHECKPOINT * 2  # a new checkpoint while the last one still exists
     if free < need:
-        return Check("disk", False, f"{free / 2**30:.1f} GiB free at {existing}, a checkpoint needs about "
-                     f"{need / 2**30:.1f} GiB", "free space or choose another --output-dir")
+        return Check(
+            "disk",
+            False,
+            f"{free / 2**30:.1f} GiB free at {existing}, a checkpoint needs about {need / 2**30:.1f} GiB",
+            "free space or choose another --output-dir",
+        )
     return Check("disk", True, f"{free / 2**30:.1f} GiB free, ~{need / 2**30:.1f} GiB needed per checkpoint pair")
 
 
@@ -133,12 +174,18 @@ def check_port(cfg: RunConfig) -> Check:
     if cfg.node_rank != 0:
         return Check("master port", True, f"node {cfg.node_rank} connects to {cfg.master_addr}:{port}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As torch's TCPStore does: a port left in TIME_WAIT by a killed run is free; a listening one is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                return Check("master port", False, f"port {port} is already in use",
-                             "pass another --master-port (or stop the process holding it)")
+                return Check(
+                    "master port",
+                    False,
+                    f"port {port} is already in use",
+                    "pass another --master-port (or stop the process holding it)",
+                )
             raise
     return Check("master port", True, f"{port} free")
 
@@ -148,13 +195,19 @@ def check_shm() -> Check:
         return Check("/dev/shm", True, "absent (not Linux?)")
     size = shutil.disk_usage("/dev/shm").total
     ok = size >= 1 * 2**30
-    return Check("/dev/shm", ok, f"{size / 2**30:.1f} GiB",
-                 "" if ok else "mount a larger /dev/shm (docker --shm-size 16g; k8s emptyDir medium: Memory)")
+    return Check(
+        "/dev/shm",
+        ok,
+        f"{size / 2**30:.1f} GiB",
+        "" if ok else "mount a larger /dev/shm (docker --shm-size 16g; k8s emptyDir medium: Memory)",
+    )
 
 
 def check_cache() -> Check:
-    for name, path in (("JOB_CACHE", cache_root()), ("HF_HOME", Path(os.environ.get("HF_HOME", "~/.cache/huggingface"))
-                                                     .expanduser())):
+    for name, path in (
+        ("JOB_CACHE", cache_root()),
+        ("HF_HOME", Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()),
+    ):
         existing = next(p for p in [path, *path.parents] if p.exists())
         if not os.access(existing, os.W_OK):
             return Check("caches", False, f"{name}={path} is not writable", f"set {name} to a writable folder")
@@ -173,8 +226,15 @@ def model_parameters(cfg: RunConfig, vocab: int | None) -> int | None:
 def run_checks(cfg: RunConfig, extra: list[Callable[[], Check]] | None = None) -> list[Check]:
     """Every check, errors turned into failed rows (for `doctor`)."""
     results = []
-    for fn in [lambda: check_devices(cfg), lambda: check_deepspeed(cfg), lambda: check_output(cfg),
-               lambda: check_port(cfg), check_shm, check_cache, *(extra or [])]:
+    for fn in [
+        lambda: check_devices(cfg),
+        lambda: check_deepspeed(cfg),
+        lambda: check_output(cfg),
+        lambda: check_port(cfg),
+        check_shm,
+        check_cache,
+        *(extra or []),
+    ]:
         try:
             results.append(fn())
         except JobError as e:
@@ -190,6 +250,8 @@ def require(check: Check) -> None:
 
 def format_table(results: list[Check]) -> str:
     width = max(len(r.name) for r in results)
-    lines = [f"{'ok ' if r.ok else 'FAIL'} {r.name:<{width}}  {r.detail}" + (f"  -> {r.fix}" if not r.ok and r.fix
-                                                                            else "") for r in results]
+    lines = [
+        f"{'ok ' if r.ok else 'FAIL'} {r.name:<{width}}  {r.detail}" + (f"  -> {r.fix}" if not r.ok and r.fix else "")
+        for r in results
+    ]
     return "\n".join(lines)

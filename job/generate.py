@@ -26,15 +26,26 @@ def _special_ids(tokenizer, model) -> tuple[int, int]:
     if isinstance(eos, (list, tuple)):
         eos = eos[0]
     if eos is None:
-        raise JobError("the tokenizer has no eos token, so generation cannot stop",
-                       "set eos_token in its tokenizer_config.json")
+        raise JobError(
+            "the tokenizer has no eos token, so generation cannot stop", "set eos_token in its tokenizer_config.json"
+        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     return int(eos), int(pad)
 
 
-def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, greedy: bool = True,
-                 top_k: int = 50, top_p: float = 0.95, temperature: float = 1.0, seed: int = 0,
-                 batch_size: int = 16, with_scores: bool = False) -> list[dict[str, Any]]:
+def generate_ids(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    greedy: bool = True,
+    top_k: int = 50,
+    top_p: float = 0.95,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    with_scores: bool = False,
+) -> list[dict[str, Any]]:
     """Per prompt: `ids` (the new tokens up to and including a first eos) and `stopped_at_eos`; with
     `with_scores`, also `scores` (the processed next-token logits at each new position, float32 on CPU).
 
@@ -58,15 +69,25 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
         with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
             torch.manual_seed(seed)
             for start in range(0, len(encoded), batch_size):
-                chunk = encoded[start: start + batch_size]
+                chunk = encoded[start : start + batch_size]
                 width = max(len(ids) for ids in chunk)
                 input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)
-                attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk],
-                                              device=device)
+                attention_mask = torch.tensor(
+                    [[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device
+                )
                 out = model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                    min_new_tokens=0, do_sample=not greedy, num_beams=1, pad_token_id=pad, eos_token_id=eos,
-                    use_cache=True, return_dict_in_generate=True, output_scores=with_scores, **sampling,
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    min_new_tokens=0,
+                    do_sample=not greedy,
+                    num_beams=1,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                    use_cache=True,
+                    return_dict_in_generate=True,
+                    output_scores=with_scores,
+                    **sampling,
                 )
                 new = out.sequences[:, width:].tolist()
                 for row, tokens in enumerate(new):
@@ -81,17 +102,44 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
     return results
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, greedy: bool = True, top_k: int = 50,
-             top_p: float = 0.95, temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> list[dict]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    greedy: bool = True,
+    top_k: int = 50,
+    top_p: float = 0.95,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[dict]:
     """Continuations of `prompts`: [{"prompt", "text", "new_tokens", "stopped_at_eos"}], in order.
 
     `text` is the continuation alone, decoded with special tokens skipped; `new_tokens` counts the generated
     tokens, the stopping eos included. A fixed seed repeats its text (same prompts, batch size and device).
     """
-    outs = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k,
-                        top_p=top_p, temperature=temperature, seed=seed, batch_size=batch_size)
-    return [{"prompt": p, "text": tokenizer.decode(o["ids"], skip_special_tokens=True), "new_tokens": len(o["ids"]),
-             "stopped_at_eos": o["stopped_at_eos"]} for p, o in zip(prompts, outs, strict=True)]
+    outs = generate_ids(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        top_k=top_k,
+        top_p=top_p,
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    return [
+        {
+            "prompt": p,
+            "text": tokenizer.decode(o["ids"], skip_special_tokens=True),
+            "new_tokens": len(o["ids"]),
+            "stopped_at_eos": o["stopped_at_eos"],
+        }
+        for p, o in zip(prompts, outs, strict=True)
+    ]
 
 
 def load_for_inference(model_dir: str | Path):
@@ -102,16 +150,21 @@ def load_for_inference(model_dir: str | Path):
     if not folder.is_dir():
         raise JobError(f"model folder {folder} does not exist", "pass an HF model folder, e.g. OUTPUT/final")
     if not (folder / "config.json").is_file():
-        raise JobError(f"{folder} has no config.json, so it is not an HF model folder",
-                       "pass the folder a training run exported (OUTPUT/final) or a saved HF model")
+        raise JobError(
+            f"{folder} has no config.json, so it is not an HF model folder",
+            "pass the folder a training run exported (OUTPUT/final) or a saved HF model",
+        )
     cuda = torch.cuda.is_available()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16 if cuda else torch.float32,
-                                                     trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.bfloat16 if cuda else torch.float32, trust_remote_code=False
+        )
     except (OSError, ValueError, KeyError) as e:
-        raise JobError(f"{folder} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
-                       "check that it holds the weights (*.safetensors) and the tokenizer files") from None
+        raise JobError(
+            f"{folder} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+            "check that it holds the weights (*.safetensors) and the tokenizer files",
+        ) from None
     model.to("cuda" if cuda else "cpu").eval()
     return model, tokenizer
 
@@ -164,8 +217,10 @@ def smoke(model_dir: str, max_new_tokens: int = 32, seed: int = 1234) -> dict:
             batch_ok = False
             notes.append(f"{prompt!r}: batched and single greedy differ at new token {at}")
         else:
-            notes.append(f"{prompt!r}: batched and single greedy part at new token {at}, a near-tie "
-                         f"(logit margin {margin:.2e} in {str(dtype).replace('torch.', '')})")
+            notes.append(
+                f"{prompt!r}: batched and single greedy part at new token {at}, a near-tie "
+                f"(logit margin {margin:.2e} in {str(dtype).replace('torch.', '')})"
+            )
 
     def within_limit(o: dict) -> bool:
         n = len(o["ids"])
@@ -179,9 +234,16 @@ def smoke(model_dir: str, max_new_tokens: int = 32, seed: int = 1234) -> dict:
         "finite_logits": all(bool(torch.isfinite(s.max())) for o in batched for s in o["scores"]),
     }
     ok = all(checks.values())
-    samples = [{"prompt": p, "greedy": t, "sampled": st, "greedy_new_tokens": len(b["ids"]),
-                "greedy_stopped_at_eos": b["stopped_at_eos"]}
-               for p, t, st, b in zip(prompts, texts, sample_texts, batched, strict=True)]
+    samples = [
+        {
+            "prompt": p,
+            "greedy": t,
+            "sampled": st,
+            "greedy_new_tokens": len(b["ids"]),
+            "greedy_stopped_at_eos": b["stopped_at_eos"],
+        }
+        for p, t, st, b in zip(prompts, texts, sample_texts, batched, strict=True)
+    ]
     return {
         "ok": ok,
         "checks": checks,

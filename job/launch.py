@@ -41,13 +41,20 @@ def prepare_inputs(cfg: RunConfig):
     if cfg.prepared:
         stats = read_prepared_stats(cfg.prepared)
         if stats["eos_token_id"] != tokenizer.eos_token_id:
-            raise JobError(f"{cfg.prepared} was prepared with eos id {stats['eos_token_id']}, the tokenizer's is "
-                           f"{tokenizer.eos_token_id}", "prepare the data again with this tokenizer")
+            raise JobError(
+                f"{cfg.prepared} was prepared with eos id {stats['eos_token_id']}, the tokenizer's is "
+                f"{tokenizer.eos_token_id}",
+                "prepare the data again with this tokenizer",
+            )
         cfg.max_length = stats["max_length"]
     else:
         result = prepare(cfg, tokenizer, corpus=corpus)
-        log.info("data %s: %s (%s)", "cached" if result.cache_hit else "prepared", result.path,
-                 {k: result.stats[k] for k in ("documents", "tokens", "rows")})
+        log.info(
+            "data %s: %s (%s)",
+            "cached" if result.cache_hit else "prepared",
+            result.path,
+            {k: result.stats[k] for k in ("documents", "tokens", "rows")},
+        )
         cfg.prepared = str(result.path)
     cfg.tokenizer = tokenizer.name_or_path  # the folder every worker loads
     return cfg, tokenizer, parameters
@@ -77,8 +84,14 @@ def train(cfg: RunConfig) -> int:
 
 def single_process_env(cfg: RunConfig) -> None:
     """DeepSpeed expects a process group even for one process: describe a world of one."""
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", cfg.master_addr), ("MASTER_PORT", str(cfg.master_port))):
+    for key, value in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_WORLD_SIZE", "1"),
+        ("MASTER_ADDR", cfg.master_addr),
+        ("MASTER_PORT", str(cfg.master_port)),
+    ):
         os.environ.setdefault(key, value)
 
 
@@ -91,16 +104,40 @@ def _run_in_process(cfg: RunConfig) -> int:
 
 def torchrun_command(cfg: RunConfig, nproc: int, config_path: Path) -> list[str]:
     """The launcher command every node runs; workers run `python -m job worker --config run_config.json`."""
-    rendezvous = ["--nnodes", str(cfg.nnodes), "--node-rank", str(cfg.node_rank),
-                  "--master-addr", cfg.master_addr, "--master-port", str(cfg.master_port)]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *rendezvous,
-            "--max-restarts", "0", "-m", "job", "worker", "--config", str(config_path)]
+    rendezvous = [
+        "--nnodes",
+        str(cfg.nnodes),
+        "--node-rank",
+        str(cfg.node_rank),
+        "--master-addr",
+        cfg.master_addr,
+        "--master-port",
+        str(cfg.master_port),
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        *rendezvous,
+        "--max-restarts",
+        "0",
+        "-m",
+        "job",
+        "worker",
+        "--config",
+        str(config_path),
+    ]
 
 
 def _run_torchrun(cfg: RunConfig, nproc: int, output: Path) -> int:
     command = torchrun_command(cfg, nproc, output / "run_config.json")
-    env = {**os.environ, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(cfg.shutdown_timeout_s), "OMP_NUM_THREADS":
-           os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+    env = {
+        **os.environ,
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(cfg.shutdown_timeout_s),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
+    }
     log.info("launching: %s", " ".join(command))
     child = subprocess.Popen(command, env=env)
 

@@ -69,8 +69,9 @@ def peak_tflops_for_name(name: str) -> float | None:
     return None
 
 
-def measure_matmul_tflops(device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                          n: int = 8192, seconds: float = 1.0) -> float:
+def measure_matmul_tflops(
+    device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16, n: int = 8192, seconds: float = 1.0
+) -> float:
     """The achieved TFLOP/s of a square matmul loop: a measured ceiling for MFU.
 
     On CPU it uses fp32 (CPU bf16 matmuls are emulated and slow) and n <= 512, and takes well under 2 s.
@@ -150,7 +151,10 @@ class _Ordered(TrainerCallback):
 
             logging.getLogger("job").warning(
                 "%s was not added with job.monitor.install(trainer, ...): values it adds to the logs reach "
-                "metrics.jsonl but not %s", type(self).__name__, ", ".join(args.report_to))
+                "metrics.jsonl but not %s",
+                type(self).__name__,
+                ", ".join(args.report_to),
+            )
 
 
 # ----------------------------------------------------------------------------------------------- throughput
@@ -169,8 +173,7 @@ class ThroughputCallback(_Ordered):
     resumed run) includes start-up: the report leaves it out.
     """
 
-    def __init__(self, flops_per_token: float, peak_tflops: float | None,
-                 device_ceiling_tflops: float | None = None):
+    def __init__(self, flops_per_token: float, peak_tflops: float | None, device_ceiling_tflops: float | None = None):
         self.flops_per_token = float(flops_per_token)
         self.peak_tflops = peak_tflops
         self.device_ceiling_tflops = device_ceiling_tflops
@@ -269,8 +272,15 @@ class MetricsFileCallback(_Ordered):
         super().on_train_begin(args, state, control, **kwargs)
         self._started = time.time()
         if state.is_world_process_zero:
-            self._write({"event": "train_begin", "step": state.global_step, "tokens_seen": state.num_input_tokens_seen,
-                         "max_steps": state.max_steps, "timestamp": round(self._started, 3)})
+            self._write(
+                {
+                    "event": "train_begin",
+                    "step": state.global_step,
+                    "tokens_seen": state.num_input_tokens_seen,
+                    "max_steps": state.max_steps,
+                    "timestamp": round(self._started, 3),
+                }
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
@@ -282,9 +292,14 @@ class MetricsFileCallback(_Ordered):
         if not state.is_world_process_zero:
             return
         now = time.time()
-        record = {**logs, "step": state.global_step, "epoch": state.epoch,
-                  "time": round(now - self._started, 3), "tokens_seen": state.num_input_tokens_seen,
-                  "timestamp": round(now, 3)}
+        record = {
+            **logs,
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "time": round(now - self._started, 3),
+            "tokens_seen": state.num_input_tokens_seen,
+            "timestamp": round(now, 3),
+        }
         self._write(record)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -342,8 +357,14 @@ class ProgressCallback(TrainerCallback):
         if self._is_tty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", file=self._out,
-                            dynamic_ncols=True, desc="train")
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                unit="step",
+                file=self._out,
+                dynamic_ncols=True,
+                desc="train",
+            )
 
     def _left(self, state) -> float | None:
         done = state.global_step - self._first_step
@@ -363,8 +384,10 @@ class ProgressCallback(TrainerCallback):
             self._print(self._line(state))
 
     def _line(self, state) -> str:
-        parts = [f"step {state.global_step}/{state.max_steps}"
-                 + (f" ({100 * state.global_step / state.max_steps:.0f}%)" if state.max_steps else "")]
+        parts = [
+            f"step {state.global_step}/{state.max_steps}"
+            + (f" ({100 * state.global_step / state.max_steps:.0f}%)" if state.max_steps else "")
+        ]
         if "loss" in self._latest:
             parts.append(f"loss {self._latest['loss']:.4f}")
         if "tokens_per_s" in self._latest:

@@ -51,16 +51,23 @@ def prepare(cfg: RunConfig, tokenizer, output: str | None = None, corpus: Corpus
     """Prepare `cfg.data` (or an already loaded `corpus`) with `tokenizer` into `output` (default: the cache)."""
     corpus = corpus or load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
     key = {
-        "layout_version": LAYOUT_VERSION, "corpus": corpus.fingerprint, "tokenizer": tokenizer_fingerprint(tokenizer),
-        "max_length": cfg.max_length, "packing": cfg.packing, "eval_fraction": cfg.eval_fraction, "seed": cfg.seed,
+        "layout_version": LAYOUT_VERSION,
+        "corpus": corpus.fingerprint,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": cfg.max_length,
+        "packing": cfg.packing,
+        "eval_fraction": cfg.eval_fraction,
+        "seed": cfg.seed,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     target = Path(output) if output else cache_root() / "prepared" / f"{corpus.name}-{digest}"
     if (target / KEY_FILE).exists():
         if json.loads((target / KEY_FILE).read_text()) == key:
             return Prepared(target, json.loads((target / STATS_FILE).read_text()), cache_hit=True)
-        raise JobError(f"{target} holds data prepared with other settings",
-                       "choose another --output, or delete that folder to re-prepare")
+        raise JobError(
+            f"{target} holds data prepared with other settings",
+            "choose another --output, or delete that folder to re-prepare",
+        )
     if target.exists() and any(target.iterdir()):
         raise JobError(f"{target} exists and is not a prepared dataset", "choose an empty or new --output folder")
 
@@ -119,10 +126,15 @@ def _tokenize_and_layout(rows, cfg: RunConfig, tokenizer, workdir: Path):
         if part is None:
             continue
         tokenized = part.map(
-            encode, batched=True, batch_size=1000, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-            remove_columns=part.column_names, cache_file_name=str(workdir / f"{name}-tokenized.arrow"),
-            features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
-                                        "doc_length": datasets.Value("int64")}),
+            encode,
+            batched=True,
+            batch_size=1000,
+            num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+            remove_columns=part.column_names,
+            cache_file_name=str(workdir / f"{name}-tokenized.arrow"),
+            features=datasets.Features(
+                {"input_ids": datasets.List(datasets.Value("int32")), "doc_length": datasets.Value("int64")}
+            ),
             desc=f"tokenize {name}",
         )
         splits[name], stats[name] = _layout(tokenized, max_length, packing, eos)

@@ -61,8 +61,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+    return (
+        float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         else None
+    )
 
 
 def _series(records: list[dict], x: str, y: str) -> tuple[list[float], list[float]]:
@@ -126,18 +129,33 @@ def plot_throughput(records: list[dict], path: Path) -> bool:
     steps, tps = _series(rows, "step", "tokens_per_s")
     if not steps:
         return False
-    mfu = [(label, color, _series(rows, "step", key)) for key, label, color in (
-        ("mfu", "MFU vs datasheet bf16 peak", "tab:red"),
-        ("mfu_measured", "MFU vs measured matmul ceiling", "tab:purple"))]
+    mfu = [
+        (label, color, _series(rows, "step", key))
+        for key, label, color in (
+            ("mfu", "MFU vs datasheet bf16 peak", "tab:red"),
+            ("mfu_measured", "MFU vs measured matmul ceiling", "tab:purple"),
+        )
+    ]
     mfu = [m for m in mfu if m[2][0]]
     fig = _figure(8.0, 6.5 if mfu else 4.5)
     ax = fig.add_subplot(2 if mfu else 1, 1, 1)
     ax.plot(steps, tps, color="tab:blue", marker=".", label="real tokens/s (whole job)")
-    warm = [(s, t) for r in rows if r.get("warmup") for s, t in [(_num(r.get("step")), _num(r.get("tokens_per_s")))]
-            if s is not None and t is not None]
+    warm = [
+        (s, t)
+        for r in rows
+        if r.get("warmup")
+        for s, t in [(_num(r.get("step")), _num(r.get("tokens_per_s")))]
+        if s is not None and t is not None
+    ]
     if warm:
-        ax.plot(*zip(*warm, strict=True), linestyle="none", marker="x", color="tab:gray", markersize=9,
-                label="start-up window (left out of means)")
+        ax.plot(
+            *zip(*warm, strict=True),
+            linestyle="none",
+            marker="x",
+            color="tab:gray",
+            markersize=9,
+            label="start-up window (left out of means)",
+        )
     ax.set_ylabel("real tokens / s")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
@@ -265,8 +283,10 @@ def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, 
         ("tokens seen (real, non-padding)", _fmt(tokens)),
         ("held-out eval loss, first", _loss_pair(first_eval)),
         ("held-out eval loss, final", _loss_pair(final_eval)),
-        ("train loss, first / last logged", " / ".join(f"{v:.4f}" for v in (train_losses[:1] + train_losses[-1:]))
-         if train_losses else "n/a"),
+        (
+            "train loss, first / last logged",
+            " / ".join(f"{v:.4f}" for v in (train_losses[:1] + train_losses[-1:])) if train_losses else "n/a",
+        ),
         ("mean tokens/s (whole job: tokens / training time)", _fmt(tput["tokens_per_s"], 6)),
         ("median tokens/s of the logging windows", _fmt(tput["tokens_per_s_median"], 6)),
         ("mean model TFLOP/s per device", _fmt(tput["tflops_per_device"])),
@@ -276,34 +296,60 @@ def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, 
         ("FLOPs per token (6N + 12·L·d·T)", _fmt(summary.get("flops_per_token"))),
     ]
     lines += [f"| {k} | {v} |" for k, v in rows]
-    lines += ["", f"Throughput means cover {tput['windows']} of {tput['windows_total']} logging windows: each run's "
-              "first window (start-up, compilation) is left out; evaluation and checkpoint time is excluded from "
-              "every window." + (f" Note: {tput['note']}." if tput["note"] else ""), ""]
-    extra = {k: v for k, v in summary.items() if k not in {"steps", "tokens_seen", "seconds", "final_eval_loss",
-                                                           "final_perplexity", "flops_per_token", "final_model"}}
+    lines += [
+        "",
+        f"Throughput means cover {tput['windows']} of {tput['windows_total']} logging windows: each run's "
+        "first window (start-up, compilation) is left out; evaluation and checkpoint time is excluded from "
+        "every window." + (f" Note: {tput['note']}." if tput["note"] else ""),
+        "",
+    ]
+    extra = {
+        k: v
+        for k, v in summary.items()
+        if k
+        not in {
+            "steps",
+            "tokens_seen",
+            "seconds",
+            "final_eval_loss",
+            "final_perplexity",
+            "flops_per_token",
+            "final_model",
+        }
+    }
     if extra:
         lines += ["Other figures: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in extra.items()), ""]
 
     lines += ["## Loss", ""]
-    lines += [f"![train and held-out loss against tokens seen]({LOSS_PNG})", ""] if has_loss \
+    lines += (
+        [f"![train and held-out loss against tokens seen]({LOSS_PNG})", ""]
+        if has_loss
         else ["No loss was logged (metrics.jsonl is missing or empty).", ""]
+    )
     lines += ["## Throughput", ""]
-    lines += [f"![tokens/s and MFU against step]({THROUGHPUT_PNG})", ""] if has_tput \
-        else ["No throughput was logged.", ""]
+    lines += (
+        [f"![tokens/s and MFU against step]({THROUGHPUT_PNG})", ""] if has_tput else ["No throughput was logged.", ""]
+    )
 
     lines += ["## Samples (greedy, before and after training)", ""]
     if samples:
         lines += ["| prompt | before | after |", "| --- | --- | --- |"]
-        lines += [f"| {_cell(s.get('prompt'))} | {_cell(s.get('before'))} | {_cell(s.get('after'))} |"
-                  for s in samples]
+        lines += [f"| {_cell(s.get('prompt'))} | {_cell(s.get('before'))} | {_cell(s.get('after'))} |" for s in samples]
     else:
         lines += ["No samples (no prompts configured, or the model could not be generated from)."]
     lines += [""]
 
     lines += ["## Hardware and software", "", "| | |", "| --- | --- |"]
     lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in hardware.items()]
-    lines += ["", "## Effective configuration", "", "```json",
-              json.dumps(config, indent=2, ensure_ascii=False, default=str), "```", ""]
+    lines += [
+        "",
+        "## Effective configuration",
+        "",
+        "```json",
+        json.dumps(config, indent=2, ensure_ascii=False, default=str),
+        "```",
+        "",
+    ]
 
     path = output_dir / "report.md"
     tmp = path.with_suffix(".md.tmp")

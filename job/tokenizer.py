@@ -29,16 +29,28 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output: Path):
     if vocab_size < len(SPECIALS) + 256:
         raise JobError(f"--vocab-size {vocab_size} is too small", "a byte-level BPE needs at least 260 entries")
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_BLOOM_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_BLOOM_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>", padding_side="left")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        padding_side="left",
+    )
     _save_atomically(tokenizer, output)
     return tokenizer
 
@@ -63,8 +75,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise JobError(f"{path} holds no loadable tokenizer ({type(e).__name__})",
-                       "pass a folder with tokenizer.json / tokenizer_config.json") from None
+        raise JobError(
+            f"{path} holds no loadable tokenizer ({type(e).__name__})",
+            "pass a folder with tokenizer.json / tokenizer_config.json",
+        ) from None
     check_specials(tokenizer, path)
     return tokenizer
 
@@ -76,8 +90,11 @@ def check_specials(tokenizer, where: str) -> None:
     if tokenizer.pad_token_id is None:
         raise JobError(f"tokenizer {where} has no pad token", "set pad_token (e.g. <pad>) in its tokenizer_config.json")
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise JobError(f"tokenizer {where} uses the same id {tokenizer.eos_token_id} for pad and eos, so every eos "
-                       "label would be masked", "give it a distinct pad token (e.g. <pad>)")
+        raise JobError(
+            f"tokenizer {where} uses the same id {tokenizer.eos_token_id} for pad and eos, so every eos "
+            "label would be masked",
+            "give it a distinct pad token (e.g. <pad>)",
+        )
 
 
 def resolve_tokenizer(tokenizer: str | None, model: str | None, vocab_size: int, trust_remote_code: bool = False):
@@ -91,8 +108,12 @@ def resolve_tokenizer(tokenizer: str | None, model: str | None, vocab_size: int,
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Changes whenever the ids a text maps to would."""
-    state = {"backend": tokenizer.backend_tokenizer.to_str(), "eos": tokenizer.eos_token_id,
-             "pad": tokenizer.pad_token_id, "added": sorted(tokenizer.get_added_vocab().items())}
+    state = {
+        "backend": tokenizer.backend_tokenizer.to_str(),
+        "eos": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+        "added": sorted(tokenizer.get_added_vocab().items()),
+    }
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
 
 

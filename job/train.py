@@ -56,8 +56,9 @@ class StopCallback(TrainerCallback):
         self.nonfinite_in_step = self.nonfinite_in_step.to(finite.device) | ~finite
 
     def on_step_end(self, args, state, control, **kwargs):
-        flags = torch.stack([torch.tensor(self.signal_name is not None, device=self.nonfinite_in_step.device),
-                             self.nonfinite_in_step]).float()
+        flags = torch.stack(
+            [torch.tensor(self.signal_name is not None, device=self.nonfinite_in_step.device), self.nonfinite_in_step]
+        ).float()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         signalled, nonfinite = (bool(f) for f in flags.tolist())
@@ -122,6 +123,14 @@ def build_trainer(cfg: RunConfig, data=None, callbacks: list[TrainerCallback] | 
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "tensorboard"))
     args = cfg.training_arguments(use_cpu=use_cpu)  # sets up the process group / DeepSpeed state
+    if args.deepspeed:
+        import deepspeed
+
+        # ZeRO-3 partitions weights while they load (zero.Init): DeepSpeed's own comm layer must know the world
+        # by then, or each rank believes it is alone.
+        deepspeed.init_distributed(
+            dist_backend=torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+        )
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
     model = build_model(cfg, tokenizer)
@@ -132,8 +141,13 @@ def build_trainer(cfg: RunConfig, data=None, callbacks: list[TrainerCallback] | 
     collator = DataCollatorForLanguageModeling(train_tokenizer, mlm=False, pad_to_multiple_of=None if use_cpu else 8)
     stop_guard = StopCallback(cfg.max_nonfinite_steps)
     trainer = JobTrainer(
-        model=model, args=args, train_dataset=data["train"], eval_dataset=data.get("eval"),
-        data_collator=collator, processing_class=tokenizer, stop_guard=stop_guard,
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data.get("eval"),
+        data_collator=collator,
+        processing_class=tokenizer,
+        stop_guard=stop_guard,
         callbacks=[stop_guard, CheckpointCallback(cfg.save_total_limit)],  # after the Trainer's flow control
     )
     install_monitors(trainer, callbacks if callbacks is not None else _monitor_callbacks(cfg, model, use_cpu))
@@ -161,21 +175,32 @@ def run_worker(cfg: RunConfig) -> int:
 
     if stop_guard.reason == "diverged":
         last = checkpoints.latest_complete(output)
-        message = (f"loss was not finite for {stop_guard.nonfinite_streak} consecutive steps at step "
-                   f"{trainer.state.global_step}; stopped. Last good checkpoint: {last or 'none'}. "
-                   "Lower --learning-rate or check the data, then resume with --resume auto")
+        message = (
+            f"loss was not finite for {stop_guard.nonfinite_streak} consecutive steps at step "
+            f"{trainer.state.global_step}; stopped. Last good checkpoint: {last or 'none'}. "
+            "Lower --learning-rate or check the data, then resume with --resume auto"
+        )
         return _finish(output, rank0, EXIT_DIVERGED, message)
     if stop_guard.reason == "signal":
         last = checkpoints.latest_complete(output)
-        message = (f"stopped by {stop_guard.signal_name} at step {trainer.state.global_step}; complete checkpoint "
-                   f"{last}. Run again with --resume auto to continue")
+        message = (
+            f"stopped by {stop_guard.signal_name} at step {trainer.state.global_step}; complete checkpoint "
+            f"{last}. Run again with --resume auto to continue"
+        )
         return _finish(output, rank0, EXIT_PREEMPTED, message)
 
     final_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     final = export_final(trainer, tokenizer, output, rank0)
     if rank0:
-        _write_report(cfg, trainer, final, before, final_metrics, time.time() - started,
-                      flops_per_token(model.config, cfg.max_length))
+        _write_report(
+            cfg,
+            trainer,
+            final,
+            before,
+            final_metrics,
+            time.time() - started,
+            flops_per_token(model.config, cfg.max_length),
+        )
     return _finish(output, rank0, EXIT_OK, f"model saved to {final}")
 
 
@@ -185,6 +210,10 @@ def export_final(trainer: Trainer, tokenizer, output: Path, rank0: bool) -> Path
     if rank0 and staging.exists():
         shutil.rmtree(staging)
     trainer.save_model(str(staging))  # every rank: ZeRO-3 gathers the 16-bit weights here
+    if trainer.is_deepspeed_enabled:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # else from_pretrained below would partition (zero.Init) on rank 0 alone
     if rank0:
         tokenizer.save_pretrained(str(staging))
         verify_export(staging, expected_parameters=_parameter_count(trainer))
@@ -283,8 +312,7 @@ def _write_report(cfg, trainer, final: Path, before, final_metrics, seconds, flo
     model, tokenizer = load_for_inference(str(final))
     after = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, greedy=True)
     by_prompt = {s["prompt"]: s["text"] for s in before}
-    samples = [{"prompt": s["prompt"], "before": by_prompt.get(s["prompt"], "n/a"), "after": s["text"]}
-               for s in after]
+    samples = [{"prompt": s["prompt"], "before": by_prompt.get(s["prompt"], "n/a"), "after": s["text"]} for s in after]
     eval_loss = final_metrics.get("eval_loss")
     summary = {
         "steps": trainer.state.global_step,
@@ -297,8 +325,10 @@ def _write_report(cfg, trainer, final: Path, before, final_metrics, seconds, flo
     }
     hardware = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-        "processes": trainer.args.world_size, "torch": torch.__version__,
-        "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
+        "processes": trainer.args.world_size,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "deepspeed": deepspeed.__version__,
         "host": os.uname().nodename,
     }
     write_report(Path(cfg.output_dir), cfg.to_dict(), hardware, summary, samples)

@@ -49,8 +49,9 @@ def tiny_tokenizer(tiny_tokenizer_dir):
 
 
 def write_jsonl(path: Path, docs: list[str], column: str = "completion") -> Path:
-    path.write_text("".join(json.dumps({column: d, "source": "test"}, ensure_ascii=False) + "\n" for d in docs),
-                    encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({column: d, "source": "test"}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"
+    )
     return path
 
 

@@ -71,32 +71,58 @@ def _previous_run(world: Path, **values) -> None:
 BASE = ["--tokenizer", "{w}/tok", "--output-dir", "{w}/out", "--max-steps", "1"]
 CASES = {
     "missing data path": (["--data", "{w}/nope.jsonl"], None, "does not exist"),
-    "folder that is not a dataset": (["--data", "{w}/notes"], lambda w: (w / "notes").mkdir() or
-                                     (w / "notes" / "README.txt").write_text("hi"), "is not a dataset"),
-    "wrong text column": (["--data", "{w}/good.jsonl", "--text-column", "text"], None,
-                          "its columns are: completion, source"),
+    "folder that is not a dataset": (
+        ["--data", "{w}/notes"],
+        lambda w: (w / "notes").mkdir() or (w / "notes" / "README.txt").write_text("hi"),
+        "is not a dataset",
+    ),
+    "wrong text column": (
+        ["--data", "{w}/good.jsonl", "--text-column", "text"],
+        None,
+        "its columns are: completion, source",
+    ),
     "empty corpus": (["--data", "{w}/empty.jsonl"], lambda w: write_jsonl(w / "empty.jsonl", []), "is empty"),
-    "all texts empty": (["--data", "{w}/blank.jsonl"], lambda w: write_jsonl(w / "blank.jsonl", ["", "  "]),
-                        "every text in column"),
-    "malformed jsonl line": (["--data", "{w}/bad.jsonl"],
-                             lambda w: (w / "bad.jsonl").write_text('{"completion": "a"}\n{oops\n'), "line 2"),
-    "not utf-8": (["--data", "{w}/gbk.jsonl"],
-                  lambda w: (w / "gbk.jsonl").write_bytes('{"completion": "中文"}\n'.encode("gbk")), "not UTF-8"),
+    "all texts empty": (
+        ["--data", "{w}/blank.jsonl"],
+        lambda w: write_jsonl(w / "blank.jsonl", ["", "  "]),
+        "every text in column",
+    ),
+    "malformed jsonl line": (
+        ["--data", "{w}/bad.jsonl"],
+        lambda w: (w / "bad.jsonl").write_text('{"completion": "a"}\n{oops\n'),
+        "line 2",
+    ),
+    "not utf-8": (
+        ["--data", "{w}/gbk.jsonl"],
+        lambda w: (w / "gbk.jsonl").write_bytes('{"completion": "中文"}\n'.encode("gbk")),
+        "not UTF-8",
+    ),
     "max length below 2": (["--max-length", "1"], None, "below 2"),
-    "tokenizer without eos": (["--tokenizer", "{w}/tok-bad"], lambda w: _tokenizer_with(w, eos_token=None),
-                              "no eos token"),
+    "tokenizer without eos": (
+        ["--tokenizer", "{w}/tok-bad"],
+        lambda w: _tokenizer_with(w, eos_token=None),
+        "no eos token",
+    ),
     "pad equal to eos": (["--tokenizer", "{w}/tok-bad"], lambda w: _tokenizer_with(w, pad_token="</s>"), "same id"),
     "model folder without config": (["--model", "{w}/model"], lambda w: _model_folder(w, None), "config.json"),
-    "model folder with broken config": (["--model", "{w}/model"], lambda w: _model_folder(w, "{broken"),
-                                        "config.json"),
-    "tokenizer larger than model": (["--model", "{w}/model"],
-                                    lambda w: _model_folder(w, json.dumps({"model_type": "bloom", "vocab_size": 100,
-                                                                           "hidden_size": 64, "n_layer": 2,
-                                                                           "n_head": 2})), "vocab"),
-    "deepspeed file not json": (["--deepspeed", "{w}/ds.json"], lambda w: (w / "ds.json").write_text("{"),
-                                "not valid JSON"),
-    "deepspeed unknown key": (["--deepspeed", "{w}/ds.json"],
-                              lambda w: (w / "ds.json").write_text('{"zero_optimisation": {}}'), "unknown key"),
+    "model folder with broken config": (["--model", "{w}/model"], lambda w: _model_folder(w, "{broken"), "config.json"),
+    "tokenizer larger than model": (
+        ["--model", "{w}/model"],
+        lambda w: _model_folder(
+            w, json.dumps({"model_type": "bloom", "vocab_size": 100, "hidden_size": 64, "n_layer": 2, "n_head": 2})
+        ),
+        "vocab",
+    ),
+    "deepspeed file not json": (
+        ["--deepspeed", "{w}/ds.json"],
+        lambda w: (w / "ds.json").write_text("{"),
+        "not valid JSON",
+    ),
+    "deepspeed unknown key": (
+        ["--deepspeed", "{w}/ds.json"],
+        lambda w: (w / "ds.json").write_text('{"zero_optimisation": {}}'),
+        "unknown key",
+    ),
     "nproc above gpus": (["--device", "cuda", "--nproc", "2"], None, "GPU"),
     "output holds another run": (["--resume", "never"], _previous_run, "already holds a run"),
     "output holds a different run": ([], _previous_run, "holds a different run"),
@@ -136,13 +162,25 @@ def test_too_little_disk_is_refused(world, monkeypatch):
 
 def test_a_real_process_prints_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "job", "prepare", "--data", str(tmp_path / "missing.jsonl")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "job", "prepare", "--data", str(tmp_path / "missing.jsonl")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: data path {tmp_path / 'missing.jsonl'} does not exist -- "
-                                                "check the path (or leave --data out for the built-in)"]
-    debug = subprocess.run([sys.executable, "-m", "job", "--debug", "prepare", "--data", "missing.jsonl"],
-                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.stderr.strip().splitlines() == [
+        f"error: data path {tmp_path / 'missing.jsonl'} does not exist -- "
+        "check the path (or leave --data out for the built-in)"
+    ]
+    debug = subprocess.run(
+        [sys.executable, "-m", "job", "--debug", "prepare", "--data", "missing.jsonl"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert "Traceback" in debug.stderr
 
 

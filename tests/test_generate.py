@@ -22,8 +22,16 @@ def _tiny_bloom(tokenizer, seed: int = 0):
 
     torch.manual_seed(seed)
     # a wide init: a default-init tiny Bloom only repeats the last prompt token, which would test little
-    config = BloomConfig(vocab_size=len(tokenizer), hidden_size=64, n_layer=2, n_head=4, initializer_range=1.0,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    config = BloomConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        n_layer=2,
+        n_head=4,
+        initializer_range=1.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
     return BloomForCausalLM(config).eval()
 
 
@@ -43,8 +51,12 @@ def eos_model(tiny_tokenizer):
     for position in range(1, LIMIT // 2):
         for out in outs:
             token = out[position] if position < len(out) else None
-            if (token is not None and token not in prompt_ids and token > 3
-                    and sum(token in o[: LIMIT - 1] for o in outs) < len(outs)):
+            if (
+                token is not None
+                and token not in prompt_ids
+                and token > 3
+                and sum(token in o[: LIMIT - 1] for o in outs) < len(outs)
+            ):
                 pick = token
                 break
         if pick is not None:
@@ -117,8 +129,13 @@ def saved(tmp_path_factory, model, tiny_tokenizer):
 def test_smoke_on_a_saved_model(saved):
     result = smoke(str(saved), max_new_tokens=8)
     assert result["ok"], result
-    assert set(result["checks"]) >= {"non_empty", "stops_at_eos_or_limit", "seeded_sample_repeats",
-                                     "batched_equals_single", "finite_logits"}
+    assert set(result["checks"]) >= {
+        "non_empty",
+        "stops_at_eos_or_limit",
+        "seeded_sample_repeats",
+        "batched_equals_single",
+        "finite_logits",
+    }
     assert [s["prompt"] for s in result["samples"]] == SMOKE_PROMPTS
     assert all(isinstance(v, bool) for v in result["checks"].values()) and result["notes"] == []
     assert result["parameters"] > 0 and result["dtype"] == "float32" and result["device"] == "cpu"

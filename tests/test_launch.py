@@ -30,12 +30,48 @@ def job_command(*args: str) -> list[str]:
 
 
 def train_args(model: Path, tokenizer: Path, data: Path, output: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(model), "--tokenizer", str(tokenizer), "--data", str(data),
-            "--output-dir", str(output), "--nproc", "2", "--max-length", "32", "--per-device-batch-size", "4",
-            "--grad-accum", "2", "--max-steps", str(STEPS), "--logging-steps", "1", "--save-steps", "4",
-            "--learning-rate", "3e-3", "--warmup-steps", "0", "--eval-fraction", "0.05", "--eval-steps", "0",
-            "--eval-batches", "1", "--dataloader-workers", "0", "--report-to", "none", "--master-port",
-            str(_free_port()), *extra]
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--tokenizer",
+        str(tokenizer),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(output),
+        "--nproc",
+        "2",
+        "--max-length",
+        "32",
+        "--per-device-batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        str(STEPS),
+        "--logging-steps",
+        "1",
+        "--save-steps",
+        "4",
+        "--learning-rate",
+        "3e-3",
+        "--warmup-steps",
+        "0",
+        "--eval-fraction",
+        "0.05",
+        "--eval-steps",
+        "0",
+        "--eval-batches",
+        "1",
+        "--dataloader-workers",
+        "0",
+        "--report-to",
+        "none",
+        "--master-port",
+        str(_free_port()),
+        *extra,
+    ]
 
 
 def _free_port() -> int:
@@ -52,8 +88,9 @@ def _env() -> dict[str, str]:
 
 def run(args: list[str], log: Path) -> int:
     with log.open("w") as out:
-        return subprocess.run(job_command(*args), stdout=out, stderr=subprocess.STDOUT, env=_env(),
-                              timeout=900).returncode
+        return subprocess.run(
+            job_command(*args), stdout=out, stderr=subprocess.STDOUT, env=_env(), timeout=900
+        ).returncode
 
 
 def losses(output: Path) -> dict[int, float]:
@@ -77,8 +114,9 @@ def inputs(tmp_path_factory, tiny_tokenizer_dir):
 
     root = tmp_path_factory.mktemp("launch")
     torch.manual_seed(0)
-    config = BloomConfig(vocab_size=640, hidden_size=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=3)
+    config = BloomConfig(
+        vocab_size=640, hidden_size=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2, pad_token_id=3
+    )
     BloomForCausalLM(config).save_pretrained(root / "model")
     write_jsonl(root / "docs.jsonl", builtin_articles()[:400])
     return root / "model", tiny_tokenizer_dir, root / "docs.jsonl", root
@@ -108,8 +146,9 @@ def test_every_stage_follows_the_same_loss_curve(inputs, reference, stage):
     model, tok, data, root = inputs
     output = root / f"stage-{stage}"
     flags = ["--deepspeed", "none"] if stage == "none" else ["--zero-stage", stage]
-    assert run(train_args(model, tok, data, output, *flags), root / f"{stage}.log") == 0, \
-        (root / f"{stage}.log").read_text()[-3000:]
+    assert run(train_args(model, tok, data, output, *flags), root / f"{stage}.log") == 0, (
+        root / f"{stage}.log"
+    ).read_text()[-3000:]
     ours, ref = losses(output), losses(reference)
     assert sorted(ours) == sorted(ref)
     for step in ref:
@@ -127,8 +166,13 @@ def _check_export(final: Path, reference_final: Path) -> None:
         "'ref': sum(p.numel() for p in r.parameters()),"
         "'empty': [k for k,v in m.state_dict().items() if v.numel()==0]}))"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(final), str(reference_final)], capture_output=True,
-                         text=True, env=_env(), check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(final), str(reference_final)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        check=True,
+    ).stdout
     facts = json.loads(out.strip().splitlines()[-1])
     assert facts["n"] == facts["ref"] > 0 and facts["empty"] == []
     smoke = subprocess.run(job_command("smoke", "--model", str(final)), capture_output=True, text=True, env=_env())
@@ -136,12 +180,20 @@ def _check_export(final: Path, reference_final: Path) -> None:
     assert json.loads(smoke.stdout)["ok"] is True
 
 
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 600, poll: float = 0.02) -> None:
     deadline = time.time() + timeout
     while not predicate():
         assert proc.poll() is None, "the run ended before the moment the test waits for"
         assert time.time() < deadline, "timed out"
-        time.sleep(0.02)
+        time.sleep(poll)
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    parent = psutil.Process(pid)
+    for process in [*parent.children(recursive=True), parent]:
+        process.send_signal(signal.SIGKILL)
 
 
 def test_sigterm_checkpoints_exits_75_and_resume_continues_the_curve(inputs, reference):
@@ -174,10 +226,9 @@ def test_kill_during_a_save_loses_only_that_save(inputs, reference):
 
             shutil.rmtree(output)
         with (root / "killed.log").open("w") as log:
-            proc = subprocess.Popen(job_command(*args), stdout=log, stderr=subprocess.STDOUT, env=_env(),
-                                    start_new_session=True)
-            _wait_for(lambda: (output / "checkpoint-8").exists(), proc)
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc = subprocess.Popen(job_command(*args), stdout=log, stderr=subprocess.STDOUT, env=_env())
+            _wait_for(lambda: (output / "checkpoint-8").exists(), proc, poll=0.002)
+            _kill_tree(proc.pid)  # as a node failure would: torchrun starts its workers in sessions of their own
             proc.wait()
         if not (output / "checkpoint-8" / checkpoints.MARKER).exists():
             break

@@ -39,24 +39,52 @@ def _trainer(tokenizer, output, callbacks_in_constructor=(), resume_steps: int =
     from transformers import BloomConfig, BloomForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     torch.manual_seed(0)
-    model = BloomForCausalLM(BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=2,
-                                         bos_token_id=1, eos_token_id=2, pad_token_id=3))
+    model = BloomForCausalLM(
+        BloomConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        )
+    )
     rng = random.Random(0)
     train_rows = [[rng.randrange(4, len(tokenizer)) for _ in range(n)] for n in _lengths(STEPS * BATCH, 1)]
     eval_rows = [[rng.randrange(4, len(tokenizer)) for _ in range(n)] for n in _lengths(8, 2)]
     right = copy.copy(tokenizer)
     right.padding_side = "right"
     args = TrainingArguments(
-        output_dir=str(output), max_steps=resume_steps, per_device_train_batch_size=BATCH, per_device_eval_batch_size=4,
-        learning_rate=1e-3, logging_steps=LOG_EVERY, logging_first_step=True, eval_strategy="steps", eval_steps=4,
-        eval_on_start=True, save_strategy="steps", save_steps=4, report_to=["tensorboard"], use_cpu=True,
-        include_num_input_tokens_seen="non_padding", disable_tqdm=True, dataloader_num_workers=0,
-        remove_unused_columns=False, seed=0,
+        output_dir=str(output),
+        max_steps=resume_steps,
+        per_device_train_batch_size=BATCH,
+        per_device_eval_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=LOG_EVERY,
+        logging_first_step=True,
+        eval_strategy="steps",
+        eval_steps=4,
+        eval_on_start=True,
+        save_strategy="steps",
+        save_steps=4,
+        report_to=["tensorboard"],
+        use_cpu=True,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        seed=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"input_ids": train_rows}),
-                      eval_dataset=datasets.Dataset.from_dict({"input_ids": eval_rows}),
-                      data_collator=DataCollatorForLanguageModeling(right, mlm=False), processing_class=tokenizer,
-                      callbacks=list(callbacks_in_constructor))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"input_ids": train_rows}),
+        eval_dataset=datasets.Dataset.from_dict({"input_ids": eval_rows}),
+        data_collator=DataCollatorForLanguageModeling(right, mlm=False),
+        processing_class=tokenizer,
+        callbacks=list(callbacks_in_constructor),
+    )
     return trainer, sum(len(r) for r in train_rows)
 
 
@@ -83,8 +111,15 @@ def run(tmp_path_factory, tiny_tokenizer):
         install(resumed, [ThroughputCallback(1e6, None), again])
         resumed.train(resume_from_checkpoint=str(output / "checkpoint-4"))
         again.close()
-    return SimpleNamespace(output=output, tb=tb, trainer=trainer, real_tokens=real_tokens, first_lines=first_lines,
-                           progress=progress_out.getvalue(), ceiling=ceiling)
+    return SimpleNamespace(
+        output=output,
+        tb=tb,
+        trainer=trainer,
+        real_tokens=real_tokens,
+        first_lines=first_lines,
+        progress=progress_out.getvalue(),
+        ceiling=ceiling,
+    )
 
 
 def _records(lines):
@@ -256,8 +291,13 @@ def test_report_from_the_run(run):
 
     samples = [{"prompt": "北京", "before": "随机</s>", "after": "是中国的首都。"}]
     hardware = {"device": "cpu", "processes": 1, "torch": torch.__version__}
-    summary = {"steps": STEPS, "tokens_seen": run.real_tokens, "seconds": 3.2, "final_eval_loss": None,
-               "flops_per_token": 1e6}
+    summary = {
+        "steps": STEPS,
+        "tokens_seen": run.real_tokens,
+        "seconds": 3.2,
+        "final_eval_loss": None,
+        "flops_per_token": 1e6,
+    }
     report = write_report(run.output, {"max_length": 64, "prompts": ["北京"]}, hardware, summary, samples)
     text = report.read_text(encoding="utf-8")
     for png, size in (("loss.png", (880, 495)), ("throughput.png", (880, 715))):  # 8 x 4.5 (6.5) in at 110 dpi

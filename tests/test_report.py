@@ -21,14 +21,32 @@ def resumed_run(tmp_path):
     lines = [_line(event="train_begin", step=0, tokens_seen=0)]
     lines.append(_line(eval_loss=6.0, eval_perplexity=math.exp(6.0), step=0, tokens_seen=0))
     for step, tps in [(1, 100.0), (2, 1000.0), (4, 1100.0), (6, 1200.0)]:
-        lines.append(_line(loss=6.5 - step * 0.1, step=step, tokens_seen=step * 500, tokens_per_s=tps, mfu=0.4,
-                           tflops_per_device=400.0, memory_gib=20.0))
+        lines.append(
+            _line(
+                loss=6.5 - step * 0.1,
+                step=step,
+                tokens_seen=step * 500,
+                tokens_per_s=tps,
+                mfu=0.4,
+                tflops_per_device=400.0,
+                memory_gib=20.0,
+            )
+        )
     lines.append(_line(eval_loss=5.5, step=4, tokens_seen=2000))
     lines.append(_line(event="train_begin", step=4, tokens_seen=2000))
     lines.append(_line(eval_loss=5.4, step=4, tokens_seen=2000))  # eval_on_start again, after the resume
     for step, tps in [(6, 300.0), (8, 1300.0)]:
-        lines.append(_line(loss=6.5 - step * 0.1, step=step, tokens_seen=step * 500, tokens_per_s=tps, mfu=0.5,
-                           tflops_per_device=500.0, memory_gib=22.0))
+        lines.append(
+            _line(
+                loss=6.5 - step * 0.1,
+                step=step,
+                tokens_seen=step * 500,
+                tokens_per_s=tps,
+                mfu=0.5,
+                tflops_per_device=500.0,
+                memory_gib=22.0,
+            )
+        )
     lines.append(_line(eval_loss=5.0, step=8, tokens_seen=4000))
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(lines) + '{"loss": 1.0, "ste', encoding="utf-8")
@@ -38,7 +56,12 @@ def resumed_run(tmp_path):
 def test_one_history_across_a_resume(resumed_run):
     records = read_metrics(resumed_run / "metrics.jsonl")
     assert [(r["step"], r["tokens_per_s"]) for r in records if "loss" in r] == [
-        (1, 100.0), (2, 1000.0), (4, 1100.0), (6, 300.0), (8, 1300.0)]
+        (1, 100.0),
+        (2, 1000.0),
+        (4, 1100.0),
+        (6, 300.0),
+        (8, 1300.0),
+    ]
     assert [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r] == [(0, 6.0), (4, 5.4), (8, 5.0)]
     assert [r["step"] for r in records if r.get("warmup")] == [1, 6]
     assert [r.get("window_tokens") for r in records if "loss" in r] == [500, 500, 1000, 1000, 1000]
@@ -54,8 +77,9 @@ def test_means_leave_out_start_up_windows(resumed_run):
 
 
 def test_only_start_up_windows_are_still_reported(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text(_line(event="train_begin", step=0)
-                                            + _line(loss=3.0, step=1, tokens_per_s=50.0), encoding="utf-8")
+    (tmp_path / "metrics.jsonl").write_text(
+        _line(event="train_begin", step=0) + _line(loss=3.0, step=1, tokens_per_s=50.0), encoding="utf-8"
+    )
     summary = throughput_summary(read_metrics(tmp_path / "metrics.jsonl"))
     assert summary["tokens_per_s"] == 50.0 and summary["note"]
 
@@ -66,8 +90,13 @@ def test_report_contents(resumed_run):
         {"prompt": "北京", "before": "", "after": "是首都</s>"},
     ]
     config = {"max_length": 384, "prompts": ["中国的经济", "北京"], "bf16": True}
-    hardware = {"device": "NVIDIA H100 80GB HBM3", "processes": 1, "torch": "2.13.0", "transformers": "5.24.0",
-                "deepspeed": "0.19.8"}
+    hardware = {
+        "device": "NVIDIA H100 80GB HBM3",
+        "processes": 1,
+        "torch": "2.13.0",
+        "transformers": "5.24.0",
+        "deepspeed": "0.19.8",
+    }
     summary = {"steps": 8, "tokens_seen": 4000, "seconds": 3725.4, "final_eval_loss": 4.9, "flops_per_token": 2.38e9}
     path = write_report(resumed_run, config, hardware, summary, samples)
     text = path.read_text(encoding="utf-8")

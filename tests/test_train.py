@@ -30,12 +30,38 @@ def trained(tmp_path_factory, tiny_tokenizer_dir):
     root = tmp_path_factory.mktemp("train")
     write_jsonl(root / "docs.jsonl", builtin_articles()[:300])
     output = root / "out"
-    args = ["train", "--config", "quickstart", "--data", str(root / "docs.jsonl"), "--tokenizer",
-            str(tiny_tokenizer_dir), "--output-dir", str(output), "--max-length", "64", "--max-steps", "40",
-            "--per-device-batch-size", "8", "--grad-accum", "1", "--logging-steps", "5", "--eval-steps", "20",
-            "--save-steps", "20", "--learning-rate", "3e-3", "--eval-fraction", "0.1"]
-    proc = subprocess.run([sys.executable, "-m", "job", *args], capture_output=True, text=True, env=_env(),
-                          cwd=root, timeout=900)
+    args = [
+        "train",
+        "--config",
+        "quickstart",
+        "--data",
+        str(root / "docs.jsonl"),
+        "--tokenizer",
+        str(tiny_tokenizer_dir),
+        "--output-dir",
+        str(output),
+        "--max-length",
+        "64",
+        "--max-steps",
+        "40",
+        "--per-device-batch-size",
+        "8",
+        "--grad-accum",
+        "1",
+        "--logging-steps",
+        "5",
+        "--eval-steps",
+        "20",
+        "--save-steps",
+        "20",
+        "--learning-rate",
+        "3e-3",
+        "--eval-fraction",
+        "0.1",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "job", *args], capture_output=True, text=True, env=_env(), cwd=root, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return output, proc
 
@@ -84,8 +110,13 @@ def test_report_and_tensorboard(trained):
 
 def test_smoke_passes_in_a_fresh_process(trained):
     output, _ = trained
-    proc = subprocess.run([sys.executable, "-m", "job", "smoke", "--model", str(output / "final")],
-                          capture_output=True, text=True, env=_env(), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "job", "smoke", "--model", str(output / "final")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout)
     assert result["ok"] is True and all(result["checks"].values())
@@ -112,10 +143,22 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_
     from job.prepare import prepare
     from job.train import build_trainer
 
-    cfg = RunConfig.load(data=str(docs_jsonl), tokenizer=tiny_tokenizer.name_or_path, output_dir=str(tmp_path / "o"),
-                         max_length=8, per_device_batch_size=2, grad_accum=1, max_steps=20, save_steps=2,
-                         deepspeed="none", report_to="none", eval_fraction=0.0, dataloader_workers=0,
-                         max_nonfinite_steps=3, prompts=[])
+    cfg = RunConfig.load(
+        data=str(docs_jsonl),
+        tokenizer=tiny_tokenizer.name_or_path,
+        output_dir=str(tmp_path / "o"),
+        max_length=8,
+        per_device_batch_size=2,
+        grad_accum=1,
+        max_steps=20,
+        save_steps=2,
+        deepspeed="none",
+        report_to="none",
+        eval_fraction=0.0,
+        dataloader_workers=0,
+        max_nonfinite_steps=3,
+        prompts=[],
+    )
     cfg.prepared = str(prepare(cfg, tiny_tokenizer).path)
     trainer = build_trainer(cfg, callbacks=[])
     real_compute_loss = trainer.compute_loss
@@ -130,5 +173,6 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_
     assert trainer.state.global_step == 4 + 3  # three non-finite steps in a row, then stop
     kept = [p.name for p in complete_checkpoints(tmp_path / "o")]
     assert kept[-1] == "checkpoint-4"  # nothing saved from a non-finite step
-    assert torch.isfinite(torch.load(tmp_path / "o" / "checkpoint-4" / "rng_state.pth", weights_only=False)
-                          ["cpu"].float()).all()
+    assert torch.isfinite(
+        torch.load(tmp_path / "o" / "checkpoint-4" / "rng_state.pth", weights_only=False)["cpu"].float()
+    ).all()

@@ -1,0 +1,57 @@
+"""`bench` runs the real training path on a CPU (tiny preset) and prints one JSON line of figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _bench(*args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "job", "bench", *args], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_training_bench_with_eager_baseline(tiny_tokenizer_dir):
+    result = _bench(
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        str(tiny_tokenizer_dir),
+        "--max-length",
+        "64",
+        "--per-device-batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--compare",
+        "eager",
+        "--dataloader-workers",
+        "0",
+    )
+    assert result["attention"] == "sdpa" and result["baseline"]["attention"] == "eager"
+    assert result["tokens_per_s"] > 0 and result["tflops"] > 0 and result["step_s"] > 0
+    assert result["steps_timed"] == 3
+    assert result["speedup"] == pytest.approx(result["tokens_per_s"] / result["baseline"]["tokens_per_s"], rel=1e-2)
+    assert result["measured_ceiling_tflops"] > 0 and result["mfu_measured"] > 0
+    assert result["settings"]["deepspeed"].endswith("ds_config.json")  # the path `make train` takes
+
+
+def test_tokenize_bench_matches_the_bare_tokenizer(tiny_tokenizer_dir):
+    result = _bench("--tokenize", "--tokenizer", str(tiny_tokenizer_dir), "--max-samples", "300", "--num-proc", "1")
+    assert result["tokens"] > 0 and result["prepare_vs_bare"] > 0

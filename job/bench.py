@@ -59,9 +59,15 @@ def bench_training(cfg: RunConfig, steps: int, warmup: int, synthetic: bool) -> 
     from job.launch import prepare_inputs
     from job.model import flops_per_token
     from job.monitor import measure_matmul_tflops, peak_tflops
+    from job.tokenizer import resolve_tokenizer
     from job.train import build_trainer
 
-    cfg, tokenizer, _ = prepare_inputs(cfg)
+    if synthetic:  # random tokens need only the tokenizer's size and eos
+        tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
+        cfg.tokenizer = tokenizer.name_or_path
+    else:
+        cfg, tokenizer, _ = prepare_inputs(cfg)
+    cfg = dataclasses.replace(cfg, eval_fraction=0.0)  # no evaluation inside the timed run
     world = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
     rows = (steps + warmup + 1) * cfg.per_device_batch_size * cfg.grad_accum * world
     data = synthetic_data(rows, cfg.max_length, len(tokenizer), tokenizer.eos_token_id) if synthetic else None

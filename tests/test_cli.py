@@ -188,3 +188,36 @@ def test_help_lists_the_commands():
     out = run_cli("--help").output
     for command in ("prepare", "tokenizer", "train", "generate", "smoke", "bench", "doctor"):
         assert command in out
+
+
+def test_inconsistent_batch_settings_fail_before_any_process_starts(world):
+    (world / "ds.json").write_text(json.dumps({"train_batch_size": 7, "zero_optimization": {"stage": 2}}))
+    before = snapshot(world)
+    result = run_cli("train", *[a.format(w=world) for a in BASE], "--deepspeed", str(world / "ds.json"))
+    assert result.exit_code == 2 and "train_batch_size=7 but batch 16 x accumulation 4 x 1 processes" in result.stderr
+    assert snapshot(world) == before
+
+
+def test_doctor_prints_a_table_and_fails_on_a_bad_check(world):
+    good = run_cli("doctor", *[a.format(w=world) for a in BASE], "--data", str(world / "good.jsonl"))
+    assert good.exit_code == 0, good.output
+    for row in ("devices", "deepspeed", "output", "master port", "/dev/shm", "caches", "data", "tokenizer", "disk"):
+        assert any(line.startswith("ok ") and row in line for line in good.output.splitlines()), (row, good.output)
+    (world / "ds.json").write_text("{")
+    bad = run_cli("doctor", *[a.format(w=world) for a in BASE], "--deepspeed", str(world / "ds.json"),
+                  "--text-column", "text", "--data", str(world / "good.jsonl"))
+    assert bad.exit_code == 2
+    failed = [line for line in bad.output.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 2 and "not valid JSON" in failed[0] and "its columns are" in failed[1]
+    assert not (world / "out").exists()
+
+
+def test_tokenizer_command_trains_a_loadable_bpe(world):
+    result = run_cli("tokenizer", "--data", str(world / "good.jsonl"), "--vocab-size", "300", "--output",
+                     str(world / "bpe"))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["eos"] == "</s>"
+    from job.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(world / "bpe"))
+    assert (tok.eos_token_id, tok.pad_token_id) == (2, 3)

@@ -87,7 +87,12 @@ def prepare(cfg: RunConfig, tokenizer, output: str | None = None, corpus: Corpus
         (staging / KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")  # written last: marks it complete
         if target.exists():
             target.rmdir()  # empty, checked above
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:  # another node prepared the same key meanwhile (shared cache): use theirs
+            if not (target / KEY_FILE).exists() or json.loads((target / KEY_FILE).read_text()) != key:
+                raise
+            return Prepared(target, json.loads((target / STATS_FILE).read_text()), cache_hit=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Prepared(target, stats, cache_hit=False)

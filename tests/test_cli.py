@@ -204,8 +204,16 @@ def test_doctor_prints_a_table_and_fails_on_a_bad_check(world):
     for row in ("devices", "deepspeed", "output", "master port", "/dev/shm", "caches", "data", "tokenizer", "disk"):
         assert any(line.startswith("ok ") and row in line for line in good.output.splitlines()), (row, good.output)
     (world / "ds.json").write_text("{")
-    bad = run_cli("doctor", *[a.format(w=world) for a in BASE], "--deepspeed", str(world / "ds.json"),
-                  "--text-column", "text", "--data", str(world / "good.jsonl"))
+    bad = run_cli(
+        "doctor",
+        *[a.format(w=world) for a in BASE],
+        "--deepspeed",
+        str(world / "ds.json"),
+        "--text-column",
+        "text",
+        "--data",
+        str(world / "good.jsonl"),
+    )
     assert bad.exit_code == 2
     failed = [line for line in bad.output.splitlines() if line.startswith("FAIL")]
     assert len(failed) == 2 and "not valid JSON" in failed[0] and "its columns are" in failed[1]
@@ -213,8 +221,9 @@ def test_doctor_prints_a_table_and_fails_on_a_bad_check(world):
 
 
 def test_tokenizer_command_trains_a_loadable_bpe(world):
-    result = run_cli("tokenizer", "--data", str(world / "good.jsonl"), "--vocab-size", "300", "--output",
-                     str(world / "bpe"))
+    result = run_cli(
+        "tokenizer", "--data", str(world / "good.jsonl"), "--vocab-size", "300", "--output", str(world / "bpe")
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["eos"] == "</s>"
     from job.tokenizer import load_tokenizer

@@ -180,7 +180,7 @@ class RunConfig:
 
     def write(self, path: Path) -> None:
         """Write the effective config (no secrets: none of its fields holds one)."""
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # every node's launcher may write it at once
         tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         tmp.replace(path)
 

@@ -157,6 +157,40 @@ def test_every_stage_follows_the_same_loss_curve(inputs, reference, stage):
         _check_export(output / "final", reference / "final")
 
 
+def test_two_nodes_rendezvous_and_follow_the_same_curve(inputs, reference):
+    """--nnodes/--node-rank/--master-addr/--master-port as the multi-node Job uses them, two 'nodes' on localhost."""
+    model, tok, data, root = inputs
+    output = root / "two-nodes"
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        args = train_args(
+            model,
+            tok,
+            data,
+            output,
+            "--nproc",
+            "1",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(rank),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            port,
+        )  # click keeps the last value
+        log = (root / f"node{rank}.log").open("w")
+        procs.append((subprocess.Popen(job_command(*args), stdout=log, stderr=subprocess.STDOUT, env=_env()), log))
+    for rank, (proc, log) in enumerate(procs):
+        assert proc.wait(timeout=600) == 0, (root / f"node{rank}.log").read_text()[-3000:]
+        log.close()
+    ours, ref = losses(output), losses(reference)
+    assert sorted(ours) == sorted(ref)
+    for step in ref:
+        assert abs(ours[step] - ref[step]) <= STAGE_TOLERANCE * ref[step], (step, ours[step], ref[step])
+
+
 def _check_export(final: Path, reference_final: Path) -> None:
     """ZeRO-3 gathers the weights on save: a fresh process reloads full, non-empty tensors and passes smoke."""
     code = (

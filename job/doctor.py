@@ -216,11 +216,9 @@ def check_cache() -> Check:
 
 def model_parameters(cfg: RunConfig, vocab: int | None) -> int | None:
     """Parameter estimate from the model's config (or the preset) without building it."""
-    from job.model import model_config
+    from job.model import config_parameter_count, model_config
 
-    config = model_config(cfg, vocab)
-    d, layers, v = config.hidden_size, config.n_layer, config.vocab_size
-    return v * d + layers * (12 * d * d + 13 * d) + 2 * d
+    return config_parameter_count(model_config(cfg, vocab))
 
 
 def run_checks(cfg: RunConfig, extra: list[Callable[[], Check]] | None = None) -> list[Check]:

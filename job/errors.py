@@ -16,11 +16,3 @@ class JobError(Exception):
         self.cause = cause
         self.fix = fix
         super().__init__(f"{cause} -- {fix}" if fix else cause)
-
-
-class TrainingStopped(Exception):
-    """Training ended early on purpose (a signal or divergence), with its exit code."""
-
-    def __init__(self, message: str, exit_code: int):
-        self.exit_code = exit_code
-        super().__init__(message)

@@ -22,6 +22,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 from job import checkpoints
 from job.config import RunConfig
 from job.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
+from job.model import parameter_count
 from job.monitor import install as install_monitors
 from job.prepare import read_prepared_stats
 from job.tokenizer import load_tokenizer
@@ -216,7 +217,7 @@ def export_final(trainer: Trainer, tokenizer, output: Path, rank0: bool) -> Path
         unset_hf_deepspeed_config()  # else from_pretrained below would partition (zero.Init) on rank 0 alone
     if rank0:
         tokenizer.save_pretrained(str(staging))
-        verify_export(staging, expected_parameters=_parameter_count(trainer))
+        verify_export(staging, expected_parameters=parameter_count(trainer.model))
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
@@ -243,11 +244,6 @@ def verify_export(folder: Path, expected_parameters: int | None = None) -> int:
     if expected_parameters is not None and count != expected_parameters:
         raise RuntimeError(f"export {folder} reloads with {count} parameters, expected {expected_parameters}")
     return count
-
-
-def _parameter_count(trainer: Trainer) -> int:
-    """Parameters of the trained model, also under ZeRO-3 (where local tensors are empty placeholders)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())
 
 
 def _finish(output: Path, rank0: bool, code: int, message: str) -> int:

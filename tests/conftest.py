@@ -48,6 +48,23 @@ def tiny_tokenizer(tiny_tokenizer_dir):
     return load_tokenizer(str(tiny_tokenizer_dir))
 
 
+def tiny_bloom_config(vocab: int, **overrides):
+    """A small Bloom config with Bloom's special ids (bos 1, eos 2, pad 3); `overrides` change any field."""
+    from transformers import BloomConfig
+
+    values = dict(vocab_size=vocab, hidden_size=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    return BloomConfig(**{**values, **overrides})
+
+
+def tiny_bloom(vocab: int, seed: int = 0, **overrides):
+    """A randomly initialised `tiny_bloom_config` model, the same weights for the same seed."""
+    import torch
+    from transformers import BloomForCausalLM
+
+    torch.manual_seed(seed)
+    return BloomForCausalLM(tiny_bloom_config(vocab, **overrides))
+
+
 def write_jsonl(path: Path, docs: list[str], column: str = "completion") -> Path:
     path.write_text(
         "".join(json.dumps({column: d, "source": "test"}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"

@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
-from transformers import BloomConfig, BloomForCausalLM
+from transformers import BloomForCausalLM
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, build_alibi_tensor
 
 from job.attention import alibi_slopes, document_ids, install_attention, resolve_attention
 from job.errors import JobError
+from tests.conftest import tiny_bloom_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -19,17 +20,10 @@ VOCAB = 96
 ATOL = 1e-5
 
 
-def tiny_config(**overrides) -> BloomConfig:
-    values = dict(
-        vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD
-    )
-    return BloomConfig(**{**values, **overrides})
-
-
 def pair(kind: str, seed: int = 0, **overrides) -> tuple[BloomForCausalLM, BloomForCausalLM]:
     """(stock model, same weights with `kind` installed), both in training mode (dropout is 0 in Bloom's config)."""
     torch.manual_seed(seed)
-    stock = BloomForCausalLM(tiny_config(**overrides)).train()
+    stock = BloomForCausalLM(tiny_bloom_config(VOCAB, **overrides)).train()
     fast = copy.deepcopy(stock)
     install_attention(fast, kind)
     return stock, fast

@@ -11,6 +11,7 @@ import torch
 
 from job.errors import JobError
 from job.generate import SMOKE_PROMPTS, generate, generate_ids, load_for_inference, smoke
+from tests.conftest import tiny_bloom
 
 # Different lengths on purpose: a batch of them needs padding.
 PROMPTS = ["北京", "下面是一则新闻，中国的经济发展很快，", "今天", "人民日报社论指出"]
@@ -18,21 +19,8 @@ LIMIT = 12
 
 
 def _tiny_bloom(tokenizer, seed: int = 0):
-    from transformers import BloomConfig, BloomForCausalLM
-
-    torch.manual_seed(seed)
     # a wide init: a default-init tiny Bloom only repeats the last prompt token, which would test little
-    config = BloomConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        n_layer=2,
-        n_head=4,
-        initializer_range=1.0,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-    )
-    return BloomForCausalLM(config).eval()
+    return tiny_bloom(len(tokenizer), seed, initializer_range=1.0).eval()
 
 
 @pytest.fixture(scope="module")

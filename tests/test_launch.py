@@ -15,7 +15,7 @@ import pytest
 
 from job import checkpoints
 from job.errors import EXIT_PREEMPTED
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_bloom
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -106,18 +106,12 @@ def losses(output: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tiny_tokenizer_dir):
     """A small saved Bloom (every run starts from the same weights) and a corpus."""
-    import torch
-    from transformers import BloomConfig, BloomForCausalLM
 
     from job.corpus import builtin_articles
     from tests.conftest import write_jsonl
 
     root = tmp_path_factory.mktemp("launch")
-    torch.manual_seed(0)
-    config = BloomConfig(
-        vocab_size=640, hidden_size=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2, pad_token_id=3
-    )
-    BloomForCausalLM(config).save_pretrained(root / "model")
+    tiny_bloom(640, hidden_size=32, n_head=2).save_pretrained(root / "model")
     write_jsonl(root / "docs.jsonl", builtin_articles()[:400])
     return root / "model", tiny_tokenizer_dir, root / "docs.jsonl", root
 

@@ -24,6 +24,7 @@ from job.model import (
     model_config,
     parameter_count,
 )
+from tests.conftest import tiny_bloom as shared_tiny_bloom
 
 EOS, PAD = 2, 3
 
@@ -40,18 +41,7 @@ class StandInTokenizer:
 
 
 def tiny_bloom(vocab: int = 96, seed: int = 0, **overrides) -> BloomForCausalLM:
-    torch.manual_seed(seed)
-    config = BloomConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=1,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-        **overrides,
-    )
-    return BloomForCausalLM(config)
+    return shared_tiny_bloom(vocab, seed, **overrides)
 
 
 def expected_parameters(vocab: int, d: int, layers: int) -> int:

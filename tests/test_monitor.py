@@ -24,6 +24,7 @@ from job.monitor import (
     peak_tflops,
     peak_tflops_for_name,
 )
+from tests.conftest import tiny_bloom
 
 STEPS, BATCH, LOG_EVERY = 8, 4, 2
 
@@ -35,21 +36,9 @@ def _lengths(n: int, seed: int) -> list[int]:
 
 def _trainer(tokenizer, output, callbacks_in_constructor=(), resume_steps: int = STEPS):
     import datasets
-    import torch
-    from transformers import BloomConfig, BloomForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    torch.manual_seed(0)
-    model = BloomForCausalLM(
-        BloomConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            n_layer=2,
-            n_head=2,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=3,
-        )
-    )
+    model = tiny_bloom(len(tokenizer), hidden_size=32, n_head=2)
     rng = random.Random(0)
     train_rows = [[rng.randrange(4, len(tokenizer)) for _ in range(n)] for n in _lengths(STEPS * BATCH, 1)]
     eval_rows = [[rng.randrange(4, len(tokenizer)) for _ in range(n)] for n in _lengths(8, 2)]

@@ -15,38 +15,32 @@ def _line(**record) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
+def _train_lines(steps_and_speeds, mfu: float, memory_gib: float) -> list[str]:
+    """Training log lines: loss falling 0.1 a step, 500 tokens a step, TFLOP/s per device = 1000 x MFU."""
+    return [
+        _line(
+            loss=6.5 - step * 0.1,
+            step=step,
+            tokens_seen=step * 500,
+            tokens_per_s=tps,
+            mfu=mfu,
+            tflops_per_device=1000.0 * mfu,
+            memory_gib=memory_gib,
+        )
+        for step, tps in steps_and_speeds
+    ]
+
+
 @pytest.fixture
 def resumed_run(tmp_path):
     """Steps 1-6 logged, a crash after step 6 (checkpoint 4), a resume from 4 to 8; a torn last line."""
     lines = [_line(event="train_begin", step=0, tokens_seen=0)]
     lines.append(_line(eval_loss=6.0, eval_perplexity=math.exp(6.0), step=0, tokens_seen=0))
-    for step, tps in [(1, 100.0), (2, 1000.0), (4, 1100.0), (6, 1200.0)]:
-        lines.append(
-            _line(
-                loss=6.5 - step * 0.1,
-                step=step,
-                tokens_seen=step * 500,
-                tokens_per_s=tps,
-                mfu=0.4,
-                tflops_per_device=400.0,
-                memory_gib=20.0,
-            )
-        )
+    lines += _train_lines([(1, 100.0), (2, 1000.0), (4, 1100.0), (6, 1200.0)], mfu=0.4, memory_gib=20.0)
     lines.append(_line(eval_loss=5.5, step=4, tokens_seen=2000))
     lines.append(_line(event="train_begin", step=4, tokens_seen=2000))
     lines.append(_line(eval_loss=5.4, step=4, tokens_seen=2000))  # eval_on_start again, after the resume
-    for step, tps in [(6, 300.0), (8, 1300.0)]:
-        lines.append(
-            _line(
-                loss=6.5 - step * 0.1,
-                step=step,
-                tokens_seen=step * 500,
-                tokens_per_s=tps,
-                mfu=0.5,
-                tflops_per_device=500.0,
-                memory_gib=22.0,
-            )
-        )
+    lines += _train_lines([(6, 300.0), (8, 1300.0)], mfu=0.5, memory_gib=22.0)
     lines.append(_line(eval_loss=5.0, step=8, tokens_seen=4000))
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(lines) + '{"loss": 1.0, "ste', encoding="utf-8")

@@ -66,7 +66,7 @@ def bench_training(cfg: RunConfig, steps: int, warmup: int, synthetic: bool) -> 
         tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
         cfg.tokenizer = tokenizer.name_or_path
     else:
-        cfg, tokenizer, _ = prepare_inputs(cfg)
+        cfg, tokenizer = prepare_inputs(cfg)
     cfg = dataclasses.replace(cfg, eval_fraction=0.0)  # no evaluation inside the timed run
     world = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
     rows = (steps + warmup + 1) * cfg.per_device_batch_size * cfg.grad_accum * world

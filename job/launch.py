@@ -27,8 +27,8 @@ log = logging.getLogger("job")
 def prepare_inputs(cfg: RunConfig):
     """Check the data, tokenizer and model, then prepare the data once (CPU work, before any launch).
 
-    Returns the config with `tokenizer` and `prepared` resolved to folders every worker reads, the
-    tokenizer, and the model's parameter count. Everything that can be wrong is found before anything
+    Returns the config with `tokenizer` and `prepared` resolved to folders every worker reads, and the
+    tokenizer. Everything that can be wrong is found before anything
     is written (the prepared data goes to the cache, never half-way).
     """
     from job.corpus import load_corpus
@@ -38,6 +38,7 @@ def prepare_inputs(cfg: RunConfig):
     corpus = None if cfg.prepared else load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
     tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
     parameters = doctor.model_parameters(cfg, len(tokenizer))  # a broken model folder fails here
+    doctor.require(doctor.check_disk(cfg, parameters))
     if cfg.prepared:
         stats = read_prepared_stats(cfg.prepared)
         if stats["eos_token_id"] != tokenizer.eos_token_id:
@@ -57,15 +58,14 @@ def prepare_inputs(cfg: RunConfig):
         )
         cfg.prepared = str(result.path)
     cfg.tokenizer = tokenizer.name_or_path  # the folder every worker loads
-    return cfg, tokenizer, parameters
+    return cfg, tokenizer
 
 
 def train(cfg: RunConfig) -> int:
     """Check, prepare, write the config, launch; the exit code of the run."""
     for check in (doctor.check_devices, doctor.check_deepspeed, doctor.check_output, doctor.check_port):
         doctor.require(check(cfg))
-    cfg, _, parameters = prepare_inputs(cfg)
-    doctor.require(doctor.check_disk(cfg, parameters))
+    cfg, _ = prepare_inputs(cfg)
     cfg.master_port = doctor.resolve_master_port(cfg)
 
     output = Path(cfg.output_dir)

@@ -190,7 +190,7 @@ def run_worker(cfg: RunConfig) -> int:
         )
         return _finish(output, rank0, EXIT_PREEMPTED, message)
 
-    final_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    final_metrics = _final_eval(trainer)
     final = export_final(trainer, tokenizer, output, rank0)
     if rank0:
         _write_report(
@@ -203,6 +203,16 @@ def run_worker(cfg: RunConfig) -> int:
             flops_per_token(model.config, cfg.max_length),
         )
     return _finish(output, rank0, EXIT_OK, f"model saved to {final}")
+
+
+def _final_eval(trainer: Trainer) -> dict:
+    """The held-out metrics at the last step: reuse the periodic evaluation if it fell on that step."""
+    if trainer.eval_dataset is None:
+        return {}
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return last
+    return trainer.evaluate()
 
 
 def export_final(trainer: Trainer, tokenizer, output: Path, rank0: bool) -> Path:

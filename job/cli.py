@@ -206,7 +206,7 @@ def _input_checks(cfg: RunConfig):
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON lines")
-def generate(model, prompts, prompts_file, max_new_tokens, greedy, top_k, top_p, temperature, seed, as_json):
+def generate(model, prompts, prompts_file, as_json, **sampling):
     """Generate continuations for prompts (batched, left-padded)."""
     from job.generate import generate as run_generate
     from job.generate import load_for_inference
@@ -215,20 +215,12 @@ def generate(model, prompts, prompts_file, max_new_tokens, greedy, top_k, top_p,
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise JobError("no prompt given", "pass --prompt TEXT or --prompts-file FILE")
-    if temperature <= 0 and not greedy:
-        raise JobError(f"--temperature {temperature} must be above 0 when sampling", "use --greedy or a positive value")
+    if sampling["temperature"] <= 0 and not sampling["greedy"]:
+        raise JobError(
+            f"--temperature {sampling['temperature']} must be above 0 when sampling", "use --greedy or a positive value"
+        )
     lm, tok = load_for_inference(model)
-    for out in run_generate(
-        lm,
-        tok,
-        texts,
-        max_new_tokens=max_new_tokens,
-        greedy=greedy,
-        top_k=top_k,
-        top_p=top_p,
-        temperature=temperature,
-        seed=seed,
-    ):
+    for out in run_generate(lm, tok, texts, **sampling):  # the options are named as generate()'s arguments
         click.echo(json.dumps(out, ensure_ascii=False) if as_json else f"{out['prompt']}{out['text']}")
 
 

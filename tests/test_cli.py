@@ -230,3 +230,31 @@ def test_tokenizer_command_trains_a_loadable_bpe(world):
 
     tok = load_tokenizer(str(world / "bpe"))
     assert (tok.eos_token_id, tok.pad_token_id) == (2, 3)
+
+
+def test_generate_command_prints_one_continuation_per_prompt(world, tiny_tokenizer):
+    from tests.conftest import tiny_bloom
+
+    folder = world / "lm"
+    tiny_bloom(len(tiny_tokenizer)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    (world / "prompts.txt").write_text("北京\n\n中国的经济\n", encoding="utf-8")
+    result = run_cli(
+        "generate",
+        "--model",
+        str(folder),
+        "--prompt",
+        "下面是",
+        "--prompts-file",
+        str(world / "prompts.txt"),
+        "--greedy",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    outs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [o["prompt"] for o in outs] == ["下面是", "北京", "中国的经济"]
+    assert all(0 < o["new_tokens"] <= 5 for o in outs)
+    refused = run_cli("generate", "--model", str(folder), "--prompt", "x", "--temperature", "0")
+    assert refused.exit_code == 2 and "must be above 0 when sampling" in refused.stderr

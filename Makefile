@@ -24,7 +24,7 @@ TRAIN_FLAGS = --config $(RECIPE) --output-dir $(OUTPUT) \
 	$(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) \
 	$(if $(NPROC),--nproc $(NPROC)) $(if $(ZERO),--zero-stage $(ZERO)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(ARGS)
 
-.PHONY: help setup train smoke test lint bench
+.PHONY: help setup train smoke test lint bench bench-gpu
 .PHONY: build push docker-train docker-smoke k8s-overlays k8s-render k8s-validate k8s-pvcs k8s-prepare \
 	k8s-submit k8s-multinode k8s-logs k8s-delete
 
@@ -49,6 +49,19 @@ smoke: setup ## Smoke-test a trained model (MODEL=folder, default the last run's
 
 bench: setup ## Measure tokens/s, TFLOP/s and MFU of the training path (ARGS= for options)
 	$(PY) -m job bench $(ARGS)
+
+# The GPU figures of BENCHMARKS.md in one call (one H100/H200): the CUDA-only tests, then one JSON line per
+# configuration appended to BENCH_LOG. On a machine without the venv: make bench-gpu PY=python3
+BENCH_LOG ?= output/bench-gpu.jsonl
+BENCH = set -o pipefail; $(PY) -m job bench --config h100 --synthetic
+bench-gpu: $(if $(filter $(VENV)/bin/python,$(PY)),setup) ## On a GPU: CUDA tests + the benchmark suite (JSON lines to BENCH_LOG)
+	@mkdir -p $(dir $(BENCH_LOG))
+	$(PY) -m pytest -q -rs tests/test_attention.py -k cuda
+	$(BENCH) --steps 20 --warmup 5 --compare eager | tee -a $(BENCH_LOG)
+	$(BENCH) --max-length 2048 --per-device-batch-size 8 --grad-accum 8 --steps 10 --warmup 3 --compare eager \
+		| tee -a $(BENCH_LOG)
+	$(BENCH) --steps 20 --warmup 5 --compare no-deepspeed | tee -a $(BENCH_LOG)
+	$(BENCH) --torch-compile --steps 20 --warmup 10 | tee -a $(BENCH_LOG)
 
 lint: setup ## ruff, hadolint on docker/Dockerfile, strict validation of the Kubernetes manifests
 	$(VENV)/bin/ruff check job tests

@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import json
 import multiprocessing
+import os
 import shutil
 import statistics
 import tempfile
@@ -55,9 +56,13 @@ def synthetic_data(rows: int, length: int, vocab: int, eos: int, mean_document: 
     return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": ids.tolist()})})
 
 
-def bench_training(cfg: RunConfig, steps: int, warmup: int, synthetic: bool) -> dict:
+def bench_training(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, stock: bool = False) -> dict:
+    """Time `steps` optimizer steps after `warmup` of `cfg`'s training path; `stock` undoes the model's patches."""
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
     from job.launch import prepare_inputs
-    from job.model import flops_per_token
+    from job.model import flops_per_token, restore_stock
     from job.monitor import measure_matmul_tflops, peak_tflops
     from job.tokenizer import resolve_tokenizer
     from job.train import build_trainer
@@ -74,7 +79,14 @@ def bench_training(cfg: RunConfig, steps: int, warmup: int, synthetic: bool) -> 
     timer = StepTimer(warmup)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    # A run before this one in the process may have set up DeepSpeed: forget it, or the next Trainer uses it
+    # too (Accelerate leaves ACCELERATE_USE_DEEPSPEED=true behind, which TrainingArguments then obeys).
+    AcceleratorState._reset_state()
+    unset_hf_deepspeed_config()
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     trainer = build_trainer(cfg, data=data, callbacks=[timer])
+    if stock:
+        restore_stock(trainer.model)
     if not synthetic and len(trainer.get_train_dataloader()) < (steps + warmup) * cfg.grad_accum:
         data = synthetic_data(rows, cfg.max_length, len(tokenizer), tokenizer.eos_token_id)
         trainer.train_dataset = data["train"]
@@ -87,7 +99,9 @@ def bench_training(cfg: RunConfig, steps: int, warmup: int, synthetic: bool) -> 
     tflops = tokens_per_s * per_token / 1e12 / world
     peak = peak_tflops(device)
     result = {
+        "path": "stock HF Bloom" if stock else "job",
         "attention": getattr(trainer.model, "job_attention", cfg.attention),
+        "deepspeed": bool(trainer.is_deepspeed_enabled),  # as the Trainer ran, not as asked
         "tokens_per_s": round(tokens_per_s, 1),
         "tflops": round(tflops, 2),
         "mfu": round(tflops / peak, 4) if peak else None,
@@ -106,6 +120,22 @@ def bench_training(cfg: RunConfig, steps: int, warmup: int, synthetic: bool) -> 
         result["mfu_datasheet_note"] = "no datasheet peak for this device"
     result["_measured_ceiling"] = measure_matmul_tflops(device, torch.bfloat16 if cfg.bf16 else torch.float32)
     return result
+
+
+COMPARE = {
+    "eager": "the stock HF Bloom model: its eager attention and its full-logits loss",
+    "sdpa": "this path with --attention sdpa",
+    "flex": "this path with --attention flex",
+    "no-deepspeed": "this path with --deepspeed none (plain Trainer; DDP when distributed)",
+}
+
+
+def baseline(cfg: RunConfig, compare: str, output: Path) -> tuple[RunConfig, bool]:
+    """The (config, stock) of the `--compare` run: only the compared setting differs."""
+    base = dataclasses.replace(cfg, output_dir=str(output / "baseline"))
+    if compare == "no-deepspeed":
+        return dataclasses.replace(base, deepspeed="none", zero_stage=None), False
+    return dataclasses.replace(base, attention=compare), compare == "eager"
 
 
 def run_bench(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, compare: str | None) -> dict:
@@ -130,26 +160,29 @@ def run_bench(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, compare:
             "mfu_measured": round(main["tflops"] / ceiling, 4) if ceiling else None,
             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
             "settings": {
-                k: getattr(cfg, k)
-                for k in (
-                    "preset",
-                    "max_length",
-                    "per_device_batch_size",
-                    "grad_accum",
-                    "bf16",
-                    "deepspeed",
-                    "zero_stage",
-                    "attention",
-                    "torch_compile",
-                )
+                **{
+                    k: getattr(cfg, k)
+                    for k in (
+                        "preset",
+                        "max_length",
+                        "per_device_batch_size",
+                        "grad_accum",
+                        "bf16",
+                        "deepspeed",
+                        "attention",
+                        "torch_compile",
+                    )
+                },
+                "zero_stage": (cfg.deepspeed_config() or {}).get("zero_optimization", {}).get("stage"),
             },
         }
         if compare:
-            base_cfg = dataclasses.replace(cfg, attention=compare, output_dir=str(output / "baseline"))
-            base = bench_training(base_cfg, steps, warmup, synthetic)
+            base_cfg, stock = baseline(cfg, compare, output)
+            base = bench_training(base_cfg, steps, warmup, synthetic, stock=stock)
             base.pop("_device"), base.pop("_measured_ceiling")
             summary["baseline"] = {
-                k: base[k] for k in ("attention", "tokens_per_s", "tflops", "step_s", "peak_memory_gib")
+                k: base[k]
+                for k in ("path", "attention", "deepspeed", "tokens_per_s", "tflops", "step_s", "peak_memory_gib")
             }
             summary["speedup"] = round(main["tokens_per_s"] / base["tokens_per_s"], 3)
         return summary
@@ -169,47 +202,79 @@ def _load_bare(folder: str) -> None:
 
 
 def _bare_chunk(texts: list[str]) -> int:
+    """The batched fast tokenizer as users call it."""
     return sum(len(ids) for ids in _BARE_TOKENIZER(texts, add_special_tokens=False)["input_ids"])
 
 
-def bench_tokenize(cfg: RunConfig) -> dict:
-    """`prepare` against the bare batched fast tokenizer on the same text and process count."""
-    from job.corpus import TEXT, load_corpus
+def _rust_chunk(texts: list[str]) -> int:
+    """Its Rust tokenizer's fastest batched call (no offsets): what no wrapper around it can beat."""
+    encodings = _BARE_TOKENIZER.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    return sum(len(e.ids) for e in encodings)
+
+
+def bench_tokenize(cfg: RunConfig, repeats: int = 3, scale: int = 1) -> dict:
+    """`prepare` against the bare batched fast tokenizer on the same text and process count.
+
+    Each of the `repeats` rounds times the three in turn; the best time of each counts (timeit's rule: the
+    minimum is the run least disturbed by other work on the machine). `scale` > 1 tokenizes the corpus that
+    many times over, so fixed costs (forking workers, writing files) weigh as little as on a real corpus.
+    """
+    import datasets
+
+    from job.corpus import TEXT, Corpus, load_corpus
     from job.prepare import prepare
     from job.tokenizer import resolve_tokenizer
 
     corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
+    if scale > 1:
+        rows = datasets.concatenate_datasets([corpus.rows] * scale)
+        corpus = Corpus(rows, f"{corpus.fingerprint}x{scale}", corpus.name)
     tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
     texts = corpus.rows[TEXT][:]
-    characters = sum(len(t) for t in texts)
     chunks = [texts[i : i + 1000] for i in range(0, len(texts), 1000)]  # prepare's map batch size
+    best = {"bare": float("inf"), "rust": float("inf"), "prepare": float("inf")}
+    counts = {}
+
+    def clock(name, run):
+        start = time.perf_counter()
+        counts[name] = run()
+        best[name] = min(best[name], time.perf_counter() - start)
+
+    pool = None
     if cfg.num_proc > 1:  # one tokenizer per worker, loaded before the clock starts
-        with multiprocessing.get_context("spawn").Pool(cfg.num_proc, _load_bare, (tokenizer.name_or_path,)) as pool:
-            pool.map(_bare_chunk, [["warm-up"]] * cfg.num_proc)
-            start = time.perf_counter()
-            bare_tokens = sum(pool.map(_bare_chunk, chunks))
-            bare_s = time.perf_counter() - start
+        pool = multiprocessing.get_context("spawn").Pool(cfg.num_proc, _load_bare, (tokenizer.name_or_path,))
+        pool.map(_bare_chunk, [["warm-up"]] * cfg.num_proc)
     else:
         _load_bare(tokenizer.name_or_path)
-        start = time.perf_counter()
-        bare_tokens = sum(_bare_chunk(c) for c in chunks)
-        bare_s = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        result = prepare(dataclasses.replace(cfg, eval_fraction=0.0), tokenizer, str(Path(tmp) / "out"), corpus=corpus)
-        prepare_s = time.perf_counter() - start
-    assert result.stats["document_tokens"] == bare_tokens, "prepare and the bare tokenizer disagree"
+    try:
+        for _ in range(repeats):
+            for name, chunk_fn in (("bare", _bare_chunk), ("rust", _rust_chunk)):
+                clock(name, lambda f=chunk_fn: sum(pool.map(f, chunks) if pool else map(f, chunks)))
+            with tempfile.TemporaryDirectory() as tmp:
+                out = str(Path(tmp) / "out")
+                clock(
+                    "prepare",
+                    lambda o=out: prepare(
+                        dataclasses.replace(cfg, eval_fraction=0.0), tokenizer, o, corpus=corpus
+                    ).stats["document_tokens"],
+                )
+    finally:
+        if pool:
+            pool.close()
+    tokens = counts["bare"]
+    assert counts["rust"] == counts["prepare"] == tokens, f"the tokenizations disagree: {counts}"
     return {
         "mode": "tokenize",
         "num_proc": cfg.num_proc,
+        "repeats": repeats,
+        "scale": scale,
         "documents": len(texts),
-        "characters": characters,
-        "tokens": bare_tokens,
-        "bare_tokens_per_s": round(bare_tokens / bare_s),
-        "bare_s": round(bare_s, 2),
-        "prepare_tokens_per_s": round(bare_tokens / prepare_s),
-        "prepare_s": round(prepare_s, 2),
-        "prepare_vs_bare": round(bare_s / prepare_s, 3),
+        "characters": sum(len(t) for t in texts),
+        "tokens": tokens,
+        **{f"{name}_tokens_per_s": round(tokens / seconds) for name, seconds in best.items()},
+        **{f"{name}_s": round(seconds, 3) for name, seconds in best.items()},
+        "prepare_vs_bare": round(best["bare"] / best["prepare"], 3),
+        "prepare_vs_rust": round(best["rust"] / best["prepare"], 3),
     }
 
 

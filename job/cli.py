@@ -242,12 +242,21 @@ def smoke(model):
 @click.option("--synthetic/--corpus", default=True, show_default=True, help="random tokens, or the prepared corpus")
 @click.option(
     "--compare",
-    type=click.Choice(["eager", "sdpa", "flex"]),
+    type=click.Choice(["eager", "sdpa", "flex", "no-deepspeed"]),
     default=None,
-    help="also run this attention (e.g. the stock eager) in the same process and report the ratio",
+    help="also run a baseline in the same process and report the ratio: eager = the stock HF Bloom model "
+    "(eager attention, full-logits loss), sdpa/flex = that attention, no-deepspeed = --deepspeed none",
 )
 @click.option("--tokenize", "tokenize_mode", is_flag=True, help="benchmark prepare against the bare tokenizer")
-def bench(config, steps, warmup, synthetic, compare, tokenize_mode, **values):
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="--tokenize: rounds, the best of each counts",
+)
+@click.option("--scale", type=click.IntRange(min=1), default=1, show_default=True, help="--tokenize: corpus x N")
+def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, scale, **values):
     """Time the real training path (or tokenization); print one JSON line of figures."""
     from job.bench import bench_tokenize, dumps, run_bench
     from job.doctor import resolve_master_port
@@ -255,7 +264,7 @@ def bench(config, steps, warmup, synthetic, compare, tokenize_mode, **values):
 
     cfg = _load(config, values)
     if tokenize_mode:
-        click.echo(dumps(bench_tokenize(cfg)))
+        click.echo(dumps(bench_tokenize(cfg, repeats, scale)))
         return
     cfg.master_port = resolve_master_port(cfg)
     single_process_env(cfg)

@@ -39,6 +39,7 @@ __all__ = [
     "model_config",
     "parameter_count",
     "resolve_attention",
+    "restore_stock",
 ]
 
 PRESET_SHAPES = {
@@ -263,6 +264,13 @@ def install_chunked_loss(model, chunk_tokens: int = CHUNK_TOKENS) -> None:
     """Give a `BloomForCausalLM` the chunked loss (in place; the class and config stay stock)."""
     model.job_loss_chunk_tokens = chunk_tokens
     model.forward = MethodType(_causal_lm_forward, model)
+
+
+def restore_stock(model) -> None:
+    """Undo `build_model`'s patches: stock eager attention and the stock full-logits loss (the bench baseline)."""
+    install_attention(model, "eager")
+    model.__dict__.pop("forward", None)
+    model.__dict__.pop("job_loss_chunk_tokens", None)
 
 
 # --------------------------------------------------------------------------------------------------- sizes

@@ -44,14 +44,33 @@ def test_training_bench_with_eager_baseline(tiny_tokenizer_dir):
         "--dataloader-workers",
         "0",
     )
-    assert result["attention"] == "sdpa" and result["baseline"]["attention"] == "eager"
+    assert result["path"] == "job" and result["attention"] == "sdpa" and result["deepspeed"]
+    assert result["baseline"]["path"] == "stock HF Bloom" and result["baseline"]["attention"] == "eager"
     assert result["tokens_per_s"] > 0 and result["tflops"] > 0 and result["step_s"] > 0
     assert result["steps_timed"] == 3
     assert result["speedup"] == pytest.approx(result["tokens_per_s"] / result["baseline"]["tokens_per_s"], rel=1e-2)
     assert result["measured_ceiling_tflops"] > 0 and result["mfu_measured"] > 0
     assert result["settings"]["deepspeed"].endswith("ds_config.json")  # the path `make train` takes
+    assert result["settings"]["zero_stage"] == 2
+
+
+def test_training_bench_against_no_deepspeed_in_one_process(tiny_tokenizer_dir):
+    """The DeepSpeed overhead as one ratio: the same path, then again with --deepspeed none."""
+    result = _bench(
+        *("--preset", "tiny", "--tokenizer", str(tiny_tokenizer_dir), "--max-length", "64"),
+        *("--per-device-batch-size", "4", "--grad-accum", "2", "--steps", "2", "--warmup", "1"),
+        *("--compare", "no-deepspeed", "--dataloader-workers", "0"),
+    )
+    assert result["deepspeed"] and not result["baseline"]["deepspeed"]
+    assert result["baseline"]["path"] == "job" and result["baseline"]["attention"] == result["attention"] == "sdpa"
+    assert result["steps_timed"] == 2 and result["baseline"]["tokens_per_s"] > 0
 
 
 def test_tokenize_bench_matches_the_bare_tokenizer(tiny_tokenizer_dir):
-    result = _bench("--tokenize", "--tokenizer", str(tiny_tokenizer_dir), "--max-samples", "300", "--num-proc", "1")
-    assert result["tokens"] > 0 and result["prepare_vs_bare"] > 0
+    result = _bench(
+        *("--tokenize", "--tokenizer", str(tiny_tokenizer_dir), "--max-samples", "300", "--num-proc", "2"),
+        *("--repeats", "2", "--scale", "2"),
+    )
+    assert result["documents"] == 600 and result["num_proc"] == 2 and result["repeats"] == 2
+    assert result["tokens"] > 0 and result["prepare_vs_bare"] > 0 and result["prepare_vs_rust"] > 0
+    assert result["prepare_vs_bare"] == pytest.approx(result["bare_s"] / result["prepare_s"], rel=2e-2)

@@ -23,6 +23,7 @@ from job.model import (
     install_chunked_loss,
     model_config,
     parameter_count,
+    restore_stock,
 )
 from tests.conftest import tiny_bloom as shared_tiny_bloom
 
@@ -263,6 +264,23 @@ def test_generation_after_build_equals_stock():
     )
     with torch.no_grad():
         assert torch.equal(model.generate(prompt, **kwargs), stock.generate(prompt, **kwargs))
+
+
+def test_restore_stock_gives_back_the_stock_model_paths():
+    """The bench's baseline: after `restore_stock` the built model runs transformers' own attention and loss."""
+    model = build_model(RunConfig(preset="tiny"), StandInTokenizer(100))
+    stock = BloomForCausalLM(model.config)
+    stock.load_state_dict(model.state_dict())
+    ids = torch.randint(4, 100, (2, 16))
+    ids[0, 7] = EOS  # packed: the fast path would split row 0 into two documents, the stock path does not
+    assert model(ids, labels=ids).logits is None  # the chunked loss
+    restore_stock(model)
+    assert model.job_attention == "eager" and "forward" not in model.__dict__
+    assert "forward" not in model.transformer.__dict__
+    out, ref = model(ids, labels=ids), stock(ids, labels=ids)
+    assert out.logits is not None
+    torch.testing.assert_close(out.logits, ref.logits, atol=0, rtol=0)
+    torch.testing.assert_close(out.loss, ref.loss, atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------------- errors

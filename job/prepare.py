@@ -105,24 +105,55 @@ def read_prepared_stats(path: str) -> dict[str, Any]:
     return json.loads((folder / STATS_FILE).read_text())
 
 
+def token_ids_function(tokenizer):
+    """texts -> token ids without specials, where a literal "</s>" in the text is text, never a second eos.
+
+    A fast tokenizer is called through a private copy of its Rust tokenizer (`encode_batch_fast`: no offsets,
+    no per-document Python objects), the same ids as `tokenizer(texts, add_special_tokens=False,
+    split_special_tokens=True)`, which is what any other tokenizer gets.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return lambda texts: tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    from tokenizers import Tokenizer
+
+    rust = Tokenizer.from_str(backend.to_str())
+    rust.no_truncation()
+    rust.no_padding()
+    rust.encode_special_tokens = True
+    return lambda texts: [e.ids for e in rust.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def _encoder(tokenizer, max_length: int, packing: bool):
+    """The batched map function: texts -> an Arrow table of rows (`input_ids`) and document lengths."""
+    import pyarrow as pa
+
+    token_ids = token_ids_function(tokenizer)
+    eos = tokenizer.eos_token_id
+
+    def encode(batch: dict[str, list]) -> pa.Table:
+        docs = token_ids(batch[TEXT])
+        lengths = pa.array([len(d) for d in docs], pa.int64())
+        if not packing:  # one row each: a document that does not fit is cut and gets no eos (it never ended there)
+            docs = [d if len(d) < max_length else d[:max_length] for d in docs]
+        ids = pa.array(docs, pa.list_(pa.int32()))  # one C++ pass over the lists, then numpy without copies
+        ends = ids.offsets.to_numpy()[1:]
+        ended = np.ones(len(docs), bool) if packing else np.diff(ids.offsets.to_numpy()) < max_length
+        values = np.insert(ids.values.to_numpy(), ends[ended], np.int32(eos))  # eos right after its document
+        offsets = np.concatenate([[0], ends + np.cumsum(ended)]).astype(np.int32)
+        rows = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+        return pa.table({"input_ids": rows, "doc_length": lengths})
+
+    return encode
+
+
 def _tokenize_and_layout(rows, cfg: RunConfig, tokenizer, workdir: Path):
     import datasets
 
     eos = tokenizer.eos_token_id
     max_length = cfg.max_length
     packing = cfg.packing
-
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        # split_special_tokens: a literal "</s>" in the text is text, never a second eos.
-        ids = tokenizer(batch[TEXT], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        out, lengths = [], []
-        for doc in ids:
-            lengths.append(len(doc))
-            if packing or len(doc) + 1 <= max_length:
-                out.append([*doc, eos])
-            else:
-                out.append(doc[:max_length])  # cut: it gets no eos it never had
-        return {"input_ids": out, "doc_length": lengths}
+    encode = _encoder(tokenizer, max_length, packing)
 
     held_out = _held_out_count(len(rows), cfg.eval_fraction)
     order = rows.train_test_split(test_size=held_out, seed=cfg.seed, shuffle=True) if held_out else {"train": rows}

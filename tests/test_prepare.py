@@ -7,7 +7,7 @@ import json
 import pytest
 
 from job.config import RunConfig
-from job.prepare import prepare
+from job.prepare import prepare, token_ids_function
 from tests.conftest import DOCS
 
 
@@ -83,3 +83,13 @@ def test_output_with_other_settings_is_refused(tiny_tokenizer, docs_jsonl, tmp_p
     prepare(RunConfig.load(data=str(docs_jsonl), max_length=32), tiny_tokenizer, str(tmp_path / "out"))
     with pytest.raises(JobError, match="prepared with other settings"):
         prepare(RunConfig.load(data=str(docs_jsonl), max_length=64), tiny_tokenizer, str(tmp_path / "out"))
+
+
+def test_fast_token_ids_equal_the_tokenizers_own_and_leave_it_unchanged(tiny_tokenizer):
+    """prepare calls a private copy of the Rust tokenizer: the same ids, and "</s>" in the caller's tokenizer
+    still means eos afterwards."""
+    texts = [*DOCS, "", "</s></s>", "a</s>b"]
+    got = token_ids_function(tiny_tokenizer)(texts)
+    assert got == [_ids(tiny_tokenizer, t) for t in texts]
+    assert tiny_tokenizer.eos_token_id not in [i for ids in got for i in ids]
+    assert tiny_tokenizer("</s>", add_special_tokens=False)["input_ids"] == [tiny_tokenizer.eos_token_id]

@@ -51,17 +51,18 @@ bench: setup ## Measure tokens/s, TFLOP/s and MFU of the training path (ARGS= fo
 	$(PY) -m job bench $(ARGS)
 
 # The GPU figures of BENCHMARKS.md in one call (one H100/H200): the CUDA-only tests, then one JSON line per
-# configuration appended to BENCH_LOG. On a machine without the venv: make bench-gpu PY=python3
+# configuration appended to BENCH_LOG. On a machine without the venv: make bench-gpu PY=python3 (TOKENIZER=
+# a folder made by `python -m job tokenizer --vocab-size 42437` skips training the BPE there).
 BENCH_LOG ?= output/bench-gpu.jsonl
-BENCH = set -o pipefail; $(PY) -m job bench --config h100 --synthetic
+BENCH = set -o pipefail; $(PY) -m job bench --config h100 --synthetic $(if $(TOKENIZER),--tokenizer $(TOKENIZER))
 bench-gpu: $(if $(filter $(VENV)/bin/python,$(PY)),setup) ## On a GPU: CUDA tests + the benchmark suite (JSON lines to BENCH_LOG)
 	@mkdir -p $(dir $(BENCH_LOG))
 	$(PY) -m pytest -q -rs tests/test_attention.py -k cuda
-	$(BENCH) --steps 20 --warmup 5 --compare eager | tee -a $(BENCH_LOG)
+	$(BENCH) --steps 10 --warmup 3 --compare eager | tee -a $(BENCH_LOG)
 	$(BENCH) --max-length 2048 --per-device-batch-size 8 --grad-accum 8 --steps 10 --warmup 3 --compare eager \
 		| tee -a $(BENCH_LOG)
-	$(BENCH) --steps 20 --warmup 5 --compare no-deepspeed | tee -a $(BENCH_LOG)
-	$(BENCH) --torch-compile --steps 20 --warmup 10 | tee -a $(BENCH_LOG)
+	$(BENCH) --steps 10 --warmup 3 --compare no-deepspeed | tee -a $(BENCH_LOG)
+	$(BENCH) --torch-compile --steps 10 --warmup 5 | tee -a $(BENCH_LOG)
 
 lint: setup ## ruff, hadolint on docker/Dockerfile, strict validation of the Kubernetes manifests
 	$(VENV)/bin/ruff check job tests

@@ -122,14 +122,6 @@ def bench_training(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, sto
     return result
 
 
-COMPARE = {
-    "eager": "the stock HF Bloom model: its eager attention and its full-logits loss",
-    "sdpa": "this path with --attention sdpa",
-    "flex": "this path with --attention flex",
-    "no-deepspeed": "this path with --deepspeed none (plain Trainer; DDP when distributed)",
-}
-
-
 def baseline(cfg: RunConfig, compare: str, output: Path) -> tuple[RunConfig, bool]:
     """The (config, stock) of the `--compare` run: only the compared setting differs."""
     base = dataclasses.replace(cfg, output_dir=str(output / "baseline"))

@@ -109,8 +109,8 @@ def token_ids_function(tokenizer):
     """texts -> token ids without specials, where a literal "</s>" in the text is text, never a second eos.
 
     A fast tokenizer is called through a private copy of its Rust tokenizer (`encode_batch_fast`: no offsets,
-    no per-document Python objects), the same ids as `tokenizer(texts, add_special_tokens=False,
-    split_special_tokens=True)`, which is what any other tokenizer gets.
+    no transformers `BatchEncoding`), which gives the same ids as `tokenizer(texts, add_special_tokens=False,
+    split_special_tokens=True)`, what any other tokenizer gets.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "encode_batch_fast"):
@@ -137,8 +137,9 @@ def _encoder(tokenizer, max_length: int, packing: bool):
         if not packing:  # one row each: a document that does not fit is cut and gets no eos (it never ended there)
             docs = [d if len(d) < max_length else d[:max_length] for d in docs]
         ids = pa.array(docs, pa.list_(pa.int32()))  # one C++ pass over the lists, then numpy without copies
-        ends = ids.offsets.to_numpy()[1:]
-        ended = np.ones(len(docs), bool) if packing else np.diff(ids.offsets.to_numpy()) < max_length
+        starts_and_ends = ids.offsets.to_numpy()
+        ends = starts_and_ends[1:]
+        ended = np.ones(len(docs), bool) if packing else np.diff(starts_and_ends) < max_length
         values = np.insert(ids.values.to_numpy(), ends[ended], np.int32(eos))  # eos right after its document
         offsets = np.concatenate([[0], ends + np.cumsum(ended)]).astype(np.int32)
         rows = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))

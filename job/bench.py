@@ -165,7 +165,7 @@ def run_bench(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, compare:
                         "torch_compile",
                     )
                 },
-                "zero_stage": (cfg.deepspeed_config() or {}).get("zero_optimization", {}).get("stage"),
+                "zero_stage": cfg.zero_stage_in_use(),
             },
         }
         if compare:

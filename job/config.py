@@ -184,6 +184,11 @@ class RunConfig:
         tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         tmp.replace(path)
 
+    def zero_stage_in_use(self) -> int | None:
+        """The ZeRO stage this run trains with (DeepSpeed's default 0 if the file sets none); None without DeepSpeed."""
+        ds = self.deepspeed_config()
+        return None if ds is None else ds["zero_optimization"].get("stage", 0)
+
     def deepspeed_config(self) -> dict[str, Any] | None:
         """The DeepSpeed config this run uses: the file, with `--zero-stage` applied and checked."""
         if not self.uses_deepspeed:

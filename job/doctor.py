@@ -85,9 +85,8 @@ def check_devices(cfg: RunConfig) -> Check:
 def check_deepspeed(cfg: RunConfig) -> Check:
     if not cfg.uses_deepspeed:
         return Check("deepspeed", True, "off (--deepspeed none): plain DDP")
-    ds = cfg.deepspeed_config()  # raises JobError on a bad file
+    stage = cfg.zero_stage_in_use()  # raises JobError on a bad file
     cfg.check_batch_arithmetic(processes_per_node(cfg) * cfg.nnodes)
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
     world = processes_per_node(cfg) * cfg.nnodes
     return Check(
         "deepspeed",

@@ -19,6 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from job.config import RunConfig
+from job.deepspeed_config import zero_stage_in_use
 
 DATASHEET_BF16_TFLOPS = 989.0  # H100 SXM dense bf16, the MFU denominator the field notes use
 
@@ -165,7 +166,7 @@ def run_bench(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, compare:
                         "torch_compile",
                     )
                 },
-                "zero_stage": cfg.zero_stage_in_use(),
+                "zero_stage": zero_stage_in_use(cfg),
             },
         }
         if compare:

@@ -3,6 +3,7 @@ one line on stderr naming the cause and the fix, exit code 2, no traceback unles
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from job.config import RunConfig
+from job.config import RunConfig, field_meta, flag
 from job.errors import EXIT_BAD_INPUT, JobError
 
 DATA_FIELDS = [
@@ -32,27 +33,35 @@ DATA_FIELDS = [
 ]
 MODEL_FIELDS = ["model", "tokenizer", "preset", "attention", "trust_remote_code"]
 TRAIN_FIELDS = [f for f in RunConfig.field_names() if f != "prompts"]
-HELP = {
-    "data": "corpus: save_to_disk folder, .json/.jsonl/.parquet files or glob, or hub id (default: built-in)",
-    "prepared": "a folder written by `prepare` (skips preparation)",
-    "model": "local HF Bloom folder to continue from (default: random init from --preset)",
-    "tokenizer": "HF tokenizer folder (default: the model's, else the built-in BPE)",
-    "deepspeed": "DeepSpeed JSON file, or 'none' for plain DDP",
-    "resume": "auto (newest complete checkpoint), never, or a checkpoint folder",
-    "nproc": "processes per node (default: every visible GPU, 1 without)",
-    "attention": "auto | eager | sdpa | flex",
-    "preset": "tiny | bloom-389m-zh (random init when no --model)",
-}
 
 
 def _option(name: str):
+    """The Click option of a RunConfig field, from its type and metadata (None = not given)."""
+    meta = field_meta(name)
     hint = typing.get_type_hints(RunConfig)[name]
-    flag = "--" + name.replace("_", "-")
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     base = next(t for t in options if t is not type(None))
+    default = next(f for f in dataclasses.fields(RunConfig) if f.name == name).default
+    shown = {"show_default": str(default)} if default not in (None, dataclasses.MISSING) else {}
     if base is bool:
-        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=HELP.get(name))
-    return click.option(flag, name, type=base, default=None, help=HELP.get(name))
+        return click.option(f"{flag(name)}/--no-{flag(name)[2:]}", name, default=None, help=meta["help"], **shown)
+    if typing.get_origin(base) is typing.Literal:
+        return click.option(flag(name), name, type=click.Choice(typing.get_args(base)), help=meta["help"], **shown)
+    if typing.get_origin(base) is dict:  # training_args: --training-arg NAME=VALUE, repeatable
+        return click.option(
+            "--training-arg", name, multiple=True, callback=_name_values, metavar="NAME=VALUE", help=meta["help"]
+        )
+    return click.option(flag(name), name, type=base, default=None, help=meta["help"], **shown)
+
+
+def _name_values(ctx, param, values: tuple[str, ...]) -> dict[str, str] | None:
+    pairs = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", ctx, param)
+        pairs[name.strip()] = value
+    return pairs or None
 
 
 def config_options(fields: list[str]):
@@ -122,8 +131,9 @@ def prepare(config, output, **values):
 def tokenizer(data, text_column, vocab_size, output):
     """Train a Bloom-style byte-level BPE on a corpus."""
     from job.corpus import TEXT, load_corpus
-    from job.tokenizer import train_tokenizer
+    from job.tokenizer import check_new_folder, train_tokenizer
 
+    check_new_folder(Path(output))  # before reading the corpus: a wrong --output fails in a second
     corpus = load_corpus(data, text_column)
     tok = train_tokenizer((row[TEXT] for row in corpus.rows), vocab_size, Path(output))
     click.echo(json.dumps({"output": output, "vocab_size": len(tok), "eos": tok.eos_token, "pad": tok.pad_token}))
@@ -158,41 +168,13 @@ def worker(config, local_rank):
 @cli.command()
 @config_options(TRAIN_FIELDS)
 def doctor(config, **values):
-    """Preflight: GPUs, /dev/shm, disk, caches, data, tokenizer, DeepSpeed config and batch arithmetic."""
+    """Preflight: every check `train` runs first (devices, DeepSpeed, output, data, tokenizer, model, memory, disk)."""
     from job.doctor import format_table, run_checks
 
     cfg = _load(config, values)
-    results = run_checks(cfg, extra=_input_checks(cfg))
+    results, _ = run_checks(cfg)
     click.echo(format_table(results))
     sys.exit(0 if all(r.ok for r in results) else EXIT_BAD_INPUT)
-
-
-def _input_checks(cfg: RunConfig):
-    from job.doctor import Check, check_disk, model_parameters
-
-    state = {}
-
-    def data():
-        from job.corpus import load_corpus
-        from job.prepare import read_prepared_stats
-
-        if cfg.prepared:
-            stats = read_prepared_stats(cfg.prepared)
-            return Check("data", True, f"prepared: {stats['rows']} rows of <= {stats['max_length']} tokens")
-        corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
-        return Check("data", True, f"{corpus.name}: {len(corpus.rows)} documents, column {cfg.text_column!r}")
-
-    def tokenizer():
-        from job.tokenizer import resolve_tokenizer
-
-        state["tokenizer"] = tok = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
-        return Check("tokenizer", True, f"{len(tok)} tokens, eos {tok.eos_token_id}, pad {tok.pad_token_id}")
-
-    def disk():
-        tok = state.get("tokenizer")
-        return check_disk(cfg, model_parameters(cfg, len(tok) if tok else None))
-
-    return [data, tokenizer, disk]
 
 
 @cli.command()
@@ -209,9 +191,9 @@ def _input_checks(cfg: RunConfig):
 def generate(model, prompts, prompts_file, as_json, **sampling):
     """Generate continuations for prompts (batched, left-padded)."""
     from job.generate import generate as run_generate
-    from job.generate import load_for_inference
+    from job.generate import load_for_inference, read_prompts
 
-    texts = list(prompts) + (Path(prompts_file).read_text(encoding="utf-8").splitlines() if prompts_file else [])
+    texts = list(prompts) + (read_prompts(Path(prompts_file)) if prompts_file else [])
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise JobError("no prompt given", "pass --prompt TEXT or --prompts-file FILE")

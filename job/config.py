@@ -1,8 +1,12 @@
 """The one typed run config.
 
 Defaults < recipe or JSON file (`--config`) < CLI flags. The effective config is written to
-`OUTPUT/run_config.json`, every worker of a multi-process run reads that same file, and it
-renders both the `TrainingArguments` and the DeepSpeed config, so the two can never disagree.
+`OUTPUT/run_config.json` and every worker of a multi-process run reads that same file.
+
+Each field is declared once, with `opt(default, help, ...)`: its help text (the CLI option's), its allowed
+values (a `Literal` type becomes a Click choice), the range it must fall in, whether a resumed run may change
+it, and whether it names a path (compared after resolving). The CLI, the validation and the resume check all
+read that metadata; nothing else lists fields.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import json
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from job.errors import JobError
 
@@ -22,8 +27,11 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 RECIPES_DIR = PACKAGE_DIR / "recipes"
 REPO_DIR = PACKAGE_DIR.parent
 DEFAULT_DS_CONFIG = REPO_DIR / "ds_config.json"
-PRESETS = ("tiny", "bloom-389m-zh")
-ATTENTIONS = ("auto", "eager", "sdpa", "flex")
+# The names of job.model.PRESET_SHAPES and auto + job.attention.KINDS (tests/test_config.py holds them equal);
+# here so that the CLI lists them without importing torch.
+Preset = Literal["tiny", "bloom-389m-zh"]
+Attention = Literal["auto", "eager", "sdpa", "flex"]
+Device = Literal["auto", "cuda", "cpu"]
 # Keys whose values may be credentials: never written to run_config.json or logs.
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 
@@ -33,60 +41,134 @@ def cache_root() -> Path:
     return Path(os.environ.get("JOB_CACHE", Path.home() / ".cache" / "job"))
 
 
+# ------------------------------------------------------------------------------------------ field metadata
+Bound = tuple[Callable[[Any], bool], str]
+
+
+def at_least(n: float) -> Bound:
+    return (lambda v: v >= n, f"at least {n}")
+
+
+def above(n: float) -> Bound:
+    return (lambda v: v > n, f"above {n}")
+
+
+def between(low: float, high: float) -> Bound:
+    """low <= v < high."""
+    return (lambda v: low <= v < high, f"in [{low}, {high})")
+
+
+def opt(
+    default: Any,
+    help: str,
+    *,
+    resumable: bool = False,
+    bound: Bound | None = None,
+    path: bool = False,
+    factory: Callable[[], Any] | None = None,
+):
+    """A RunConfig field: default, CLI help, whether a resumed run may change it, its range, whether it is a path."""
+    metadata = {"help": help, "resumable": resumable, "bound": bound, "path": path}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class RunConfig:
     # --- data (prepare) ---
-    data: str | None = None  # None: the built-in People's Daily corpus
-    text_column: str = "completion"
-    max_samples: int | None = None  # first N documents, deterministic
-    eval_fraction: float = 0.02  # documents held out for evaluation (0 disables)
-    max_length: int = 256
-    packing: bool = True
-    num_proc: int = 1
-    prepared: str | None = None  # a folder written by `prepare`; skips preparation
+    data: str | None = opt(
+        None,
+        "corpus: save_to_disk folder, .json/.jsonl(.gz)/.parquet files, folder or glob, or hub id "
+        "(default: built-in People's Daily)",
+        path=True,
+    )
+    text_column: str = opt("completion", "the column holding the documents' text")
+    max_samples: int | None = opt(None, "use the first N documents (deterministic)", bound=at_least(1))
+    eval_fraction: float = opt(0.02, "fraction of documents held out for evaluation (0 disables)", bound=between(0, 1))
+    max_length: int = opt(256, "tokens per training row", bound=at_least(2))
+    packing: bool = opt(True, "pack documents into full rows (else one truncated document per row)")
+    num_proc: int = opt(1, "processes for tokenization", resumable=True, bound=at_least(1))
+    prepared: str | None = opt(None, "a folder written by `prepare` (skips preparation)", resumable=True, path=True)
     # --- tokenizer and model ---
-    tokenizer: str | None = None  # None: the model's own, else the built-in BPE
-    vocab_size: int = 8000  # for the built-in BPE
-    model: str | None = None  # local HF folder; None: random init from `preset`
-    preset: str = "tiny"
-    attention: str = "auto"
-    trust_remote_code: bool = False
+    tokenizer: str | None = opt(
+        None, "HF tokenizer folder (default: the model's, else the built-in BPE)", resumable=True, path=True
+    )  # resumable as a path: the tokenizer's fingerprint is what a resume compares
+    vocab_size: int = opt(8000, "vocabulary of the built-in BPE", bound=at_least(260))
+    model: str | None = opt(
+        None, "local HF Bloom folder to continue from (default: random init from --preset)", path=True
+    )
+    preset: Preset = opt("tiny", "model shape for a random init (when no --model)")
+    attention: Attention = opt("auto", "attention kernel (auto: flex on CUDA, sdpa on CPU)")
+    trust_remote_code: bool = opt(False, "allow a model folder's own Python code (Bloom-like models)")
     # --- training ---
-    output_dir: str = "output/run"
-    per_device_batch_size: int = 16
-    grad_accum: int = 4
-    epochs: float = 1.0
-    max_steps: int = -1
-    learning_rate: float = 2e-3
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
-    adam_beta2: float = 0.95  # the usual LM pre-training value; 0.999 adapts too slowly early on
-    max_grad_norm: float = 1.0
-    logging_steps: int = 10
-    eval_steps: int = 0  # 0: evaluate at the start and the end only
-    eval_batches: int = 0  # cap on held-out batches per evaluation (0: all)
-    save_steps: int = 500
-    save_total_limit: int = 2
-    bf16: bool = False
-    seed: int = 42
-    torch_compile: bool = False
-    dataloader_workers: int = 2
-    report_to: str = "tensorboard"
-    max_nonfinite_steps: int = 3
+    output_dir: str = opt("output/run", "run folder: run_config.json, checkpoints, final/, report", path=True)
+    per_device_batch_size: int = opt(16, "rows per device per micro-step", bound=at_least(1))
+    grad_accum: int = opt(4, "micro-steps per optimizer step", bound=at_least(1))
+    epochs: float = opt(1.0, "passes over the data (when --max-steps is not set)", resumable=True, bound=at_least(0))
+    max_steps: int = opt(
+        -1,
+        "optimizer steps to train (-1: from --epochs)",
+        resumable=True,
+        bound=(lambda v: v == -1 or v >= 1, "-1 or at least 1"),
+    )
+    learning_rate: float = opt(2e-3, "peak learning rate", bound=above(0))
+    lr_scheduler: str = opt("cosine", "learning-rate schedule: a transformers SchedulerType (linear, cosine, ...)")
+    warmup_steps: int = opt(10, "steps of linear warm-up", bound=at_least(0))
+    weight_decay: float = opt(0.01, "AdamW weight decay", bound=at_least(0))
+    adam_beta2: float = opt(
+        0.95, "AdamW beta2 (0.95, usual for LM pre-training; 0.999 adapts too slowly early on)", bound=between(0, 1)
+    )
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", bound=at_least(0))
+    logging_steps: int = opt(10, "log every N steps", resumable=True, bound=at_least(1))
+    eval_steps: int = opt(
+        0, "evaluate every N steps (0: at the start and the end only)", resumable=True, bound=at_least(0)
+    )
+    eval_batches: int = opt(0, "held-out batches per evaluation (0: all)", resumable=True, bound=at_least(0))
+    save_steps: int = opt(500, "checkpoint every N steps", resumable=True, bound=at_least(1))
+    save_total_limit: int = opt(2, "complete checkpoints kept", resumable=True, bound=at_least(1))
+    bf16: bool = opt(False, "bf16 mixed precision")
+    seed: int = opt(42, "seed for init, data order and the eval split", bound=at_least(0))
+    torch_compile: bool = opt(False, "torch.compile the model")
+    dataloader_workers: int = opt(2, "DataLoader worker processes per rank", resumable=True, bound=at_least(0))
+    report_to: str = opt(
+        "tensorboard", "logging integrations, comma-separated (tensorboard, wandb, ...; none: off)", resumable=True
+    )
+    max_nonfinite_steps: int = opt(
+        3, "stop as diverged after N optimizer steps in a row with a non-finite loss", resumable=True, bound=at_least(1)
+    )
+    training_args: dict[str, Any] = opt(
+        None,
+        "other transformers TrainingArguments, NAME=VALUE (repeatable), e.g. ddp_timeout=3600",
+        factory=dict,
+    )
     # --- distributed ---
-    device: str = "auto"  # auto: CUDA when visible, else CPU; "cuda" insists on GPUs
-    deepspeed: str = str(DEFAULT_DS_CONFIG)  # a path, or "none" for plain DDP
-    zero_stage: int | None = None  # overrides the file's zero_optimization.stage
-    nproc: int | None = None  # None: every visible GPU, 1 without one
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int | None = None  # None: a free port on one node, 29500 across nodes
-    resume: str = "auto"  # auto | never | a checkpoint folder
-    shutdown_timeout_s: int = 600  # a signalled run gets this long to checkpoint
+    device: Device = opt("auto", "auto: CUDA when visible, else CPU; cuda insists on GPUs", resumable=True)
+    deepspeed: str = opt(str(DEFAULT_DS_CONFIG), "DeepSpeed JSON file, or none for plain DDP", path=True)
+    zero_stage: int | None = opt(None, "ZeRO stage 0-3 (overrides the DeepSpeed file's)", bound=between(0, 4))
+    nproc: int | None = opt(
+        None, "processes per node (default: every visible GPU, 1 without)", resumable=True, bound=at_least(1)
+    )
+    nnodes: int = opt(1, "nodes", resumable=True, bound=at_least(1))
+    node_rank: int = opt(0, "this node's rank, 0 to nnodes-1", resumable=True, bound=at_least(0))
+    master_addr: str = opt("127.0.0.1", "rendezvous host (node 0)", resumable=True)
+    master_port: int | None = opt(
+        None,
+        "rendezvous port (default: a free one on one node, 29500 across nodes)",
+        resumable=True,
+        bound=(lambda v: 1 <= v <= 65535, "a port, 1-65535"),
+    )
+    resume: str = opt(
+        "auto", "auto (newest complete checkpoint), never, or a checkpoint folder", resumable=True, path=True
+    )
+    shutdown_timeout_s: int = opt(600, "seconds a signalled run gets to checkpoint", resumable=True, bound=at_least(1))
     # --- report ---
-    prompts: list[str] = field(default_factory=lambda: ["下面是一则新闻，", "中国的经济", "北京"])
+    prompts: list[str] = opt(
+        None,
+        "prompts for the report's samples",
+        resumable=True,
+        factory=lambda: ["下面是一则新闻，", "中国的经济", "北京"],
+    )
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -99,7 +181,11 @@ class RunConfig:
         values: dict[str, Any] = {}
         if config:
             values.update(read_config_file(config))
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                values[key] = {**values[key], **value}  # --training-arg adds to the file's training_args
+            elif value is not None:
+                values[key] = value
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
             raise JobError(
@@ -113,61 +199,37 @@ class RunConfig:
         return cfg
 
     def validate(self) -> None:
+        """Each field's range (from its metadata), then the rules that tie fields together."""
+        for f in dataclasses.fields(self):
+            value, bound = getattr(self, f.name), f.metadata["bound"]
+            if bound is not None and value is not None and not bound[0](value):
+                raise JobError(
+                    f"{flag(f.name)} {value} is not {bound[1]}", f"{flag(f.name)} is the {f.metadata['help']}"
+                )
+
         def need(ok: bool, cause: str, fix: str) -> None:
             if not ok:
                 raise JobError(cause, fix)
 
         need(
-            self.max_length >= 2,
-            f"--max-length {self.max_length} is below 2",
-            "a causal LM needs at least one token and its next one; use e.g. --max-length 384",
-        )
-        need(
-            0.0 <= self.eval_fraction < 1.0,
-            f"--eval-fraction {self.eval_fraction} is outside [0, 1)",
-            "use e.g. 0.02 to hold out 2% of the documents",
-        )
-        need(self.preset in PRESETS, f"unknown --preset {self.preset!r}", f"choose one of {', '.join(PRESETS)}")
-        need(
-            self.attention in ATTENTIONS,
-            f"unknown --attention {self.attention!r}",
-            f"choose one of {', '.join(ATTENTIONS)}",
-        )
-        for name in ("per_device_batch_size", "grad_accum", "num_proc", "logging_steps", "save_steps", "nnodes"):
-            need(
-                getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1", f"got {getattr(self, name)}"
-            )
-        need(
-            self.max_samples is None or self.max_samples >= 1,
-            "--max-samples must be at least 1",
-            "leave it out to use every document",
-        )
-        need(
             self.epochs > 0 or self.max_steps > 0,
             "nothing to train: --epochs is 0 and --max-steps is not set",
             "set --epochs or --max-steps",
         )
-        need(self.nproc is None or self.nproc >= 1, "--nproc must be at least 1", f"got {self.nproc}")
         need(
-            0 <= self.node_rank < self.nnodes,
+            self.node_rank < self.nnodes,
             f"--node-rank {self.node_rank} is not below --nnodes {self.nnodes}",
             "node ranks run from 0 to nnodes-1",
         )
         need(
-            self.zero_stage in (None, 0, 1, 2, 3),
-            f"--zero-stage {self.zero_stage} is not 0-3",
-            "use 1, 2 or 3 (or --deepspeed none)",
+            self.zero_stage is None or self.uses_deepspeed,
+            f"--zero-stage {self.zero_stage} has no effect with --deepspeed none",
+            "leave --zero-stage out, or name a DeepSpeed file",
         )
         need(
             self.resume in ("auto", "never") or Path(self.resume).is_dir(),
             f"--resume {self.resume!r} is neither auto, never nor a checkpoint folder",
             "use --resume auto to continue from the newest complete checkpoint",
-        )
-        need(self.device in ("auto", "cuda", "cpu"), f"unknown --device {self.device!r}", "use auto, cuda or cpu")
-        need(
-            self.master_port is None or 1 <= self.master_port <= 65535,
-            f"--master-port {self.master_port} is not a port",
-            "use 1-65535",
         )
 
     # ------------------------------------------------------------------ rendering
@@ -184,104 +246,33 @@ class RunConfig:
         tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         tmp.replace(path)
 
-    def zero_stage_in_use(self) -> int | None:
-        """The ZeRO stage this run trains with (DeepSpeed's default 0 if the file sets none); None without DeepSpeed."""
-        ds = self.deepspeed_config()
-        return None if ds is None else ds["zero_optimization"].get("stage", 0)
 
-    def deepspeed_config(self) -> dict[str, Any] | None:
-        """The DeepSpeed config this run uses: the file, with `--zero-stage` applied and checked."""
-        if not self.uses_deepspeed:
-            return None
-        ds = read_deepspeed_file(self.deepspeed)
-        zero = ds.setdefault("zero_optimization", {})
-        if self.zero_stage is not None:
-            zero["stage"] = self.zero_stage
-        if zero.get("stage") == 3:
-            # Without this ZeRO-3 saves no usable weights (a known trap).
-            zero["stage3_gather_16bit_weights_on_model_save"] = True
-        else:
-            for key in [k for k in zero if k.startswith("stage3_")]:
-                zero.pop(key)
-        for key, ours in (("bf16", self.bf16), ("fp16", False)):
-            section = ds.get(key)
-            if isinstance(section, dict) and section.get("enabled") not in ("auto", ours):
-                raise JobError(
-                    f"{self.deepspeed} sets {key}.enabled={section['enabled']} but this run has --bf16={self.bf16}",
-                    f'set "{key}": {{"enabled": "auto"}} in the DeepSpeed file',
-                )
-        return ds
+def flag(name: str) -> str:
+    """The CLI flag of a RunConfig field."""
+    return "--" + name.replace("_", "-")
 
-    def check_batch_arithmetic(self, world_size: int) -> None:
-        """DeepSpeed refuses train_batch_size != micro x accum x world; say so before any process starts."""
-        ds = self.deepspeed_config()
-        if not ds:
-            return
-        micro, accum = ds.get("train_micro_batch_size_per_gpu", "auto"), ds.get("gradient_accumulation_steps", "auto")
-        total = ds.get("train_batch_size", "auto")
-        if micro not in ("auto", self.per_device_batch_size):
-            raise JobError(
-                f"{self.deepspeed} sets train_micro_batch_size_per_gpu={micro} but "
-                f"--per-device-batch-size is {self.per_device_batch_size}",
-                'set it to "auto" in the DeepSpeed file so the run config decides',
-            )
-        if accum not in ("auto", self.grad_accum):
-            raise JobError(
-                f"{self.deepspeed} sets gradient_accumulation_steps={accum} but --grad-accum is {self.grad_accum}",
-                'set it to "auto" in the DeepSpeed file',
-            )
-        expected = self.per_device_batch_size * self.grad_accum * world_size
-        if total not in ("auto", expected):
-            raise JobError(
-                f"{self.deepspeed} sets train_batch_size={total} but batch {self.per_device_batch_size}"
-                f" x accumulation {self.grad_accum} x {world_size} processes = {expected}",
-                'set train_batch_size to "auto" or make the three agree',
-            )
 
-    def training_arguments(self, use_cpu: bool):
-        """The `TrainingArguments` for this run (imported lazily: transformers is slow to import)."""
-        from transformers import TrainingArguments
+def field_meta(name: str) -> dict[str, Any]:
+    return next(f.metadata for f in dataclasses.fields(RunConfig) if f.name == name)
 
-        eval_on = self.eval_fraction > 0
-        return TrainingArguments(
-            output_dir=self.output_dir,
-            per_device_train_batch_size=self.per_device_batch_size,
-            per_device_eval_batch_size=self.per_device_batch_size,
-            gradient_accumulation_steps=self.grad_accum,
-            num_train_epochs=self.epochs,
-            max_steps=self.max_steps,
-            learning_rate=self.learning_rate,
-            lr_scheduler_type=self.lr_scheduler,
-            warmup_steps=self.warmup_steps,
-            weight_decay=self.weight_decay,
-            adam_beta2=self.adam_beta2,
-            max_grad_norm=self.max_grad_norm,
-            logging_steps=self.logging_steps,
-            logging_first_step=True,
-            eval_strategy="steps" if eval_on and self.eval_steps > 0 else "no",
-            eval_on_start=eval_on,  # the held-out loss before any update: the curve's first point
-            eval_steps=self.eval_steps or None,
-            save_strategy="steps",
-            save_steps=self.save_steps,
-            save_total_limit=None,  # rotation is ours: it only ever counts complete checkpoints
-            bf16=self.bf16,
-            seed=self.seed,
-            data_seed=self.seed,
-            torch_compile=self.torch_compile,
-            dataloader_num_workers=self.dataloader_workers,
-            dataloader_pin_memory=not use_cpu,
-            dataloader_persistent_workers=self.dataloader_workers > 0,
-            report_to=[] if self.report_to == "none" else [r.strip() for r in self.report_to.split(",")],
-            deepspeed=self.deepspeed_config(),
-            use_cpu=use_cpu,
-            remove_unused_columns=False,
-            include_num_input_tokens_seen="non_padding",  # real tokens, for tokens/s and MFU
-            disable_tqdm=True,  # our progress bar shows tokens/s and time left
-        )
+
+def resumable_fields() -> frozenset[str]:
+    """Fields a resumed run may change without becoming a different run."""
+    return frozenset(f.name for f in dataclasses.fields(RunConfig) if f.metadata["resumable"])
+
+
+def comparable(name: str, value: Any) -> Any:
+    """A field's value as two runs are compared: a path that exists is resolved (trailing slash, ./, relative)."""
+    if field_meta(name)["path"] and isinstance(value, str) and value not in ("auto", "never", "none"):
+        path = Path(value).expanduser()
+        return str(path.resolve()) if path.exists() or path.parent.exists() else value
+    return value
 
 
 # ---------------------------------------------------------------------- files
 def read_json(path: Path, what: str) -> Any:
+    if path.is_dir():
+        raise JobError(f"{what} {path} is a folder, not a JSON file", "pass the path of the JSON file itself")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -307,71 +298,6 @@ def read_config_file(name_or_path: str) -> dict[str, Any]:
     return {k: v for k, v in values.items() if not k.startswith("_")}  # "_comment" keys are documentation
 
 
-# Top-level keys DeepSpeed's config model accepts; anything else is most likely a typo.
-DEEPSPEED_KEYS = {
-    "train_batch_size",
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "gradient_clipping",
-    "optimizer",
-    "scheduler",
-    "fp16",
-    "bf16",
-    "amp",
-    "zero_optimization",
-    "zero_allow_untested_optimizer",
-    "zero_force_ds_cpu_optimizer",
-    "steps_per_print",
-    "wall_clock_breakdown",
-    "dump_state",
-    "prescale_gradients",
-    "gradient_predivide_factor",
-    "communication_data_type",
-    "seq_parallel_communication_data_type",
-    "sparse_gradients",
-    "activation_checkpointing",
-    "flops_profiler",
-    "tensorboard",
-    "wandb",
-    "csv_monitor",
-    "comms_logger",
-    "data_types",
-    "checkpoint",
-    "aio",
-    "elasticity",
-    "compile",
-    "memory_breakdown",
-    "torch_autocast",
-    "timers",
-    "graph_harvesting",
-    "use_data_before_expert_parallelism",
-    "disable_allgather",
-    "data_efficiency",
-    "curriculum_learning",
-    "pipeline",
-    "weight_quantization",
-    "compression_training",
-    "autotuning",
-    "nebula",
-    "load_universal_checkpoint",
-    "use_node_local_storage",
-}
-
-
-def read_deepspeed_file(path_str: str) -> dict[str, Any]:
-    path = Path(path_str)
-    ds = read_json(path, "DeepSpeed config")
-    if not isinstance(ds, dict):
-        raise JobError(f"DeepSpeed config {path} is not a JSON object", "see ds_config.json for the shape")
-    unknown = sorted(k for k in ds if k not in DEEPSPEED_KEYS and not k.startswith("_"))
-    if unknown:
-        raise JobError(
-            f"DeepSpeed config {path} has unknown key(s): {', '.join(unknown)}",
-            "fix the spelling (see https://www.deepspeed.ai/docs/config-json/)",
-        )
-    return {k: v for k, v in ds.items() if not k.startswith("_")}
-
-
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Check a config value against its field's type; JSON ints may stand for floats."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
@@ -379,10 +305,17 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return None
     for option in options:
         origin = typing.get_origin(option) or option
+        if origin is Literal:
+            choices = typing.get_args(option)
+            if value in choices:
+                return value
+            raise JobError(
+                f"{flag(name)} {value!r} is not one of {', '.join(map(str, choices))}", "choose one of those"
+            )
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if origin is list and isinstance(value, list):
-            return list(value)
+        if origin in (list, dict) and isinstance(value, origin):
+            return origin(value)
         if origin in (int, str, bool) and type(value) is origin:
             return value
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)

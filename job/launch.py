@@ -18,37 +18,30 @@ from pathlib import Path
 
 from job import checkpoints, doctor
 from job.config import RunConfig
-from job.errors import EXIT_CRASH, JobError
+from job.errors import EXIT_CRASH
 from job.train import STATUS_FILE
 
 log = logging.getLogger("job")
 
 
-def prepare_inputs(cfg: RunConfig):
-    """Check the data, tokenizer and model, then prepare the data once (CPU work, before any launch).
+def prepare_inputs(cfg: RunConfig, found: doctor.Preflight | None = None):
+    """Prepare the data once (CPU work, before any launch), reusing what the preflight checks loaded.
 
     Returns the config with `tokenizer` and `prepared` resolved to folders every worker reads, and the
-    tokenizer. Everything that can be wrong is found before anything
-    is written (the prepared data goes to the cache, never half-way).
+    tokenizer. The prepared data goes to the cache, never half-way.
     """
     from job.corpus import load_corpus
-    from job.prepare import prepare, read_prepared_stats
-    from job.tokenizer import resolve_tokenizer
+    from job.prepare import prepare, read_prepared_key, read_prepared_stats
+    from job.tokenizer import resolve_tokenizer, tokenizer_fingerprint
 
-    corpus = None if cfg.prepared else load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
-    tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
-    parameters = doctor.model_parameters(cfg, len(tokenizer))  # a broken model folder fails here
-    doctor.require(doctor.check_disk(cfg, parameters))
+    found = found or doctor.Preflight(cfg)
+    tokenizer = found.tokenizer or resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
     if cfg.prepared:
-        stats = read_prepared_stats(cfg.prepared)
-        if stats["eos_token_id"] != tokenizer.eos_token_id:
-            raise JobError(
-                f"{cfg.prepared} was prepared with eos id {stats['eos_token_id']}, the tokenizer's is "
-                f"{tokenizer.eos_token_id}",
-                "prepare the data again with this tokenizer",
-            )
-        cfg.max_length = stats["max_length"]
+        key = found.prepared_key or read_prepared_key(cfg.prepared)
+        doctor.check_prepared_tokenizer(cfg.prepared, key, tokenizer_fingerprint(tokenizer))
+        cfg.max_length = read_prepared_stats(cfg.prepared)["max_length"]
     else:
+        corpus = found.corpus or load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
         result = prepare(cfg, tokenizer, corpus=corpus)
         log.info(
             "data %s: %s (%s)",
@@ -62,18 +55,18 @@ def prepare_inputs(cfg: RunConfig):
 
 
 def train(cfg: RunConfig) -> int:
-    """Check, prepare, write the config, launch; the exit code of the run."""
-    for check in (doctor.check_devices, doctor.check_deepspeed, doctor.check_output, doctor.check_port):
-        doctor.require(check(cfg))
-    cfg, _ = prepare_inputs(cfg)
+    """Check everything, prepare, then write the config and launch; the exit code of the run."""
+    found = doctor.preflight(cfg)  # stops at the first failed check: nothing written yet
+    cfg, _ = prepare_inputs(cfg, found)
     cfg.master_port = doctor.resolve_master_port(cfg)
 
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    if cfg.node_rank == 0:
+    if cfg.node_rank == 0:  # the folder is this job's (doctor.check_output): its own partial saves only
         for path in checkpoints.remove_incomplete(output):
             log.warning("removed incomplete checkpoint %s (a save was interrupted)", path)
     (output / STATUS_FILE).unlink(missing_ok=True)
+    (output / doctor.INPUTS_FILE).write_text(json.dumps(found.fingerprints, indent=2) + "\n")
     cfg.write(output / "run_config.json")
 
     nproc = doctor.processes_per_node(cfg)

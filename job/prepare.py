@@ -15,6 +15,8 @@ Layouts:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import shutil
@@ -61,18 +63,43 @@ def prepare(cfg: RunConfig, tokenizer, output: str | None = None, corpus: Corpus
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     target = Path(output) if output else cache_root() / "prepared" / f"{corpus.name}-{digest}"
-    if (target / KEY_FILE).exists():
-        if json.loads((target / KEY_FILE).read_text()) == key:
-            return Prepared(target, json.loads((target / STATS_FILE).read_text()), cache_hit=True)
-        raise JobError(
-            f"{target} holds data prepared with other settings",
-            "choose another --output, or delete that folder to re-prepare",
-        )
-    if target.exists() and any(target.iterdir()):
-        raise JobError(f"{target} exists and is not a prepared dataset", "choose an empty or new --output folder")
-
+    if target.exists() and not target.is_dir():
+        raise JobError(f"{target} is a file", "choose a new or empty --output folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    with _key_lock(target):  # several processes or nodes on one key: one writes, the others wait and reuse
+        if (target / KEY_FILE).exists():
+            if json.loads((target / KEY_FILE).read_text()) == key:
+                return Prepared(target, json.loads((target / STATS_FILE).read_text()), cache_hit=True)
+            raise JobError(
+                f"{target} holds data prepared with other settings",
+                "choose another --output, or delete that folder to re-prepare",
+            )
+        if target.exists() and any(target.iterdir()):
+            raise JobError(f"{target} exists and is not a prepared dataset", "choose an empty or new --output folder")
+        for stale in target.parent.glob(f".{target.name}{STAGING}*"):  # ours, left by a killed prepare
+            shutil.rmtree(stale, ignore_errors=True)  # (its writer held this lock: it is gone)
+        stats = _write(target, corpus, cfg, tokenizer, key)
+    return Prepared(target, stats, cache_hit=False)
+
+
+STAGING = ".staging-"  # `.NAME.staging-XXXX`: the only folders next to a target that prepare ever deletes
+
+
+@contextlib.contextmanager
+def _key_lock(target: Path):
+    """An exclusive `flock` on `.NAME.lock` next to the target (a shared cache volume: every node sees it);
+    the kernel releases it when its holder dies, so a killed prepare never blocks the next."""
+    with open(target.parent / f".{target.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write(target: Path, corpus: Corpus, cfg: RunConfig, tokenizer, key: dict) -> dict:
+    """Tokenize into a staging folder, then rename it into place (a reader sees all of it or nothing)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING}", dir=target.parent))
     try:
         splits, stats = _tokenize_and_layout(corpus.rows, cfg, tokenizer, staging)
         stats["corpus"] = corpus.name
@@ -87,15 +114,16 @@ def prepare(cfg: RunConfig, tokenizer, output: str | None = None, corpus: Corpus
         (staging / KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")  # written last: marks it complete
         if target.exists():
             target.rmdir()  # empty, checked above
-        try:
-            staging.rename(target)
-        except OSError:  # another node prepared the same key meanwhile (shared cache): use theirs
-            if not (target / KEY_FILE).exists() or json.loads((target / KEY_FILE).read_text()) != key:
-                raise
-            return Prepared(target, json.loads((target / STATS_FILE).read_text()), cache_hit=True)
+        staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return Prepared(target, stats, cache_hit=False)
+    return stats
+
+
+def read_prepared_key(path: str) -> dict[str, Any]:
+    """What a prepared folder was made from (corpus and tokenizer fingerprints, layout)."""
+    read_prepared_stats(path)
+    return json.loads((Path(path) / KEY_FILE).read_text())
 
 
 def read_prepared_stats(path: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output: Path):
 
     if vocab_size < len(SPECIALS) + 256:
         raise JobError(f"--vocab-size {vocab_size} is too small", "a byte-level BPE needs at least 260 entries")
+    check_new_folder(output)
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -117,13 +118,21 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def check_new_folder(output: Path) -> None:
+    """The tokenizer is written to a new or empty folder: the job never replaces what it did not write."""
+    if output.exists() and not output.is_dir():
+        raise JobError(f"--output {output} is a file", "pass a folder for the tokenizer (new or empty)")
+    if output.is_dir() and any(output.iterdir()):
+        raise JobError(f"--output {output} is not empty", "pass a new or empty folder for the tokenizer")
+
+
 def _save_atomically(tokenizer, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         tokenizer.save_pretrained(str(staging))
         if output.exists():
-            shutil.rmtree(output)
+            output.rmdir()  # empty (check_new_folder)
         staging.rename(output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

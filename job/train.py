@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, set_seed
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from job import checkpoints
 from job.config import RunConfig
@@ -30,6 +30,103 @@ from job.tokenizer import load_tokenizer
 log = logging.getLogger("job")
 STATUS_FILE = "exit_status.json"  # rank 0's verdict, read by the launcher (torchrun exits 0/1 only)
 SAMPLES_BEFORE = "samples_before.json"
+
+
+def run_training_arguments(cfg: RunConfig, use_cpu: bool, deepspeed: dict | None = None) -> dict:
+    """The `TrainingArguments` values the run config owns (`--training-arg` may not set these)."""
+    eval_on = cfg.eval_fraction > 0
+    return dict(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        per_device_eval_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        adam_beta2=cfg.adam_beta2,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if eval_on and cfg.eval_steps > 0 else "no",
+        eval_on_start=eval_on,  # the held-out loss before any update: the curve's first point
+        eval_steps=cfg.eval_steps or None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=None,  # rotation is ours: it only ever counts complete checkpoints
+        bf16=cfg.bf16,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        torch_compile=cfg.torch_compile,
+        dataloader_num_workers=cfg.dataloader_workers,
+        dataloader_pin_memory=not use_cpu,
+        dataloader_persistent_workers=cfg.dataloader_workers > 0,
+        report_to=[] if cfg.report_to == "none" else [r.strip() for r in cfg.report_to.split(",")],
+        deepspeed=deepspeed,
+        use_cpu=use_cpu,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",  # real tokens, for tokens/s and MFU
+        disable_tqdm=True,  # our progress bar shows tokens/s and time left
+    )
+
+
+def extra_training_arguments(cfg: RunConfig, owned: dict) -> dict:
+    """`training_args` (`--training-arg NAME=VALUE`): TrainingArguments fields the run config does not own, each
+    value coerced to its field's type (a command line gives strings)."""
+    import types
+    import typing
+
+    from job.errors import JobError
+
+    hints = typing.get_type_hints(TrainingArguments)
+    extra = {}
+    for name, value in cfg.training_args.items():
+        if name not in hints:
+            raise JobError(f"--training-arg {name} is not a TrainingArguments field", "check the name in its docs")
+        if name in owned:
+            raise JobError(
+                f"--training-arg {name} is set by the run config",
+                "use the run's own option instead (see `python -m job train --help`)",
+            )
+        hint = hints[name]
+        kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        extra[name] = _coerce_argument(name, value, kinds)
+    return extra
+
+
+def _coerce_argument(name: str, value, kinds: tuple):
+    import typing
+
+    from job.errors import JobError
+
+    if value is None and type(None) in kinds:
+        return None
+    if isinstance(value, str):  # from the command line: the first scalar type the field takes that parses
+        for kind in (bool, int, float):
+            if kind in kinds:
+                try:
+                    return {"true": True, "false": False}[value.lower()] if kind is bool else kind(value)
+                except (KeyError, ValueError):
+                    pass
+    for kind in kinds:
+        base = typing.get_origin(kind) or kind
+        if base is float and type(value) is int:
+            return float(value)
+        if isinstance(base, type) and isinstance(value, base) and (base is bool) == isinstance(value, bool):
+            return value
+    raise JobError(
+        f"--training-arg {name}={value!r} does not fit its type", f"{name} takes {' | '.join(map(str, kinds))}"
+    )
+
+
+def training_arguments(cfg: RunConfig, use_cpu: bool):
+    """The `TrainingArguments` for this run: the run config's values plus its checked `training_args`."""
+    from job.deepspeed_config import deepspeed_config
+
+    owned = run_training_arguments(cfg, use_cpu, deepspeed_config(cfg))
+    return TrainingArguments(**owned, **extra_training_arguments(cfg, owned))
 
 
 class StopCallback(TrainerCallback):
@@ -123,7 +220,7 @@ def build_trainer(cfg: RunConfig, data=None, callbacks: list[TrainerCallback] | 
 
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "tensorboard"))
-    args = cfg.training_arguments(use_cpu=use_cpu)  # sets up the process group / DeepSpeed state
+    args = training_arguments(cfg, use_cpu=use_cpu)  # sets up the process group / DeepSpeed state
     if args.deepspeed:
         import deepspeed
 

@@ -63,8 +63,10 @@ def _busy_port(world: Path) -> str:
 
 
 def _previous_run(world: Path, **values) -> None:
+    """A run of this job with a complete checkpoint (something to resume)."""
     out = world / "out"
-    out.mkdir()
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "COMPLETE").write_text("{}")
     (out / "run_config.json").write_text(json.dumps({"max_length": 999, **values}))
 
 
@@ -97,7 +99,7 @@ CASES = {
         lambda w: (w / "gbk.jsonl").write_bytes('{"completion": "中文"}\n'.encode("gbk")),
         "not UTF-8",
     ),
-    "max length below 2": (["--max-length", "1"], None, "below 2"),
+    "max length below 2": (["--max-length", "1"], None, "is not at least 2"),
     "tokenizer without eos": (
         ["--tokenizer", "{w}/tok-bad"],
         lambda w: _tokenizer_with(w, eos_token=None),

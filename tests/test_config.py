@@ -7,6 +7,7 @@ import json
 import pytest
 
 from job.config import RECIPES_DIR, RunConfig
+from job.deepspeed_config import check_batch_arithmetic, deepspeed_config
 from job.errors import JobError
 
 
@@ -30,37 +31,39 @@ def test_unknown_key_and_wrong_type_are_refused(tmp_path):
     path.write_text(json.dumps({"max_length": "long"}))
     with pytest.raises(JobError, match="expected int"):
         RunConfig.load(str(path))
-    with pytest.raises(JobError, match="below 2"):
+    with pytest.raises(JobError, match="max-length 1 is not at least 2"):
         RunConfig.load(max_length=1)
 
 
 def test_zero_stage_switch_from_one_file():
-    assert RunConfig.load().deepspeed_config()["zero_optimization"]["stage"] == 2
-    z3 = RunConfig.load(zero_stage=3).deepspeed_config()["zero_optimization"]
+    assert deepspeed_config(RunConfig.load())["zero_optimization"]["stage"] == 2
+    z3 = deepspeed_config(RunConfig.load(zero_stage=3))["zero_optimization"]
     assert z3["stage"] == 3 and z3["stage3_gather_16bit_weights_on_model_save"] is True
-    z1 = RunConfig.load(zero_stage=1).deepspeed_config()["zero_optimization"]
+    z1 = deepspeed_config(RunConfig.load(zero_stage=1))["zero_optimization"]
     assert z1["stage"] == 1 and not any(k.startswith("stage3_") for k in z1)
-    assert "optimizer" not in RunConfig.load().deepspeed_config()  # the Trainer's fused AdamW owns it
-    assert RunConfig.load(deepspeed="none").deepspeed_config() is None
+    assert "optimizer" not in deepspeed_config(RunConfig.load())  # the Trainer's fused AdamW owns it
+    assert deepspeed_config(RunConfig.load(deepspeed="none")) is None
 
 
 def test_bad_deepspeed_files(tmp_path):
     broken = tmp_path / "ds.json"
     broken.write_text("{not json")
     with pytest.raises(JobError, match="not valid JSON"):
-        RunConfig.load(deepspeed=str(broken)).deepspeed_config()
+        deepspeed_config(RunConfig.load(deepspeed=str(broken)))
     broken.write_text(json.dumps({"zero_optimisation": {"stage": 2}}))
     with pytest.raises(JobError, match=r"unknown key.*zero_optimisation"):
-        RunConfig.load(deepspeed=str(broken)).deepspeed_config()
+        deepspeed_config(RunConfig.load(deepspeed=str(broken)))
     broken.write_text(json.dumps({"train_batch_size": 100, "zero_optimization": {"stage": 2}}))
     with pytest.raises(JobError, match=r"train_batch_size=100 but batch 16 x accumulation 4 x 2 processes = 128"):
-        RunConfig.load(deepspeed=str(broken)).check_batch_arithmetic(world_size=2)
-    RunConfig.load(deepspeed=str(broken), grad_accum=25, per_device_batch_size=2).check_batch_arithmetic(2)
+        check_batch_arithmetic(RunConfig.load(deepspeed=str(broken)), world_size=2)
+    check_batch_arithmetic(RunConfig.load(deepspeed=str(broken), grad_accum=25, per_device_batch_size=2), 2)
 
 
 def test_training_arguments_follow_the_config(tmp_path):
     cfg = RunConfig.load(output_dir=str(tmp_path), per_device_batch_size=3, grad_accum=5, seed=7, deepspeed="none")
-    args = cfg.training_arguments(use_cpu=True)  # (with DeepSpeed this would start a process group)
+    from job.train import training_arguments
+
+    args = training_arguments(cfg, use_cpu=True)  # (with DeepSpeed this would start a process group)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.seed) == (3, 5, 7)
     assert args.save_total_limit is None  # rotation counts complete checkpoints only (job.checkpoints)
     assert args.include_num_input_tokens_seen == "non_padding"

@@ -42,16 +42,16 @@ def _option(name: str):
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     base = next(t for t in options if t is not type(None))
     default = next(f for f in dataclasses.fields(RunConfig) if f.name == name).default
-    shown = {"show_default": str(default)} if default not in (None, dataclasses.MISSING) else {}
+    text = meta["help"] + (f"  [default: {default}]" if default not in (None, dataclasses.MISSING) else "")
     if base is bool:
-        return click.option(f"{flag(name)}/--no-{flag(name)[2:]}", name, default=None, help=meta["help"], **shown)
+        return click.option(f"{flag(name)}/--no-{flag(name)[2:]}", name, default=None, help=text)
     if typing.get_origin(base) is typing.Literal:
-        return click.option(flag(name), name, type=click.Choice(typing.get_args(base)), help=meta["help"], **shown)
+        return click.option(flag(name), name, type=click.Choice(typing.get_args(base)), help=text)
     if typing.get_origin(base) is dict:  # training_args: --training-arg NAME=VALUE, repeatable
         return click.option(
-            "--training-arg", name, multiple=True, callback=_name_values, metavar="NAME=VALUE", help=meta["help"]
+            "--training-arg", name, multiple=True, callback=_name_values, metavar="NAME=VALUE", help=text
         )
-    return click.option(flag(name), name, type=base, default=None, help=meta["help"], **shown)
+    return click.option(flag(name), name, type=base, default=None, help=text)
 
 
 def _name_values(ctx, param, values: tuple[str, ...]) -> dict[str, str] | None:

@@ -141,12 +141,14 @@ def _load_files(files: list[str], name: str, text_column: str = TEXT):
     import datasets
 
     kinds = {_kind(Path(f)) for f in files}
-    if None in kinds or len(kinds) != 1:
-        odd = [f for f in files if _kind(Path(f)) is None][:3] or files[:3]
+    odd = [Path(f).name for f in files if _kind(Path(f)) is None][:3]
+    if odd:
         raise JobError(
-            f"{name}: data files must all be .json/.jsonl(.gz) or all .parquet, got {odd}",
-            "pass one kind of file (for other compression, decompress first)",
+            f"{name}: {', '.join(odd)} is not .json, .jsonl, .json.gz, .jsonl.gz or .parquet",
+            "convert or decompress it to one of those (gzip is read as it is)",
         )
+    if len(kinds) != 1:
+        raise JobError(f"{name} mixes JSON and Parquet files", "pass one kind of file")
     kind = kinds.pop()
     if kind == "json" and sum(check_json_lines(Path(f), text_column) for f in files) == 0:
         raise JobError(f"the corpus {name} is empty (no JSON records)", "point --data at a corpus with documents")

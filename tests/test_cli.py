@@ -62,12 +62,14 @@ def _busy_port(world: Path) -> str:
     return str(holder.getsockname()[1])
 
 
-def _previous_run(world: Path, **values) -> None:
-    """A run of this job with a complete checkpoint (something to resume)."""
+def _previous_run(world: Path, inputs: dict | None = None, **values) -> None:
+    """A run of this job with a complete checkpoint (something to resume), and the inputs it recorded."""
     out = world / "out"
     (out / "checkpoint-2").mkdir(parents=True)
     (out / "checkpoint-2" / "COMPLETE").write_text("{}")
-    (out / "run_config.json").write_text(json.dumps({"max_length": 999, **values}))
+    (out / "run_config.json").write_text(json.dumps({"max_length": 999} if inputs is None else values))
+    if inputs is not None:
+        (out / "inputs.json").write_text(json.dumps(inputs))
 
 
 BASE = ["--tokenizer", "{w}/tok", "--output-dir", "{w}/out", "--max-steps", "1"]
@@ -131,7 +133,101 @@ CASES = {
     "output not writable": (["--output-dir", "/proc/job-test-out"], None, "not writable"),
     "output under a file": (["--output-dir", "{w}/good.jsonl/out"], None, "is a file"),
     "busy master port": (["--master-port", "{port}"], None, "already in use"),
+    # the job deletes only what it wrote: a stock HF Trainer's run folder is not ours
+    "foreign output folder": ([], lambda w: _foreign_folder(w / "out"), "holds no run of this job"),
+    "resume with another tokenizer": ([], lambda w: _previous_run(w, inputs={"tokenizer": "0" * 16}), "tokenizer"),
+    "prepared with a larger tokenizer": (
+        ["--prepared", "{w}/prepared"],
+        lambda w: _prepared_with_another_tokenizer(w),
+        "changed: tokenizer",
+    ),
+    # ranges and choices
+    "learning rate -1": (["--learning-rate", "-1"], None, "--learning-rate -1.0 is not above 0"),
+    "warmup -5": (["--warmup-steps", "-5"], None, "--warmup-steps -5 is not at least 0"),
+    "adam beta2 1.5": (["--adam-beta2", "1.5"], None, "is not in [0, 1)"),
+    "weight decay -1": (["--weight-decay", "-1"], None, "is not at least 0"),
+    "eval batches -1": (["--eval-batches", "-1"], None, "is not at least 0"),
+    "max nonfinite steps 0": (["--max-nonfinite-steps", "0"], None, "is not at least 1"),
+    "max steps 0": (["--max-steps", "0"], None, "--max-steps 0 is not -1 or at least 1"),
+    "unknown lr scheduler": (["--lr-scheduler", "bogus"], None, "not a valid SchedulerType"),
+    "unknown report_to": (["--report-to", "tensorboard,bogus"], None, "bogus is not a reporting integration"),
+    "zero stage without deepspeed": (["--zero-stage", "3", "--deepspeed", "none"], None, "has no effect"),
+    "flex attention on a cpu": (["--attention", "flex"], None, "cannot train on cpu"),
+    "training-arg unknown": (["--training-arg", "no_such_field=1"], None, "not a TrainingArguments field"),
+    "training-arg owned by the run": (["--training-arg", "learning_rate=1"], None, "set by the run config"),
+    "training-arg of the wrong type": (["--training-arg", "ddp_timeout=soon"], None, "does not fit its type"),
+    "training-arg refused by transformers": (["--training-arg", "optim=bogus"], None, "not a valid OptimizerNames"),
+    # files vs folders, unreadable files
+    "config is a folder": (["--config", "{w}/cfgdir"], lambda w: (w / "cfgdir").mkdir(), "is a folder"),
+    "deepspeed is a folder": (["--deepspeed", "{w}/dsdir"], lambda w: (w / "dsdir").mkdir(), "is a folder"),
+    "deepspeed optimizer conflicts": (
+        ["--deepspeed", "{w}/ds.json"],
+        lambda w: (w / "ds.json").write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}})),
+        "optimizer.params.lr=0.1 but the run has --learning-rate=",
+    ),
+    "resume folder is not a checkpoint": (
+        ["--resume", "{w}/notes"],
+        lambda w: (w / "notes").mkdir() or (w / "notes" / "a.txt").write_text("x"),
+        "is not a checkpoint",
+    ),
+    "resume checkpoint of another shape": (["--resume", "{w}/ckpt"], lambda w: _checkpoint(w / "ckpt"), "model shape"),
+    "truncated weights": (["--model", "{w}/lm"], lambda w: _saved_model(w / "lm", cut=100), "truncated or corrupt"),
+    "max length beyond memory": (["--max-length", "100000"], None, "activations per process"),
+    # data: the file, the line, the value's type
+    "number deep in a jsonl": (
+        ["--data", "{w}/deep.jsonl"],
+        lambda w: _jsonl_with(w / "deep.jsonl", 3000, 12345),
+        "deep.jsonl line 3001: 'completion' is a JSON number (12345), not a string",
+    ),
+    "list near the top of a jsonl": (
+        ["--data", "{w}/top.jsonl"],
+        lambda w: _jsonl_with(w / "top.jsonl", 1, ["中"]),
+        "top.jsonl line 2: 'completion' is a JSON array",
+    ),
+    "other compression": (
+        ["--data", "{w}/docs.jsonl.xz"],
+        lambda w: (w / "docs.jsonl.xz").write_bytes(b"\xfd7zXZ"),
+        "docs.jsonl.xz is not .json, .jsonl, .json.gz, .jsonl.gz or .parquet",
+    ),
 }
+
+
+def _foreign_folder(out: Path) -> None:
+    """What a stock HF Trainer run leaves: checkpoint-N folders (no COMPLETE marker) and a user's notes."""
+    for step in (500, 1000):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (out / "notes.txt").write_text("my run")
+
+
+def _prepared_with_another_tokenizer(world: Path) -> None:
+    from job.config import RunConfig
+    from job.prepare import prepare
+    from job.tokenizer import train_tokenizer
+
+    larger = train_tokenizer(DOCS * 20, 900, world / "tok-900")
+    prepare(RunConfig.load(data=str(world / "good.jsonl"), max_length=16), larger, str(world / "prepared"))
+
+
+def _checkpoint(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text("{}")
+    (folder / "config.json").write_text(json.dumps({"vocab_size": 640, "hidden_size": 999, "n_layer": 1, "n_head": 1}))
+
+
+def _saved_model(folder: Path, cut: int = 0) -> None:
+    from tests.conftest import tiny_bloom
+
+    tiny_bloom(640).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    if cut:
+        weights.write_bytes(weights.read_bytes()[:-cut])
+
+
+def _jsonl_with(path: Path, good: int, bad) -> None:
+    write_jsonl(path, ["好"] * good)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"completion": bad}, ensure_ascii=False) + "\n")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -260,3 +356,47 @@ def test_generate_command_prints_one_continuation_per_prompt(world, tiny_tokeniz
     assert all(0 < o["new_tokens"] <= 5 for o in outs)
     refused = run_cli("generate", "--model", str(folder), "--prompt", "x", "--temperature", "0")
     assert refused.exit_code == 2 and "must be above 0 when sampling" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda w: (w / "bpe").write_text("a file"), "is a file"),
+        (lambda w: (w / "bpe").mkdir() or (w / "bpe" / "notes.txt").write_text("mine"), "is not empty"),
+    ],
+)
+def test_tokenizer_output_that_is_not_new_is_refused_and_kept(world, make, message):
+    make(world)
+    before = snapshot(world)
+    result = run_cli(
+        "tokenizer", "--data", str(world / "good.jsonl"), "--vocab-size", "300", "--output", str(world / "bpe")
+    )
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert snapshot(world) == before
+
+
+def test_generate_and_smoke_refuse_truncated_weights_and_non_utf8_prompts(world):
+    _saved_model(world / "lm", cut=1000)
+    for args in (
+        ["generate", "--model", str(world / "lm"), "--prompt", "北京"],
+        ["smoke", "--model", str(world / "lm")],
+    ):
+        result = run_cli(*args)
+        assert result.exit_code == 2 and "truncated or corrupt" in result.stderr, result.output
+    (world / "gbk.txt").write_bytes("北京\n".encode("gbk"))
+    result = run_cli("generate", "--model", str(world / "lm"), "--prompts-file", str(world / "gbk.txt"))
+    assert result.exit_code == 2 and "is not UTF-8 text" in result.stderr, result.output
+
+
+def test_every_train_option_has_help():
+    import click
+
+    command = cli.commands["train"]
+    ctx = click.Context(command)
+    for param in command.params:
+        if isinstance(param, click.Option):
+            assert param.help, param.name
+    text = " ".join(command.get_help(ctx).split())
+    assert "--learning-rate FLOAT peak learning rate [default: 0.002]" in text, text
+    preset = next(p for p in command.params if p.name == "preset")
+    assert list(preset.type.choices) == ["tiny", "bloom-389m-zh"]

@@ -93,3 +93,51 @@ def test_fast_token_ids_equal_the_tokenizers_own_and_leave_it_unchanged(tiny_tok
     assert got == [_ids(tiny_tokenizer, t) for t in texts]
     assert tiny_tokenizer.eos_token_id not in [i for ids in got for i in ids]
     assert tiny_tokenizer("</s>", add_special_tokens=False)["input_ids"] == [tiny_tokenizer.eos_token_id]
+
+
+def _prepare_process(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "job", "prepare", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+
+
+def test_two_prepares_of_one_key_at_once_one_writes_the_other_reuses(tiny_tokenizer_dir, tmp_path):
+    args = ["--tokenizer", str(tiny_tokenizer_dir), "--max-samples", "1500", "--output", str(tmp_path / "p")]
+    procs = [_prepare_process(*args) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1].decode()[-2000:] for o in outs]
+    results = [json.loads(o[0]) for o in outs]
+    assert sorted(r["cache_hit"] for r in results) == [False, True]
+    assert results[0]["path"] == results[1]["path"] and results[0]["rows"] == results[1]["rows"]
+    assert [p.name for p in tmp_path.iterdir() if "staging" in p.name] == []
+
+
+def test_a_killed_prepare_leaves_staging_that_the_next_one_removes(tiny_tokenizer_dir, tmp_path):
+    import signal
+    import time
+
+    from job.tokenizer import load_tokenizer
+
+    target = tmp_path / "p"
+    (tmp_path / ".p.mine").mkdir()  # not our staging pattern: never touched
+    proc = _prepare_process("--tokenizer", str(tiny_tokenizer_dir), "--output", str(target))
+    deadline = time.time() + 300
+    while not list(tmp_path.glob(".p.staging-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert list(tmp_path.glob(".p.staging-*")) and not target.exists()
+
+    cfg = RunConfig.load(max_length=RunConfig().max_length)
+    result = prepare(cfg, load_tokenizer(str(tiny_tokenizer_dir)), str(target))
+    assert not result.cache_hit and (target / "prepare_key.json").exists()
+    assert not list(tmp_path.glob(".p.staging-*"))
+    assert (tmp_path / ".p.mine").is_dir()

@@ -1,0 +1,94 @@
+"""Preflight: one list of checks for `train` and `doctor`; output folders, resume rules, weights, memory."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from job import doctor
+from job.config import RunConfig
+from job.doctor import Preflight, check_output
+from job.errors import JobError
+from tests.conftest import tiny_bloom
+
+
+def _run(output: Path, config: dict, complete: bool) -> None:
+    (output / "checkpoint-4").mkdir(parents=True)
+    if complete:
+        (output / "checkpoint-4" / "COMPLETE").write_text("{}")
+    (output / "run_config.json").write_text(json.dumps(config))
+
+
+def test_a_start_that_failed_before_any_checkpoint_does_not_block_the_corrected_rerun(tmp_path):
+    out = tmp_path / "out"
+    _run(out, {"learning_rate": -1.0}, complete=False)
+    result = check_output(Preflight(RunConfig.load(output_dir=str(out), learning_rate=1e-3)))
+    assert result.ok and "starts afresh" in result.detail
+    (out / "checkpoint-4" / "COMPLETE").write_text("{}")  # now there is a run to resume: a change is refused
+    result = check_output(Preflight(RunConfig.load(output_dir=str(out), learning_rate=1e-3)))
+    assert not result.ok and "changed: learning_rate" in result.detail
+
+
+def test_paths_are_compared_resolved(tmp_path, monkeypatch):
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    out = tmp_path / "out"
+    _run(out, RunConfig.load(output_dir=str(out), data=str(data)).to_dict(), complete=True)
+    monkeypatch.chdir(tmp_path)
+    same = RunConfig.load(output_dir="out/", data="./d.jsonl")  # trailing slash, relative paths
+    assert check_output(Preflight(same)).ok, check_output(Preflight(same))
+    other = tmp_path / "e.jsonl"
+    other.write_text("{}\n")
+    result = check_output(Preflight(RunConfig.load(output_dir="out", data=str(other))))
+    assert not result.ok and "changed: data" in result.detail
+
+
+def test_doctor_runs_exactly_the_checks_train_runs(tmp_path, monkeypatch):
+    """One list: doctor prints a row per entry of doctor.CHECKS, and train stops at the first failing one."""
+    seen = []
+
+    def spy(p):
+        seen.append("spy")
+        return doctor.Check("spy", False, "the spy failed", "remove the spy")
+
+    monkeypatch.setattr(doctor, "CHECKS", [doctor.check_output, spy, doctor.check_cache])
+    cfg = RunConfig.load(output_dir=str(tmp_path / "out"))
+    results, _ = doctor.run_checks(cfg)
+    assert [r.name for r in results] == ["output", "spy", "caches"]
+    with pytest.raises(JobError, match="spy: the spy failed -- remove the spy"):
+        doctor.preflight(cfg)
+    assert seen == ["spy", "spy"]
+
+
+def test_truncated_and_corrupt_safetensors_are_named(tmp_path):
+    tiny_bloom(64).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    doctor.check_weights(tmp_path)  # intact
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-10])
+    with pytest.raises(JobError, match=r"truncated or corrupt \(\d+ bytes where its header describes \d+\)"):
+        doctor.check_weights(tmp_path)
+    weights.write_bytes(struct.pack("<Q", 20) + b"{not json at all...}" + data[28:])
+    with pytest.raises(JobError, match="a corrupt header"):
+        doctor.check_weights(tmp_path)
+    weights.write_bytes(b"\x00\x01")
+    with pytest.raises(JobError, match="no valid header"):
+        doctor.check_weights(tmp_path)
+
+
+def test_memory_preflight_counts_the_attention_scores_unless_flex(monkeypatch):
+    from job.model import model_config
+
+    cfg = RunConfig.load(max_length=100_000, per_device_batch_size=16)
+    config = model_config(cfg, 600)
+    need = doctor.activation_bytes(cfg, config, "cpu")  # sdpa on a CPU: [B, H, T, T] fp32 per layer
+    assert need >= 16 * config.n_head * 100_000**2 * 4 * config.n_layer
+    flex = doctor.activation_bytes(RunConfig.load(max_length=100_000, attention="flex"), config, "cuda")
+    assert flex < need / 500  # flex never builds the scores
+    found = Preflight(cfg, model_config=config)
+    result = doctor.check_memory(found)
+    assert not result.ok and "lower --max-length" in result.fix
+    assert doctor.check_memory(Preflight(RunConfig.load(), model_config=config)).ok

@@ -76,9 +76,8 @@ def _normalise(rows, text_column: str, name: str):
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
         column = rows[TEXT]
         first = next((i for i, t in enumerate(column) if t is not None and not isinstance(t, str)), None)
-        where = (
-            f"record {first + 1} holds a {type(column[first]).__name__}" if first is not None else f"it is {feature}"
-        )
+        value = column[first] if first is not None else None
+        where = f"record {first + 1} is {type(value).__name__} {value!r:.40}" if first is not None else str(feature)
         raise JobError(
             f"column {text_column!r} of {name} is not text ({where})",
             f"make every {text_column!r} value a string, or pass the column holding the text with --text-column",

@@ -74,3 +74,67 @@ def test_written_config_round_trips(tmp_path):
     cfg = RunConfig.load("quickstart", output_dir=str(tmp_path))
     cfg.write(tmp_path / "run_config.json")
     assert RunConfig.load(str(tmp_path / "run_config.json")) == cfg
+
+
+def test_every_field_is_declared_once_with_help_and_the_choices_match_their_modules():
+    import dataclasses
+    import typing
+
+    from job.attention import KINDS
+    from job.config import Attention, Preset, resumable_fields
+    from job.doctor import RESUMABLE_FIELDS
+    from job.model import PRESET_SHAPES
+
+    for f in dataclasses.fields(RunConfig):
+        assert f.metadata["help"], f.name
+    assert typing.get_args(Preset) == tuple(PRESET_SHAPES)
+    assert typing.get_args(Attention) == ("auto", *KINDS)
+    assert resumable_fields() == RESUMABLE_FIELDS
+    assert {"max_steps", "save_steps", "nproc"} <= resumable_fields()
+    assert not {"learning_rate", "preset", "max_length", "model", "data"} & resumable_fields()
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"learning_rate": 0}, "--learning-rate 0.0 is not above 0"),
+        ({"adam_beta2": 1.0}, r"--adam-beta2 1.0 is not in \[0, 1\)"),
+        ({"max_steps": 0}, "--max-steps 0 is not -1 or at least 1"),
+        ({"max_nonfinite_steps": 0}, "is not at least 1"),
+        ({"preset": "huge"}, "--preset 'huge' is not one of tiny, bloom-389m-zh"),
+        ({"zero_stage": 3, "deepspeed": "none"}, "has no effect with --deepspeed none"),
+    ],
+)
+def test_ranges_and_choices_come_from_the_field_metadata(values, message):
+    with pytest.raises(JobError, match=message):
+        RunConfig.load(**values)
+
+
+def test_training_arg_pass_through_is_checked_and_coerced(tmp_path):
+    from job.train import training_arguments
+
+    cfg = RunConfig.load(
+        output_dir=str(tmp_path), deepspeed="none", training_args={"ddp_timeout": "3600", "adam_beta1": "0.8"}
+    )
+    args = training_arguments(cfg, use_cpu=True)
+    assert (args.ddp_timeout, args.adam_beta1) == (3600, 0.8)
+    for bad, message in (
+        ({"no_such": 1}, "not a TrainingArguments field"),
+        ({"seed": 3}, "set by the run config"),
+        ({"ddp_timeout": "soon"}, "does not fit its type"),
+    ):
+        with pytest.raises(JobError, match=message):
+            training_arguments(RunConfig.load(output_dir=str(tmp_path), deepspeed="none", training_args=bad), True)
+
+
+def test_deepspeed_blocks_must_agree_with_the_run(tmp_path):
+    from job.deepspeed_config import check_optimizer_blocks
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"params": {"lr": "auto", "weight_decay": 0.5}}}))
+    with pytest.raises(JobError, match=r"optimizer.params.weight_decay=0.5 but the run has --weight-decay=0.01"):
+        check_optimizer_blocks(RunConfig.load(deepspeed=str(path)))
+    check_optimizer_blocks(RunConfig.load(deepspeed=str(path), weight_decay=0.5))
+    path.write_text(json.dumps({"scheduler": {"params": {"warmup_num_steps": 5}}}))
+    with pytest.raises(JobError, match="warmup_num_steps=5 but the run has --warmup-steps=10"):
+        check_optimizer_blocks(RunConfig.load(deepspeed=str(path)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from job.corpus import builtin_articles, load_corpus
@@ -67,3 +69,31 @@ def test_malformed_jsonl_line_and_non_utf8_are_named(tmp_path):
     gbk.write_bytes('{"completion": "好"}\n'.encode() + '{"completion": "中文"}\n'.encode("gbk"))
     with pytest.raises(JobError, match="line 2 is not UTF-8"):
         load_corpus(str(gbk))
+
+
+def test_bom_and_gzip_are_read(tmp_path):
+    import gzip
+
+    lines = "".join(json.dumps({"completion": d}, ensure_ascii=False) + "\n" for d in DOCS)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    assert load_corpus(str(tmp_path / "bom.jsonl")).rows["completion"][:] == DOCS
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(lines)
+    assert load_corpus(str(tmp_path / "d.jsonl.gz")).rows["completion"][:] == DOCS
+    assert load_corpus(str(tmp_path / "*.gz")).rows["completion"][:] == DOCS
+
+
+def test_non_text_values_name_the_file_the_line_and_the_type(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"completion": {"a": 1}}) + "\n")
+    with pytest.raises(JobError, match=r"d.jsonl line 6: 'completion' is a JSON object \(\{\"a\": 1\}\), not a string"):
+        load_corpus(str(path))
+    (tmp_path / "arr.json").write_text(json.dumps([{"completion": "甲"}, {"completion": 7}]))
+    with pytest.raises(JobError, match=r"column 'completion' of arr.json is not text \(record 2 is int 7\)"):
+        load_corpus(str(tmp_path / "arr.json"))
+    import datasets
+
+    datasets.Dataset.from_dict({"completion": [1, 2]}).to_parquet(str(tmp_path / "n.parquet"))
+    with pytest.raises(JobError, match="make every 'completion' value a string, or pass the column holding the text"):
+        load_corpus(str(tmp_path / "n.parquet"))

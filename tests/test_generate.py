@@ -160,3 +160,13 @@ def test_near_ties_are_told_apart_from_real_differences():
     assert _near_tie(batched, {"ids": [1, 6]}, 1, torch.bfloat16) == pytest.approx(0.1)  # bf16 rounding
     assert _near_tie(batched, {"ids": [1, 6]}, 1, torch.float32) is None  # too wide for fp32
     assert _near_tie(batched, {"ids": [1, 7]}, 1, torch.bfloat16) is None  # a margin of 5: a real bug
+
+
+def test_prompts_file_reads_a_bom_and_refuses_other_encodings(tmp_path):
+    from job.generate import read_prompts
+
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + "北京\n今天\n".encode())
+    assert read_prompts(tmp_path / "bom.txt") == ["北京", "今天"]
+    (tmp_path / "gbk.txt").write_bytes("北京\n".encode("gbk"))
+    with pytest.raises(JobError, match="is not UTF-8 text"):
+        read_prompts(tmp_path / "gbk.txt")

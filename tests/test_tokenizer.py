@@ -56,3 +56,19 @@ def test_tokenizer_without_eos_is_refused(tiny_tokenizer_dir, tmp_path):
 def test_missing_tokenizer_folder(tmp_path):
     with pytest.raises(JobError, match="does not exist"):
         load_tokenizer(str(tmp_path / "nope"))
+
+
+def test_output_must_be_new_or_empty(tmp_path):
+    from job.tokenizer import train_tokenizer
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(JobError, match="is a file"):
+        train_tokenizer(DOCS, 300, tmp_path / "file")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "keep.txt").write_text("x")
+    with pytest.raises(JobError, match="is not empty"):
+        train_tokenizer(DOCS, 300, tmp_path / "theirs")
+    assert (tmp_path / "theirs" / "keep.txt").read_text() == "x"
+    (tmp_path / "empty").mkdir()
+    train_tokenizer(DOCS, 300, tmp_path / "empty")
+    assert (tmp_path / "empty" / "tokenizer.json").exists()

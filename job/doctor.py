@@ -73,6 +73,7 @@ def device_type(cfg: RunConfig) -> str:
 def check_settings(p: Preflight) -> Check:
     """What transformers itself would refuse in the worker: TrainingArguments (scheduler, --training-arg) and
     the reporting integrations."""
+    from accelerate.state import PartialState
     from transformers import TrainingArguments
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
@@ -86,7 +87,8 @@ def check_settings(p: Preflight) -> Check:
             f"--report-to {', '.join(unknown)} is not a reporting integration",
             f"use none or some of: {', '.join(INTEGRATION_TO_CALLBACK)}",
         )
-    owned = run_training_arguments(cfg, use_cpu=device_type(cfg) == "cpu")
+    # use_cpu: no CUDA context in the launcher; the accelerate state this builds is dropped after
+    owned = run_training_arguments(cfg, use_cpu=True)
     extra = extra_training_arguments(cfg, owned)
     try:
         TrainingArguments(**{**owned, "output_dir": tempfile.gettempdir()}, **extra)  # writes nothing
@@ -95,6 +97,8 @@ def check_settings(p: Preflight) -> Check:
             f"transformers refuses these training settings: {str(e).splitlines()[0][:300]}",
             "fix the named setting (see `python -m job train --help`)",
         ) from None
+    finally:
+        PartialState._reset_state()
     return Check("settings", True, f"schedule {cfg.lr_scheduler}, report to {cfg.report_to}, {len(extra)} extra")
 
 

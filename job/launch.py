@@ -66,8 +66,8 @@ def train(cfg: RunConfig) -> int:
         for path in checkpoints.remove_incomplete(output):
             log.warning("removed incomplete checkpoint %s (a save was interrupted)", path)
     (output / STATUS_FILE).unlink(missing_ok=True)
+    cfg.write(output / "run_config.json")  # first: from here on other nodes see a folder of this job
     (output / doctor.INPUTS_FILE).write_text(json.dumps(found.fingerprints, indent=2) + "\n")
-    cfg.write(output / "run_config.json")
 
     nproc = doctor.processes_per_node(cfg)
     if nproc == 1 and cfg.nnodes == 1:

@@ -63,23 +63,34 @@ def prepare(cfg: RunConfig, tokenizer, output: str | None = None, corpus: Corpus
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     target = Path(output) if output else cache_root() / "prepared" / f"{corpus.name}-{digest}"
-    if target.exists() and not target.is_dir():
-        raise JobError(f"{target} is a file", "choose a new or empty --output folder")
+    done = _existing(target, key)  # refusals before anything is written (even the lock file)
+    if done:
+        return done
     target.parent.mkdir(parents=True, exist_ok=True)
     with _key_lock(target):  # several processes or nodes on one key: one writes, the others wait and reuse
-        if (target / KEY_FILE).exists():
-            if json.loads((target / KEY_FILE).read_text()) == key:
-                return Prepared(target, json.loads((target / STATS_FILE).read_text()), cache_hit=True)
-            raise JobError(
-                f"{target} holds data prepared with other settings",
-                "choose another --output, or delete that folder to re-prepare",
-            )
-        if target.exists() and any(target.iterdir()):
-            raise JobError(f"{target} exists and is not a prepared dataset", "choose an empty or new --output folder")
+        done = _existing(target, key)
+        if done:
+            return done
         for stale in target.parent.glob(f".{target.name}{STAGING}*"):  # ours, left by a killed prepare
             shutil.rmtree(stale, ignore_errors=True)  # (its writer held this lock: it is gone)
         stats = _write(target, corpus, cfg, tokenizer, key)
     return Prepared(target, stats, cache_hit=False)
+
+
+def _existing(target: Path, key: dict) -> Prepared | None:
+    """The data already prepared at `target` for this key; None if there is none; refuse anything else there."""
+    if target.exists() and not target.is_dir():
+        raise JobError(f"{target} is a file", "choose a new or empty --output folder")
+    if (target / KEY_FILE).exists():
+        if json.loads((target / KEY_FILE).read_text()) == key:
+            return Prepared(target, json.loads((target / STATS_FILE).read_text()), cache_hit=True)
+        raise JobError(
+            f"{target} holds data prepared with other settings",
+            "choose another --output, or delete that folder to re-prepare",
+        )
+    if target.exists() and any(target.iterdir()):
+        raise JobError(f"{target} exists and is not a prepared dataset", "choose an empty or new --output folder")
+    return None
 
 
 STAGING = ".staging-"  # `.NAME.staging-XXXX`: the only folders next to a target that prepare ever deletes

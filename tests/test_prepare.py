@@ -141,3 +141,19 @@ def test_a_killed_prepare_leaves_staging_that_the_next_one_removes(tiny_tokenize
     assert not result.cache_hit and (target / "prepare_key.json").exists()
     assert not list(tmp_path.glob(".p.staging-*"))
     assert (tmp_path / ".p.mine").is_dir()
+
+
+def test_a_foreign_output_is_refused_before_anything_is_written(tiny_tokenizer, docs_jsonl, tmp_path):
+    from job.errors import JobError
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    (tmp_path / "file").write_text("x")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cfg = RunConfig.load(data=str(docs_jsonl), max_length=32)
+    with pytest.raises(JobError, match="is not a prepared dataset"):
+        prepare(cfg, tiny_tokenizer, str(theirs))
+    with pytest.raises(JobError, match="is a file"):
+        prepare(cfg, tiny_tokenizer, str(tmp_path / "file"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and [p.name for p in theirs.iterdir()] == ["notes.txt"]

@@ -386,9 +386,13 @@ def activation_bytes(cfg: RunConfig, config, where: str) -> int:
     unless flex attention runs (it never builds them), the fp32 [B, H, T, T] attention scores."""
     from job.attention import resolve_attention
 
+    try:
+        flex = resolve_attention(cfg.attention, where) == "flex"
+    except JobError:  # flex where it cannot train: the devices check reports that
+        flex = False
     batch, length = cfg.per_device_batch_size, cfg.max_length
     per_layer = 4 * batch * length * config.hidden_size * 4
-    if resolve_attention(cfg.attention, where) != "flex":
+    if not flex:
         per_layer += batch * config.n_head * length * length * 4
     return per_layer * config.n_layer
 

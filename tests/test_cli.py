@@ -400,3 +400,13 @@ def test_every_train_option_has_help():
     assert "--learning-rate FLOAT peak learning rate [default: 0.002]" in text, text
     preset = next(p for p in command.params if p.name == "preset")
     assert list(preset.type.choices) == ["tiny", "bloom-389m-zh"]
+
+
+def test_doctor_refuses_flex_attention_on_a_cpu_as_train_does(world):
+    result = run_cli(
+        "doctor", *[a.format(w=world) for a in BASE], "--data", str(world / "good.jsonl"), "--attention", "flex"
+    )
+    assert result.exit_code == 2
+    failed = [line for line in result.output.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 1 and "devices" in failed[0] and "cannot train on cpu" in failed[0], result.output
+    assert not (world / "out").exists()

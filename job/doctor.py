@@ -161,7 +161,8 @@ def check_output(p: Preflight) -> Check:
         return Check("output", False, f"{existing} is not writable ({e.strerror})", "choose a writable --output-dir")
     previous = output / "run_config.json"
     if not previous.exists():
-        others = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
+        # (a volume's root holds lost+found: the file system's, and never touched by a run)
+        others = sorted(p.name for p in output.iterdir() if p.name != "lost+found") if output.is_dir() else []
         if others:  # someone else's folder: the job deletes only what it wrote
             shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
             return Check(

@@ -92,3 +92,12 @@ def test_memory_preflight_counts_the_attention_scores_unless_flex(monkeypatch):
     result = doctor.check_memory(found)
     assert not result.ok and "lower --max-length" in result.fix
     assert doctor.check_memory(Preflight(RunConfig.load(), model_config=config)).ok
+
+
+def test_a_folder_of_someone_else_is_refused_a_volume_root_is_not(tmp_path):
+    out = tmp_path / "out"
+    (out / "lost+found").mkdir(parents=True)
+    assert check_output(Preflight(RunConfig.load(output_dir=str(out)))).ok
+    (out / "checkpoint-500").mkdir()
+    result = check_output(Preflight(RunConfig.load(output_dir=str(out))))
+    assert not result.ok and "not empty (checkpoint-500)" in result.detail and "new or empty" in result.fix

@@ -124,18 +124,19 @@ def prepare(config, output, **values):
 
 
 @cli.command()
-@click.option("--data", default=None, help="corpus to train on (default: built-in)")
-@click.option("--text-column", default="completion", show_default=True)
-@click.option("--vocab-size", type=int, default=8000, show_default=True)
-@click.option("--output", required=True, type=click.Path(), help="folder for the HF tokenizer")
+@_option("data")
+@_option("text_column")
+@_option("vocab_size")
+@click.option("--output", required=True, type=click.Path(), help="a new or empty folder for the HF tokenizer")
 def tokenizer(data, text_column, vocab_size, output):
     """Train a Bloom-style byte-level BPE on a corpus."""
     from job.corpus import TEXT, load_corpus
     from job.tokenizer import check_new_folder, train_tokenizer
 
+    cfg = RunConfig.load(data=data, text_column=text_column, vocab_size=vocab_size)  # defaults and ranges
     check_new_folder(Path(output))  # before reading the corpus: a wrong --output fails in a second
-    corpus = load_corpus(data, text_column)
-    tok = train_tokenizer((row[TEXT] for row in corpus.rows), vocab_size, Path(output))
+    corpus = load_corpus(cfg.data, cfg.text_column)
+    tok = train_tokenizer((row[TEXT] for row in corpus.rows), cfg.vocab_size, Path(output))
     click.echo(json.dumps({"output": output, "vocab_size": len(tok), "eos": tok.eos_token, "pad": tok.pad_token}))
 
 
@@ -181,12 +182,12 @@ def doctor(config, **values):
 @click.option("--model", required=True, type=click.Path(), help="HF model folder (e.g. OUTPUT/final)")
 @click.option("--prompt", "prompts", multiple=True, help="prompt text (repeatable)")
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), help="one prompt per line")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--greedy/--sample", default=False, show_default=True)
-@click.option("--top-k", type=int, default=50, show_default=True)
-@click.option("--top-p", type=float, default=0.95, show_default=True)
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="tokens to generate per prompt")
+@click.option("--greedy/--sample", default=False, show_default=True, help="greedy decoding, or sampling")
+@click.option("--top-k", type=int, default=50, show_default=True, help="sampling: the k most likely tokens")
+@click.option("--top-p", type=float, default=0.95, show_default=True, help="sampling: nucleus probability mass")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="sampling: logits divided by this")
+@click.option("--seed", type=int, default=0, show_default=True, help="sampling seed (the same seed repeats)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON lines")
 def generate(model, prompts, prompts_file, as_json, **sampling):
     """Generate continuations for prompts (batched, left-padded)."""

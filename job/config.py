@@ -94,7 +94,7 @@ class RunConfig:
     tokenizer: str | None = opt(
         None, "HF tokenizer folder (default: the model's, else the built-in BPE)", resumable=True, path=True
     )  # resumable as a path: the tokenizer's fingerprint is what a resume compares
-    vocab_size: int = opt(8000, "vocabulary of the built-in BPE", bound=at_least(260))
+    vocab_size: int = opt(8000, "vocabulary of a trained BPE (the built-in one, or `tokenizer`'s)", bound=at_least(260))
     model: str | None = opt(
         None, "local HF Bloom folder to continue from (default: random init from --preset)", path=True
     )

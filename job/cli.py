@@ -159,10 +159,12 @@ def worker(config, local_rank):
 @config_options(TRAIN_FIELDS)
 def doctor(config, **values):
     """Preflight: GPUs, /dev/shm, disk, caches, data, tokenizer, DeepSpeed config and batch arithmetic."""
-    from job.doctor import format_table, run_checks
+    from job.doctor import check_topology, format_table, run_checks
+    from job.launch import resolve_topology
 
     cfg = _load(config, values)
-    results = run_checks(cfg, extra=_input_checks(cfg))
+    sources = resolve_topology(cfg)
+    results = run_checks(cfg, extra=[lambda: check_topology(cfg, sources), *_input_checks(cfg)])
     click.echo(format_table(results))
     sys.exit(0 if all(r.ok for r in results) else EXIT_BAD_INPUT)
 
@@ -259,14 +261,12 @@ def smoke(model):
 def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, scale, **values):
     """Time the real training path (or tokenization); print one JSON line of figures."""
     from job.bench import bench_tokenize, dumps, run_bench
-    from job.doctor import resolve_master_port
     from job.launch import single_process_env
 
     cfg = _load(config, values)
     if tokenize_mode:
         click.echo(dumps(bench_tokenize(cfg, repeats, scale)))
         return
-    cfg.master_port = resolve_master_port(cfg)
     single_process_env(cfg)
     click.echo(dumps(run_bench(cfg, steps, warmup, synthetic, compare)))
 

@@ -78,11 +78,12 @@ class RunConfig:
     device: str = "auto"  # auto: CUDA when visible, else CPU; "cuda" insists on GPUs
     deepspeed: str = str(DEFAULT_DS_CONFIG)  # a path, or "none" for plain DDP
     zero_stage: int | None = None  # overrides the file's zero_optimization.stage
-    nproc: int | None = None  # None: every visible GPU, 1 without one
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int | None = None  # None: a free port on one node, 29500 across nodes
+    # None: from the torchrun/Kubeflow environment at launch (job.launch.resolve_topology), else the default.
+    nproc: int | None = None  # $PET_NPROC_PER_NODE, else every visible GPU, 1 without one
+    nnodes: int | None = None  # $PET_NNODES, else 1
+    node_rank: int | None = None  # $PET_NODE_RANK, else an Indexed Job's $JOB_COMPLETION_INDEX, else 0
+    master_addr: str | None = None  # $PET_MASTER_ADDR, else 127.0.0.1
+    master_port: int | None = None  # $PET_MASTER_PORT; else torchrun picks one on one node, 29500 across nodes
     resume: str = "auto"  # auto | never | a checkpoint folder
     shutdown_timeout_s: int = 600  # a signalled run gets this long to checkpoint
     # --- report ---
@@ -134,9 +135,8 @@ class RunConfig:
             f"choose one of {', '.join(ATTENTIONS)}",
         )
         for name in ("per_device_batch_size", "grad_accum", "num_proc", "logging_steps", "save_steps", "nnodes"):
-            need(
-                getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1", f"got {getattr(self, name)}"
-            )
+            value = getattr(self, name)
+            need(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1", f"got {value}")
         need(
             self.max_samples is None or self.max_samples >= 1,
             "--max-samples must be at least 1",
@@ -149,7 +149,7 @@ class RunConfig:
         )
         need(self.nproc is None or self.nproc >= 1, "--nproc must be at least 1", f"got {self.nproc}")
         need(
-            0 <= self.node_rank < self.nnodes,
+            self.node_rank is None or self.nnodes is None or 0 <= self.node_rank < self.nnodes,
             f"--node-rank {self.node_rank} is not below --nnodes {self.nnodes}",
             "node ranks run from 0 to nnodes-1",
         )

@@ -155,21 +155,21 @@ def check_disk(cfg: RunConfig, parameters: int | None) -> Check:
     return Check("disk", True, f"{free / 2**30:.1f} GiB free, ~{need / 2**30:.1f} GiB needed per checkpoint pair")
 
 
-def resolve_master_port(cfg: RunConfig) -> int:
-    """The rendezvous port: as given; else any free port on one node, else 29500 (every node must agree)."""
-    if cfg.master_port is not None:
-        return cfg.master_port
-    if cfg.nnodes > 1:
-        return 29500
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def check_topology(cfg: RunConfig, sources: dict[str, str]) -> Check:
+    """The launch settings and where each came from (flag, environment variable or default): under an
+    operator (PyTorchJob, TrainJob, JobSet) this shows which of its variables the run picked up."""
+    nproc = processes_per_node(cfg)
+    shown = {**{name: getattr(cfg, name) for name in sources}, "nproc": nproc}
+    if cfg.master_port is None:
+        shown["master_port"] = "any (torchrun --standalone)"
+    return Check("launch", True, ", ".join(f"{k}={v} ({sources[k]})" for k, v in shown.items()))
 
 
 def check_port(cfg: RunConfig) -> Check:
-    if cfg.master_port is None and cfg.nnodes == 1:
-        return Check("master port", True, "a free port is chosen at launch")
-    port = resolve_master_port(cfg)
+    """The rendezvous port on the node that hosts it (after job.launch.resolve_topology)."""
+    if cfg.master_port is None:
+        return Check("master port", True, "torchrun binds a free one (--standalone)")
+    port = cfg.master_port
     if cfg.node_rank != 0:
         return Check("master port", True, f"node {cfg.node_rank} connects to {cfg.master_addr}:{port}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -66,8 +66,8 @@ bench-gpu: $(if $(filter $(VENV)/bin/python,$(PY)),setup) ## On a GPU: CUDA test
 	$(BENCH) --torch-compile --steps 10 --warmup 5 | tee -a $(BENCH_LOG)
 
 lint: setup ## ruff, hadolint on docker/Dockerfile, strict validation of the Kubernetes manifests
-	$(VENV)/bin/ruff check job tests
-	$(VENV)/bin/ruff format --check job tests
+	$(VENV)/bin/ruff check job tests k8s
+	$(VENV)/bin/ruff format --check job tests k8s
 	$(VENV)/bin/hadolint docker/Dockerfile
 	@$(MAKE) --no-print-directory k8s-validate
 

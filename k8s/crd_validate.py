@@ -41,9 +41,9 @@ def strict(schema):
     if not isinstance(schema, dict):
         return schema
     out = {k: strict(v) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out:
-        if not out.get("x-kubernetes-preserve-unknown-fields"):
-            out["additionalProperties"] = False
+    keeps_unknown = out.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in out and "additionalProperties" not in out and not keeps_unknown:
+        out["additionalProperties"] = False
     return out
 
 

@@ -40,6 +40,8 @@ MULTINODE_PORT = 29500  # every node must agree, so across nodes the port cannot
 # torchrun restarts every node's workers (a new c10d rendezvous round, each resuming from the newest complete
 # checkpoint) up to this many times when a worker or a node fails; one node alone has nothing to wait for.
 MULTINODE_RESTARTS = 3
+# How long a node waits for the others to join (torchrun's default, 600 s, is shorter than a cold image pull).
+RENDEZVOUS_JOIN_TIMEOUT_S = 1800
 
 
 def resolve_topology(cfg: RunConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -178,6 +180,8 @@ def torchrun_command(cfg: RunConfig, nproc: int, config_path: Path) -> list[str]
             f"{cfg.master_addr}:{cfg.master_port}",
             "--rdzv-id",
             rendezvous_id(cfg),
+            "--rdzv-conf",
+            f"join_timeout={RENDEZVOUS_JOIN_TIMEOUT_S}",
         ]
     return [
         sys.executable,

@@ -19,7 +19,7 @@ from job import checkpoints
 from job.config import RunConfig
 from job.doctor import check_topology
 from job.errors import EXIT_PREEMPTED, JobError
-from job.launch import MULTINODE_PORT, resolve_topology, torchrun_command
+from job.launch import MULTINODE_PORT, RENDEZVOUS_JOIN_TIMEOUT_S, resolve_topology, torchrun_command
 from tests.conftest import REPO, tiny_bloom
 
 pytestmark = pytest.mark.slow
@@ -201,7 +201,7 @@ def test_nodes_meet_at_a_c10d_rendezvous_and_restart_together(monkeypatch, tmp_p
     for launch in configs:
         assert launch.rdzv_backend == "c10d" and launch.rdzv_endpoint == "run-node-0-0.run:29400"
         assert (launch.min_nodes, launch.max_nodes, launch.nproc_per_node) == (4, 4, 8)
-        assert launch.max_restarts > 0
+        assert launch.max_restarts > 0 and int(launch.rdzv_configs["join_timeout"]) == RENDEZVOUS_JOIN_TIMEOUT_S
     assert configs[0].run_id == configs[1].run_id  # one rendezvous for every node of the run
     other = RunConfig.load(output_dir=str(tmp_path / "other"))
     resolve_topology(other, KUBEFLOW_ENV)

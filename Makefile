@@ -20,13 +20,14 @@ NPROC ?=
 ZERO ?=
 MAX_STEPS ?=
 ARGS ?=
-TRAIN_FLAGS = --config $(RECIPE) --output-dir $(OUTPUT) \
-	$(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) \
-	$(if $(NPROC),--nproc $(NPROC)) $(if $(ZERO),--zero-stage $(ZERO)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(ARGS)
+# $(call train-flags,OUTPUT_DIR,DEFAULT_MODEL): the flags of `make train` and `make docker-train` (one list).
+train-flags = --config $(RECIPE) --output-dir $(1) $(or $(if $(MODEL),--model $(MODEL)),$(2)) \
+	$(if $(DATA),--data $(DATA)) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) $(if $(NPROC),--nproc $(NPROC)) \
+	$(if $(ZERO),--zero-stage $(ZERO)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(ARGS)
 
 .PHONY: help setup train smoke test lint bench bench-gpu
 .PHONY: build push docker-train docker-smoke k8s-overlays k8s-render k8s-validate k8s-pvcs k8s-prepare \
-	k8s-submit k8s-multinode k8s-logs k8s-delete
+	k8s-submit k8s-multinode k8s-trainjob k8s-logs k8s-delete
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -42,7 +43,7 @@ $(SETUP_STAMP): requirements.txt requirements-dev.txt constraints.txt
 	@rm -f $(VENV)/.setup-*; touch $@
 
 train: setup ## Train on the built-in default (or MODEL=, DATA=, RECIPE=, NPROC=, ZERO=, ARGS=)
-	$(PY) -m job train $(TRAIN_FLAGS)
+	$(PY) -m job train $(call train-flags,$(OUTPUT))
 
 smoke: setup ## Smoke-test a trained model (MODEL=folder, default the last run's final/)
 	$(PY) -m job smoke --model $(or $(MODEL),$(OUTPUT)/final)
@@ -65,8 +66,8 @@ bench-gpu: $(if $(filter $(VENV)/bin/python,$(PY)),setup) ## On a GPU: CUDA test
 	$(BENCH) --torch-compile --steps 10 --warmup 5 | tee -a $(BENCH_LOG)
 
 lint: setup ## ruff, hadolint on docker/Dockerfile, strict validation of the Kubernetes manifests
-	$(VENV)/bin/ruff check job tests
-	$(VENV)/bin/ruff format --check job tests
+	$(VENV)/bin/ruff check job tests k8s
+	$(VENV)/bin/ruff format --check job tests k8s
 	$(VENV)/bin/hadolint docker/Dockerfile
 	@$(MAKE) --no-print-directory k8s-validate
 
@@ -75,11 +76,19 @@ test: setup ## Run the test suite (what CI runs)
 
 # ------------------------------------------------------------------ container image and Kubernetes
 # k8s/README.md explains these. IMAGE:TAG names the image for build, push, docker-* and k8s-*; it is never `latest`.
-IMAGE ?= ghcr.io/example/bloom-zh-job
+# IMAGE defaults to what .github/workflows/release.yml publishes (ghcr.io/<owner>/<repo>), and every k8s/ manifest
+# names it; TAG to `git describe` (a release tag vX.Y.Z is published as X.Y.Z).
+IMAGE ?= ghcr.io/bloom-zh/bloom-zh-job
 TAG ?= $(shell git describe --tags --always --dirty 2>/dev/null || sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 BASE_IMAGE ?=
+PIP_INDEX_URL ?=
+WHEELHOUSE ?=
 DOCKER ?= docker
 CHECK_TAG = @if [ -z "$(TAG)" ] || [ "$(TAG)" = latest ]; then echo "TAG='$(TAG)': name a version, never latest" >&2; exit 2; fi
+# OCI labels of the image (the release workflow passes the same from its checkout).
+IMAGE_LABELS = --build-arg VERSION=$(TAG) --build-arg REVISION=$(shell git rev-parse HEAD 2>/dev/null) \
+	--build-arg CREATED=$(shell date -u +%Y-%m-%dT%H:%M:%SZ) \
+	$(if $(filter ghcr.io/%,$(IMAGE)),--build-arg SOURCE=https://github.com/$(patsubst ghcr.io/%,%,$(IMAGE)))
 
 # Local GPU runs of the image: host folders mounted at the image's volumes (MODEL_DIR and DATA_DIR read-only).
 # MODEL, DATA and TOKENIZER are paths inside the container (e.g. DATA=/data/news.jsonl); MODEL defaults to /models.
@@ -90,49 +99,53 @@ CACHE_DIR ?= output/docker-cache
 DOCKER_GPUS ?= all
 SHM_SIZE ?= 16g
 DOCKER_USER ?= $(shell id -u):$(shell id -g)
-DOCKER_RUN = $(DOCKER) run --rm --init --gpus $(DOCKER_GPUS) --shm-size $(SHM_SIZE) --ulimit memlock=-1 \
+DOCKER_RUN = $(DOCKER) run --rm --gpus $(DOCKER_GPUS) --shm-size $(SHM_SIZE) --ulimit memlock=-1 \
 	--stop-timeout 900 --user $(DOCKER_USER) -e HOME=/cache/home \
 	$(if $(MODEL_DIR),-v $(abspath $(MODEL_DIR)):/models:ro) $(if $(DATA_DIR),-v $(abspath $(DATA_DIR)):/data:ro) \
 	-v $(abspath $(OUTPUT_DIR)):/output -v $(abspath $(CACHE_DIR)):/cache
-DOCKER_TRAIN_FLAGS = --config $(RECIPE) --output-dir /output/$(RECIPE) --resume auto \
-	$(if $(MODEL),--model $(MODEL),$(if $(MODEL_DIR),--model /models)) $(if $(DATA),--data $(DATA)) \
-	$(if $(TOKENIZER),--tokenizer $(TOKENIZER)) $(if $(NPROC),--nproc $(NPROC)) $(if $(ZERO),--zero-stage $(ZERO)) \
-	$(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(ARGS)
 
-# Kubernetes. The sizes live in k8s/kustomization.yaml and k8s/multinode/kustomization.yaml; any of these set
-# here overrides them through a generated overlay (in K8S_BUILD), never by editing a tracked file.
+# Kubernetes. The sizes live in the kustomization.yaml of k8s/, k8s/jobset/, k8s/indexed/ and k8s/trainjob/; any
+# of these set here overrides them through an overlay that k8s/overlay.py writes into K8S_BUILD, never by editing
+# a tracked file. The K8S_QUEUE ... K8S_TOLERATE settings each switch on a component of k8s/components/.
 GPUS ?=
 CPUS ?=
 MEMORY ?=
 NNODES ?=
+K8S_QUEUE ?=
+K8S_KUEUE_PRIORITY ?=
+K8S_PRIORITY_CLASS ?=
+K8S_GPU_PRODUCT ?=
+K8S_TOLERATE ?=
+MULTINODE ?= jobset
 K8S_NAMESPACE ?=
-K8S_JOB ?= bloom-zh-pretrain
+K8S_SELECTOR ?= batch.kubernetes.io/job-name=bloom-zh-pretrain
 K8S_VERSIONS ?= 1.31.0 1.37.0
 K8S_BUILD ?= output/k8s
 K8S_WAIT ?= 7200
-KUBECTL ?= $(firstword $(wildcard $(VENV)/bin/kubectl) kubectl)
+KUBECTL ?= $(VENV)/bin/kubectl
 K8S := $(KUBECTL) $(if $(K8S_NAMESPACE),--namespace $(K8S_NAMESPACE))
-K8S_DEFAULT_IMAGE := ghcr.io/example/bloom-zh-job
-K8S_MANIFESTS := $(filter-out %/kustomization.yaml,$(wildcard k8s/*.yaml k8s/multinode/*.yaml))
-comma := ,
-k8s-literals = $(subst $(eval ) ,$(comma) ,$(strip $(foreach v,$(1),$(if $($(v)),"$(v)=$($(v))"))))
-# The repo root as seen from K8S_BUILD/NAME/ (kustomize takes no absolute folder paths).
-K8S_ROOT = $(shell realpath -m --relative-to=$(abspath $(K8S_BUILD))/overlay $(CURDIR))
-# $(call k8s-overlay,NAME,BASE,TRANSFORMERS,SETTINGS): K8S_BUILD/NAME/kustomization.yaml over BASE
-define k8s-overlay
-	@mkdir -p $(K8S_BUILD)/$(1)
-	@{ echo 'apiVersion: kustomize.config.k8s.io/v1beta1'; echo 'kind: Kustomization'; \
-	  echo '# generated by `make $@`: image and settings from make; do not edit'; \
-	  echo 'resources: ["$(K8S_ROOT)/$(2)"]'; \
-	  echo 'images: [{name: $(K8S_DEFAULT_IMAGE), newName: "$(IMAGE)", newTag: "$(TAG)"}]'; \
-	  $(if $(call k8s-literals,$(4)),echo 'configMapGenerator: [{name: bloom-zh-settings$(comma) behavior: merge$(comma) literals: [$(call k8s-literals,$(4))]}]';) \
-	  $(if $(3),echo 'transformers: [$(subst $(eval ) ,$(comma) ,$(foreach t,$(3),"$(K8S_ROOT)/$(t)"))]';) \
-	} > $(K8S_BUILD)/$(1)/kustomization.yaml
-endef
+K8S_MANIFESTS := $(filter-out %/kustomization.yaml %/kustomizeconfig.yaml,$(wildcard k8s/*.yaml k8s/indexed/*.yaml k8s/jobset/*.yaml \
+	k8s/trainjob/*.yaml))
+K8S_SETTINGS = 'GPUS=$(GPUS)' 'CPUS=$(CPUS)' 'MEMORY=$(MEMORY)' 'NNODES=$(NNODES)' 'QUEUE=$(K8S_QUEUE)' \
+	'KUEUE_PRIORITY=$(K8S_KUEUE_PRIORITY)' 'PRIORITY_CLASS=$(K8S_PRIORITY_CLASS)' 'GPU_PRODUCT=$(K8S_GPU_PRODUCT)' \
+	'TOLERATE=$(K8S_TOLERATE)'
+# The overlays: NAME = base [settings transformers re-run after the merge]
+K8S_OVERLAYS := train jobset indexed trainjob prepare
+k8s-base.train := k8s k8s/settings
+k8s-base.jobset := k8s/jobset k8s/jobset/settings
+k8s-base.indexed := k8s/indexed k8s/settings k8s/indexed/settings
+k8s-base.trainjob := k8s/trainjob k8s/trainjob/settings
+k8s-base.prepare := k8s/prepare-job.yaml
+K8S_RENDERED = $(foreach o,$(K8S_OVERLAYS),$(K8S_BUILD)/$(o).yaml)
+# `make lint` also renders with every component on, into this folder, and validates that too.
+K8S_ALL_COMPONENTS = K8S_BUILD=$(K8S_BUILD)/components K8S_QUEUE=team-a K8S_KUEUE_PRIORITY=high \
+	K8S_PRIORITY_CLASS=training K8S_GPU_PRODUCT=NVIDIA-H100-80GB-HBM3 K8S_TOLERATE=dedicated
 
-build: ## Build the image IMAGE:TAG from docker/Dockerfile (BASE_IMAGE= for another base)
+build: ## Build IMAGE:TAG from docker/Dockerfile (BASE_IMAGE=, PIP_INDEX_URL= a mirror, WHEELHOUSE= air-gapped)
 	$(CHECK_TAG)
-	$(DOCKER) build -f docker/Dockerfile -t $(IMAGE):$(TAG) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) .
+	$(DOCKER) build -f docker/Dockerfile -t $(IMAGE):$(TAG) $(IMAGE_LABELS) \
+		$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) $(if $(PIP_INDEX_URL),--build-arg PIP_INDEX_URL=$(PIP_INDEX_URL)) \
+		$(if $(WHEELHOUSE),--build-context wheelhouse=$(WHEELHOUSE)) .
 
 push: ## Push IMAGE:TAG to its registry (after make build)
 	$(CHECK_TAG)
@@ -141,7 +154,7 @@ push: ## Push IMAGE:TAG to its registry (after make build)
 docker-train: ## Train in the image on this machine's GPUs (MODEL_DIR, DATA_DIR, OUTPUT_DIR, CACHE_DIR + make train's flags)
 	$(CHECK_TAG)
 	@mkdir -p $(OUTPUT_DIR) $(CACHE_DIR)
-	$(DOCKER_RUN) $(IMAGE):$(TAG) train $(DOCKER_TRAIN_FLAGS)
+	$(DOCKER_RUN) $(IMAGE):$(TAG) train $(call train-flags,/output/$(RECIPE),$(if $(MODEL_DIR),--model /models)) --resume auto
 
 docker-smoke: ## GPU check of the image: short DeepSpeed run, resume from its checkpoint, smoke-test the result
 	$(CHECK_TAG)
@@ -153,27 +166,24 @@ docker-smoke: ## GPU check of the image: short DeepSpeed run, resume from its ch
 		--zero-stage 2 --bf16 --max-steps 30 --save-steps 10 --resume auto $(ARGS)
 	$(DOCKER_RUN) $(IMAGE):$(TAG) smoke --model /output/docker-smoke/final
 
-k8s-overlays: ## Write the kustomize overlays for IMAGE, TAG, GPUS, CPUS, MEMORY, NNODES into K8S_BUILD
+k8s-overlays: ## Write the kustomize overlays (IMAGE, TAG, GPUS, ..., K8S_QUEUE, ...) into K8S_BUILD
 	$(CHECK_TAG)
-	$(call k8s-overlay,train,k8s,k8s/settings,GPUS CPUS MEMORY)
-	$(call k8s-overlay,multinode,k8s/multinode,k8s/settings k8s/multinode/settings,GPUS CPUS MEMORY NNODES)
-	$(call k8s-overlay,prepare,k8s/prepare-job.yaml,,)
+	@$(foreach o,$(K8S_OVERLAYS),$(PYTHON) k8s/overlay.py $(K8S_BUILD)/$(o) $(firstword $(k8s-base.$(o))) $(IMAGE):$(TAG) \
+		$(foreach t,$(wordlist 2,9,$(k8s-base.$(o))),--transformer $(t)) $(K8S_SETTINGS) &&) true
 
-k8s-render: k8s-overlays ## Render the jobs to K8S_BUILD/{train,multinode,prepare}.yaml (kubectl kustomize, offline)
-	@for o in train multinode prepare; do \
+k8s-render: k8s-overlays $(if $(filter $(VENV)/bin/kubectl,$(KUBECTL)),setup) ## Render every job to K8S_BUILD/NAME.yaml (offline)
+	@for o in $(K8S_OVERLAYS); do \
 	  $(KUBECTL) kustomize --load-restrictor LoadRestrictionsNone $(K8S_BUILD)/$$o > $(K8S_BUILD)/$$o.yaml || exit 1; \
 	  echo "rendered $(K8S_BUILD)/$$o.yaml"; done
 
-k8s-validate: setup ## Strict schema validation of k8s/ and its renderings against K8S_VERSIONS (offline)
+k8s-validate: setup ## Strict validation of k8s/ and its renderings (K8S_VERSIONS; JobSet/TrainJob: k8s/schemas)
+	@$(MAKE) --no-print-directory k8s-render > /dev/null
+	@$(MAKE) --no-print-directory k8s-render $(K8S_ALL_COMPONENTS) > /dev/null
 	@for v in $(K8S_VERSIONS); do \
-	  $(VENV)/bin/kubernetes-validate --strict --quiet -k $$v $(K8S_MANIFESTS) || exit 1; \
-	  echo "k8s manifests: valid (strict) for Kubernetes $$v"; done
-	@if command -v $(KUBECTL) > /dev/null; then \
-	  $(MAKE) --no-print-directory k8s-render && for v in $(K8S_VERSIONS); do \
-	    $(VENV)/bin/kubernetes-validate --strict --quiet -k $$v $(K8S_BUILD)/train.yaml $(K8S_BUILD)/multinode.yaml \
-	      $(K8S_BUILD)/prepare.yaml || exit 1; \
-	    echo "kustomize renderings: valid (strict) for Kubernetes $$v"; done; \
-	else echo "no kubectl: renderings not checked here (tests/test_deploy.py renders them without it)"; fi
+	  $(VENV)/bin/kubernetes-validate --strict --quiet -k $$v $(K8S_MANIFESTS) $(K8S_RENDERED) \
+	    $(subst $(K8S_BUILD)/,$(K8S_BUILD)/components/,$(K8S_RENDERED)) 2>&1 | grep -v "Couldn't find schema for kind \(JobSet\|TrainJob\)"; \
+	  [ $${PIPESTATUS[0]} -eq 0 ] || exit 1; echo "k8s manifests and renderings: valid (strict) for Kubernetes $$v"; done
+	$(PY) k8s/crd_validate.py $(K8S_MANIFESTS) $(K8S_RENDERED) $(subst $(K8S_BUILD)/,$(K8S_BUILD)/components/,$(K8S_RENDERED))
 
 k8s-pvcs: ## Create the data, models, output and cache claims (k8s/pvcs.yaml; never deleted by make)
 	$(K8S) apply -f k8s/pvcs.yaml
@@ -187,17 +197,24 @@ k8s-prepare: k8s-render k8s-pvcs ## Run the CPU prepare Job (k8s/prepare-job.yam
 	    *Failed*) $(K8S) logs job/bloom-zh-prepare --tail=30; echo "prepare: failed" >&2; exit 1;; esac; \
 	  [ $$SECONDS -lt $$end ] || { echo "prepare: still running after $(K8S_WAIT) s" >&2; exit 1; }; sleep 10; done
 
-k8s-submit: k8s-render k8s-pvcs ## Submit the single-node training Job (IMAGE, TAG, GPUS, CPUS, MEMORY, K8S_NAMESPACE)
+k8s-submit: k8s-render k8s-pvcs ## Submit the single-node training Job (IMAGE, TAG, GPUS, CPUS, MEMORY, K8S_QUEUE, ...)
 	$(K8S) apply -f $(K8S_BUILD)/train.yaml
 	@echo "follow it: make k8s-logs; stop it (it checkpoints first): make k8s-delete"
 
-k8s-multinode: k8s-render k8s-pvcs ## Submit the multi-node Indexed Job + headless Service (NNODES, GPUS per node, ...)
-	$(K8S) apply -f $(K8S_BUILD)/multinode.yaml
-	@echo "follow it: make k8s-logs K8S_JOB=bloom-zh-pretrain-mn"
+k8s-multinode: k8s-render k8s-pvcs ## Submit multi-node training: a JobSet (MULTINODE=indexed: Indexed Job + Service)
+	@case "$(MULTINODE)" in jobset|indexed) ;; *) echo "MULTINODE=$(MULTINODE): use jobset or indexed" >&2; exit 2;; esac
+	$(K8S) apply -f $(K8S_BUILD)/$(MULTINODE).yaml
+	@echo "follow it: make k8s-logs K8S_SELECTOR=$(if $(filter jobset,$(MULTINODE)),jobset.sigs.k8s.io/jobset-name=bloom-zh-pretrain-js,batch.kubernetes.io/job-name=bloom-zh-pretrain-mn)"
 
-k8s-logs: ## Follow the logs of every pod and container of K8S_JOB (default bloom-zh-pretrain)
-	$(K8S) logs --follow --prefix --all-containers --max-log-requests 64 --tail -1 \
-		--selector batch.kubernetes.io/job-name=$(K8S_JOB)
+k8s-trainjob: k8s-render k8s-pvcs ## Submit the Kubeflow TrainJob (runtime torch-distributed; NNODES, GPUS per node, ...)
+	$(K8S) apply -f $(K8S_BUILD)/trainjob.yaml
+	@echo "follow it: make k8s-logs K8S_SELECTOR=jobset.sigs.k8s.io/jobset-name=bloom-zh-pretrain-tj"
 
-k8s-delete: ## Delete the jobs and the Service (pods checkpoint on SIGTERM; the claims and their data stay)
+k8s-logs: ## Follow the logs of every pod and container that K8S_SELECTOR selects (default: the single-node Job)
+	$(K8S) logs --follow --prefix --all-containers --max-log-requests 64 --tail -1 --selector $(K8S_SELECTOR)
+
+k8s-delete: ## Delete the jobs, JobSets, TrainJobs and the Service (pods checkpoint on SIGTERM; the claims stay)
 	$(K8S) delete job,service --selector app.kubernetes.io/part-of=bloom-zh --ignore-not-found
+	@for kind in jobsets.jobset.x-k8s.io trainjobs.trainer.kubeflow.org; do \
+	  if $(K8S) api-resources -o name | grep -qx $$kind; then \
+	    $(K8S) delete $$kind --selector app.kubernetes.io/part-of=bloom-zh --ignore-not-found || exit 1; fi; done

@@ -169,7 +169,8 @@ def worker(config, local_rank):
 @cli.command()
 @config_options(TRAIN_FIELDS)
 def doctor(config, **values):
-    """Preflight: every check `train` runs first (devices, DeepSpeed, output, data, tokenizer, model, memory, disk)."""
+    """Preflight: every check `train` runs first (launch settings and their sources, devices, DeepSpeed, output,
+    data, tokenizer, model, memory, disk)."""
     from job.doctor import format_table, run_checks
 
     cfg = _load(config, values)
@@ -242,14 +243,12 @@ def smoke(model):
 def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, scale, **values):
     """Time the real training path (or tokenization); print one JSON line of figures."""
     from job.bench import bench_tokenize, dumps, run_bench
-    from job.doctor import resolve_master_port
     from job.launch import single_process_env
 
     cfg = _load(config, values)
     if tokenize_mode:
         click.echo(dumps(bench_tokenize(cfg, repeats, scale)))
         return
-    cfg.master_port = resolve_master_port(cfg)
     single_process_env(cfg)
     click.echo(dumps(run_bench(cfg, steps, warmup, synthetic, compare)))
 

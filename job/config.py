@@ -146,15 +146,26 @@ class RunConfig:
     device: Device = opt("auto", "auto: CUDA when visible, else CPU; cuda insists on GPUs", resumable=True)
     deepspeed: str = opt(str(DEFAULT_DS_CONFIG), "DeepSpeed JSON file, or none for plain DDP", path=True)
     zero_stage: int | None = opt(None, "ZeRO stage 0-3 (overrides the DeepSpeed file's)", bound=between(0, 4))
+    # Launch settings left unset come from the torchrun/Kubeflow environment (job.launch.resolve_topology).
     nproc: int | None = opt(
-        None, "processes per node (default: every visible GPU, 1 without)", resumable=True, bound=at_least(1)
+        None,
+        "processes per node (default: $PET_NPROC_PER_NODE, else every visible GPU, 1 without)",
+        resumable=True,
+        bound=at_least(1),
     )
-    nnodes: int = opt(1, "nodes", resumable=True, bound=at_least(1))
-    node_rank: int = opt(0, "this node's rank, 0 to nnodes-1", resumable=True, bound=at_least(0))
-    master_addr: str = opt("127.0.0.1", "rendezvous host (node 0)", resumable=True)
+    nnodes: int | None = opt(None, "nodes (default: $PET_NNODES, else 1)", resumable=True, bound=at_least(1))
+    node_rank: int | None = opt(
+        None,
+        "this node's rank, 0 to nnodes-1 (default: $PET_NODE_RANK, else $JOB_COMPLETION_INDEX, else 0)",
+        resumable=True,
+        bound=at_least(0),
+    )
+    master_addr: str | None = opt(
+        None, "rendezvous host, node 0 (default: $PET_MASTER_ADDR, else 127.0.0.1)", resumable=True
+    )
     master_port: int | None = opt(
         None,
-        "rendezvous port (default: a free one on one node, 29500 across nodes)",
+        "rendezvous port (default: $PET_MASTER_PORT; else torchrun picks one on one node, 29500 across nodes)",
         resumable=True,
         bound=(lambda v: 1 <= v <= 65535, "a port, 1-65535"),
     )
@@ -217,7 +228,7 @@ class RunConfig:
             "set --epochs or --max-steps",
         )
         need(
-            self.node_rank < self.nnodes,
+            self.node_rank is None or self.nnodes is None or self.node_rank < self.nnodes,
             f"--node-rank {self.node_rank} is not below --nnodes {self.nnodes}",
             "node ranks run from 0 to nnodes-1",
         )

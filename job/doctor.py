@@ -48,6 +48,7 @@ class Preflight:
     tokenizer: Any = None
     model_config: Any = None
     fingerprints: dict[str, Any] = field(default_factory=dict)
+    launch: str = ""  # the launch settings and their sources (check_launch)
 
 
 def visible_gpus() -> int:
@@ -200,22 +201,31 @@ def check_output(p: Preflight) -> Check:
     return Check("output", True, f"{output} holds this run: it will resume")
 
 
-def resolve_master_port(cfg: RunConfig) -> int:
-    """The rendezvous port: as given; else any free port on one node, else 29500 (every node must agree)."""
-    if cfg.master_port is not None:
-        return cfg.master_port
-    if cfg.nnodes > 1:
-        return 29500
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def check_launch(p: Preflight) -> Check:
+    """Fill the launch settings no flag set from the torchrun/Kubeflow environment; show where each came from."""
+    from job.launch import resolve_topology
+
+    row = check_topology(p.cfg, resolve_topology(p.cfg))
+    p.launch = row.detail
+    return row
+
+
+def check_topology(cfg: RunConfig, sources: dict[str, str]) -> Check:
+    """The launch settings and where each came from (flag, environment variable or default): under an
+    operator (PyTorchJob, TrainJob, JobSet) this shows which of its variables the run picked up."""
+    nproc = processes_per_node(cfg)
+    shown = {**{name: getattr(cfg, name) for name in sources}, "nproc": nproc}
+    if cfg.master_port is None:
+        shown["master_port"] = "any (torchrun --standalone)"
+    return Check("launch", True, ", ".join(f"{k}={v} ({sources[k]})" for k, v in shown.items()))
 
 
 def check_port(p: Preflight) -> Check:
+    """The rendezvous port on the node that hosts it (after check_launch resolved the settings)."""
     cfg = p.cfg
-    if cfg.master_port is None and cfg.nnodes == 1:
-        return Check("master port", True, "a free port is chosen at launch")
-    port = resolve_master_port(cfg)
+    if cfg.master_port is None:
+        return Check("master port", True, "torchrun binds a free one (--standalone)")
+    port = cfg.master_port
     if cfg.node_rank != 0:
         return Check("master port", True, f"node {cfg.node_rank} connects to {cfg.master_addr}:{port}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -429,6 +439,7 @@ def check_disk(p: Preflight) -> Check:
 
 # In order: later checks read what earlier ones found. `train` stops at the first failure; `doctor` runs all.
 CHECKS: list[Callable[[Preflight], Check]] = [
+    check_launch,
     check_settings,
     check_devices,
     check_deepspeed,

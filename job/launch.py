@@ -8,6 +8,7 @@ parent waits and returns the exit code rank 0 recorded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,10 +19,67 @@ from pathlib import Path
 
 from job import checkpoints, doctor
 from job.config import RunConfig
-from job.errors import EXIT_CRASH
+from job.errors import EXIT_CRASH, JobError
 from job.train import STATUS_FILE
 
 log = logging.getLogger("job")
+
+# Where a launch setting comes from when no flag (or --config file) sets it: torchrun's own PET_* variables,
+# which Kubeflow's PyTorchJob and TrainJob set in every pod, then an Indexed Job's completion index (JobSet
+# pods have it too) for the node rank; else the default. The same names torchrun reads, so one pod spec
+# works under every launcher.
+TOPOLOGY_ENV = {
+    "nproc": ("PET_NPROC_PER_NODE",),
+    "nnodes": ("PET_NNODES",),
+    "node_rank": ("PET_NODE_RANK", "JOB_COMPLETION_INDEX"),
+    "master_addr": ("PET_MASTER_ADDR",),
+    "master_port": ("PET_MASTER_PORT",),
+}
+TOPOLOGY_DEFAULTS = {"nproc": None, "nnodes": 1, "node_rank": 0, "master_addr": "127.0.0.1", "master_port": None}
+MULTINODE_PORT = 29500  # every node must agree, so across nodes the port cannot be picked at random
+# torchrun restarts every node's workers (a new c10d rendezvous round, each resuming from the newest complete
+# checkpoint) up to this many times when a worker or a node fails; one node alone has nothing to wait for.
+MULTINODE_RESTARTS = 3
+# How long a node waits for the others to join (torchrun's default, 600 s, is shorter than a cold image pull).
+RENDEZVOUS_JOIN_TIMEOUT_S = 1800
+
+
+def resolve_topology(cfg: RunConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Fill the launch settings that no flag set, from `environ` (default os.environ), else the defaults.
+
+    Returns where each one came from: "flag" (a flag or the --config file), a variable's name, or "default".
+    """
+    environ = os.environ if environ is None else environ
+    sources = {}
+    for name, variables in TOPOLOGY_ENV.items():
+        if getattr(cfg, name) is not None:
+            sources[name] = "flag"
+            continue
+        variable = next((v for v in variables if environ.get(v, "").strip()), None)
+        sources[name] = variable or "default"
+        value = TOPOLOGY_DEFAULTS[name] if variable is None else _env_value(name, variable, environ[variable].strip())
+        setattr(cfg, name, value)
+    if cfg.master_port is None and cfg.nnodes > 1:
+        cfg.master_port = MULTINODE_PORT
+    cfg.validate()  # node rank below the node count, a real port: now that both are known
+    return sources
+
+
+def _env_value(name: str, variable: str, text: str) -> int | str | None:
+    flag = "--" + name.replace("_", "-")
+    if name == "master_addr":
+        return text
+    if name == "nproc" and text in ("auto", "gpu"):
+        return None  # torchrun's words for "one process per GPU": our default too
+    if not text.isdigit():
+        hint = " (an elastic range: a ZeRO checkpoint is tied to its world size)" if ":" in text else ""
+        raise JobError(f"{variable}={text!r} is not a whole number{hint}", f"set {variable} to one, or pass {flag}")
+    return int(text)
+
+
+def rendezvous_id(cfg: RunConfig) -> str:
+    """The same on every node of one run (they share --output-dir), different for runs into other folders."""
+    return "job-" + hashlib.sha256(cfg.output_dir.encode()).hexdigest()[:16]
 
 
 def prepare_inputs(cfg: RunConfig, found: doctor.Preflight | None = None):
@@ -57,8 +115,8 @@ def prepare_inputs(cfg: RunConfig, found: doctor.Preflight | None = None):
 def train(cfg: RunConfig) -> int:
     """Check everything, prepare, then write the config and launch; the exit code of the run."""
     found = doctor.preflight(cfg)  # stops at the first failed check: nothing written yet
+    log.info("launch: %s", found.launch)
     cfg, _ = prepare_inputs(cfg, found)
-    cfg.master_port = doctor.resolve_master_port(cfg)
 
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -82,8 +140,8 @@ def single_process_env(cfg: RunConfig) -> None:
         ("LOCAL_RANK", "0"),
         ("WORLD_SIZE", "1"),
         ("LOCAL_WORLD_SIZE", "1"),
-        ("MASTER_ADDR", cfg.master_addr),
-        ("MASTER_PORT", str(cfg.master_port)),
+        ("MASTER_ADDR", cfg.master_addr or TOPOLOGY_DEFAULTS["master_addr"]),
+        ("MASTER_PORT", str(cfg.master_port or 0)),  # 0: the store of a world of one binds any free port
     ):
         os.environ.setdefault(key, value)
 
@@ -96,17 +154,27 @@ def _run_in_process(cfg: RunConfig) -> int:
 
 
 def torchrun_command(cfg: RunConfig, nproc: int, config_path: Path) -> list[str]:
-    """The launcher command every node runs; workers run `python -m job worker --config run_config.json`."""
-    rendezvous = [
-        "--nnodes",
-        str(cfg.nnodes),
-        "--node-rank",
-        str(cfg.node_rank),
-        "--master-addr",
-        cfg.master_addr,
-        "--master-port",
-        str(cfg.master_port),
-    ]
+    """The launcher command every node runs; workers run `python -m job worker --config run_config.json`.
+
+    One node without a port: `--standalone`, torchrun binds a free port itself (no probe-then-bind race).
+    Otherwise a c10d rendezvous at master_addr:master_port: the ranks are assigned when every node has
+    joined, and a failed worker or node restarts all of them (a replacement pod joins the new round).
+    """
+    if cfg.nnodes == 1 and cfg.master_port is None:
+        rendezvous = ["--standalone"]
+    else:
+        rendezvous = [
+            "--nnodes",
+            str(cfg.nnodes),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"{cfg.master_addr}:{cfg.master_port}",
+            "--rdzv-id",
+            rendezvous_id(cfg),
+            "--rdzv-conf",
+            f"join_timeout={RENDEZVOUS_JOIN_TIMEOUT_S}",
+        ]
     return [
         sys.executable,
         "-m",
@@ -115,7 +183,7 @@ def torchrun_command(cfg: RunConfig, nproc: int, config_path: Path) -> list[str]
         str(nproc),
         *rendezvous,
         "--max-restarts",
-        "0",
+        str(MULTINODE_RESTARTS if cfg.nnodes > 1 else 0),
         "-m",
         "job",
         "worker",

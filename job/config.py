@@ -24,6 +24,7 @@ REPO_DIR = PACKAGE_DIR.parent
 DEFAULT_DS_CONFIG = REPO_DIR / "ds_config.json"
 PRESETS = ("tiny", "bloom-389m-zh")
 ATTENTIONS = ("auto", "eager", "sdpa", "flex")
+FLEX_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 # Keys whose values may be credentials: never written to run_config.json or logs.
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 
@@ -74,6 +75,14 @@ class RunConfig:
     dataloader_workers: int = 2
     report_to: str = "tensorboard"
     max_nonfinite_steps: int = 3
+    # --- throughput levers (each exact; `make bench-gpu` measures them one at a time) ---
+    fold_padding: bool = True  # flex: padding becomes one-token documents, so the mask reads the document ids only
+    flex_compile_mode: str = "default"  # torch.compile mode of FlexAttention: default | max-autotune-no-cudagraphs
+    flex_kernel_options: str = ""  # JSON object for flex_attention(kernel_options=...), e.g. {"fwd_num_warps": 8}
+    fused_gelu: bool = True  # BloomGelu's tanh formula as F.gelu(approximate="tanh"): one kernel each way
+    liger_loss: bool = True  # liger-kernel's fused linear + cross-entropy on CUDA when importable; else chunked
+    compile_blocks: bool = False  # torch.compile each BloomBlock in place (dynamic=False): regional compilation
+    host_token_count: bool = True  # count real tokens on the host: no GPU gather + .item() per micro-step
     # --- distributed ---
     device: str = "auto"  # auto: CUDA when visible, else CPU; "cuda" insists on GPUs
     deepspeed: str = str(DEFAULT_DS_CONFIG)  # a path, or "none" for plain DDP
@@ -132,6 +141,16 @@ class RunConfig:
             self.attention in ATTENTIONS,
             f"unknown --attention {self.attention!r}",
             f"choose one of {', '.join(ATTENTIONS)}",
+        )
+        need(
+            self.flex_compile_mode in FLEX_COMPILE_MODES,
+            f"unknown --flex-compile-mode {self.flex_compile_mode!r}",
+            f"choose one of {', '.join(FLEX_COMPILE_MODES)}",
+        )
+        need(
+            _is_json_object(self.flex_kernel_options),
+            f"--flex-kernel-options {self.flex_kernel_options!r} is not a JSON object",
+            'write e.g. {"fwd_num_warps": 8}, or leave it empty',
         )
         for name in ("per_device_batch_size", "grad_accum", "num_proc", "logging_steps", "save_steps", "nnodes"):
             need(
@@ -370,6 +389,15 @@ def read_deepspeed_file(path_str: str) -> dict[str, Any]:
             "fix the spelling (see https://www.deepspeed.ai/docs/config-json/)",
         )
     return {k: v for k, v in ds.items() if not k.startswith("_")}
+
+
+def _is_json_object(text: str) -> bool:
+    if not text:
+        return True
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

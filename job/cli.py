@@ -256,8 +256,18 @@ def smoke(model):
     help="--tokenize: rounds, the best of each counts",
 )
 @click.option("--scale", type=click.IntRange(min=1), default=1, show_default=True, help="--tokenize: corpus x N")
-def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, scale, **values):
-    """Time the real training path (or tokenization); print one JSON line of figures."""
+@click.option(
+    "--profile-steps",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="torch-profile this many steps after the warm-up; adds the top GPU kernels to the JSON (slows those steps)",
+)
+def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, scale, profile_steps, **values):
+    """Time the real training path (or tokenization); print one JSON line of figures.
+
+    With --synthetic and no --tokenizer/--model, a word-level tokenizer of --vocab-size entries stands in: no
+    corpus and no BPE training needed."""
     from job.bench import bench_tokenize, dumps, run_bench
     from job.doctor import resolve_master_port
     from job.launch import single_process_env
@@ -268,7 +278,7 @@ def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, sca
         return
     cfg.master_port = resolve_master_port(cfg)
     single_process_env(cfg)
-    click.echo(dumps(run_bench(cfg, steps, warmup, synthetic, compare)))
+    click.echo(dumps(run_bench(cfg, steps, warmup, synthetic, compare, profile_steps)))
 
 
 def main():

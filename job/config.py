@@ -82,7 +82,7 @@ class RunConfig:
     fused_gelu: bool = True  # BloomGelu's tanh formula as F.gelu(approximate="tanh"): one kernel each way
     liger_loss: bool = True  # liger-kernel's fused linear + cross-entropy on CUDA when importable; else chunked
     compile_blocks: bool = False  # torch.compile each BloomBlock in place (dynamic=False): regional compilation
-    host_token_count: bool = True  # count real tokens on the host: no GPU gather + .item() per micro-step
+    avoid_host_syncs: bool = True  # count real tokens on the host, no per-micro-step NaN check (StopCallback guards)
     # --- distributed ---
     device: str = "auto"  # auto: CUDA when visible, else CPU; "cuda" insists on GPUs
     deepspeed: str = str(DEFAULT_DS_CONFIG)  # a path, or "none" for plain DDP
@@ -295,6 +295,8 @@ class RunConfig:
             use_cpu=use_cpu,
             remove_unused_columns=False,
             include_num_input_tokens_seen="non_padding",  # real tokens, for tokens/s and MFU
+            logging_nan_inf_filter=not self.avoid_host_syncs,  # a host sync per micro-step when on
+            ddp_find_unused_parameters=False,  # every parameter gets a gradient; True re-walks the graph each step
             disable_tqdm=True,  # our progress bar shows tokens/s and time left
         )
 

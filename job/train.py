@@ -160,7 +160,7 @@ def build_trainer(cfg: RunConfig, data=None, callbacks: list[TrainerCallback] | 
     train_tokenizer = copy.copy(tokenizer)
     train_tokenizer.padding_side = "right"
     collator = DataCollatorForLanguageModeling(train_tokenizer, mlm=False, pad_to_multiple_of=None if use_cpu else 8)
-    if cfg.host_token_count:
+    if cfg.avoid_host_syncs:
         collator = CountingCollator(collator)
     stop_guard = StopCallback(cfg.max_nonfinite_steps)
     trainer = JobTrainer(

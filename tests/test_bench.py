@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -74,3 +75,43 @@ def test_tokenize_bench_matches_the_bare_tokenizer(tiny_tokenizer_dir):
     assert result["documents"] == 600 and result["num_proc"] == 2 and result["repeats"] == 2
     assert result["tokens"] > 0 and result["prepare_vs_bare"] > 0 and result["prepare_vs_rust"] > 0
     assert result["prepare_vs_bare"] == pytest.approx(result["bare_s"] / result["prepare_s"], rel=2e-2)
+
+
+def test_sweep_reports_a_failing_and_a_timed_out_variant_and_goes_on(tmp_path):
+    """The `make bench-gpu` sweep's plumbing on a CPU (--dry-run, tiny preset): each variant in its own process
+    with its own slice; a bad one (exit 2) and a hung one (killed at its slice) are reported, the next one runs,
+    and the JSON lines and the table reach both stdout and the log."""
+    variants = [
+        {"name": "bad input", "args": ["--max-length", "1"], "slice_s": 120},
+        {"name": "never ends", "args": ["--steps", "100000", "--deepspeed", "none"], "slice_s": 15},
+        {"name": "plain", "args": ["--deepspeed", "none"], "slice_s": 300},
+    ]
+    spec = tmp_path / "variants.json"
+    spec.write_text(json.dumps(variants))
+    started = time.monotonic()
+    flags = ["--variants", str(spec), "--log-dir", str(tmp_path / "logs"), "--budget-s", "400"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "job.sweep", "--dry-run", *flags, "--no-tests", "--no-profile", "--no-end-to-end"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    bench = [r for r in rows if r["step"] == "bench"]
+    assert [(r["variant"], r["status"]) for r in bench] == [
+        ("bad input", "failed"),
+        ("never ends", "timeout"),
+        ("plain", "ok"),
+    ]
+    assert "--max-length 1 is below 2" in bench[0]["error"]
+    assert 15 <= bench[1]["seconds"] < 60  # killed at its slice, with its process group
+    assert bench[2]["tokens_per_s"] > 0 and bench[2]["step_s"] > 0 and bench[2]["compile_s"] >= 0
+    assert bench[2]["patches"]["attention"] == "sdpa" and bench[2]["deepspeed"] is False
+    summary = rows[-1]
+    assert summary["step"] == "summary" and summary["fastest"] == "plain" and summary["variants_ok"] == 1
+    assert "| plain | ok |" in proc.stdout and "| never ends | timeout" in proc.stdout
+    (log,) = (tmp_path / "logs").glob("bench-gpu-*.log")
+    assert log.read_text(encoding="utf-8").splitlines()[1:] == proc.stdout.splitlines()[1:]
+    assert time.monotonic() - started < 400

@@ -297,7 +297,8 @@ def liger_causal_lm_loss(
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-    total = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="sum")(weight, hidden, targets)
+    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="sum", accum_dtype=torch.float32)
+    total = fused(weight, hidden, targets)  # accum_dtype: the head's gradient summed in fp32 under bf16
     return _reduce(total, targets, num_items_in_batch, ignore_index)
 
 

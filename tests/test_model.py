@@ -362,6 +362,18 @@ def test_install_patches_logs_what_it_installed_and_print_shows_it(caplog):
     assert "gelu" not in plain.job_patches and "job patches: attention sdpa; loss chunked" in repr(plain)
 
 
+def test_compiled_blocks_save_a_plain_hf_bloom(tmp_path):
+    """Regional compilation is in place (`Module.compile`): the saved folder loads in stock transformers with the
+    same tensors (compiling itself happens at the first forward, on the GPU in tests/test_model.py's CUDA test)."""
+    model = build_model(RunConfig(preset="tiny", compile_blocks=True), StandInTokenizer(100))
+    assert model.job_patches["compile"] == "each of 4 BloomBlocks (dynamic=False)"
+    model.save_pretrained(str(tmp_path))
+    stock = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert type(stock) is BloomForCausalLM and "job patches" not in repr(stock)
+    for (name, p), q in zip(model.state_dict().items(), stock.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [("flex_compile_mode", "turbo", "unknown --flex-compile-mode"), ("flex_kernel_options", "[1]", "JSON object")],

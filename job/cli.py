@@ -256,13 +256,7 @@ def smoke(model):
     help="--tokenize: rounds, the best of each counts",
 )
 @click.option("--scale", type=click.IntRange(min=1), default=1, show_default=True, help="--tokenize: corpus x N")
-@click.option(
-    "--profile-steps",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="torch-profile this many steps after the warm-up; adds the top GPU kernels to the JSON (slows those steps)",
-)
+@click.option("--profile-steps", type=int, default=0, help="torch-profile N steps after the warm-up: top GPU kernels")
 def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, scale, profile_steps, **values):
     """Time the real training path (or tokenization); print one JSON line of figures.
 

@@ -229,21 +229,7 @@ def _chunk_loss_sum(head, hidden, targets, ignore_index):
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
 
 
-def chunked_causal_lm_loss(
-    hidden_states: torch.Tensor,
-    head: torch.nn.Module,
-    labels: torch.Tensor | None,
-    num_items_in_batch=None,
-    ignore_index: int = -100,
-    shift_labels: torch.Tensor | None = None,
-    chunk_tokens: int = CHUNK_TOKENS,
-    **_,
-) -> torch.Tensor:
-    """transformers' `ForCausalLMLoss(head(hidden_states), labels, ...)` without materialising all logits.
-
-    `head` is called as a module (not its weight) so ZeRO-3 gathers its parameters, also in the recompute.
-    """
-    hidden, targets = _flat_targets(hidden_states, labels, shift_labels, ignore_index)
+def _chunks_loss_sum(head, hidden, targets, ignore_index, chunk_tokens):
     # One chunk's logits alive at a time: a single chunk may keep its own for the backward (no recompute needed).
     recompute = (
         hidden.shape[0] > chunk_tokens
@@ -257,49 +243,54 @@ def chunked_causal_lm_loss(
         else:
             part = _chunk_loss_sum(head, h, t, ignore_index)
         total = part if total is None else total + part
-    return _reduce(total, targets, num_items_in_batch, ignore_index)
+    return total
 
 
-def _reduce(total: torch.Tensor, targets: torch.Tensor, num_items_in_batch, ignore_index: int) -> torch.Tensor:
-    """`ForCausalLMLoss`'s reduction of a summed loss: per real label, or per `num_items_in_batch` (accumulation)."""
-    if num_items_in_batch is None:
-        return total / (targets != ignore_index).sum()
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+def _liger_loss_sum(head, hidden, targets, ignore_index):
+    """liger-kernel's fused linear + cross-entropy (Triton, CUDA): the logits are never materialised.
+
+    It takes the head's weight, not the module (so not under ZeRO-3): the matmul runs in the autocast dtype when
+    autocast is on, as the stock head would, and the head's gradient is summed in fp32.
+    """
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    weight = head.weight
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="sum", accum_dtype=torch.float32)
+    return fused(weight, hidden, targets)
 
 
-def _flat_targets(hidden_states, labels, shift_labels, ignore_index):
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    return hidden, shift_labels.reshape(-1).to(hidden.device)
-
-
-def liger_causal_lm_loss(
+def chunked_causal_lm_loss(
     hidden_states: torch.Tensor,
     head: torch.nn.Module,
     labels: torch.Tensor | None,
     num_items_in_batch=None,
     ignore_index: int = -100,
     shift_labels: torch.Tensor | None = None,
+    chunk_tokens: int = CHUNK_TOKENS,
+    liger: bool = False,
     **_,
 ) -> torch.Tensor:
-    """The same loss through liger-kernel's fused linear + cross-entropy (Triton; logits never materialised).
+    """transformers' `ForCausalLMLoss(head(hidden_states), labels, ...)` without materialising all logits.
 
-    It takes the head's weight, not the module: the matmul runs in the autocast dtype when autocast is on, as
-    the stock head would.
+    `head` is called as a module (not its weight) so ZeRO-3 gathers its parameters, also in the recompute.
+    `liger=True` computes the same sum with liger-kernel's fused kernel instead of the chunks.
     """
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-    hidden, targets = _flat_targets(hidden_states, labels, shift_labels, ignore_index)
-    weight = head.weight
-    if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="sum", accum_dtype=torch.float32)
-    total = fused(weight, hidden, targets)  # accum_dtype: the head's gradient summed in fp32 under bf16
-    return _reduce(total, targets, num_items_in_batch, ignore_index)
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    targets = shift_labels.reshape(-1).to(hidden.device)
+    if liger:
+        total = _liger_loss_sum(head, hidden, targets, ignore_index)
+    else:
+        total = _chunks_loss_sum(head, hidden, targets, ignore_index, chunk_tokens)
+    if num_items_in_batch is None:
+        return total / (targets != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 def _causal_lm_forward(
@@ -350,13 +341,14 @@ def _causal_lm_forward(
         output_hidden_states=output_hidden_states,
         return_dict=True,
     )
-    if getattr(self, "job_loss", "chunked") == "liger":
-        loss = liger_causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels, **kwargs)
-    else:
-        chunk_tokens = getattr(self, "job_loss_chunk_tokens", CHUNK_TOKENS)
-        loss = chunked_causal_lm_loss(
-            outputs.last_hidden_state, self.lm_head, labels, chunk_tokens=chunk_tokens, **kwargs
-        )
+    loss = chunked_causal_lm_loss(
+        outputs.last_hidden_state,
+        self.lm_head,
+        labels,
+        chunk_tokens=getattr(self, "job_loss_chunk_tokens", CHUNK_TOKENS),
+        liger=getattr(self, "job_loss", "chunked") == "liger",
+        **kwargs,
+    )
     return CausalLMOutputWithCrossAttentions(
         loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions
     )

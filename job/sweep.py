@@ -220,7 +220,7 @@ def run_variants(sweep: Sweep, variants: list[Variant], dry_run: bool, steps: in
 def run_profile(sweep: Sweep, best: dict, variants: list[Variant], dry_run: bool, warmup: int) -> dict | None:
     args = next(v.args for v in variants if v.name == best["variant"])
     argv = [*bench_argv(dry_run, 2, warmup), "--profile-steps", "2", *args]
-    out = sweep.run("profile", argv, 90, reserve_s=0 if dry_run else 90)
+    out = sweep.run("profile", argv, 180 if dry_run else 90, reserve_s=0 if dry_run else 90)
     result = _last_json(out.stdout) if out.status == "ok" else None
     row = {"step": "profile", "variant": best["variant"], "status": out.status, "seconds": round(out.seconds, 1)}
     if result and "profile" in result:
@@ -319,7 +319,7 @@ def summarise(sweep: Sweep, rows: list[dict], profile: dict | None) -> None:
         for k in profile["top"]:
             name = k.get("kernel") or k.get("operator")
             sweep.say(f"| {name} | {k['calls']} | {k['total_ms']} | {k['per_call_ms']} | {100 * k['share']:.1f}% |")
-    others = [r for r in sweep.records if r.get("step") not in ("bench", "profile", "summary")]
+    others = [r for r in sweep.records if r["step"] not in ("bench", "summary") and "top" not in r]
     if others:
         sweep.say("")
         for r in others:

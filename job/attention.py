@@ -4,8 +4,9 @@ transformers' Bloom only has its eager attention (baddbmm + ALiBi + fp32 softmax
 of a training step. `install_attention(model, "sdpa" | "flex")` patches a loaded Bloom in place, without new
 parameters, config changes or remote code, so what it saves is a plain HF Bloom checkpoint:
 
-- `model.transformer.forward` (`BloomModel`) runs its own loop over the blocks whenever the call is
-  "training-shaped": `input_ids` given, no cache passed or asked for (`use_cache` not True), no `output_attentions`.
+- `model.transformer.forward` (`BloomModel`) runs its own loop over the blocks whenever `input_ids` are given and
+  the call is `training_shaped` (no cache passed or asked for, no `output_attentions`; `job.model`'s loss uses the
+  same test).
   It derives each token's document from `input_ids` (a new document starts right after every eos, i.e. the
   document id is the number of eos tokens strictly before the position) and builds, once per forward, what every
   layer needs: an additive float bias for SDPA (ALiBi + causal/document/padding mask), or ALiBi slopes for a
@@ -16,7 +17,9 @@ parameters, config changes or remote code, so what it saves is a plain HF Bloom 
 
 A token attends to itself and to earlier, non-padding tokens of its own document. ALiBi is applied as
 slope * (key - query), which equals Bloom's slope * key_position up to a per-row constant (softmax ignores it),
-also under left or right padding. A padding query attends only to itself (its output is never a label).
+also under left or right padding. For flex, padding is folded into the document ids (each padding position a
+document of its own), so the `mask_mod` reads one tensor and a padding query attends only to itself (its output
+is never a label; sdpa lets it see its document's earlier tokens, as the stock model does).
 
 Generation: `generate` passes a cache, so it runs the stock code (and matches the stock model). With
 `use_cache=False` every step takes the fast path, whose document masks then also split a prompt at its eos tokens.
@@ -205,8 +208,10 @@ def _flex(query, key, value, slopes, block_mask, scale, settings: FlexSettings):
     def alibi_score(score, b, h, q_idx, kv_idx):
         return score + (slopes[h] * (kv_idx - q_idx)).to(score.dtype)
 
-    options = {}
-    if query.device.type == "cpu":  # forward only (no backward on CPU); eager flex needs no compiler
+    on_cpu = query.device.type == "cpu"
+    if on_cpu or torch.compiler.is_compiling():
+        # CPU: forward only (no backward there), eager flex needs no compiler. Inside a compiled block (the
+        # compile_blocks lever) that compilation covers flex too, in its own mode.
         fn = flex_attention
     else:  # uncompiled flex materialises the scores: always compile it on accelerators
         mode = settings.compile_mode
@@ -214,10 +219,9 @@ def _flex(query, key, value, slopes, block_mask, scale, settings: FlexSettings):
             _compiled_flex[mode] = torch.compile(
                 flex_attention, dynamic=False, mode=None if mode == "default" else mode
             )
-        fn, options = _compiled_flex[mode], dict(settings.kernel_options)
-    return fn(
-        query, key, value, score_mod=alibi_score, block_mask=block_mask, scale=scale, kernel_options=options or None
-    )
+        fn = _compiled_flex[mode]
+    options = None if on_cpu else dict(settings.kernel_options) or None
+    return fn(query, key, value, score_mod=alibi_score, block_mask=block_mask, scale=scale, kernel_options=options)
 
 
 # ------------------------------------------------------------------------------------------- patched forwards

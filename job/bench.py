@@ -19,6 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from job.config import RunConfig
+from job.monitor import significant
 
 DATASHEET_BF16_TFLOPS = 989.0  # H100 SXM dense bf16, the MFU denominator the field notes use
 
@@ -173,8 +174,8 @@ def bench_training(
         "model_patches": getattr(trainer.model, "job_patches", {}),
         "deepspeed": bool(trainer.is_deepspeed_enabled),  # as the Trainer ran, not as asked
         "tokens_per_s": round(tokens_per_s, 1),
-        "tflops": round(tflops, 2),
-        "mfu": round(tflops / peak, 4) if peak else None,
+        "tflops": significant(tflops),
+        "mfu": significant(tflops / peak) if peak else None,
         "step_s": round(step_s, 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "steps_timed": len(timer.times),
@@ -223,9 +224,9 @@ def run_bench(
         device, ceiling = main.pop("_device"), main.pop("_measured_ceiling")
         summary = {
             **main,
-            "mfu_datasheet": round(main["tflops"] / DATASHEET_BF16_TFLOPS, 4) if device.type == "cuda" else None,
-            "measured_ceiling_tflops": round(ceiling, 1),
-            "mfu_measured": round(main["tflops"] / ceiling, 4) if ceiling else None,
+            "mfu_datasheet": significant(main["tflops"] / DATASHEET_BF16_TFLOPS) if device.type == "cuda" else None,
+            "measured_ceiling_tflops": significant(ceiling),
+            "mfu_measured": significant(main["tflops"] / ceiling) if ceiling else None,
             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
             "settings": {
                 **{

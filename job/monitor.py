@@ -150,7 +150,7 @@ def extra_log_values(callbacks, args, state, logs: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- throughput
-def _sig(value: float, digits: int = 6) -> float:
+def significant(value: float, digits: int = 6) -> float:
     """Rounded to significant digits (tiny CPU TFLOP/s must not round to 0)."""
     return float(f"{value:.{digits}g}")
 
@@ -211,12 +211,16 @@ class ThroughputCallback(TrainerCallback):
             tokens_per_s = tokens / seconds
             tflops = tokens_per_s * self.flops_per_token / 1e12
             per_device = tflops / max(1, args.world_size)
-            values.update(tokens_per_s=_sig(tokens_per_s), tflops=_sig(tflops), tflops_per_device=_sig(per_device))
+            values.update(
+                tokens_per_s=significant(tokens_per_s),
+                tflops=significant(tflops),
+                tflops_per_device=significant(per_device),
+            )
             if self.peak_tflops:
-                values["mfu"] = _sig(per_device / self.peak_tflops)
+                values["mfu"] = significant(per_device / self.peak_tflops)
             if self.device_ceiling_tflops:
-                values["mfu_measured"] = _sig(per_device / self.device_ceiling_tflops)
-        values["memory_gib"] = _sig(memory_gib(), 4)
+                values["mfu_measured"] = significant(per_device / self.device_ceiling_tflops)
+        values["memory_gib"] = significant(memory_gib(), 4)
         self.last = values
         self._start_window(state, now)
         return values

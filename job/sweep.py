@@ -40,7 +40,17 @@ DEFAULTS = "defaults (all levers, no compile)"
 NO_DEEPSPEED = "defaults, --deepspeed none"
 
 
-def gpu_variants() -> list[Variant]:
+def light_zero2_config(folder: Path) -> Path:
+    """ds_config.json's ZeRO-2 without overlap_comm and contiguous_gradients: on one GPU there is nothing to
+    overlap, and the contiguous buffer costs a gradient copy per parameter per micro-step."""
+    ds = json.loads((REPO / "ds_config.json").read_text(encoding="utf-8"))
+    ds["zero_optimization"].update(overlap_comm=False, contiguous_gradients=False)
+    path = folder / "ds_zero2_light.json"
+    path.write_text(json.dumps(ds, indent=2), encoding="utf-8")
+    return path
+
+
+def gpu_variants(folder: Path) -> list[Variant]:
     """Most informative first: the global deadline drops the tail, never the anchors."""
     off = LEVERS_OFF
     return [
@@ -54,6 +64,7 @@ def gpu_variants() -> list[Variant]:
         Variant("+ fold padding + fused GELU", off[2:]),
         Variant("+ ... + no host syncs (liger off)", off[3:]),
         Variant("defaults, ZeRO-1", ["--zero-stage", "1"]),
+        Variant("defaults, ZeRO-2 no overlap/contiguous", ["--deepspeed", str(light_zero2_config(folder))]),
         Variant("defaults, 64x1024 accum 1", _batch(64, 1)),
         Variant("defaults + flex max-autotune", ["--flex-compile-mode", "max-autotune-no-cudagraphs"], 150),
         Variant("defaults + flex fwd_num_warps 8", ["--flex-kernel-options", '{"fwd_num_warps": 8}'], 90),
@@ -241,17 +252,13 @@ def synthetic_jsonl(path: Path, documents: int = 3000, seed: int = 0) -> None:
             f.write(json.dumps({"completion": "，".join(sentences) + "。"}, ensure_ascii=False) + "\n")
 
 
-def run_end_to_end(sweep: Sweep, dry_run: bool) -> None:
-    """The `make train` path on the box: tokenizer, prepare, ZeRO-2 training, eval, export, report, smoke."""
-    work = sweep.stderr_dir / "e2e"
-    work.mkdir(exist_ok=True)
+def end_to_end_commands(work: Path, dry_run: bool) -> list[tuple[str, list[str]]]:
+    """Tokenizer, train (prepare, ZeRO-2, eval, export, report), smoke: the `make train` path, short."""
     data, tokenizer, output = work / "synthetic.jsonl", work / "bpe", work / "run"
-    synthetic_jsonl(data, 300 if dry_run else 3000)
-    env = {"JOB_CACHE": str(work / "cache")}
     py = [sys.executable, "-m", "job"]
     recipe = ["--config", "quickstart", "--max-steps", "6"] if dry_run else ["--config", "h100", "--max-steps", "24"]
     recipe += ["--grad-accum", "1"]  # a path check: few tokens per step, every stage of the run
-    steps = [
+    return [
         ("e2e tokenizer", [*py, "tokenizer", "--data", str(data), "--vocab-size", "8000", "--output", str(tokenizer)]),
         (
             "e2e train",
@@ -263,8 +270,15 @@ def run_end_to_end(sweep: Sweep, dry_run: bool) -> None:
         ),
         ("e2e smoke", [*py, "smoke", "--model", str(output / "final")]),
     ]  # fmt: skip
-    for name, argv in steps:
-        out = sweep.run(name, argv, 150, env=env)
+
+
+def run_end_to_end(sweep: Sweep, dry_run: bool) -> None:
+    """The end-to-end commands on a synthetic JSONL, each in its own slice; the first failure ends the path."""
+    work = sweep.stderr_dir / "e2e"
+    work.mkdir(exist_ok=True)
+    synthetic_jsonl(work / "synthetic.jsonl", 300 if dry_run else 3000)
+    for name, argv in end_to_end_commands(work, dry_run):
+        out = sweep.run(name, argv, 150, env={"JOB_CACHE": str(work / "cache")})
         row = {"step": name, "status": out.status, "seconds": round(out.seconds, 1), "path_check": True}
         if name == "e2e train" and out.status == "ok":
             row["log"] = _tail(out.stderr, 4)
@@ -344,7 +358,7 @@ def main(budget_s, log_dir, dry_run, steps, warmup, variants_file, tests, profil
     if variants_file:
         variants = [Variant(**v) for v in json.loads(Path(variants_file).read_text(encoding="utf-8"))]
     else:
-        variants = dry_variants() if dry_run else gpu_variants()
+        variants = dry_variants() if dry_run else gpu_variants(sweep.stderr_dir)
     sweep.say(f"bench-gpu: {len(variants)} variants, budget {budget_s:.0f} s, log {sweep.log.name}")
     if tests:
         run_tests(sweep, dry_run)

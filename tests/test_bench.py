@@ -115,3 +115,21 @@ def test_sweep_reports_a_failing_and_a_timed_out_variant_and_goes_on(tmp_path):
     (log,) = (tmp_path / "logs").glob("bench-gpu-*.log")
     assert log.read_text(encoding="utf-8").splitlines()[1:] == proc.stdout.splitlines()[1:]
     assert time.monotonic() - started < 400
+
+
+def test_every_gpu_sweep_command_parses_to_a_valid_config(tmp_path):
+    """The sweep runs next on a lent GPU, unattended: each of its command lines must be one the CLI accepts and
+    whose run config validates (a typo would cost a variant of that run)."""
+    from job.cli import cli
+    from job.config import RunConfig
+    from job.sweep import bench_argv, end_to_end_commands, gpu_variants
+
+    commands = [[*bench_argv(False, 4, 2), *v.args] for v in gpu_variants(tmp_path)]
+    commands += [argv for _, argv in end_to_end_commands(tmp_path, dry_run=False)]
+    for argv in commands:
+        assert argv[1:3] == ["-m", "job"]
+        command = cli.commands[argv[3]]
+        params = command.make_context(argv[3], argv[4:]).params
+        if "config" in params:
+            fields = {k: v for k, v in params.items() if k in RunConfig.field_names()}
+            RunConfig.load(params["config"], **fields).deepspeed_config()  # reads and checks the DeepSpeed file

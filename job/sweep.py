@@ -106,6 +106,7 @@ class Sweep:
     log_dir: Path
     started: float = field(default_factory=time.monotonic)
     records: list[dict] = field(default_factory=list)
+    child: subprocess.Popen | None = None  # the step running now
 
     def __post_init__(self):
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -113,6 +114,15 @@ class Sweep:
         self.log = (self.log_dir / f"bench-gpu-{stamp}.log").open("a", encoding="utf-8")
         self.stderr_dir = self.log_dir / f"bench-gpu-{stamp}"
         self.stderr_dir.mkdir(exist_ok=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        """Stopped from outside (e.g. `timeout`): the step runs in a session of its own, so stop it too."""
+        if self.child is not None and self.child.poll() is None:
+            os.killpg(self.child.pid, signal.SIGKILL)
+        self.say(f"bench-gpu: stopped by {signal.Signals(signum).name} after {time.monotonic() - self.started:.0f} s")
+        sys.exit(128 + signum)
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.started)
@@ -134,7 +144,7 @@ class Sweep:
         if limit < 10:
             return Outcome("skipped", 0.0, stderr=f"no time left under the {self.budget_s:.0f} s deadline")
         started = time.monotonic()
-        proc = subprocess.Popen(
+        proc = self.child = subprocess.Popen(
             argv,
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": _pythonpath(), **(env or {})},
@@ -150,6 +160,7 @@ class Sweep:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
             status = "timeout"
+        self.child = None
         slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")[:60]
         (self.stderr_dir / f"{len(self.records):02d}-{slug}.stderr").write_text(err, encoding="utf-8")
         return Outcome(status, time.monotonic() - started, out, err, proc.returncode)
@@ -177,7 +188,7 @@ def _last_json(stdout: str) -> dict | None:
 
 # ----------------------------------------------------------------------------------------------- steps
 def run_tests(sweep: Sweep, dry_run: bool) -> None:
-    argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
+    argv = [sys.executable, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider"]  # -v: a timeout shows which ran
     argv += ["tests/test_attention.py", "tests/test_model.py", "-k", "cuda"]
     out = sweep.run("cuda tests", argv, 60 if dry_run else 120, reserve_s=TAIL_RESERVE_S)
     summary = _tail(out.stdout, 1) if out.status != "timeout" else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -133,3 +134,30 @@ def test_every_gpu_sweep_command_parses_to_a_valid_config(tmp_path):
         if "config" in params:
             fields = {k: v for k, v in params.items() if k in RunConfig.field_names()}
             RunConfig.load(params["config"], **fields).deepspeed_config()  # reads and checks the DeepSpeed file
+
+
+def test_sweep_stopped_by_sigterm_stops_its_running_step(tmp_path):
+    """A step runs in a session of its own (so a slice can kill its whole tree); a SIGTERM to the sweep (GNU
+    `timeout`, Ctrl-C) must take that step down too, not leave it running on the GPU."""
+    import psutil
+
+    spec = tmp_path / "variants.json"
+    spec.write_text(json.dumps([{"name": "never ends", "args": ["--steps", "100000"], "slice_s": 300}]))
+    flags = ["--variants", str(spec), "--log-dir", str(tmp_path / "logs"), "--no-tests", "--no-profile"]
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "job.sweep", "--dry-run", *flags, "--no-end-to-end"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    deadline = time.monotonic() + 60
+    while not (children := psutil.Process(sweep.pid).children(recursive=True)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert children, "the sweep started no step"
+    time.sleep(1)
+    sweep.send_signal(signal.SIGTERM)
+    out, _ = sweep.communicate(timeout=30)
+    assert sweep.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in out
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, alive

@@ -84,6 +84,7 @@ def test_sweep_reports_a_failing_and_a_timed_out_variant_and_goes_on(tmp_path):
     and the JSON lines and the table reach both stdout and the log."""
     variants = [
         {"name": "bad input", "args": ["--max-length", "1"], "slice_s": 120},
+        # --deepspeed none: killed inside DeepSpeed's op JIT load, it would leave torch's build lock behind
         {"name": "never ends", "args": ["--steps", "100000", "--deepspeed", "none"], "slice_s": 15},
         {"name": "plain", "args": ["--deepspeed", "none"], "slice_s": 300},
     ]
@@ -142,7 +143,10 @@ def test_sweep_stopped_by_sigterm_stops_its_running_step(tmp_path):
     import psutil
 
     spec = tmp_path / "variants.json"
-    spec.write_text(json.dumps([{"name": "never ends", "args": ["--steps", "100000"], "slice_s": 300}]))
+    # --deepspeed none: a process killed while DeepSpeed JIT-loads an op leaves torch's build lock behind, which
+    # would hang every later DeepSpeed start on this machine.
+    never_ends = {"name": "never ends", "args": ["--steps", "100000", "--deepspeed", "none"], "slice_s": 300}
+    spec.write_text(json.dumps([never_ends]))
     flags = ["--variants", str(spec), "--log-dir", str(tmp_path / "logs"), "--no-tests", "--no-profile"]
     sweep = subprocess.Popen(
         [sys.executable, "-m", "job.sweep", "--dry-run", *flags, "--no-end-to-end"],

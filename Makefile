@@ -52,12 +52,13 @@ bench: setup ## Measure tokens/s, TFLOP/s and MFU of the training path (ARGS= fo
 
 # The GPU figures of BENCHMARKS.md in one call, under 8 minutes from a cold start on one H100/H200 (job/sweep.py):
 # the CUDA tests, the lever sweep, a kernel profile of the fastest variant, the train + smoke path. On a GPU box
-# without the venv: make bench-gpu PY=python3 -- when deepspeed is not importable, the wheels in GPU_WHEELS are
-# installed into BENCH_SITE first (no index, no network). Output: stdout and BENCH_LOG/bench-gpu-<time>.log.
+# without the venv: make bench-gpu PY=python3 -- when deepspeed is not importable, the wheels in GPU_WHEELS
+# (../shared/gpu-wheels, else .whl/ in the repo) are installed into BENCH_SITE first (no index, no network).
+# Output: stdout and BENCH_LOG/bench-gpu-<time>.log.
 BENCH_LOG ?= output
 BENCH_BUDGET ?= 450
 BENCH_ARGS ?=
-GPU_WHEELS ?= ../shared/gpu-wheels
+GPU_WHEELS ?= $(firstword $(wildcard ../shared/gpu-wheels .whl) ../shared/gpu-wheels)
 BENCH_SITE ?= /tmp/job-gpu-site
 BENCH_PATH = $(BENCH_SITE)$(if $(PYTHONPATH),:$(PYTHONPATH))
 bench-gpu: $(if $(filter $(VENV)/bin/python,$(PY)),setup) ## On a GPU: CUDA tests + lever sweep + profile + train path (< 8 min)

@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,13 +109,15 @@ class Sweep:
     started: float = field(default_factory=time.monotonic)
     records: list[dict] = field(default_factory=list)
     child: subprocess.Popen | None = None  # the step running now
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (step, status, last stderr lines)
 
     def __post_init__(self):
+        """One log file in `log_dir` (all that comes back from a lent GPU); each step's stderr and the train
+        path's files in a work folder of their own."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         self.log = (self.log_dir / f"bench-gpu-{stamp}.log").open("a", encoding="utf-8")
-        self.stderr_dir = self.log_dir / f"bench-gpu-{stamp}"
-        self.stderr_dir.mkdir(exist_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix=f"bench-gpu-{stamp}-"))
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
@@ -162,7 +166,9 @@ class Sweep:
             status = "timeout"
         self.child = None
         slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")[:60]
-        (self.stderr_dir / f"{len(self.records):02d}-{slug}.stderr").write_text(err, encoding="utf-8")
+        (self.work / f"{len(self.records):02d}-{slug}.stderr").write_text(err, encoding="utf-8")
+        if status != "ok":  # the log is all that comes back from a lent machine: keep the cause in it
+            self.failures.append((name, status, "\n".join(err.strip().splitlines()[-25:])))
         return Outcome(status, time.monotonic() - started, out, err, proc.returncode)
 
 
@@ -275,7 +281,7 @@ def end_to_end_commands(work: Path, dry_run: bool) -> list[tuple[str, list[str]]
             "e2e train",
             [
                 *py, "train", *recipe, "--data", str(data), "--tokenizer", str(tokenizer), "--output-dir", str(output),
-                "--eval-fraction", "0.05", "--eval-steps", "12", "--eval-batches", "2", "--save-steps", "12",
+                "--eval-fraction", "0.05", "--eval-steps", "12", "--eval-batches", "2", "--save-steps", "24",
                 "--logging-steps", "4", "--warmup-steps", "4", "--num-proc", "2", "--resume", "never",
             ],
         ),
@@ -285,19 +291,22 @@ def end_to_end_commands(work: Path, dry_run: bool) -> list[tuple[str, list[str]]
 
 def run_end_to_end(sweep: Sweep, dry_run: bool) -> None:
     """The end-to-end commands on a synthetic JSONL, each in its own slice; the first failure ends the path."""
-    work = sweep.stderr_dir / "e2e"
+    work = sweep.work / "e2e"
     work.mkdir(exist_ok=True)
     synthetic_jsonl(work / "synthetic.jsonl", 300 if dry_run else 3000)
-    for name, argv in end_to_end_commands(work, dry_run):
-        out = sweep.run(name, argv, 150, env={"JOB_CACHE": str(work / "cache")})
-        row = {"step": name, "status": out.status, "seconds": round(out.seconds, 1), "path_check": True}
-        if name == "e2e train" and out.status == "ok":
-            row["log"] = _tail(out.stderr, 4)
-        if out.status != "ok":
-            row["error"] = _tail(out.stderr or out.stdout)
-        sweep.record(row)
-        if out.status != "ok":
-            return
+    try:
+        for name, argv in end_to_end_commands(work, dry_run):
+            out = sweep.run(name, argv, 150, env={"JOB_CACHE": str(work / "cache")})
+            row = {"step": name, "status": out.status, "seconds": round(out.seconds, 1), "path_check": True}
+            if name == "e2e train" and out.status == "ok":
+                row["log"] = _tail(out.stderr, 4)
+            if out.status != "ok":
+                row["error"] = _tail(out.stderr or out.stdout)
+            sweep.record(row)
+            if out.status != "ok":
+                return
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # checkpoints and the export: gigabytes at the h100 shape
 
 
 # ----------------------------------------------------------------------------------------------- summary
@@ -349,6 +358,8 @@ def summarise(sweep: Sweep, rows: list[dict], profile: dict | None) -> None:
         sweep.say("")
         for r in others:
             sweep.say(f"{r['step']}: {r['status']} in {r['seconds']} s" + (f" -- {r['error']}" if "error" in r else ""))
+    for name, status, lines in sweep.failures:
+        sweep.say(f"\n--- {name} ({status}): last lines of its stderr ---\n{lines}")
 
 
 @click.command()
@@ -369,8 +380,8 @@ def main(budget_s, log_dir, dry_run, steps, warmup, variants_file, tests, profil
     if variants_file:
         variants = [Variant(**v) for v in json.loads(Path(variants_file).read_text(encoding="utf-8"))]
     else:
-        variants = dry_variants() if dry_run else gpu_variants(sweep.stderr_dir)
-    sweep.say(f"bench-gpu: {len(variants)} variants, budget {budget_s:.0f} s, log {sweep.log.name}")
+        variants = dry_variants() if dry_run else gpu_variants(sweep.work)
+    sweep.say(f"bench-gpu: {len(variants)} variants, budget {budget_s:.0f} s, log {sweep.log.name}, work {sweep.work}")
     if tests:
         run_tests(sweep, dry_run)
     rows = run_variants(sweep, variants, dry_run, steps, warmup)

@@ -345,10 +345,14 @@ def summarise(sweep: Sweep, rows: list[dict], profile: dict | None) -> None:
     sweep.say("")
     for line in table(rows):
         sweep.say(line)
+    if "fastest" in summary:
+        sweep.say(f"\nfastest: {summary['fastest']}, {summary['fastest_tokens_per_s']:,.0f} real tokens/s")
+    if "zero_vs_no_deepspeed" in summary:
+        sweep.say(f"ZeRO-2 path / --deepspeed none (defaults): {summary['zero_vs_no_deepspeed']:.3f}")
     if profile and profile.get("top"):
         sweep.say("")
         sweep.say(f"Top kernels, {profile['variant']} (2 profiled optimizer steps):")
-        sweep.say("| kernel | calls | total ms | ms per call | share |")
+        sweep.say(f"| {next(iter(profile['top'][0]))} | calls | total ms | ms per call | share |")  # kernel on GPU
         sweep.say("| --- | --- | --- | --- | --- |")
         for k in profile["top"]:
             name = k.get("kernel") or k.get("operator")

@@ -4,8 +4,9 @@ transformers' Bloom only has its eager attention (baddbmm + ALiBi + fp32 softmax
 of a training step. `install_attention(model, "sdpa" | "flex")` patches a loaded Bloom in place, without new
 parameters, config changes or remote code, so what it saves is a plain HF Bloom checkpoint:
 
-- `model.transformer.forward` (`BloomModel`) runs its own loop over the blocks whenever the call is
-  "training-shaped": `input_ids` given, no cache passed or asked for (`use_cache` not True), no `output_attentions`.
+- `model.transformer.forward` (`BloomModel`) runs its own loop over the blocks whenever `input_ids` are given and
+  the call is `training_shaped` (no cache passed or asked for, no `output_attentions`; `job.model`'s loss uses the
+  same test).
   It derives each token's document from `input_ids` (a new document starts right after every eos, i.e. the
   document id is the number of eos tokens strictly before the position) and builds, once per forward, what every
   layer needs: an additive float bias for SDPA (ALiBi + causal/document/padding mask), or ALiBi slopes for a
@@ -16,7 +17,9 @@ parameters, config changes or remote code, so what it saves is a plain HF Bloom 
 
 A token attends to itself and to earlier, non-padding tokens of its own document. ALiBi is applied as
 slope * (key - query), which equals Bloom's slope * key_position up to a per-row constant (softmax ignores it),
-also under left or right padding. A padding query attends only to itself (its output is never a label).
+also under left or right padding. For flex, padding is folded into the document ids (each padding position a
+document of its own), so the `mask_mod` reads one tensor and a padding query attends only to itself (its output
+is never a label; sdpa lets it see its document's earlier tokens, as the stock model does).
 
 Generation: `generate` passes a cache, so it runs the stock code (and matches the stock model). With
 `use_cache=False` every step takes the fast path, whose document masks then also split a prompt at its eos tokens.
@@ -26,6 +29,7 @@ On CPU flex runs uncompiled and forward-only (torch has no FlexAttention backwar
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from types import MethodType
 
 import torch
@@ -35,7 +39,22 @@ from job.errors import JobError
 
 FAST_KINDS = ("sdpa", "flex")
 KINDS = ("eager", *FAST_KINDS)
-_compiled_flex = None
+_compiled_flex: dict[str, object] = {}  # one compiled flex_attention per torch.compile mode
+
+
+@dataclass(frozen=True)
+class FlexSettings:
+    """How FlexAttention runs (bench variants; the defaults are the expected winners)."""
+
+    fold_padding: bool = True  # padding folded into the document ids: mask_mod reads one tensor
+    compile_mode: str = "default"  # torch.compile mode of flex_attention
+    kernel_options: dict = field(default_factory=dict)  # flex_attention(kernel_options=...), e.g. fwd_num_warps
+
+
+def training_shaped(cache=None, use_cache=None, output_attentions=None, past_key_values=None) -> bool:
+    """The one test of every patch here and in `job.model`: a forward that neither reads nor builds a cache and
+    returns no attention maps (training and evaluation). Anything else (generation) runs the stock code."""
+    return cache is None and past_key_values is None and not use_cache and not output_attentions
 
 
 # ------------------------------------------------------------------------------------------------- choosing
@@ -53,7 +72,7 @@ def resolve_attention(kind: str, device_type: str) -> str:
     return kind
 
 
-def install_attention(model, kind: str) -> None:
+def install_attention(model, kind: str, flex: FlexSettings | None = None) -> None:
     """Patch `model` (a Bloom causal LM or `BloomModel`) in place; "eager" restores the stock HF code paths."""
     from transformers.models.bloom.modeling_bloom import BloomAttention, BloomModel
 
@@ -84,7 +103,9 @@ def install_attention(model, kind: str) -> None:
         base.forward = MethodType(_bloom_model_forward, base)
         for module in attentions:
             module.forward = MethodType(_bloom_attention_forward, module)
+            module.job_flex = flex or FlexSettings()
     base.job_attention = kind
+    base.job_flex = flex or FlexSettings()
     model.job_attention = kind
 
 
@@ -114,6 +135,18 @@ def document_ids(input_ids: torch.Tensor, eos_token_id: int | list[int] | None) 
     return torch.cumsum(is_eos, dim=-1, dtype=torch.int32) - is_eos
 
 
+def fold_padding(docs: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Document ids with each padding position its own one-token document (ids below 0 never clash with 0, 1, ...).
+
+    The document-causal mask over these ids is exactly the padding-aware one: a padding key is seen by no other
+    query, a padding query sees only itself. So the mask needs no second tensor (no `valid[b, kv]` read per score).
+    """
+    if valid is None:
+        return docs
+    pad_ids = -1 - torch.arange(docs.shape[-1], device=docs.device, dtype=docs.dtype)
+    return torch.where(valid, docs, pad_ids)
+
+
 def allowed_mask(docs: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """[B, Tq, Tk] bool: key is not after the query, in the same document and not padding; or is the query."""
     pos = torch.arange(docs.shape[-1], device=docs.device)
@@ -130,15 +163,22 @@ def sdpa_bias(slopes: torch.Tensor, docs: torch.Tensor, valid: torch.Tensor | No
     return torch.where(allowed_mask(docs, valid)[:, None], alibi[None], torch.finfo(dtype).min)
 
 
-def flex_block_mask(docs: torch.Tensor, valid: torch.Tensor | None):
-    """The same mask as `allowed_mask`, as a FlexAttention `BlockMask` (blocks outside every document skipped)."""
+def flex_block_mask(docs: torch.Tensor, valid: torch.Tensor | None, fold: bool = True):
+    """The same mask as `allowed_mask`, as a FlexAttention `BlockMask` (blocks outside every document skipped).
+
+    `fold` (the default) folds padding into the document ids, so `mask_mod` is the plain document-causal one;
+    without it `mask_mod` also reads `valid` (the path measured at 814ef2d, kept as a bench variant).
+    """
     from torch.nn.attention.flex_attention import create_block_mask
+
+    if fold:
+        docs, valid = fold_padding(docs, valid), None
 
     def mask_mod(b, h, q_idx, kv_idx):
         allowed = (docs[b, q_idx] == docs[b, kv_idx]) & (kv_idx <= q_idx)
-        if valid is not None:
-            allowed = allowed & valid[b, kv_idx]
-        return allowed | (q_idx == kv_idx)
+        if valid is None:
+            return allowed
+        return (allowed & valid[b, kv_idx]) | (q_idx == kv_idx)
 
     batch, length = docs.shape
     return create_block_mask(mask_mod, batch, None, length, length, device=docs.device)
@@ -151,30 +191,37 @@ def attention_inputs(
     eos_token_id,
     num_heads: int,
     dtype: torch.dtype,
+    flex: FlexSettings | None = None,
 ) -> tuple[torch.Tensor | None, object]:
     """(alibi, attention_mask) to hand every block: (None, bias) for sdpa, (slopes, BlockMask) for flex."""
     docs = document_ids(input_ids, eos_token_id)
     valid = None if attention_mask is None else attention_mask.to(input_ids.device).bool()
     slopes = alibi_slopes(num_heads, input_ids.device)
     if kind == "flex":
-        return slopes, flex_block_mask(docs, valid)
+        return slopes, flex_block_mask(docs, valid, fold=(flex or FlexSettings()).fold_padding)
     return None, sdpa_bias(slopes, docs, valid, dtype)
 
 
-def _flex(query, key, value, slopes, block_mask, scale):
-    global _compiled_flex
+def _flex(query, key, value, slopes, block_mask, scale, settings: FlexSettings):
     from torch.nn.attention.flex_attention import flex_attention
 
     def alibi_score(score, b, h, q_idx, kv_idx):
         return score + (slopes[h] * (kv_idx - q_idx)).to(score.dtype)
 
-    if query.device.type == "cpu":  # forward only (no backward on CPU); eager flex needs no compiler
+    on_cpu = query.device.type == "cpu"
+    if on_cpu or torch.compiler.is_compiling():
+        # CPU: forward only (no backward there), eager flex needs no compiler. Inside a compiled block (the
+        # compile_blocks lever) that compilation covers flex too, in its own mode.
         fn = flex_attention
     else:  # uncompiled flex materialises the scores: always compile it on accelerators
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        fn = _compiled_flex
-    return fn(query, key, value, score_mod=alibi_score, block_mask=block_mask, scale=scale)
+        mode = settings.compile_mode
+        if mode not in _compiled_flex:
+            _compiled_flex[mode] = torch.compile(
+                flex_attention, dynamic=False, mode=None if mode == "default" else mode
+            )
+        fn = _compiled_flex[mode]
+    options = None if on_cpu else dict(settings.kernel_options) or None
+    return fn(query, key, value, score_mod=alibi_score, block_mask=block_mask, scale=scale, kernel_options=options)
 
 
 # ------------------------------------------------------------------------------------------- patched forwards
@@ -209,7 +256,7 @@ def _bloom_attention_forward(
     batch, length, _ = hidden_states.shape
     query, key, value = self._reshape(self.query_key_value(hidden_states))  # 3 x [B, H, T, D]
     if is_flex:
-        context = _flex(query, key, value, alibi, attention_mask, self.inv_norm_factor)
+        context = _flex(query, key, value, alibi, attention_mask, self.inv_norm_factor, self.job_flex)
     else:
         dropout = self.attention_dropout.p if self.training else 0.0
         context = F.scaled_dot_product_attention(
@@ -247,10 +294,7 @@ def _bloom_model_forward(
     if (
         input_ids is None
         or inputs_embeds is not None
-        or cache is not None
-        or use_cache
-        or output_attentions
-        or kwargs.get("past_key_values") is not None
+        or not training_shaped(cache, use_cache, output_attentions, kwargs.get("past_key_values"))
         or getattr(self, "job_attention", None) not in FAST_KINDS
     ):
         return type(self).forward(
@@ -272,7 +316,7 @@ def _bloom_model_forward(
     device_type = hidden_states.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden_states.dtype
     alibi, mask = attention_inputs(
-        self.job_attention, input_ids, attention_mask, self.config.eos_token_id, self.num_heads, dtype
+        self.job_attention, input_ids, attention_mask, self.config.eos_token_id, self.num_heads, dtype, self.job_flex
     )
     all_hidden_states = () if output_hidden_states else None
     for block in self.h:

@@ -20,31 +20,75 @@ from transformers import TrainerCallback
 
 from job.config import RunConfig
 from job.deepspeed_config import zero_stage_in_use
+from job.monitor import significant
 
 DATASHEET_BF16_TFLOPS = 989.0  # H100 SXM dense bf16, the MFU denominator the field notes use
 
 
 class StepTimer(TrainerCallback):
-    """Wall time and real tokens of each optimizer step after the warm-up."""
+    """Wall time and real tokens of each optimizer step after the warm-up (and the first step's time: compiles)."""
 
-    def __init__(self, warmup: int):
+    def __init__(self, warmup: int, profile_steps: int = 0):
         self.warmup = warmup
         self.times: list[float] = []
         self.tokens: list[int] = []
+        self.first_step_s: float | None = None
+        self.profile_steps = profile_steps
+        self.profiler = None
 
     def _sync(self):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if self.profile_steps and state.global_step == self.warmup:  # profile the first timed steps
+            self.profiler = _start_profiler()
         self._sync()
         self._start, self._seen = time.perf_counter(), state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):
         self._sync()
+        seconds = time.perf_counter() - self._start
+        if state.global_step == 1:
+            self.first_step_s = seconds
         if state.global_step > self.warmup:
-            self.times.append(time.perf_counter() - self._start)
+            self.times.append(seconds)
             self.tokens.append(state.num_input_tokens_seen - self._seen)
+        if self.profiler is not None and state.global_step == self.warmup + self.profile_steps:
+            self.profiler.stop()
+
+
+def _start_profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=activities)
+    prof.start()
+    return prof
+
+
+def kernel_table(prof, rows: int = 25) -> list[dict]:
+    """The top GPU kernels by total device time (CUDA); on a CPU the top operators by self CPU time instead."""
+    events = prof.key_averages()
+    cuda = torch.cuda.is_available()
+    if cuda:  # kernel rows only: no operator rows, whose device time double-counts their kernels
+        events = [e for e in events if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+        time_of = lambda e: e.self_device_time_total  # microseconds
+    else:
+        events = [e for e in events if e.self_cpu_time_total > 0]
+        time_of = lambda e: e.self_cpu_time_total
+    total = sum(time_of(e) for e in events) or 1.0
+    top = sorted(events, key=time_of, reverse=True)[:rows]
+    return [
+        {
+            "kernel" if cuda else "operator": e.key[:90],
+            "calls": e.count,
+            "total_ms": round(time_of(e) / 1e3, 2),
+            "per_call_ms": round(time_of(e) / 1e3 / max(1, e.count), 4),
+            "share": round(time_of(e) / total, 4),
+        }
+        for e in top
+    ]
 
 
 def synthetic_data(rows: int, length: int, vocab: int, eos: int, mean_document: int = 400, seed: int = 0):
@@ -57,7 +101,29 @@ def synthetic_data(rows: int, length: int, vocab: int, eos: int, mean_document: 
     return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": ids.tolist()})})
 
 
-def bench_training(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, stock: bool = False) -> dict:
+def synthetic_tokenizer(vocab_size: int, folder: Path):
+    """A word-level tokenizer of exactly `vocab_size` entries with Bloom's specials at 0-3: all that random-token
+    benchmarks need (a size, an eos, a pad), without a corpus or BPE training (e.g. on a bare GPU box)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from job.tokenizer import SPECIALS
+
+    vocab = {t: i for i, t in enumerate([*SPECIALS, *(f"t{i}" for i in range(len(SPECIALS), vocab_size))])}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
+
+def bench_training(
+    cfg: RunConfig, steps: int, warmup: int, synthetic: bool, stock: bool = False, profile_steps: int = 0
+) -> dict:
     """Time `steps` optimizer steps after `warmup` of `cfg`'s training path; `stock` undoes the model's patches."""
     from accelerate.state import AcceleratorState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -68,7 +134,10 @@ def bench_training(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, sto
     from job.tokenizer import resolve_tokenizer
     from job.train import build_trainer
 
-    if synthetic:  # random tokens need only the tokenizer's size and eos
+    if synthetic and not (cfg.tokenizer or cfg.model):  # random tokens need only a vocabulary size, eos and pad
+        tokenizer = synthetic_tokenizer(cfg.vocab_size, Path(cfg.output_dir).parent / "tokenizer")
+        cfg.tokenizer = str(Path(cfg.output_dir).parent / "tokenizer")
+    elif synthetic:
         tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
         cfg.tokenizer = tokenizer.name_or_path
     else:
@@ -77,7 +146,7 @@ def bench_training(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, sto
     world = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
     rows = (steps + warmup + 1) * cfg.per_device_batch_size * cfg.grad_accum * world
     data = synthetic_data(rows, cfg.max_length, len(tokenizer), tokenizer.eos_token_id) if synthetic else None
-    timer = StepTimer(warmup)
+    timer = StepTimer(warmup, profile_steps)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     # A run before this one in the process may have set up DeepSpeed: forget it, or the next Trainer uses it
@@ -86,6 +155,7 @@ def bench_training(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, sto
     unset_hf_deepspeed_config()
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     trainer = build_trainer(cfg, data=data, callbacks=[timer])
+    trainer.args.save_strategy = "no"  # the Trainer would save at the last step: seconds of I/O, never timed
     if stock:
         restore_stock(trainer.model)
     if not synthetic and len(trainer.get_train_dataloader()) < (steps + warmup) * cfg.grad_accum:
@@ -102,17 +172,22 @@ def bench_training(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, sto
     result = {
         "path": "stock HF Bloom" if stock else "job",
         "attention": getattr(trainer.model, "job_attention", cfg.attention),
+        "model_patches": getattr(trainer.model, "job_patches", {}),
         "deepspeed": bool(trainer.is_deepspeed_enabled),  # as the Trainer ran, not as asked
         "tokens_per_s": round(tokens_per_s, 1),
-        "tflops": round(tflops, 2),
-        "mfu": round(tflops / peak, 4) if peak else None,
+        "tflops": significant(tflops),
+        "mfu": significant(tflops / peak) if peak else None,
         "step_s": round(step_s, 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "steps_timed": len(timer.times),
+        "first_step_s": round(timer.first_step_s, 2),
+        "compile_s": round(max(0.0, timer.first_step_s - step_s), 2),  # the first step's extra: compiles, caches
         "flops_per_token": per_token,
         "data": "synthetic" if synthetic else "prepared",
         "_device": device,
     }
+    if timer.profiler is not None:
+        result["profile"] = {"steps": profile_steps, "top": kernel_table(timer.profiler)}
     del trainer
     gc.collect()
     if torch.cuda.is_available():
@@ -131,7 +206,9 @@ def baseline(cfg: RunConfig, compare: str, output: Path) -> tuple[RunConfig, boo
     return dataclasses.replace(base, attention=compare), compare == "eager"
 
 
-def run_bench(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, compare: str | None) -> dict:
+def run_bench(
+    cfg: RunConfig, steps: int, warmup: int, synthetic: bool, compare: str | None, profile_steps: int = 0
+) -> dict:
     """One JSON-able summary: the configured path, and the stock path in the same process if asked."""
     output = Path(tempfile.mkdtemp(prefix="job-bench-"))
     try:
@@ -144,13 +221,13 @@ def run_bench(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, compare:
             max_steps=steps + warmup,
             resume="never",
         )
-        main = bench_training(cfg, steps, warmup, synthetic)
+        main = bench_training(cfg, steps, warmup, synthetic, profile_steps=profile_steps)
         device, ceiling = main.pop("_device"), main.pop("_measured_ceiling")
         summary = {
             **main,
-            "mfu_datasheet": round(main["tflops"] / DATASHEET_BF16_TFLOPS, 4) if device.type == "cuda" else None,
-            "measured_ceiling_tflops": round(ceiling, 1),
-            "mfu_measured": round(main["tflops"] / ceiling, 4) if ceiling else None,
+            "mfu_datasheet": significant(main["tflops"] / DATASHEET_BF16_TFLOPS) if device.type == "cuda" else None,
+            "measured_ceiling_tflops": significant(ceiling),
+            "mfu_measured": significant(main["tflops"] / ceiling) if ceiling else None,
             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
             "settings": {
                 **{
@@ -164,9 +241,17 @@ def run_bench(cfg: RunConfig, steps: int, warmup: int, synthetic: bool, compare:
                         "deepspeed",
                         "attention",
                         "torch_compile",
+                        "fold_padding",
+                        "flex_compile_mode",
+                        "flex_kernel_options",
+                        "fused_gelu",
+                        "liger_loss",
+                        "compile_blocks",
+                        "avoid_host_syncs",
                     )
                 },
                 "zero_stage": zero_stage_in_use(cfg),
+                "model_patches": main.pop("model_patches"),
             },
         }
         if compare:

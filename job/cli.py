@@ -240,8 +240,12 @@ def smoke(model):
     help="--tokenize: rounds, the best of each counts",
 )
 @click.option("--scale", type=click.IntRange(min=1), default=1, show_default=True, help="--tokenize: corpus x N")
-def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, scale, **values):
-    """Time the real training path (or tokenization); print one JSON line of figures."""
+@click.option("--profile-steps", type=int, default=0, help="torch-profile N steps after the warm-up: top GPU kernels")
+def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, scale, profile_steps, **values):
+    """Time the real training path (or tokenization); print one JSON line of figures.
+
+    With --synthetic and no --tokenizer/--model, a word-level tokenizer of --vocab-size entries stands in: no
+    corpus and no BPE training needed."""
     from job.bench import bench_tokenize, dumps, run_bench
     from job.launch import single_process_env
 
@@ -250,7 +254,7 @@ def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, sca
         click.echo(dumps(bench_tokenize(cfg, repeats, scale)))
         return
     single_process_env(cfg)
-    click.echo(dumps(run_bench(cfg, steps, warmup, synthetic, compare)))
+    click.echo(dumps(run_bench(cfg, steps, warmup, synthetic, compare, profile_steps)))
 
 
 def main():

@@ -32,6 +32,7 @@ DEFAULT_DS_CONFIG = REPO_DIR / "ds_config.json"
 Preset = Literal["tiny", "bloom-389m-zh"]
 Attention = Literal["auto", "eager", "sdpa", "flex"]
 Device = Literal["auto", "cuda", "cpu"]
+FlexCompileMode = Literal["default", "max-autotune-no-cudagraphs"]
 # Keys whose values may be credentials: never written to run_config.json or logs.
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 
@@ -141,6 +142,20 @@ class RunConfig:
         None,
         "other transformers TrainingArguments, NAME=VALUE (repeatable), e.g. ddp_timeout=3600",
         factory=dict,
+    )
+    # --- throughput levers (each exact; `make bench-gpu` measures them one at a time) ---
+    fold_padding: bool = opt(True, "flex: padding becomes one-token documents, so the mask reads the document ids only")
+    flex_compile_mode: FlexCompileMode = opt("default", "torch.compile mode of FlexAttention")
+    flex_kernel_options: str = opt(
+        "",
+        'JSON object for flex_attention(kernel_options=...), e.g. {"fwd_num_warps": 8}',
+        bound=(lambda v: _is_json_object(v), "a JSON object"),
+    )
+    fused_gelu: bool = opt(True, 'BloomGelu\'s tanh formula as F.gelu(approximate="tanh"): one kernel each way')
+    liger_loss: bool = opt(True, "liger-kernel's fused linear + cross-entropy on CUDA when importable; else chunked")
+    compile_blocks: bool = opt(False, "torch.compile each BloomBlock in place (regional compilation)")
+    avoid_host_syncs: bool = opt(
+        True, "count real tokens on the host, no per-micro-step NaN check (the stop guard still catches them)"
     )
     # --- distributed ---
     device: Device = opt("auto", "auto: CUDA when visible, else CPU; cuda insists on GPUs", resumable=True)
@@ -307,6 +322,15 @@ def read_config_file(name_or_path: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise JobError(f"config file {path} holds a {type(values).__name__}, not an object", 'write {"key": value}')
     return {k: v for k, v in values.items() if not k.startswith("_")}  # "_comment" keys are documentation
+
+
+def _is_json_object(text: str) -> bool:
+    if not text:
+        return True
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

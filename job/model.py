@@ -1,9 +1,11 @@
 """Loading or initialising the Bloom model, its fast attention and a loss that never builds the full logits.
 
 `build_model(cfg, tokenizer)` loads a local HF folder laid out like Langboat/bloom-389m-zh (never a hub download
-at run time) or random-initialises a preset, then installs the attention kind `resolve_attention` picks for the
-device (see `job.attention`) and the chunked loss below. Neither changes the config, the class or the weights:
-`save_pretrained` writes a plain HF Bloom folder that stock transformers loads.
+at run time) or random-initialises a preset, then `install_patches` installs, in one place, what the run config
+asks for: the attention kind `resolve_attention` picks for the device (see `job.attention`), the fused GELU, the
+loss (liger-kernel's fused linear + cross-entropy on CUDA when importable, else the chunked loss below) and
+per-block compilation. It logs what it installed and `print(model)` shows it. None of them changes the config,
+the class or the weights: `save_pretrained` writes a plain HF Bloom folder that stock transformers loads.
 
 The chunked loss: Bloom's head on a 42k vocabulary makes logits [B, T, V] and the stock loss upcasts them to
 fp32 (B=8, T=1024: 1.4 GB, plus as much again for their gradient). When `labels` are given (and no cache,
@@ -16,7 +18,9 @@ passes that (gradient accumulation).
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 from pathlib import Path
 from types import MethodType
 
@@ -24,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from job.attention import install_attention, resolve_attention
+from job.attention import FlexSettings, install_attention, resolve_attention, training_shaped
 from job.errors import JobError
+
+log = logging.getLogger("job")
 
 __all__ = [
     "CHUNK_TOKENS",
@@ -36,6 +42,9 @@ __all__ = [
     "flops_per_token",
     "install_attention",
     "install_chunked_loss",
+    "install_fused_gelu",
+    "install_patches",
+    "liger_available",
     "model_config",
     "parameter_count",
     "resolve_attention",
@@ -145,13 +154,73 @@ def build_model(cfg, tokenizer):
         config.unk_token_id = tokenizer.unk_token_id
         model = BloomForCausalLM(config)
 
-    is_bloom = isinstance(model, BloomForCausalLM)
     device_type = "cuda" if torch.cuda.is_available() and getattr(cfg, "device", "auto") != "cpu" else "cpu"
-    kind = "eager" if cfg.attention == "auto" and not is_bloom else resolve_attention(cfg.attention, device_type)
-    install_attention(model, kind)
-    if is_bloom:
-        install_chunked_loss(model)
+    install_patches(model, cfg, device_type)
     return model
+
+
+# ------------------------------------------------------------------------------------------------- patches
+def install_patches(model, cfg, device_type: str) -> dict[str, str]:
+    """Every patch the run config asks for, in one place; logs and returns what it installed.
+
+    Each is exact (tests/test_model.py, tests/test_attention.py) and leaves the class, config and weights stock.
+    A model that is not an HF Bloom gets none of them (its own attention with `--attention auto`).
+    """
+    from transformers import BloomForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    is_bloom = isinstance(model, BloomForCausalLM)
+    kind = "eager" if cfg.attention == "auto" and not is_bloom else resolve_attention(cfg.attention, device_type)
+    flex = FlexSettings(
+        fold_padding=cfg.fold_padding,
+        compile_mode=cfg.flex_compile_mode,
+        kernel_options=json.loads(cfg.flex_kernel_options or "{}"),  # checked by RunConfig.validate
+    )
+    install_attention(model, kind, flex)
+    installed = {"attention": kind}
+    if kind == "flex":
+        installed["flex"] = (
+            f"mode={flex.compile_mode}, padding {'folded into documents' if flex.fold_padding else 'as a mask'}"
+            + (f", kernel_options={flex.kernel_options}" if flex.kernel_options else "")
+        )
+    if is_bloom:
+        if cfg.fused_gelu:
+            installed["gelu"] = install_fused_gelu(model)
+        # liger reads the head's weight directly: under ZeRO-3 that is a partition, so the chunked loss there.
+        liger = cfg.liger_loss and liger_available(device_type) and not is_deepspeed_zero3_enabled()
+        install_chunked_loss(model, loss="liger" if liger else "chunked")
+        installed["loss"] = "liger fused linear+cross-entropy" if liger else f"chunked ({CHUNK_TOKENS} tokens)"
+        if cfg.compile_blocks:
+            for block in model.transformer.h:
+                block.compile(dynamic=False)  # in place: state-dict keys stay stock (no `_orig_mod.`)
+            installed["compile"] = f"each of {len(model.transformer.h)} BloomBlocks (dynamic=False)"
+    model.job_patches = installed
+    model.extra_repr = MethodType(_patched_repr, model)
+    log.info("model patches: %s", "; ".join(f"{k} {v}" for k, v in installed.items()))
+    return installed
+
+
+def _patched_repr(self) -> str:
+    return "job patches: " + "; ".join(f"{k} {v}" for k, v in self.job_patches.items())
+
+
+def liger_available(device_type: str) -> bool:
+    """liger-kernel's Triton kernels run on CUDA only, and only where it and Triton are installed."""
+    return device_type == "cuda" and all(importlib.util.find_spec(m) for m in ("liger_kernel", "triton"))
+
+
+def _fused_gelu_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")  # BloomGelu's tanh formula, one kernel forward and one backward
+
+
+def install_fused_gelu(model) -> str:
+    """Every `BloomGelu` computes through `F.gelu(approximate="tanh")` (the same function, ~27 fewer kernels)."""
+    from transformers.models.bloom.modeling_bloom import BloomGelu
+
+    modules = [m for m in model.modules() if isinstance(m, BloomGelu)]
+    for module in modules:
+        module.forward = MethodType(_fused_gelu_forward, module)
+    return f"F.gelu(tanh) in {len(modules)} MLPs"
 
 
 # ---------------------------------------------------------------------------------------------------- loss
@@ -160,24 +229,7 @@ def _chunk_loss_sum(head, hidden, targets, ignore_index):
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
 
 
-def chunked_causal_lm_loss(
-    hidden_states: torch.Tensor,
-    head: torch.nn.Module,
-    labels: torch.Tensor | None,
-    num_items_in_batch=None,
-    ignore_index: int = -100,
-    shift_labels: torch.Tensor | None = None,
-    chunk_tokens: int = CHUNK_TOKENS,
-    **_,
-) -> torch.Tensor:
-    """transformers' `ForCausalLMLoss(head(hidden_states), labels, ...)` without materialising all logits.
-
-    `head` is called as a module (not its weight) so ZeRO-3 gathers its parameters, also in the recompute.
-    """
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    targets = shift_labels.reshape(-1).to(hidden.device)
+def _chunks_loss_sum(head, hidden, targets, ignore_index, chunk_tokens):
     # One chunk's logits alive at a time: a single chunk may keep its own for the backward (no recompute needed).
     recompute = (
         hidden.shape[0] > chunk_tokens
@@ -191,6 +243,49 @@ def chunked_causal_lm_loss(
         else:
             part = _chunk_loss_sum(head, h, t, ignore_index)
         total = part if total is None else total + part
+    return total
+
+
+def _liger_loss_sum(head, hidden, targets, ignore_index):
+    """liger-kernel's fused linear + cross-entropy (Triton, CUDA): the logits are never materialised.
+
+    It takes the head's weight, not the module (so not under ZeRO-3): the matmul runs in the autocast dtype when
+    autocast is on, as the stock head would, and the head's gradient is summed in fp32.
+    """
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    weight = head.weight
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="sum", accum_dtype=torch.float32)
+    return fused(weight, hidden, targets)
+
+
+def chunked_causal_lm_loss(
+    hidden_states: torch.Tensor,
+    head: torch.nn.Module,
+    labels: torch.Tensor | None,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    chunk_tokens: int = CHUNK_TOKENS,
+    liger: bool = False,
+    **_,
+) -> torch.Tensor:
+    """transformers' `ForCausalLMLoss(head(hidden_states), labels, ...)` without materialising all logits.
+
+    `head` is called as a module (not its weight) so ZeRO-3 gathers its parameters, also in the recompute.
+    `liger=True` computes the same sum with liger-kernel's fused kernel instead of the chunks.
+    """
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    targets = shift_labels.reshape(-1).to(hidden.device)
+    if liger:
+        total = _liger_loss_sum(head, hidden, targets, ignore_index)
+    else:
+        total = _chunks_loss_sum(head, hidden, targets, ignore_index, chunk_tokens)
     if num_items_in_batch is None:
         return total / (targets != ignore_index).sum()
     if torch.is_tensor(num_items_in_batch):
@@ -218,9 +313,7 @@ def _causal_lm_forward(
     return_dict = self.config.return_dict if return_dict is None else return_dict
     if (
         labels is None
-        or cache is not None
-        or kwargs.get("past_key_values") is not None
-        or use_cache
+        or not training_shaped(cache, use_cache, output_attentions, kwargs.get("past_key_values"))
         or not return_dict
         or not isinstance(logits_to_keep, int)
         or logits_to_keep != 0
@@ -253,6 +346,7 @@ def _causal_lm_forward(
         self.lm_head,
         labels,
         chunk_tokens=getattr(self, "job_loss_chunk_tokens", CHUNK_TOKENS),
+        liger=getattr(self, "job_loss", "chunked") == "liger",
         **kwargs,
     )
     return CausalLMOutputWithCrossAttentions(
@@ -260,17 +354,24 @@ def _causal_lm_forward(
     )
 
 
-def install_chunked_loss(model, chunk_tokens: int = CHUNK_TOKENS) -> None:
-    """Give a `BloomForCausalLM` the chunked loss (in place; the class and config stay stock)."""
+def install_chunked_loss(model, chunk_tokens: int = CHUNK_TOKENS, loss: str = "chunked") -> None:
+    """Give a `BloomForCausalLM` the chunked (or `loss="liger"`) loss in place; the class and config stay stock."""
     model.job_loss_chunk_tokens = chunk_tokens
+    model.job_loss = loss
     model.forward = MethodType(_causal_lm_forward, model)
 
 
 def restore_stock(model) -> None:
-    """Undo `build_model`'s patches: stock eager attention and the stock full-logits loss (the bench baseline)."""
+    """Undo `install_patches` (bar compilation): stock eager attention, GELU and full-logits loss (the baseline)."""
+    from transformers.models.bloom.modeling_bloom import BloomGelu
+
     install_attention(model, "eager")
-    model.__dict__.pop("forward", None)
-    model.__dict__.pop("job_loss_chunk_tokens", None)
+    for module in model.modules():
+        if isinstance(module, BloomGelu):
+            module.__dict__.pop("forward", None)
+    for name in ("forward", "job_loss_chunk_tokens", "job_loss", "extra_repr"):
+        model.__dict__.pop(name, None)
+    model.job_patches = {"attention": "eager"}
 
 
 # --------------------------------------------------------------------------------------------------- sizes

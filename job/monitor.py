@@ -1,9 +1,8 @@
-"""Live training metrics as Trainer callbacks: throughput and MFU, a JSON-lines metrics file, a progress bar.
+"""Live training metrics: throughput and MFU, a JSON-lines metrics file, a progress bar, a host token count.
 
-Trainer calls its callbacks in list order and puts its own reporting callbacks (TensorBoard, ...) first, so a
-callback given to `Trainer(callbacks=...)` would add its values to the `logs` dict after TensorBoard has already
-written them. `install(trainer, [...])` puts ours right after Trainer's flow control and before any reporter;
-`ThroughputCallback` must come before `MetricsFileCallback`, which writes what the others added.
+The values the job adds to a log (tokens/s, MFU, perplexity) are added by `JobTrainer.log` through
+`extra_log_values` before `Trainer.log` runs, so `trainer_state.json`'s `log_history`, TensorBoard and every
+other reporter see them; the callbacks here only keep time, write and print.
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+
+from job.report import clock, perplexity
 
 # bf16 dense tensor-core peaks (TFLOP/s, no sparsity) from the datasheets. First match wins: specific names first.
 PEAK_BF16_TFLOPS: list[tuple[tuple[str, ...], float]] = [
@@ -108,68 +109,60 @@ def memory_gib() -> float:
     """Peak CUDA memory allocated by this process, else its resident set size, in GiB."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**30
-    try:
-        import psutil
+    import psutil
 
-        return psutil.Process().memory_info().rss / 2**30
-    except ImportError:  # pragma: no cover - psutil ships with the project's requirements
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return psutil.Process().memory_info().rss / 2**30
 
 
 # ----------------------------------------------------------------------------------------------- wiring
-def install(trainer, callbacks: list[TrainerCallback]) -> None:
-    """Put `callbacks` (in this order) before Trainer's reporters, so TensorBoard & co. see what they add.
+REAL_TOKENS_KEY = "job_real_tokens"  # rides in each batch from the collator to JobTrainer, never to the model
 
-    Also drops Trainer's `PrinterCallback` (it prints every raw log dict when `disable_tqdm=True`) when a
-    `ProgressCallback` of ours takes its place.
+
+class CountingCollator:
+    """A collator that also counts each batch's real (non-padding) tokens, on the host, as a Python int.
+
+    The Trainer's own count (`include_num_input_tokens_seen`) gathers a GPU tensor and calls `.item()` on every
+    micro-step, a host sync each time; this count is made where the batch is built (a DataLoader worker).
     """
-    from transformers.trainer_callback import DefaultFlowCallback, PrinterCallback
 
-    handler = trainer.callback_handler
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        mask = batch.get("attention_mask")
+        batch[REAL_TOKENS_KEY] = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        return batch
+
+
+def extra_log_values(callbacks, args, state, logs: dict) -> dict:
+    """What the job adds to one Trainer log (called from `JobTrainer.log`, before the log reaches
+    `log_history` and the reporters): throughput figures on training logs, a perplexity per held-out loss."""
+    values: dict[str, float] = {}
     for cb in callbacks:
-        if cb in handler.callbacks:
-            handler.callbacks.remove(cb)
-    if any(isinstance(cb, ProgressCallback) for cb in callbacks):
-        handler.callbacks[:] = [cb for cb in handler.callbacks if not isinstance(cb, PrinterCallback)]
-    # DefaultFlowCallback decides should_log/evaluate/save in on_step_end: keep it first.
-    at = next((i + 1 for i, cb in enumerate(handler.callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
-    handler.callbacks[at:at] = list(callbacks)
-    for cb in callbacks:
-        cb._installed = True
-
-
-class _Ordered(TrainerCallback):
-    """Warns once if a callback that edits `logs` was added behind the reporters (`Trainer(callbacks=...)`)."""
-
-    _installed = False
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not self._installed and state.is_world_process_zero and args.report_to:
-            import logging
-
-            logging.getLogger("job").warning(
-                "%s was not added with job.monitor.install(trainer, ...): values it adds to the logs reach "
-                "metrics.jsonl but not %s",
-                type(self).__name__,
-                ", ".join(args.report_to),
-            )
+        if isinstance(cb, ThroughputCallback):
+            values.update(cb.log_values(args, state, logs))
+    for key in [k for k in logs if k.startswith("eval") and k.endswith("_loss")]:
+        ppl = perplexity(logs[key])
+        if ppl is not None:
+            values[key[: -len("_loss")] + "_perplexity"] = ppl
+    return values
 
 
 # ----------------------------------------------------------------------------------------------- throughput
-def _sig(value: float, digits: int = 6) -> float:
+def significant(value: float, digits: int = 6) -> float:
     """Rounded to significant digits (tiny CPU TFLOP/s must not round to 0)."""
     return float(f"{value:.{digits}g}")
 
 
-class ThroughputCallback(_Ordered):
-    """Adds tokens_per_s, tflops, tflops_per_device, mfu, mfu_measured, memory_gib and tokens_seen to each
-    training log.
+class ThroughputCallback(TrainerCallback):
+    """tokens_per_s, tflops, tflops_per_device, mfu, mfu_measured, memory_gib and tokens_seen for each training
+    log (`log_values`, through `extra_log_values`).
 
-    Tokens are `state.num_input_tokens_seen` (real tokens with `include_num_input_tokens_seen="non_padding"`,
-    already summed over ranks); the window is the wall time since the previous training log, less the time spent
-    in evaluation and checkpoint saving, so the figure is training speed. The first window of a run (or of a
+    Tokens are `state.num_input_tokens_seen` (real tokens: counted on the host by `CountingCollator`, or the
+    Trainer's `include_num_input_tokens_seen="non_padding"` count, summed over ranks); the window is the wall
+    time since the previous training log, less the time spent in evaluation and checkpoint saving, so the figure
+    is training speed. The first window of a run (or of a
     resumed run) includes start-up: the report leaves it out.
     """
 
@@ -187,7 +180,6 @@ class ThroughputCallback(_Ordered):
         self._window_start, self._window_tokens, self._paused, self._mark = now, state.num_input_tokens_seen, 0.0, now
 
     def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
         self._start_window(state, time.perf_counter())
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -207,9 +199,10 @@ class ThroughputCallback(_Ordered):
     def on_save(self, args, state, control, **kwargs):
         self._pause()
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or TRAIN_LOG_KEY not in logs or self._window_start is None:
-            return
+    def log_values(self, args, state, logs: dict) -> dict:
+        """The figures for this log (training logs only), and a fresh window."""
+        if TRAIN_LOG_KEY not in logs or self._window_start is None:
+            return {}
         now = time.perf_counter()
         seconds = now - self._window_start - self._paused
         tokens = state.num_input_tokens_seen - self._window_tokens
@@ -218,15 +211,19 @@ class ThroughputCallback(_Ordered):
             tokens_per_s = tokens / seconds
             tflops = tokens_per_s * self.flops_per_token / 1e12
             per_device = tflops / max(1, args.world_size)
-            values.update(tokens_per_s=_sig(tokens_per_s), tflops=_sig(tflops), tflops_per_device=_sig(per_device))
+            values.update(
+                tokens_per_s=significant(tokens_per_s),
+                tflops=significant(tflops),
+                tflops_per_device=significant(per_device),
+            )
             if self.peak_tflops:
-                values["mfu"] = _sig(per_device / self.peak_tflops)
+                values["mfu"] = significant(per_device / self.peak_tflops)
             if self.device_ceiling_tflops:
-                values["mfu_measured"] = _sig(per_device / self.device_ceiling_tflops)
-        values["memory_gib"] = _sig(memory_gib(), 4)
-        logs.update(values)
+                values["mfu_measured"] = significant(per_device / self.device_ceiling_tflops)
+        values["memory_gib"] = significant(memory_gib(), 4)
         self.last = values
         self._start_window(state, now)
+        return values
 
 
 # ----------------------------------------------------------------------------------------------- metrics file
@@ -241,16 +238,9 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def perplexity(loss: float | None) -> float | None:
-    if loss is None or not math.isfinite(loss):
-        return None
-    return math.exp(loss) if loss < 700 else math.inf
-
-
-class MetricsFileCallback(_Ordered):
+class MetricsFileCallback(TrainerCallback):
     """Appends every log (with step, epoch, time, tokens_seen) to a JSON-lines file on rank 0, flushed per line.
 
-    Eval logs get `<prefix>_perplexity = exp(<prefix>_loss)` in the logs dict itself, so the reporters see it.
     Each training start appends `{"event": "train_begin", "step": N}`: a resumed run keeps the earlier lines and
     the report drops those that the resume repeats.
     """
@@ -269,7 +259,6 @@ class MetricsFileCallback(_Ordered):
         self._file.flush()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
         self._started = time.time()
         if state.is_world_process_zero:
             self._write(
@@ -283,13 +272,7 @@ class MetricsFileCallback(_Ordered):
             )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None:
-            return
-        for key in [k for k in logs if k.startswith("eval") and k.endswith("_loss")]:
-            ppl = perplexity(logs[key])
-            if ppl is not None:
-                logs[key[: -len("_loss")] + "_perplexity"] = ppl
-        if not state.is_world_process_zero:
+        if logs is None or not state.is_world_process_zero:
             return
         now = time.time()
         record = {
@@ -316,17 +299,10 @@ class MetricsFileCallback(_Ordered):
 
 
 # ----------------------------------------------------------------------------------------------- progress
-def _clock(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 class ProgressCallback(TrainerCallback):
     """Steps, loss, tokens/s and time left on rank 0: a tqdm bar on a terminal, else a line every `interval_s`.
 
-    Writes to stderr. Trainer's own bar is off (`disable_tqdm=True`); `install` removes its PrinterCallback.
+    Writes to stderr. Trainer's own bar is off (`disable_tqdm=True`); `build_trainer` removes its PrinterCallback.
     """
 
     def __init__(self, interval_s: float = 30.0, stream=None, tty: bool | None = None):
@@ -394,8 +370,8 @@ class ProgressCallback(TrainerCallback):
             parts.append(f"{self._latest['tokens_per_s']:,.0f} tok/s")
         if "mfu" in self._latest:
             parts.append(f"MFU {100 * self._latest['mfu']:.1f}%")
-        parts.append(f"elapsed {_clock(time.time() - self._started)}")
-        parts.append(f"left {_clock(self._left(state))}")
+        parts.append(f"elapsed {clock(time.time() - self._started)}")
+        parts.append(f"left {clock(self._left(state))}")
         return " | ".join(parts)
 
     def _print(self, line: str) -> None:
@@ -426,4 +402,4 @@ class ProgressCallback(TrainerCallback):
             self.bar.close()
             self.bar = None
         elif state.is_world_process_zero:
-            self._print(f"training ended at step {state.global_step} after {_clock(time.time() - self._started)}")
+            self._print(f"training ended at step {state.global_step} after {clock(time.time() - self._started)}")

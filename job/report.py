@@ -186,26 +186,38 @@ def _cell(text: Any) -> str:
     return s.replace("\n", "<br>") if s.strip() else "<i>(empty)</i>"
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def _fmt(value: Any, digits: int = 4) -> str | None:
     v = _num(value)
     if v is None:
-        return "n/a" if value is None else str(value)
+        return None if value is None else str(value)
     if v.is_integer() and abs(v) >= 1000:
         return f"{int(v):,}"
     return f"{v:,.{digits}g}" if abs(v) < 1e6 else f"{v:,.0f}"
 
 
-def _duration(seconds: Any) -> str:
+def clock(seconds: float | None) -> str:
+    """h:mm:ss (the progress line and the report); "?" when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(loss), the one place it is computed (logs, metrics.jsonl, TensorBoard, the report)."""
+    if loss is None or not math.isfinite(loss):
+        return None
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _duration(seconds: Any) -> str | None:
     s = _num(seconds)
-    if s is None:
-        return "n/a"
-    s = round(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d} ({s:,} s)"
+    return None if s is None else f"{clock(s)} ({round(s):,} s)"
 
 
-def _pct(fraction: float | None) -> str:
+def _pct(fraction: float | None) -> str | None:
     if fraction is None:
-        return "n/a"
+        return None
     return f"{100 * fraction:.1f}%" if 100 * fraction >= 0.1 else f"{100 * fraction:.2g}%"
 
 
@@ -244,11 +256,10 @@ def throughput_summary(records: list[dict]) -> dict[str, Any]:
     }
 
 
-def _loss_pair(loss: float | None) -> str:
+def _loss_pair(loss: float | None) -> str | None:
     if loss is None:
-        return "n/a"
-    ppl = math.exp(loss) if loss < 700 else math.inf
-    return f"{loss:.4f} (perplexity {ppl:,.2f})"
+        return None
+    return f"{loss:.4f} (perplexity {perplexity(loss):,.2f})"
 
 
 def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, samples: list[dict]) -> Path:
@@ -285,17 +296,16 @@ def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, 
         ("held-out eval loss, final", _loss_pair(final_eval)),
         (
             "train loss, first / last logged",
-            " / ".join(f"{v:.4f}" for v in (train_losses[:1] + train_losses[-1:])) if train_losses else "n/a",
+            " / ".join(f"{v:.4f}" for v in (train_losses[:1] + train_losses[-1:])) if train_losses else None,
         ),
         ("mean tokens/s (whole job: tokens / training time)", _fmt(tput["tokens_per_s"], 6)),
         ("median tokens/s of the logging windows", _fmt(tput["tokens_per_s_median"], 6)),
         ("mean model TFLOP/s per device", _fmt(tput["tflops_per_device"])),
         ("mean MFU (datasheet bf16 peak)", _pct(tput["mfu"])),
-        ("mean MFU (measured matmul ceiling)", _pct(tput["mfu_measured"])),
         ("peak memory (GiB)", _fmt(tput["memory_gib"])),
         ("FLOPs per token (6N + 12·L·d·T)", _fmt(summary.get("flops_per_token"))),
     ]
-    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += [f"| {k} | {v} |" for k, v in rows if v is not None]  # only figures that exist
     lines += [
         "",
         f"Throughput means cover {tput['windows']} of {tput['windows_total']} logging windows: each run's "
@@ -303,23 +313,6 @@ def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, 
         "every window." + (f" Note: {tput['note']}." if tput["note"] else ""),
         "",
     ]
-    extra = {
-        k: v
-        for k, v in summary.items()
-        if k
-        not in {
-            "steps",
-            "tokens_seen",
-            "seconds",
-            "final_eval_loss",
-            "final_perplexity",
-            "flops_per_token",
-            "final_model",
-        }
-    }
-    if extra:
-        lines += ["Other figures: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in extra.items()), ""]
-
     lines += ["## Loss", ""]
     lines += (
         [f"![train and held-out loss against tokens seen]({LOSS_PNG})", ""]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -18,12 +17,13 @@ from pathlib import Path
 
 import torch
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback
 
 from job import checkpoints
 from job.config import RunConfig
 from job.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
 from job.model import parameter_count
-from job.monitor import install as install_monitors
+from job.monitor import REAL_TOKENS_KEY, CountingCollator, extra_log_values
 from job.prepare import read_prepared_stats
 from job.tokenizer import load_tokenizer
 
@@ -68,6 +68,8 @@ def run_training_arguments(cfg: RunConfig, use_cpu: bool, deepspeed: dict | None
         use_cpu=use_cpu,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",  # real tokens, for tokens/s and MFU
+        logging_nan_inf_filter=not cfg.avoid_host_syncs,  # a host sync per micro-step when on
+        ddp_find_unused_parameters=False,  # every parameter gets a gradient; True re-walks the graph each step
         disable_tqdm=True,  # our progress bar shows tokens/s and time left
     )
 
@@ -193,16 +195,36 @@ class CheckpointCallback(TrainerCallback):
 
 
 class JobTrainer(Trainer):
-    """Trainer that reports each micro-step's loss to the stop guard."""
+    """Trainer that reports each micro-step's loss to the stop guard, adds the job's values to each log and
+    counts real tokens on the host (one process) when the collator is a `CountingCollator`."""
 
-    def __init__(self, *args, stop_guard: StopCallback, **kwargs):
+    def __init__(self, *args, stop_guard: StopCallback | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.stop_guard = stop_guard
+        self._host_tokens: int | None = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self.stop_guard.saw_loss(loss)
+        if self.stop_guard is not None:
+            self.stop_guard.saw_loss(loss)
         return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Throughput, MFU and perplexity join the log first, so log_history and every reporter get them."""
+        logs.update(extra_log_values(self.callback_handler.callbacks, self.args, self.state, logs))
+        super().log(logs, start_time)
+
+    def _prepare_inputs(self, inputs):
+        # The host count must not reach the model (training and evaluation batches both pass here).
+        self._host_tokens = inputs.pop(REAL_TOKENS_KEY, None)
+        return super()._prepare_inputs(inputs)
+
+    def _track_num_input_tokens(self, inputs):
+        # Replaces a GPU gather + .item() per micro-step; several processes still need the Trainer's sum.
+        if self._host_tokens is None or self.args.world_size > 1:
+            return super()._track_num_input_tokens(inputs)
+        self.state.num_input_tokens_seen += self._host_tokens
+        self._host_tokens = None
 
 
 def resume_point(cfg: RunConfig) -> str | None:
@@ -237,6 +259,8 @@ def build_trainer(cfg: RunConfig, data=None, callbacks: list[TrainerCallback] | 
     train_tokenizer = copy.copy(tokenizer)
     train_tokenizer.padding_side = "right"
     collator = DataCollatorForLanguageModeling(train_tokenizer, mlm=False, pad_to_multiple_of=None if use_cpu else 8)
+    if cfg.avoid_host_syncs:
+        collator = CountingCollator(collator)
     stop_guard = StopCallback(cfg.max_nonfinite_steps)
     trainer = JobTrainer(
         model=model,
@@ -246,9 +270,15 @@ def build_trainer(cfg: RunConfig, data=None, callbacks: list[TrainerCallback] | 
         data_collator=collator,
         processing_class=tokenizer,
         stop_guard=stop_guard,
-        callbacks=[stop_guard, CheckpointCallback(cfg.save_total_limit)],  # after the Trainer's flow control
+        # after the Trainer's flow control; the monitors add nothing to the logs themselves (JobTrainer.log does)
+        callbacks=[
+            stop_guard,
+            CheckpointCallback(cfg.save_total_limit),
+            *(callbacks if callbacks is not None else _monitor_callbacks(cfg, model, use_cpu)),
+        ],
     )
-    install_monitors(trainer, callbacks if callbacks is not None else _monitor_callbacks(cfg, model, use_cpu))
+    if callbacks is None:
+        trainer.remove_callback(PrinterCallback)  # prints every raw log dict; our ProgressCallback replaces it
     return trainer
 
 
@@ -422,7 +452,6 @@ def _write_report(cfg, trainer, final: Path, before, final_metrics, seconds, flo
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "seconds": round(seconds, 1),
         "final_eval_loss": eval_loss,
-        "final_perplexity": math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
         "flops_per_token": flops_per_token_value,
         "final_model": str(final),
     }

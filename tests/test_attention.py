@@ -9,7 +9,15 @@ import torch
 from transformers import BloomForCausalLM
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, build_alibi_tensor
 
-from job.attention import alibi_slopes, document_ids, install_attention, resolve_attention
+from job.attention import (
+    FlexSettings,
+    alibi_slopes,
+    allowed_mask,
+    document_ids,
+    fold_padding,
+    install_attention,
+    resolve_attention,
+)
 from job.errors import JobError
 from tests.conftest import tiny_bloom_config
 
@@ -59,6 +67,39 @@ def test_document_ids_start_after_each_eos():
     expected = torch.tensor([[0, 0, 0, 1, 1, 2, 3, 3], [0, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.int32)
     assert torch.equal(document_ids(ids, EOS), expected)
     assert torch.equal(document_ids(ids, None), torch.zeros_like(expected))
+
+
+def test_folded_padding_gives_the_padding_aware_mask():
+    """Padding as one-token documents: the plain document-causal mask gives every real query the keys of the mask
+    that also reads `valid` (left, right and inner padding); a padding query sees only itself, as documented."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(4, VOCAB, (3, 32), generator=g)
+    ids[torch.rand(ids.shape, generator=g) < 0.15] = EOS
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[0, 20:] = False
+    valid[1, :9] = False
+    valid[2, 5:7] = False
+    docs = document_ids(ids, EOS)
+    folded = allowed_mask(fold_padding(docs, valid), None)
+    assert torch.equal(folded[valid], allowed_mask(docs, valid)[valid])  # every real query: the same keys
+    assert torch.equal(folded[~valid], torch.eye(32, dtype=torch.bool).expand(3, 32, 32)[~valid])  # padding: itself
+    assert torch.equal(fold_padding(docs, None), docs)
+
+
+def test_flex_with_folded_padding_equals_the_masked_flex_on_cpu():
+    """Forward on CPU (no flex backward there): padded and packed rows give the same logits either way."""
+    stock, fast = pair("flex")
+    unfolded = copy.deepcopy(stock)
+    install_attention(unfolded, "flex", FlexSettings(fold_padding=False))
+    ids = torch.stack(tokens(24, 24, seed=6))
+    ids[0, 10] = EOS
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0
+    with torch.no_grad():
+        got = fast(ids, attention_mask=mask).logits
+        want = unfolded(ids, attention_mask=mask).logits
+    real = mask.bool()  # padding queries differ (folded: only themselves); they are never labels
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=1e-5)
 
 
 def test_resolve_attention():

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -74,3 +76,93 @@ def test_tokenize_bench_matches_the_bare_tokenizer(tiny_tokenizer_dir):
     assert result["documents"] == 600 and result["num_proc"] == 2 and result["repeats"] == 2
     assert result["tokens"] > 0 and result["prepare_vs_bare"] > 0 and result["prepare_vs_rust"] > 0
     assert result["prepare_vs_bare"] == pytest.approx(result["bare_s"] / result["prepare_s"], rel=2e-2)
+
+
+def test_sweep_reports_a_failing_and_a_timed_out_variant_and_goes_on(tmp_path):
+    """The `make bench-gpu` sweep's plumbing on a CPU (--dry-run, tiny preset): each variant in its own process
+    with its own slice; a bad one (exit 2) and a hung one (killed at its slice) are reported, the next one runs,
+    and the JSON lines and the table reach both stdout and the log."""
+    variants = [
+        {"name": "bad input", "args": ["--max-length", "1"], "slice_s": 120},
+        # --deepspeed none: killed inside DeepSpeed's op JIT load, it would leave torch's build lock behind
+        {"name": "never ends", "args": ["--steps", "100000", "--deepspeed", "none"], "slice_s": 15},
+        {"name": "plain", "args": ["--deepspeed", "none"], "slice_s": 300},
+    ]
+    spec = tmp_path / "variants.json"
+    spec.write_text(json.dumps(variants))
+    started = time.monotonic()
+    flags = ["--variants", str(spec), "--log-dir", str(tmp_path / "logs"), "--budget-s", "400"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "job.sweep", "--dry-run", *flags, "--no-tests", "--no-profile", "--no-end-to-end"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    bench = [r for r in rows if r["step"] == "bench"]
+    assert [(r["variant"], r["status"]) for r in bench] == [
+        ("bad input", "failed"),
+        ("never ends", "timeout"),
+        ("plain", "ok"),
+    ]
+    assert "--max-length 1 is not at least 2" in bench[0]["error"]
+    assert 15 <= bench[1]["seconds"] < 60  # killed at its slice, with its process group
+    assert bench[2]["tokens_per_s"] > 0 and bench[2]["step_s"] > 0 and bench[2]["compile_s"] >= 0
+    assert bench[2]["patches"]["attention"] == "sdpa" and bench[2]["deepspeed"] is False
+    summary = rows[-1]
+    assert summary["step"] == "summary" and summary["fastest"] == "plain" and summary["variants_ok"] == 1
+    assert "| plain | ok |" in proc.stdout and "| never ends | timeout" in proc.stdout
+    (log,) = (tmp_path / "logs").glob("bench-gpu-*.log")
+    assert log.read_text(encoding="utf-8").splitlines()[1:] == proc.stdout.splitlines()[1:]
+    assert time.monotonic() - started < 400
+
+
+def test_every_gpu_sweep_command_parses_to_a_valid_config(tmp_path):
+    """The sweep runs next on a lent GPU, unattended: each of its command lines must be one the CLI accepts and
+    whose run config validates (a typo would cost a variant of that run)."""
+    from job.cli import cli
+    from job.config import RunConfig
+    from job.deepspeed_config import deepspeed_config
+    from job.sweep import bench_argv, end_to_end_commands, gpu_variants
+
+    commands = [[*bench_argv(False, 4, 2), *v.args] for v in gpu_variants(tmp_path)]
+    commands += [argv for _, argv in end_to_end_commands(tmp_path, dry_run=False)]
+    for argv in commands:
+        assert argv[1:3] == ["-m", "job"]
+        command = cli.commands[argv[3]]
+        params = command.make_context(argv[3], argv[4:]).params
+        if "config" in params:
+            fields = {k: v for k, v in params.items() if k in RunConfig.field_names()}
+            deepspeed_config(RunConfig.load(params["config"], **fields))  # reads and checks the DeepSpeed file
+
+
+def test_sweep_stopped_by_sigterm_stops_its_running_step(tmp_path):
+    """A step runs in a session of its own (so a slice can kill its whole tree); a SIGTERM to the sweep (GNU
+    `timeout`, Ctrl-C) must take that step down too, not leave it running on the GPU."""
+    import psutil
+
+    spec = tmp_path / "variants.json"
+    # --deepspeed none: a process killed while DeepSpeed JIT-loads an op leaves torch's build lock behind, which
+    # would hang every later DeepSpeed start on this machine.
+    never_ends = {"name": "never ends", "args": ["--steps", "100000", "--deepspeed", "none"], "slice_s": 300}
+    spec.write_text(json.dumps([never_ends]))
+    flags = ["--variants", str(spec), "--log-dir", str(tmp_path / "logs"), "--no-tests", "--no-profile"]
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "job.sweep", "--dry-run", *flags, "--no-end-to-end"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    deadline = time.monotonic() + 60
+    while not (children := psutil.Process(sweep.pid).children(recursive=True)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert children, "the sweep started no step"
+    time.sleep(1)
+    sweep.send_signal(signal.SIGTERM)
+    out, _ = sweep.communicate(timeout=30)
+    assert sweep.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in out
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, alive

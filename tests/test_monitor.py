@@ -1,5 +1,6 @@
-"""The monitoring callbacks in a real (tiny, CPU) Trainer run: tokens/s and MFU reach metrics.jsonl and
-TensorBoard, eval logs get a perplexity, a resume appends; plus the throughput window arithmetic and peaks."""
+"""The monitoring callbacks in a real (tiny, CPU) JobTrainer run: tokens/s and MFU reach metrics.jsonl,
+log_history and TensorBoard, eval logs get a perplexity, the host token count is exact, a resume appends; plus
+the throughput window arithmetic and peaks."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ import torch
 
 from job import monitor
 from job.monitor import (
+    CountingCollator,
     MetricsFileCallback,
     ProgressCallback,
     ThroughputCallback,
-    install,
+    extra_log_values,
     measure_matmul_tflops,
     peak_tflops,
     peak_tflops_for_name,
@@ -34,9 +36,11 @@ def _lengths(n: int, seed: int) -> list[int]:
     return [rng.randint(5, 24) for _ in range(n)]
 
 
-def _trainer(tokenizer, output, callbacks_in_constructor=(), resume_steps: int = STEPS):
+def _trainer(tokenizer, output, callbacks=(), resume_steps: int = STEPS):
     import datasets
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import DataCollatorForLanguageModeling, TrainingArguments
+
+    from job.train import JobTrainer
 
     model = tiny_bloom(len(tokenizer), hidden_size=32, n_head=2)
     rng = random.Random(0)
@@ -65,14 +69,14 @@ def _trainer(tokenizer, output, callbacks_in_constructor=(), resume_steps: int =
         remove_unused_columns=False,
         seed=0,
     )
-    trainer = Trainer(
+    trainer = JobTrainer(
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_dict({"input_ids": train_rows}),
         eval_dataset=datasets.Dataset.from_dict({"input_ids": eval_rows}),
-        data_collator=DataCollatorForLanguageModeling(right, mlm=False),
+        data_collator=CountingCollator(DataCollatorForLanguageModeling(right, mlm=False)),
         processing_class=tokenizer,
-        callbacks=list(callbacks_in_constructor),
+        callbacks=list(callbacks),
     )
     return trainer, sum(len(r) for r in train_rows)
 
@@ -85,19 +89,17 @@ def run(tmp_path_factory, tiny_tokenizer):
     progress_out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TENSORBOARD_LOGGING_DIR", str(tb))
-        trainer, real_tokens = _trainer(tiny_tokenizer, output)
         ceiling = measure_matmul_tflops("cpu", torch.float32)
         throughput = ThroughputCallback(flops_per_token=1e6, peak_tflops=10.0, device_ceiling_tflops=ceiling)
         metrics = MetricsFileCallback(output / "metrics.jsonl")
         progress = ProgressCallback(interval_s=0, stream=progress_out, tty=False)
-        install(trainer, [throughput, metrics, progress])
+        trainer, real_tokens = _trainer(tiny_tokenizer, output, [throughput, metrics, progress])
         trainer.train()
         metrics.close()
         first_lines = (output / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
 
-        resumed, _ = _trainer(tiny_tokenizer, output)
         again = MetricsFileCallback(output / "metrics.jsonl")
-        install(resumed, [ThroughputCallback(1e6, None), again])
+        resumed, _ = _trainer(tiny_tokenizer, output, [ThroughputCallback(1e6, None), again])
         resumed.train(resume_from_checkpoint=str(output / "checkpoint-4"))
         again.close()
     return SimpleNamespace(
@@ -149,14 +151,19 @@ def test_tensorboard_gets_our_scalars(run):
     assert [p.step for p in points][:5] == [1, 2, 4, 6, 8] and all(p.value > 0 for p in points)
 
 
-def test_install_puts_ours_before_the_reporters_and_drops_the_printer(run):
+def test_log_history_holds_our_values_in_the_callbacks_given_order(run):
+    """JobTrainer.log adds them before Trainer.log: trainer_state.json's log_history has them too, although the
+    callbacks stay where Trainer(callbacks=...) puts them (after the reporters)."""
     from transformers.integrations import TensorBoardCallback
-    from transformers.trainer_callback import DefaultFlowCallback, PrinterCallback
 
     kinds = [type(cb) for cb in run.trainer.callback_handler.callbacks]
-    assert kinds[0] is DefaultFlowCallback
-    assert kinds.index(ThroughputCallback) < kinds.index(MetricsFileCallback) < kinds.index(TensorBoardCallback)
-    assert PrinterCallback not in kinds
+    assert kinds.index(TensorBoardCallback) < kinds.index(ThroughputCallback)
+    history = run.trainer.state.log_history
+    train = [h for h in history if "loss" in h]
+    assert train and all(h["tokens_per_s"] > 0 and "mfu" in h for h in train)
+    assert all(h["eval_perplexity"] == pytest.approx(math.exp(h["eval_loss"])) for h in history if "eval_loss" in h)
+    saved = json.loads((run.output / "checkpoint-8" / "trainer_state.json").read_text())["log_history"]
+    assert any("tokens_per_s" in h for h in saved) and any("eval_perplexity" in h for h in saved)
 
 
 def test_resume_appends_and_report_reads_one_history(run):
@@ -218,20 +225,18 @@ def test_throughput_window_leaves_out_eval_and_save(monkeypatch):
     clock[0] += 1
     state.num_input_tokens_seen = 2000
     cb.on_step_end(args, state, control)
-    logs = {"loss": 1.0}
-    cb.on_log(args, state, control, logs=logs)
+    logs = extra_log_values([cb], args, state, {"loss": 1.0})
     assert logs["tokens_per_s"] == pytest.approx(1000.0)  # 2000 tokens in 2 s of training
     assert logs["tflops"] == pytest.approx(2.0) and logs["tflops_per_device"] == pytest.approx(1.0)
     assert logs["mfu"] == pytest.approx(0.01) and logs["mfu_measured"] == pytest.approx(0.02)
     assert logs["tokens_seen"] == 2000
 
-    eval_logs = {"eval_loss": 1.0}
-    cb.on_log(args, state, control, logs=eval_logs)
+    eval_logs = extra_log_values([cb], args, state, {"eval_loss": 1.0})
     assert "tokens_per_s" not in eval_logs  # only training logs carry throughput
+    assert eval_logs["eval_perplexity"] == pytest.approx(math.e)
     clock[0] += 3
     state.num_input_tokens_seen = 2600
-    logs = {"loss": 1.0}
-    cb.on_log(args, state, control, logs=logs)
+    logs = extra_log_values([cb], args, state, {"loss": 1.0})
     assert logs["tokens_per_s"] == pytest.approx(200.0)  # a fresh window after each log
 
 
@@ -242,13 +247,14 @@ def test_metrics_file_only_on_rank_zero_and_nonfinite_as_null(tmp_path):
     args, control = SimpleNamespace(report_to=[]), TrainerControl()
     other = MetricsFileCallback(path)
     other.on_train_begin(args, TrainerState(is_world_process_zero=False), control)
-    logs = {"eval_loss": 2.0}
-    other.on_log(args, TrainerState(is_world_process_zero=False), control, logs=logs)
-    assert not path.exists() and logs["eval_perplexity"] == pytest.approx(math.exp(2.0))
+    other.on_log(args, TrainerState(is_world_process_zero=False), control, logs={"eval_loss": 2.0})
+    assert not path.exists()
 
     cb = MetricsFileCallback(path)
     state = TrainerState(is_world_process_zero=True, global_step=3)
-    cb.on_log(args, state, control, logs={"loss": float("nan"), "eval_loss": float("inf")})
+    logs = {"loss": float("nan"), "eval_loss": float("inf")}
+    logs.update(extra_log_values([], args, state, logs))
+    cb.on_log(args, state, control, logs=logs)
     record = json.loads(path.read_text().splitlines()[-1])  # strict JSON, written before close
     assert record["loss"] is None and record["step"] == 3 and "eval_perplexity" not in record
     cb.close()

@@ -224,24 +224,95 @@ def _kill_tree(pid: int) -> None:
         process.send_signal(signal.SIGKILL)
 
 
-def test_sigterm_checkpoints_exits_75_and_resume_continues_the_curve(inputs, reference):
+def _signal(proc: subprocess.Popen, target: str, sig: int) -> None:
+    """`launcher`: the CLI alone (Kubernetes signals PID 1); `group`: its process group (a terminal's Ctrl-C,
+    GNU timeout); `every`: the launcher, torchrun, the ranks and their DataLoader workers (a node shutdown)."""
+    import psutil
+
+    if target == "launcher":
+        proc.send_signal(sig)
+    elif target == "group":
+        os.killpg(proc.pid, sig)  # the run was started in a session of its own, see _start
+    else:
+        parent = psutil.Process(proc.pid)
+        for process in [parent, *parent.children(recursive=True)]:
+            process.send_signal(sig)
+
+
+def _start(args: list[str], log) -> subprocess.Popen:
+    return subprocess.Popen(
+        job_command(*args), stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
+    )
+
+
+def _stopped_cleanly(proc: subprocess.Popen, log_path: Path, timeout: float = 300) -> str:
+    """The run ends with 75 and no traceback (no torchrun ChildFailedError either); returns the log."""
+    code = proc.wait(timeout=timeout)
+    text = log_path.read_text()
+    assert code == EXIT_PREEMPTED, text[-3000:]
+    for noise in ("Traceback", "ChildFailedError", "SignalException"):
+        assert noise not in text, text[-3000:]
+    return text
+
+
+# signal target x moment x DataLoader workers x processes: every value of each axis at least once.
+@pytest.mark.parametrize(
+    ("target", "sig", "workers", "nproc"),
+    [
+        ("launcher", signal.SIGTERM, "2", "2"),  # Kubernetes
+        ("group", signal.SIGINT, "4", "2"),  # Ctrl-C in a terminal
+        ("group", signal.SIGTERM, "2", "1"),  # GNU timeout, one process
+        ("every", signal.SIGTERM, "0", "2"),  # every process of the node
+    ],
+)
+def test_signal_in_a_step_checkpoints_exits_75_and_resume_continues_the_curve(
+    inputs, reference, target, sig, workers, nproc
+):
     model, tok, data, root = inputs
-    output = root / "sigterm"
-    args = train_args(model, tok, data, output, "--save-steps", "100")
-    with (root / "sigterm.log").open("w") as log:
-        proc = subprocess.Popen(job_command(*args), stdout=log, stderr=subprocess.STDOUT, env=_env())
+    name = f"stop-{target}-{sig}-{workers}-{nproc}"
+    output = root / name
+    flags = ["--save-steps", "100", "--dataloader-workers", workers, "--nproc", nproc]
+    if nproc == "1":  # the same global batch as the 2-process reference
+        flags += ["--grad-accum", "4"]
+    args = train_args(model, tok, data, output, *flags)
+    with (root / f"{name}.log").open("w") as log:
+        proc = _start(args, log)
         _wait_for(lambda: (output / "metrics.jsonl").exists() and len(losses(output)) >= 5, proc)
-        proc.send_signal(signal.SIGTERM)  # what Kubernetes sends to PID 1
-        assert proc.wait(timeout=300) == EXIT_PREEMPTED, (root / "sigterm.log").read_text()[-3000:]
+        _signal(proc, target, sig)
+        _stopped_cleanly(proc, root / f"{name}.log")
     stopped = checkpoints.latest_complete(output)
-    assert stopped is not None, "no complete checkpoint after SIGTERM"
-    step = int(stopped.name.split("-")[1])
+    assert stopped is not None, "no complete checkpoint after the signal"
+    step = checkpoints.step_of(stopped)
     assert 5 <= step < STEPS
     assert not (output / "final").exists()
-    assert run([*args, "--resume", "auto"], root / "sigterm-resume.log") == 0
+    if target != "launcher":
+        return  # resuming is the same for every way the run was stopped: checked once
+    # --save-steps changed on resume is honoured (the Trainer would restore the old value from its state)
+    resumed = run([*args, "--resume", "auto", "--save-steps", "4"], root / f"{name}-resume.log")
+    assert resumed == 0, (root / f"{name}-resume.log").read_text()[-3000:]
+    assert [p.name for p in checkpoints.complete_checkpoints(output)][-2:] == ["checkpoint-8", "checkpoint-12"]
     ours, ref = losses(output), losses(reference)
+    tolerance = 1e-5 if nproc == "2" else STAGE_TOLERANCE  # one process: the same sums in another order
     for later in range(step + 1, STEPS + 1):  # exact continuation: same data, optimizer, scheduler and RNG
-        assert ours[later] == pytest.approx(ref[later], rel=1e-5, abs=1e-6), (later, ours[later], ref[later])
+        assert ours[later] == pytest.approx(ref[later], rel=tolerance, abs=1e-6), (later, ours[later], ref[later])
+
+
+@pytest.mark.parametrize(("target", "nproc"), [("launcher", "1"), ("group", "2")])
+def test_signal_before_training_exits_promptly_and_writes_nothing_to_resume(inputs, target, nproc):
+    """During data preparation (1 process) or while the workers load the model (2): 75 within seconds."""
+    model, tok, data, root = inputs
+    name = f"early-{target}-{nproc}"
+    output = root / name
+    args = train_args(model, tok, data, output, "--nproc", nproc, "--max-samples", "399")  # a new cache entry
+    with (root / f"{name}.log").open("w") as log:
+        proc = _start(args, log)
+        mark = "launching:" if nproc == "2" else "[job]"
+        _wait_for(lambda: mark in (root / f"{name}.log").read_text(), proc, poll=0.01)
+        _signal(proc, target, signal.SIGTERM)
+        signalled = time.time()
+        _stopped_cleanly(proc, root / f"{name}.log", timeout=60)
+    assert time.time() - signalled < 30
+    assert checkpoints.all_checkpoints(output) == [] and not (output / "final").exists()
 
 
 def test_kill_during_a_save_loses_only_that_save(inputs, reference):

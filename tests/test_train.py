@@ -176,3 +176,27 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_
     assert torch.isfinite(
         torch.load(tmp_path / "o" / "checkpoint-4" / "rng_state.pth", weights_only=False)["cpu"].float()
     ).all()
+
+
+@pytest.mark.parametrize("hooked", [True, False])
+def test_dataloader_workers_survive_a_sigterm_to_the_group(hooked):
+    """torchrun, a terminal and `timeout` signal the whole process group: the workers must leave it to the rank."""
+    import signal
+
+    from accelerate.data_loader import DataLoaderShard
+
+    from job.train import _workers_ignore_signals
+
+    prepared = DataLoaderShard(list(range(64)), batch_size=2, num_workers=2)  # what Trainer.get_*_dataloader give
+    if hooked:
+        _workers_ignore_signals(prepared)
+    batches = iter(prepared.base_dataloader)
+    next(batches)
+    for worker in batches._workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        worker.join(timeout=2)
+    if hooked:
+        assert sum(1 for _ in batches) == 31
+    else:  # the check itself can fail: torch's workers die of a SIGTERM that is not from their parent
+        with pytest.raises(RuntimeError, match="DataLoader worker"):
+            list(batches)

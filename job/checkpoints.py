@@ -95,6 +95,28 @@ def resume_point(resume: str, output_dir: Path) -> Path | None:
     return latest_complete(output_dir)
 
 
+def world_size(checkpoint: Path) -> int | None:
+    """How many processes wrote `checkpoint` (the Trainer saves one RNG state per process); None: unknown."""
+    per_rank = list(checkpoint.glob("rng_state_*.pth"))
+    if per_rank:
+        return len(per_rank)
+    return 1 if (checkpoint / "rng_state.pth").exists() else None
+
+
+def zero_world_size(checkpoint: Path) -> int | None:
+    """The data-parallel world size a DeepSpeed ZeRO checkpoint is tied to (one optimizer shard per rank)."""
+    latest = checkpoint / "latest"
+    if not latest.exists():
+        return None  # not a DeepSpeed checkpoint
+    return len(list((checkpoint / latest.read_text().strip()).glob("*optim_states.pt"))) or None
+
+
+def universal_tag(checkpoint: Path) -> str | None:
+    """The DeepSpeed universal checkpoint beside the ZeRO one, if one was made (`latest_universal`)."""
+    latest = checkpoint / "latest_universal"
+    return latest.read_text().strip() if latest.exists() else None
+
+
 def finished(checkpoint: Path | None, max_steps: int) -> bool:
     """Whether `checkpoint` is the end of training (`max_steps` <= 0: the step count the Trainer derived)."""
     if checkpoint is None:

@@ -127,6 +127,11 @@ def check_output(cfg: RunConfig) -> Check:
             for k, v in cfg.to_dict().items()
             if k not in RESUMABLE_FIELDS and k in old and old[k] != v and k != "tokenizer"
         )
+        batch = _global_batch_on_resume(cfg, old)
+        if batch is not None:
+            if not batch.ok:
+                return batch
+            changed = [k for k in changed if k != "grad_accum"]  # another process count, the same global batch
         if changed:
             return Check(
                 "output",
@@ -136,6 +141,40 @@ def check_output(cfg: RunConfig) -> Check:
             )
         return Check("output", True, f"{output} holds this run: it will resume")
     return Check("output", True, f"{output} (new)")
+
+
+def _global_batch_on_resume(cfg: RunConfig, old: dict) -> Check | None:
+    """Resuming on another number of processes (elastic) keeps the global batch, or the curve would not continue.
+
+    DDP checkpoints load at any world size; a ZeRO one is converted to DeepSpeed's universal checkpoint at
+    launch. `--grad-accum` may change on resume only to keep per-device batch x accumulation x processes.
+    """
+    from job import checkpoints
+
+    last = checkpoints.latest_complete(Path(cfg.output_dir)) if cfg.resume == "auto" else None
+    if cfg.resume not in ("auto", "never"):
+        last = Path(cfg.resume)
+    written_by = checkpoints.world_size(last) if last else None
+    if written_by is None or "grad_accum" not in old or "per_device_batch_size" not in old:
+        return None
+    world = processes_per_node(cfg) * cfg.nnodes
+    before = old["per_device_batch_size"] * old["grad_accum"] * written_by
+    now = cfg.per_device_batch_size * cfg.grad_accum * world
+    if before == now:
+        return Check("output", True, f"resumes {last.name} on {world} process(es), global batch {now} rows")
+    per_step = cfg.per_device_batch_size * world
+    fix = (
+        f"pass --grad-accum {before // per_step} to keep it"
+        if before % per_step == 0
+        else f"use a process count that divides {before // cfg.per_device_batch_size} batches"
+    )
+    return Check(
+        "output",
+        False,
+        f"{last} was trained with a global batch of {before} rows ({old['per_device_batch_size']} x "
+        f"{old['grad_accum']} x {written_by} processes); this run's would be {now}",
+        fix,
+    )
 
 
 def check_disk(cfg: RunConfig, parameters: int | None) -> Check:

@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -87,8 +88,11 @@ def train(cfg: RunConfig) -> int:
         for path in checkpoints.remove_incomplete(output):
             log.warning("removed incomplete checkpoint %s (a save was interrupted)", path)
     last = checkpoints.resume_point(cfg.resume, output)
+    world = doctor.processes_per_node(cfg) * cfg.nnodes
+    if lock and last and checkpoints.zero_world_size(last) not in (None, world):
+        make_universal(last)
     if checkpoints.finished(last, cfg.max_steps):
-        if (output / checkpoints.FINAL).is_dir():
+        if _recorded_code(output) == EXIT_OK and (output / checkpoints.FINAL).is_dir():
             log.info("%s already trained to step %d and exported: nothing to do", output, checkpoints.step_of(last))
             return EXIT_OK
         if cfg.node_rank != 0:
@@ -96,7 +100,7 @@ def train(cfg: RunConfig) -> int:
         from job.train import publish
 
         log.info("%s trained to step %d; exporting it (the export was interrupted)", last, checkpoints.step_of(last))
-        return publish(cfg, last, processes=doctor.processes_per_node(cfg) * cfg.nnodes)
+        return publish(cfg, last, processes=world)
     (output / STATUS_FILE).unlink(missing_ok=True)
     cfg.write(output / "run_config.json")
 
@@ -136,6 +140,42 @@ class OutputLock:
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
         self.handle = handle  # kept open (and locked) for the life of this process
+
+
+def make_universal(checkpoint: Path) -> None:
+    """DeepSpeed's universal checkpoint beside a ZeRO one (once), which loads at any data-parallel world size.
+
+    `ds_to_universal` is DeepSpeed's own converter; `--inject_missing_state` adds the parameter layout that
+    Megatron-DeepSpeed records and the Trainer does not. Workers then load it (`"load_universal": true`).
+    """
+    if checkpoints.universal_tag(checkpoint):
+        return
+    tag = (checkpoint / "latest").read_text().strip()
+    target = checkpoint / f"{tag}_universal"
+    if target.exists():
+        shutil.rmtree(target)  # a conversion that was interrupted
+    log.info(
+        "%s was written by %s processes: converting it to a universal checkpoint",
+        checkpoint,
+        checkpoints.zero_world_size(checkpoint),
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(checkpoint / tag),
+        "--output_folder",
+        str(target),
+        "--inject_missing_state",
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 or not checkpoints.universal_tag(checkpoint):
+        raise RuntimeError(f"ds_to_universal failed on {checkpoint}:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
 
 
 def single_process_env(cfg: RunConfig) -> None:
@@ -213,14 +253,20 @@ def _run_torchrun(cfg: RunConfig, nproc: int, output: Path) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    status = output / STATUS_FILE
-    if status.exists():
-        return int(json.loads(status.read_text())["code"])
+    code = _recorded_code(output)
+    if code is not None:
+        return code
     if received:
         log.error("stopped by %s before the workers recorded a verdict", signal.Signals(received[0]).name)
         return EXIT_PREEMPTED
     log.error("the workers ended without a verdict (torchrun exit %s); see the log above", returncode)
     return returncode or EXIT_CRASH
+
+
+def _recorded_code(output: Path) -> int | None:
+    """The exit code rank 0 recorded in STATUS_FILE, if any."""
+    status = output / STATUS_FILE
+    return int(json.loads(status.read_text())["code"]) if status.exists() else None
 
 
 def _quiet_torchrun() -> int:

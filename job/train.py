@@ -153,13 +153,18 @@ class JobTrainer(Trainer):
         return _workers_ignore_signals(super().get_eval_dataloader(eval_dataset))
 
 
-def build_trainer(cfg: RunConfig, data=None, callbacks: list[TrainerCallback] | None = None):
-    """The Trainer for `cfg` (model, data, collator, guards); `data` overrides the prepared dataset (bench)."""
+def build_trainer(
+    cfg: RunConfig, data=None, callbacks: list[TrainerCallback] | None = None, load_universal: bool = False
+):
+    """The Trainer for `cfg` (model, data, collator, guards); `data` overrides the prepared dataset (bench);
+    `load_universal`: resume from the DeepSpeed universal checkpoint (another data-parallel world size)."""
     from job.model import build_model
 
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "tensorboard"))
     args = cfg.training_arguments(use_cpu=use_cpu)  # sets up the process group / DeepSpeed state
+    if load_universal:  # before the Trainer hands the config to accelerate
+        args.hf_deepspeed_config.config.setdefault("checkpoint", {})["load_universal"] = True
     if args.deepspeed:
         import deepspeed
 
@@ -214,10 +219,15 @@ def _train(cfg: RunConfig, output: Path) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # shard-writing bars; our ProgressCallback reports training
-    trainer = build_trainer(cfg)  # from here on a signal stops at the next step boundary
+    resume = checkpoints.resume_point(cfg.resume, output)
+    # written by another number of processes: the launcher made the universal checkpoint beside it
+    universal = resume is not None and checkpoints.zero_world_size(resume) not in (
+        None,
+        int(os.environ.get("WORLD_SIZE", "1")),
+    )
+    trainer = build_trainer(cfg, load_universal=universal)  # from here on a signal stops at the next step boundary
     model, tokenizer, stop_guard = trainer.model, trainer.processing_class, trainer.stop_guard
     rank0 = trainer.args.process_index == 0
-    resume = checkpoints.resume_point(cfg.resume, output)
     if rank0:
         log.info("training %s; resume from %s", cfg.output_dir, resume or "scratch")
     _samples_before(cfg, model, tokenizer, rank0, resumed=resume is not None)  # kept on disk for the report

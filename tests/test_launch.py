@@ -135,14 +135,21 @@ def test_reference_run_is_complete(reference):
     assert status["code"] == 0
 
 
-@pytest.mark.parametrize("stage", ["none", "1", "3"])
-def test_every_stage_follows_the_same_loss_curve(inputs, reference, stage):
+def _stage_run(inputs, stage: str) -> Path:
+    """The uninterrupted 2-process run with this ZeRO stage (or plain DDP), made once per session."""
     model, tok, data, root = inputs
     output = root / f"stage-{stage}"
-    flags = ["--deepspeed", "none"] if stage == "none" else ["--zero-stage", stage]
-    assert run(train_args(model, tok, data, output, *flags), root / f"{stage}.log") == 0, (
-        root / f"{stage}.log"
-    ).read_text()[-3000:]
+    if not (output / "final").exists():
+        flags = ["--deepspeed", "none"] if stage == "none" else ["--zero-stage", stage]
+        assert run(train_args(model, tok, data, output, *flags), root / f"{stage}.log") == 0, (
+            root / f"{stage}.log"
+        ).read_text()[-3000:]
+    return output
+
+
+@pytest.mark.parametrize("stage", ["none", "1", "3"])
+def test_every_stage_follows_the_same_loss_curve(inputs, reference, stage):
+    output = _stage_run(inputs, stage)
     ours, ref = losses(output), losses(reference)
     assert sorted(ours) == sorted(ref)
     for step in ref:
@@ -257,33 +264,40 @@ def _stopped_cleanly(proc: subprocess.Popen, log_path: Path, timeout: float = 30
 
 # signal target x moment x DataLoader workers x processes: every value of each axis at least once.
 @pytest.mark.parametrize(
-    ("target", "sig", "workers", "nproc"),
+    ("target", "sig", "moment", "workers", "nproc"),
     [
-        ("launcher", signal.SIGTERM, "2", "2"),  # Kubernetes
-        ("group", signal.SIGINT, "4", "2"),  # Ctrl-C in a terminal
-        ("group", signal.SIGTERM, "2", "1"),  # GNU timeout, one process
-        ("every", signal.SIGTERM, "0", "2"),  # every process of the node
+        ("launcher", signal.SIGTERM, "step", "2", "2"),  # Kubernetes
+        ("group", signal.SIGINT, "step", "4", "2"),  # Ctrl-C in a terminal
+        ("group", signal.SIGTERM, "eval", "2", "1"),  # GNU timeout, one process
+        ("every", signal.SIGTERM, "save", "0", "2"),  # every process of the node
     ],
 )
-def test_signal_in_a_step_checkpoints_exits_75_and_resume_continues_the_curve(
-    inputs, reference, target, sig, workers, nproc
+def test_a_signal_in_training_checkpoints_exits_75_and_resume_continues_the_curve(
+    inputs, reference, target, sig, moment, workers, nproc
 ):
     model, tok, data, root = inputs
-    name = f"stop-{target}-{sig}-{workers}-{nproc}"
+    name = f"stop-{target}-{moment}-{workers}-{nproc}"
     output = root / name
-    flags = ["--save-steps", "100", "--dataloader-workers", workers, "--nproc", nproc]
+    flags = ["--save-steps", "4" if moment == "save" else "100", "--dataloader-workers", workers, "--nproc", nproc]
     if nproc == "1":  # the same global batch as the 2-process reference
         flags += ["--grad-accum", "4"]
+    if moment == "eval":  # evaluation after every step takes most of the time: the signal lands in one
+        flags += ["--eval-steps", "1", "--eval-batches", "30"]
     args = train_args(model, tok, data, output, *flags)
     with (root / f"{name}.log").open("w") as log:
         proc = _start(args, log)
-        _wait_for(lambda: (output / "metrics.jsonl").exists() and len(losses(output)) >= 5, proc)
+        if moment == "save":  # the Trainer has begun writing checkpoint-4
+            _wait_for(lambda: (output / "checkpoint-4").exists(), proc, poll=0.002)
+        else:
+            _wait_for(lambda: (output / "metrics.jsonl").exists() and len(losses(output)) >= 5, proc)
         _signal(proc, target, sig)
         _stopped_cleanly(proc, root / f"{name}.log")
     stopped = checkpoints.latest_complete(output)
     assert stopped is not None, "no complete checkpoint after the signal"
     step = checkpoints.step_of(stopped)
     assert 5 <= step < STEPS
+    if moment == "save":  # that save completed, then one more step and its checkpoint
+        assert step == 5 and (output / "checkpoint-4" / checkpoints.MARKER).exists()
     assert not (output / "final").exists()
     if target != "launcher":
         return  # resuming is the same for every way the run was stopped: checked once
@@ -339,3 +353,89 @@ def test_kill_during_a_save_loses_only_that_save(inputs, reference):
     ours, ref = losses(output), losses(reference)
     for later in range(5, STEPS + 1):
         assert ours[later] == pytest.approx(ref[later], rel=1e-5, abs=1e-6), (later, ours[later], ref[later])
+
+
+def test_one_run_per_output_folder_and_a_killed_run_leaves_no_stuck_lock(tmp_path):
+    from job.launch import OutputLock
+
+    output = tmp_path / "out"
+    output.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys,time; from job.launch import OutputLock; from pathlib import Path;"
+            "OutputLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(600)",
+            str(output),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    assert holder.stdout.readline().strip() == "held"
+    second = subprocess.run(
+        job_command("train", "--output-dir", str(output), "--device", "cpu", "--max-steps", "1"),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert second.returncode == 2, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), second.stderr
+    assert f"pid {holder.pid} on {os.uname().nodename}" in lines[0]
+    assert sorted(p.name for p in output.iterdir()) == ["job.lock"]  # nothing else written
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    OutputLock(output).acquire()  # the kernel dropped the killed holder's lock
+
+
+def _resume_elsewhere(inputs, source: Path, checkpoint: str, name: str, nproc: str, accum: str, *flags) -> Path:
+    """A copy of `source` up to `checkpoint`, resumed on `nproc` processes (the global batch kept)."""
+    import shutil
+
+    model, tok, data, root = inputs
+    output = root / name
+    later = {p.name for p in checkpoints.all_checkpoints(source) if checkpoints.step_of(p) > int(checkpoint)}
+    shutil.copytree(source, output, ignore=lambda d, names: {"final", "exit_status.json", "job.lock", *later})
+    config = json.loads((output / "run_config.json").read_text())
+    (output / "run_config.json").write_text(json.dumps({**config, "output_dir": str(output)}))
+    args = train_args(model, tok, data, output, "--nproc", nproc, "--grad-accum", accum, "--save-steps", "2", *flags)
+    assert run(args, root / f"{name}.log") == 0, (root / f"{name}.log").read_text()[-3000:]
+    return output
+
+
+def _continues(output: Path, reference: Path, after: int) -> None:
+    ours, ref = losses(output), losses(reference)
+    for step in range(after + 1, STEPS + 1):
+        assert abs(ours[step] - ref[step]) <= STAGE_TOLERANCE * ref[step], (step, ours[step], ref[step])
+
+
+def test_zero2_resumes_on_another_number_of_processes(inputs, reference):
+    """2 -> 1 -> 2 processes through DeepSpeed's universal checkpoint; the curve continues within STAGE_TOLERANCE."""
+    one = _resume_elsewhere(inputs, reference, "8", "elastic-2to1", "1", "4")
+    assert checkpoints.universal_tag(one / "checkpoint-8") == "global_step8_universal"
+    _continues(one, reference, 8)
+    assert checkpoints.world_size(one / "checkpoint-10") == 1
+    two = _resume_elsewhere(inputs, one, "10", "elastic-1to2", "2", "2")
+    _continues(two, reference, 10)
+
+
+@pytest.mark.parametrize("stage", ["none", "3"])
+def test_other_stages_resume_on_fewer_processes(inputs, reference, stage):
+    output = _resume_elsewhere(inputs, _stage_run(inputs, stage), "8", f"elastic-{stage}", "1", "4")
+    _continues(output, reference, 8)
+
+
+def test_another_process_count_that_changes_the_global_batch_is_refused(inputs, reference):
+    model, tok, data, _ = inputs
+    proc = subprocess.run(
+        job_command(*train_args(model, tok, data, reference, "--nproc", "1", "--max-steps", "20")),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "global batch of 16 rows" in proc.stderr and "pass --grad-accum 4" in proc.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -200,3 +201,34 @@ def test_dataloader_workers_survive_a_sigterm_to_the_group(hooked):
     else:  # the check itself can fail: torch's workers die of a SIGTERM that is not from their parent
         with pytest.raises(RuntimeError, match="DataLoader worker"):
             list(batches)
+
+
+def _files(folder):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def test_rerunning_a_finished_run_trains_nothing_and_keeps_final(trained):
+    output, proc = trained
+    final, metrics = _files(output / "final"), (output / "metrics.jsonl").read_bytes()
+    again = subprocess.run(proc.args, capture_output=True, text=True, env=_env(), cwd=output.parent, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "nothing to do" in again.stderr
+    assert _files(output / "final") == final  # byte-identical, not even rewritten
+    assert (output / "metrics.jsonl").read_bytes() == metrics  # not a step more
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
+
+
+def test_an_interrupted_export_is_redone_from_the_last_checkpoint(trained):
+    output, proc = trained
+    weights = (output / "final" / "model.safetensors").read_bytes()
+    metrics = (output / "metrics.jsonl").read_bytes()
+    shutil.rmtree(output / "final")  # what a kill between training and the rename leaves
+    (output / "final.partial").mkdir()
+    (output / "final.partial" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    again = subprocess.run(proc.args, capture_output=True, text=True, env=_env(), cwd=output.parent, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (output / "final" / "model.safetensors").read_bytes() == weights
+    assert not (output / "final.partial").exists()
+    assert (output / "metrics.jsonl").read_bytes() == metrics  # exported, not trained
+    assert json.loads((output / "exit_status.json").read_text())["code"] == 0
+    assert "perplexity" in (output / "report.md").read_text(encoding="utf-8").lower()

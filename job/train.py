@@ -205,14 +205,13 @@ def run_worker(cfg: RunConfig) -> int:
         return _train(cfg, output)
     except Stopped as e:
         last = checkpoints.latest_complete(output)
-        message = (
-            f"stopped by {e.signal_name} before training began; nothing written to resume from. "
-            "Run the same command again"
-            if last is None
-            else f"stopped by {e.signal_name} outside a training step; complete checkpoint {last}. "
-            "Run again with --resume auto to continue"
-        )
-        return _finish(output, rank0, EXIT_PREEMPTED, message)
+        if last is None:
+            message = "before training began; nothing written to resume from. Run the same command again"
+        elif checkpoints.finished(last, cfg.max_steps):
+            message = f"after the last step; complete checkpoint {last}. Run again with --resume auto to export it"
+        else:
+            message = f"before training resumed; complete checkpoint {last}. Run again with --resume auto to continue"
+        return _finish(output, rank0, EXIT_PREEMPTED, f"stopped by {e.signal_name} {message}")
 
 
 def _train(cfg: RunConfig, output: Path) -> int:

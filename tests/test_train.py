@@ -232,3 +232,38 @@ def test_an_interrupted_export_is_redone_from_the_last_checkpoint(trained):
     assert (output / "metrics.jsonl").read_bytes() == metrics  # exported, not trained
     assert json.loads((output / "exit_status.json").read_text())["code"] == 0
     assert "perplexity" in (output / "report.md").read_text(encoding="utf-8").lower()
+
+
+def test_a_signal_during_the_export_exits_75_and_the_rerun_exports_without_training(tmp_path, tiny_tokenizer_dir):
+    import signal
+    import time
+
+    from job.checkpoints import all_checkpoints, step_of
+    from job.corpus import builtin_articles
+    from job.errors import EXIT_PREEMPTED
+    from tests.conftest import write_jsonl
+
+    write_jsonl(tmp_path / "docs.jsonl", builtin_articles()[:100])
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "job", "train", "--config", "quickstart", "--data", str(tmp_path / "docs.jsonl")]
+    command += ["--tokenizer", str(tiny_tokenizer_dir), "--output-dir", str(output), "--max-length", "32"]
+    command += ["--max-steps", "2", "--per-device-batch-size", "4", "--grad-accum", "1", "--eval-fraction", "0"]
+    command += ["--dataloader-workers", "0", "--report-to", "none", "--deepspeed", "none"]
+    for _attempt in range(3):  # the signal must land while final.partial is being written and checked
+        shutil.rmtree(output, ignore_errors=True)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+        while not (output / "final.partial").exists() and proc.poll() is None:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGTERM)
+        log = proc.communicate(timeout=120)[0]
+        if not (output / "final").exists():
+            break
+    else:
+        pytest.fail("could not land a signal inside the export in 3 attempts")
+    assert proc.returncode == EXIT_PREEMPTED, log[-3000:]
+    assert "Traceback" not in log
+    assert "export it" in json.loads((output / "exit_status.json").read_text())["message"]
+    again = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (output / "final" / "model.safetensors").exists() and not (output / "final.partial").exists()
+    assert [step_of(p) for p in all_checkpoints(output)] == [2]  # exported from it, not a step more

@@ -119,7 +119,7 @@ def universal_tag(checkpoint: Path) -> str | None:
 
 def finished(checkpoint: Path | None, max_steps: int) -> bool:
     """Whether `checkpoint` is the end of training (`max_steps` <= 0: the step count the Trainer derived)."""
-    if checkpoint is None:
+    if checkpoint is None or not (checkpoint / "trainer_state.json").exists():
         return False
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     return state["global_step"] >= (max_steps if max_steps > 0 else state["max_steps"])

@@ -279,7 +279,10 @@ def _quiet_torchrun() -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main
 
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"  # SIGTERM/SIGINT: ours, below
+    handled = os.environ.get("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT").split(",")
+    stop_names = {sig.name for sig in STOP_SIGNALS}
+    # torchrun's --signals-to-handle, read from the environment: SIGTERM/SIGINT are ours, below
+    os.environ["PET_SIGNALS_TO_HANDLE"] = ",".join(s for s in handled if s.strip() not in stop_names)
     seen: list[int] = []
 
     def first_only(signum, frame):

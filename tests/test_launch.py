@@ -135,12 +135,16 @@ def test_reference_run_is_complete(reference):
     assert status["code"] == 0
 
 
+def _stage_flags(stage: str) -> list[str]:
+    return ["--deepspeed", "none"] if stage == "none" else ["--zero-stage", stage]
+
+
 def _stage_run(inputs, stage: str) -> Path:
     """The uninterrupted 2-process run with this ZeRO stage (or plain DDP), made once per session."""
     model, tok, data, root = inputs
     output = root / f"stage-{stage}"
     if not (output / "final").exists():
-        flags = ["--deepspeed", "none"] if stage == "none" else ["--zero-stage", stage]
+        flags = _stage_flags(stage)
         assert run(train_args(model, tok, data, output, *flags), root / f"{stage}.log") == 0, (
             root / f"{stage}.log"
         ).read_text()[-3000:]
@@ -423,7 +427,8 @@ def test_zero2_resumes_on_another_number_of_processes(inputs, reference):
 
 @pytest.mark.parametrize("stage", ["none", "3"])
 def test_other_stages_resume_on_fewer_processes(inputs, reference, stage):
-    output = _resume_elsewhere(inputs, _stage_run(inputs, stage), "8", f"elastic-{stage}", "1", "4")
+    source = _stage_run(inputs, stage)
+    output = _resume_elsewhere(inputs, source, "8", f"elastic-{stage}", "1", "4", *_stage_flags(stage))
     _continues(output, reference, 8)
 
 

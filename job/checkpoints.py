@@ -3,10 +3,17 @@
 The Trainer writes `checkpoint-N/` in place; when every rank has finished writing, rank 0 adds the
 marker file `COMPLETE`. Only marked checkpoints are resumed from or counted for rotation, so a kill
 in the middle of a save loses that save and nothing else.
+
+`final/` is published from the last checkpoint (the Trainer always saves the last step): its model and
+tokenizer files are copied aside, reloaded as stock transformers would, then renamed into place. An export
+that was interrupted is therefore redone from that checkpoint without training a step more.
+
+Stdlib only at import time: the launcher imports this module without torch.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shutil
@@ -14,6 +21,19 @@ import time
 from pathlib import Path
 
 MARKER = "COMPLETE"
+LOCK_FILE = "job.lock"  # held (flock) by the run writing the folder: job.launch.OutputLock
+STATUS_FILE = "exit_status.json"  # rank 0's verdict, read by the launcher (torchrun exits 0/1 only)
+FINAL = "final"
+# What a checkpoint holds of the model itself (the rest is optimizer, scheduler, RNG and Trainer state).
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "chat_template*",
+)
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -60,6 +80,86 @@ def rotate(output_dir: Path, keep: int) -> list[Path]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
+
+
+def step_of(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint was written at (from the Trainer's own state file)."""
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+
+
+def resume_point(resume: str, output_dir: Path) -> Path | None:
+    """The checkpoint `--resume` names: auto = the newest complete one (None: start from scratch)."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        return Path(resume)
+    return latest_complete(output_dir)
+
+
+def world_size(checkpoint: Path) -> int | None:
+    """How many processes wrote `checkpoint` (the Trainer saves one RNG state per process); None: unknown."""
+    per_rank = list(checkpoint.glob("rng_state_*.pth"))
+    if per_rank:
+        return len(per_rank)
+    return 1 if (checkpoint / "rng_state.pth").exists() else None
+
+
+def zero_world_size(checkpoint: Path) -> int | None:
+    """The data-parallel world size a DeepSpeed ZeRO checkpoint is tied to (one optimizer shard per rank)."""
+    latest = checkpoint / "latest"
+    if not latest.exists():
+        return None  # not a DeepSpeed checkpoint
+    return len(list((checkpoint / latest.read_text().strip()).glob("*optim_states.pt"))) or None
+
+
+def universal_tag(checkpoint: Path) -> str | None:
+    """The DeepSpeed universal checkpoint beside the ZeRO one, if one was made (`latest_universal`)."""
+    latest = checkpoint / "latest_universal"
+    return latest.read_text().strip() if latest.exists() else None
+
+
+def finished(checkpoint: Path | None, max_steps: int) -> bool:
+    """Whether `checkpoint` is the end of training (`max_steps` <= 0: the step count the Trainer derived)."""
+    if checkpoint is None or not (checkpoint / "trainer_state.json").exists():
+        return False
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state["global_step"] >= (max_steps if max_steps > 0 else state["max_steps"])
+
+
+def export_final(checkpoint: Path, output_dir: Path, expected_parameters: int | None = None) -> Path:
+    """Publish OUTPUT/final from `checkpoint`'s model and tokenizer files, verified before the rename."""
+    final, staging = output_dir / FINAL, output_dir / f"{FINAL}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)  # an export a signal or a kill interrupted
+    staging.mkdir()
+    for path in checkpoint.iterdir():
+        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in MODEL_FILES):
+            shutil.copy2(path, staging / path.name)
+    verify_export(staging, expected_parameters)
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    return final
+
+
+def verify_export(folder: Path, expected_parameters: int | None = None) -> int:
+    """Reload the folder as stock transformers would; fail loudly on empty or missing weights."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise RuntimeError(f"export {folder} has no safetensors weights")
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape()]  # noqa: SIM118 - not a dict
+        if empty:
+            raise RuntimeError(f"export {shard} holds empty tensors: {empty[:3]}")
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    count = sum(p.numel() for p in model.parameters())
+    if expected_parameters is not None and count != expected_parameters:
+        raise RuntimeError(f"export {folder} reloads with {count} parameters, expected {expected_parameters}")
+    return count
 
 
 def checkpoint_bytes(checkpoint: Path) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from job.config import RunConfig, field_meta, flag
-from job.errors import EXIT_BAD_INPUT, JobError
+from job.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, JobError, Stopped, stop_at_once
 
 DATA_FIELDS = [
     "data",
@@ -258,4 +258,9 @@ def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, sca
 
 
 def main():
-    cli(prog_name="python -m job")
+    stop_at_once()  # first thing: as PID 1 in a container, Python would ignore SIGTERM until a handler exists
+    try:
+        cli(prog_name="python -m job")
+    except Stopped as e:  # a signal before training began (training records its own verdict): nothing to keep
+        click.echo(f"stopped by {e.signal_name} before training began -- run the same command again", err=True)
+        sys.exit(EXIT_PREEMPTED)

@@ -162,8 +162,10 @@ def check_output(p: Preflight) -> Check:
         return Check("output", False, f"{existing} is not writable ({e.strerror})", "choose a writable --output-dir")
     previous = output / "run_config.json"
     if not previous.exists():
-        # (a volume's root holds lost+found: the file system's, and never touched by a run)
-        others = sorted(p.name for p in output.iterdir() if p.name != "lost+found") if output.is_dir() else []
+        # (a volume's root holds lost+found: the file system's, never touched by a run; the lock file is ours, left
+        # by a start that stopped before writing run_config.json)
+        ours = {"lost+found", checkpoints.LOCK_FILE}
+        others = sorted(p.name for p in output.iterdir() if p.name not in ours) if output.is_dir() else []
         if others:  # someone else's folder: the job deletes only what it wrote
             shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
             return Check(
@@ -191,6 +193,11 @@ def check_output(p: Preflight) -> Check:
         for k, v in cfg.to_dict().items()
         if k not in RESUMABLE_FIELDS and k in old and comparable(k, old[k]) != comparable(k, v)
     )
+    batch = _global_batch_on_resume(cfg, old)
+    if batch is not None:
+        if not batch.ok:
+            return batch
+        changed = [k for k in changed if k != "grad_accum"]  # another process count, the same global batch
     if changed:
         return Check(
             "output",
@@ -199,6 +206,38 @@ def check_output(p: Preflight) -> Check:
             "use another --output-dir, or the same settings to resume",
         )
     return Check("output", True, f"{output} holds this run: it will resume")
+
+
+def _global_batch_on_resume(cfg: RunConfig, old: dict) -> Check | None:
+    """Resuming on another number of processes (elastic) keeps the global batch, or the curve would not continue.
+
+    DDP checkpoints load at any world size; a ZeRO one is converted to DeepSpeed's universal checkpoint at
+    launch. `--grad-accum` may change on resume only to keep per-device batch x accumulation x processes.
+    """
+    last = checkpoints.latest_complete(Path(cfg.output_dir)) if cfg.resume == "auto" else None
+    if cfg.resume not in ("auto", "never"):
+        last = Path(cfg.resume)
+    written_by = checkpoints.world_size(last) if last else None
+    if written_by is None or "grad_accum" not in old or "per_device_batch_size" not in old:
+        return None
+    world = processes_per_node(cfg) * cfg.nnodes
+    before = old["per_device_batch_size"] * old["grad_accum"] * written_by
+    now = cfg.per_device_batch_size * cfg.grad_accum * world
+    if before == now:
+        return Check("output", True, f"resumes {last.name} on {world} process(es), global batch {now} rows")
+    per_step = cfg.per_device_batch_size * world
+    fix = (
+        f"pass --grad-accum {before // per_step} to keep it"
+        if before % per_step == 0
+        else f"use a process count that divides {before // cfg.per_device_batch_size} batches"
+    )
+    return Check(
+        "output",
+        False,
+        f"{last} was trained with a global batch of {before} rows ({old['per_device_batch_size']} x "
+        f"{old['grad_accum']} x {written_by} processes); this run's would be {now}",
+        fix,
+    )
 
 
 def check_launch(p: Preflight) -> Check:

@@ -1,10 +1,14 @@
-"""Errors a person can fix, and the exit codes the whole tool (CLI, Makefile, Kubernetes) shares."""
+"""Errors a person can fix, the exit codes the whole tool (CLI, Makefile, Kubernetes) shares, and how a
+SIGTERM/SIGINT unwinds outside the training loop."""
+
+import signal
 
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_BAD_INPUT = 2  # bad input or configuration: fail fast, nothing written
 EXIT_DIVERGED = 3  # loss stayed non-finite; the last good checkpoint is kept
-EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT after a complete checkpoint (EX_TEMPFAIL: retry)
+EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT: after a complete checkpoint, or before training began (EX_TEMPFAIL)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class JobError(Exception):
@@ -16,3 +20,31 @@ class JobError(Exception):
         self.cause = cause
         self.fix = fix
         super().__init__(f"{cause} -- {fix}" if fix else cause)
+
+
+class Stopped(BaseException):
+    """A SIGTERM/SIGINT where nothing is worth finishing: unwinds at once, `finally` blocks run.
+
+    A BaseException, like KeyboardInterrupt, so that no library's `except Exception` swallows it.
+    """
+
+    def __init__(self, signum: int):
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(self.signal_name)
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+def stop_at_once() -> None:
+    """From now on SIGTERM/SIGINT raise `Stopped` (Python as PID 1 would ignore SIGTERM without a handler)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_stopped)
+
+
+def ignore_stop_signals(*args) -> None:
+    """For DataLoader workers (a `worker_init_fn`): a signal to the process group must not kill them; the
+    main process decides when to stop, and its workers end with it."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

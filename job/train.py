@@ -2,6 +2,11 @@
 
 Trainer + DeepSpeed as configured; callbacks for checkpoint completion and rotation, signals,
 non-finite losses and live throughput; at the end a verified HF export in `OUTPUT/final` and a report.
+
+Signals: until the Trainer is built a SIGTERM/SIGINT stops at once (`errors.Stopped`, nothing to keep); in
+training and evaluation it stops every rank at the next step boundary after a complete checkpoint; after the
+last step it stops at once again, because the last checkpoint already holds everything and a rerun redoes
+the export from it (`publish`).
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -20,15 +24,15 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 from transformers.trainer_callback import PrinterCallback
 
 from job import checkpoints
+from job.checkpoints import STATUS_FILE
 from job.config import RunConfig
-from job.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
+from job.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, STOP_SIGNALS, Stopped, ignore_stop_signals, stop_at_once
 from job.model import parameter_count
 from job.monitor import REAL_TOKENS_KEY, CountingCollator, extra_log_values
 from job.prepare import read_prepared_stats
 from job.tokenizer import load_tokenizer
 
 log = logging.getLogger("job")
-STATUS_FILE = "exit_status.json"  # rank 0's verdict, read by the launcher (torchrun exits 0/1 only)
 SAMPLES_BEFORE = "samples_before.json"
 
 
@@ -144,7 +148,7 @@ class StopCallback(TrainerCallback):
         self.nonfinite_in_step = torch.zeros((), dtype=torch.bool)
         self.nonfinite_streak = 0
         self.reason: str | None = None  # "signal" | "diverged"
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame):
@@ -155,13 +159,21 @@ class StopCallback(TrainerCallback):
         finite = torch.isfinite(loss.detach()).all()
         self.nonfinite_in_step = self.nonfinite_in_step.to(finite.device) | ~finite
 
-    def on_step_end(self, args, state, control, **kwargs):
-        flags = torch.stack(
-            [torch.tensor(self.signal_name is not None, device=self.nonfinite_in_step.device), self.nonfinite_in_step]
-        ).float()
+    def signalled_anywhere(self) -> bool:
+        """Whether any rank has seen a signal (a collective: every rank calls it at the same point)."""
+        return self._agree(torch.zeros_like(self.nonfinite_in_step))[0]
+
+    def _agree(self, nonfinite: torch.Tensor) -> tuple[bool, bool]:
+        flags = torch.stack([torch.tensor(self.signal_name is not None, device=nonfinite.device), nonfinite]).float()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         signalled, nonfinite = (bool(f) for f in flags.tolist())
+        if signalled and self.signal_name is None:
+            self.signal_name = "a signal to another rank"
+        return signalled, nonfinite
+
+    def on_step_end(self, args, state, control, **kwargs):
+        signalled, nonfinite = self._agree(self.nonfinite_in_step)
         self.nonfinite_in_step = torch.zeros_like(self.nonfinite_in_step)
         self.nonfinite_streak = self.nonfinite_streak + 1 if nonfinite else 0
         if nonfinite:
@@ -181,7 +193,11 @@ class CheckpointCallback(TrainerCallback):
 
     def __init__(self, keep: int):
         self.keep = keep
-        self.last_complete: Path | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed Trainer restores logging/eval/save steps from the checkpoint's state; this run's flags win.
+        state.compute_steps(args, state.max_steps)
+        return control
 
     def on_save(self, args, state, control, **kwargs):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -190,13 +206,36 @@ class CheckpointCallback(TrainerCallback):
         if state.is_world_process_zero and path.is_dir():
             checkpoints.mark_complete(path, state.global_step)
             checkpoints.rotate(Path(args.output_dir), self.keep)
-        self.last_complete = path
         return control
 
 
+class _WorkerInit:
+    """A DataLoader `worker_init_fn`: the Trainer's own (seeding), then signals ignored (`ignore_stop_signals`).
+
+    torch's workers die on a SIGTERM that is not from their parent, and torchrun, a terminal or `timeout`
+    signal the whole process group: without this a worker dies first and the rank crashes before it saves.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        if self.inner is not None:
+            self.inner(worker_id)
+        ignore_stop_signals()
+
+
+def _workers_ignore_signals(prepared):
+    loader = getattr(prepared, "base_dataloader", prepared)  # accelerate wraps the torch DataLoader
+    if loader.num_workers and not isinstance(loader.worker_init_fn, _WorkerInit):
+        loader.worker_init_fn = _WorkerInit(loader.worker_init_fn)
+    return prepared
+
+
 class JobTrainer(Trainer):
-    """Trainer that reports each micro-step's loss to the stop guard, adds the job's values to each log and
-    counts real tokens on the host (one process) when the collator is a `CountingCollator`."""
+    """Trainer that reports each micro-step's loss to the stop guard, adds the job's values to each log,
+    counts real tokens on the host (one process) when the collator is a `CountingCollator`, and gives its
+    DataLoader workers a `worker_init_fn` that ignores SIGTERM/SIGINT."""
 
     def __init__(self, *args, stop_guard: StopCallback | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -226,23 +265,25 @@ class JobTrainer(Trainer):
         self.state.num_input_tokens_seen += self._host_tokens
         self._host_tokens = None
 
+    def get_train_dataloader(self):
+        return _workers_ignore_signals(super().get_train_dataloader())
 
-def resume_point(cfg: RunConfig) -> str | None:
-    if cfg.resume == "never":
-        return None
-    if cfg.resume != "auto":
-        return cfg.resume
-    latest = checkpoints.latest_complete(Path(cfg.output_dir))
-    return str(latest) if latest else None
+    def get_eval_dataloader(self, eval_dataset=None):
+        return _workers_ignore_signals(super().get_eval_dataloader(eval_dataset))
 
 
-def build_trainer(cfg: RunConfig, data=None, callbacks: list[TrainerCallback] | None = None):
-    """The Trainer for `cfg` (model, data, collator, guards); `data` overrides the prepared dataset (bench)."""
+def build_trainer(
+    cfg: RunConfig, data=None, callbacks: list[TrainerCallback] | None = None, load_universal: bool = False
+):
+    """The Trainer for `cfg` (model, data, collator, guards); `data` overrides the prepared dataset (bench);
+    `load_universal`: resume from the DeepSpeed universal checkpoint (another data-parallel world size)."""
     from job.model import build_model
 
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "tensorboard"))
     args = training_arguments(cfg, use_cpu=use_cpu)  # sets up the process group / DeepSpeed state
+    if load_universal:  # before the Trainer hands the config to accelerate
+        args.hf_deepspeed_config.config.setdefault("checkpoint", {})["load_universal"] = True
     if args.deepspeed:
         import deepspeed
 
@@ -284,22 +325,40 @@ def build_trainer(cfg: RunConfig, data=None, callbacks: list[TrainerCallback] | 
 
 def run_worker(cfg: RunConfig) -> int:
     """Train as configured; return the exit code (rank 0 also records it in STATUS_FILE)."""
+    output = Path(cfg.output_dir)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    stop_at_once()  # also when started by torchrun: the CLI's handlers are the launcher's, not ours
+    try:
+        return _train(cfg, output)
+    except Stopped as e:
+        last = checkpoints.latest_complete(output)
+        if last is None:
+            message = "before training began; nothing written to resume from. Run the same command again"
+        elif checkpoints.finished(last, cfg.max_steps):
+            message = f"after the last step; complete checkpoint {last}. Run again with --resume auto to export it"
+        else:
+            message = f"before training resumed; complete checkpoint {last}. Run again with --resume auto to continue"
+        return _finish(output, rank0, EXIT_PREEMPTED, f"stopped by {e.signal_name} {message}")
+
+
+def _train(cfg: RunConfig, output: Path) -> int:
     from transformers.utils import logging as hf_logging
 
-    from job.model import flops_per_token
-
     hf_logging.disable_progress_bar()  # shard-writing bars; our ProgressCallback reports training
-
-    output = Path(cfg.output_dir)
-    trainer = build_trainer(cfg)
+    resume = checkpoints.resume_point(cfg.resume, output)
+    # written by another number of processes: the launcher made the universal checkpoint beside it
+    universal = resume is not None and checkpoints.zero_world_size(resume) not in (
+        None,
+        int(os.environ.get("WORLD_SIZE", "1")),
+    )
+    trainer = build_trainer(cfg, load_universal=universal)  # from here on a signal stops at the next step boundary
     model, tokenizer, stop_guard = trainer.model, trainer.processing_class, trainer.stop_guard
     rank0 = trainer.args.process_index == 0
-    resume = resume_point(cfg)
     if rank0:
         log.info("training %s; resume from %s", cfg.output_dir, resume or "scratch")
-    before = _samples_before(cfg, model, tokenizer, rank0, resumed=resume is not None)
+    _samples_before(cfg, model, tokenizer, rank0, resumed=resume is not None)  # kept on disk for the report
     started = time.time()
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     if stop_guard.reason == "diverged":
         last = checkpoints.latest_complete(output)
@@ -317,19 +376,52 @@ def run_worker(cfg: RunConfig) -> int:
         )
         return _finish(output, rank0, EXIT_PREEMPTED, message)
 
-    final_metrics = _final_eval(trainer)
-    final = export_final(trainer, tokenizer, output, rank0)
-    if rank0:
-        _write_report(
-            cfg,
-            trainer,
-            final,
-            before,
-            final_metrics,
-            time.time() - started,
-            flops_per_token(model.config, cfg.max_length),
+    final_metrics = _final_eval(trainer)  # every rank; a signal during it is only noted, then agreed on below
+    last = checkpoints.latest_complete(output)
+    if stop_guard.signalled_anywhere():
+        message = (
+            f"stopped by {stop_guard.signal_name} after the last step; complete checkpoint {last}. "
+            "Run again with --resume auto to export it"
         )
-    return _finish(output, rank0, EXIT_OK, f"model saved to {final}")
+        return _finish(output, rank0, EXIT_PREEMPTED, message)
+    if last is None or checkpoints.step_of(last) != trainer.state.global_step:
+        message = f"the last step ({trainer.state.global_step}) left no checkpoint (its loss was not finite)"
+        return _finish(output, rank0, EXIT_DIVERGED, f"{message}; nothing exported. Resume with --resume auto")
+    if not rank0:
+        return EXIT_OK  # the export is rank 0's alone: no collective follows
+    stop_at_once()  # the last checkpoint holds everything: a rerun redoes what follows from it
+    if trainer.is_deepspeed_enabled:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # else from_pretrained would partition (zero.Init) on rank 0 alone
+    return publish(cfg, last, parameter_count(model), final_metrics, time.time() - started, trainer.args.world_size)
+
+
+def publish(
+    cfg: RunConfig,
+    checkpoint: Path,
+    expected_parameters: int | None = None,
+    final_metrics: dict | None = None,
+    seconds: float | None = None,
+    processes: int | None = None,
+) -> int:
+    """Export the last checkpoint to OUTPUT/final, write the report and the verdict (one process).
+
+    Also the whole of a rerun whose training had finished but whose export had not (`launch.train`).
+    """
+    output = Path(cfg.output_dir)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    if final_metrics is None:  # a rerun: the evaluation after the last step, if it was logged
+        from job.report import read_metrics
+
+        rows = [r for r in read_metrics(output / "metrics.jsonl") if "eval_loss" in r]
+        rows = [r for r in rows if r.get("step") == state["global_step"]]
+        final_metrics = rows[-1] if rows else {}
+    final = checkpoints.export_final(checkpoint, output, expected_parameters)
+    before_path = output / SAMPLES_BEFORE
+    before = json.loads(before_path.read_text(encoding="utf-8")) if before_path.exists() else []
+    _write_report(cfg, state, processes, final, before, final_metrics, seconds)
+    return _finish(output, True, EXIT_OK, f"model saved to {final}")
 
 
 def _final_eval(trainer: Trainer) -> dict:
@@ -340,47 +432,6 @@ def _final_eval(trainer: Trainer) -> dict:
     if last is not None and last.get("step") == trainer.state.global_step:
         return last
     return trainer.evaluate()
-
-
-def export_final(trainer: Trainer, tokenizer, output: Path, rank0: bool) -> Path:
-    """Write OUTPUT/final aside, check it reloads with full, non-empty weights, then move it into place."""
-    final, staging = output / "final", output / "final.partial"
-    if rank0 and staging.exists():
-        shutil.rmtree(staging)
-    trainer.save_model(str(staging))  # every rank: ZeRO-3 gathers the 16-bit weights here
-    if trainer.is_deepspeed_enabled:
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()  # else from_pretrained below would partition (zero.Init) on rank 0 alone
-    if rank0:
-        tokenizer.save_pretrained(str(staging))
-        verify_export(staging, expected_parameters=parameter_count(trainer.model))
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return final
-
-
-def verify_export(folder: Path, expected_parameters: int | None = None) -> int:
-    """Reload the folder as stock transformers would; fail loudly on empty or missing weights."""
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards:
-        raise RuntimeError(f"export {folder} has no safetensors weights")
-    for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape()]  # noqa: SIM118 - not a dict
-        if empty:
-            raise RuntimeError(f"export {shard} holds empty tensors: {empty[:3]}")
-    model = AutoModelForCausalLM.from_pretrained(str(folder))
-    count = sum(p.numel() for p in model.parameters())
-    if expected_parameters is not None and count != expected_parameters:
-        raise RuntimeError(f"export {folder} reloads with {count} parameters, expected {expected_parameters}")
-    return count
 
 
 def _finish(output: Path, rank0: bool, code: int, message: str) -> int:
@@ -433,13 +484,15 @@ def _samples_before(cfg: RunConfig, model, tokenizer, rank0: bool, resumed: bool
     return samples
 
 
-def _write_report(cfg, trainer, final: Path, before, final_metrics, seconds, flops_per_token_value) -> None:
+def _write_report(cfg, state: dict, processes, final: Path, before, final_metrics, seconds) -> None:
+    """`state`: the last checkpoint's trainer_state.json."""
     import platform
 
     import deepspeed
     import transformers
 
     from job.generate import generate, load_for_inference
+    from job.model import flops_per_token
     from job.report import write_report
 
     model, tokenizer = load_for_inference(str(final))
@@ -448,16 +501,16 @@ def _write_report(cfg, trainer, final: Path, before, final_metrics, seconds, flo
     samples = [{"prompt": s["prompt"], "before": by_prompt.get(s["prompt"], "n/a"), "after": s["text"]} for s in after]
     eval_loss = final_metrics.get("eval_loss")
     summary = {
-        "steps": trainer.state.global_step,
-        "tokens_seen": trainer.state.num_input_tokens_seen,
-        "seconds": round(seconds, 1),
+        "steps": state["global_step"],
+        "tokens_seen": state.get("num_input_tokens_seen"),
+        "seconds": None if seconds is None else round(seconds, 1),
         "final_eval_loss": eval_loss,
-        "flops_per_token": flops_per_token_value,
+        "flops_per_token": flops_per_token(model.config, cfg.max_length),
         "final_model": str(final),
     }
     hardware = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-        "processes": trainer.args.world_size,
+        "processes": processes,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "deepspeed": deepspeed.__version__,

@@ -262,14 +262,25 @@ def test_reference_run_is_complete(reference):
     assert status["code"] == 0
 
 
-@pytest.mark.parametrize("stage", ["none", "1", "3"])
-def test_every_stage_follows_the_same_loss_curve(inputs, reference, stage):
+def _stage_flags(stage: str) -> list[str]:
+    return ["--deepspeed", "none"] if stage == "none" else ["--zero-stage", stage]
+
+
+def _stage_run(inputs, stage: str) -> Path:
+    """The uninterrupted 2-process run with this ZeRO stage (or plain DDP), made once per session."""
     model, tok, data, root = inputs
     output = root / f"stage-{stage}"
-    flags = ["--deepspeed", "none"] if stage == "none" else ["--zero-stage", stage]
-    assert run(train_args(model, tok, data, output, *flags), root / f"{stage}.log") == 0, (
-        root / f"{stage}.log"
-    ).read_text()[-3000:]
+    if not (output / "final").exists():
+        flags = _stage_flags(stage)
+        assert run(train_args(model, tok, data, output, *flags), root / f"{stage}.log") == 0, (
+            root / f"{stage}.log"
+        ).read_text()[-3000:]
+    return output
+
+
+@pytest.mark.parametrize("stage", ["none", "1", "3"])
+def test_every_stage_follows_the_same_loss_curve(inputs, reference, stage):
+    output = _stage_run(inputs, stage)
     ours, ref = losses(output), losses(reference)
     assert sorted(ours) == sorted(ref)
     for step in ref:
@@ -351,24 +362,102 @@ def _kill_tree(pid: int) -> None:
         process.send_signal(signal.SIGKILL)
 
 
-def test_sigterm_checkpoints_exits_75_and_resume_continues_the_curve(inputs, reference):
+def _signal(proc: subprocess.Popen, target: str, sig: int) -> None:
+    """`launcher`: the CLI alone (Kubernetes signals PID 1); `group`: its process group (a terminal's Ctrl-C,
+    GNU timeout); `every`: the launcher, torchrun, the ranks and their DataLoader workers (a node shutdown)."""
+    import psutil
+
+    if target == "launcher":
+        proc.send_signal(sig)
+    elif target == "group":
+        os.killpg(proc.pid, sig)  # the run was started in a session of its own, see _start
+    else:
+        parent = psutil.Process(proc.pid)
+        for process in [parent, *parent.children(recursive=True)]:
+            process.send_signal(sig)
+
+
+def _start(args: list[str], log) -> subprocess.Popen:
+    return subprocess.Popen(
+        job_command(*args), stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
+    )
+
+
+def _stopped_cleanly(proc: subprocess.Popen, log_path: Path, timeout: float = 300) -> str:
+    """The run ends with 75 and no traceback (no torchrun ChildFailedError either); returns the log."""
+    code = proc.wait(timeout=timeout)
+    text = log_path.read_text()
+    assert code == EXIT_PREEMPTED, text[-3000:]
+    for noise in ("Traceback", "ChildFailedError", "SignalException"):
+        assert noise not in text, text[-3000:]
+    return text
+
+
+# signal target x moment x DataLoader workers x processes: every value of each axis at least once.
+@pytest.mark.parametrize(
+    ("target", "sig", "moment", "workers", "nproc"),
+    [
+        ("launcher", signal.SIGTERM, "step", "2", "2"),  # Kubernetes
+        ("group", signal.SIGINT, "step", "4", "2"),  # Ctrl-C in a terminal
+        ("group", signal.SIGTERM, "eval", "2", "1"),  # GNU timeout, one process
+        ("every", signal.SIGTERM, "save", "0", "2"),  # every process of the node
+    ],
+)
+def test_a_signal_in_training_checkpoints_exits_75_and_resume_continues_the_curve(
+    inputs, reference, target, sig, moment, workers, nproc
+):
     model, tok, data, root = inputs
-    output = root / "sigterm"
-    args = train_args(model, tok, data, output, "--save-steps", "100")
-    with (root / "sigterm.log").open("w") as log:
-        proc = subprocess.Popen(job_command(*args), stdout=log, stderr=subprocess.STDOUT, env=_env())
-        _wait_for(lambda: (output / "metrics.jsonl").exists() and len(losses(output)) >= 5, proc)
-        proc.send_signal(signal.SIGTERM)  # what Kubernetes sends to PID 1
-        assert proc.wait(timeout=300) == EXIT_PREEMPTED, (root / "sigterm.log").read_text()[-3000:]
+    name = f"stop-{target}-{moment}-{workers}-{nproc}"
+    output = root / name
+    flags = ["--save-steps", "4" if moment == "save" else "100", "--dataloader-workers", workers, "--nproc", nproc]
+    if nproc == "1":  # the same global batch as the 2-process reference
+        flags += ["--grad-accum", "4"]
+    if moment == "eval":  # evaluation after every step takes most of the time: the signal lands in one
+        flags += ["--eval-steps", "1", "--eval-batches", "30"]
+    args = train_args(model, tok, data, output, *flags)
+    with (root / f"{name}.log").open("w") as log:
+        proc = _start(args, log)
+        if moment == "save":  # the Trainer has begun writing checkpoint-4
+            _wait_for(lambda: (output / "checkpoint-4").exists(), proc, poll=0.002)
+        else:
+            _wait_for(lambda: (output / "metrics.jsonl").exists() and len(losses(output)) >= 5, proc)
+        _signal(proc, target, sig)
+        _stopped_cleanly(proc, root / f"{name}.log")
     stopped = checkpoints.latest_complete(output)
-    assert stopped is not None, "no complete checkpoint after SIGTERM"
-    step = int(stopped.name.split("-")[1])
+    assert stopped is not None, "no complete checkpoint after the signal"
+    step = checkpoints.step_of(stopped)
     assert 5 <= step < STEPS
+    if moment == "save":  # that save completed, then one more step and its checkpoint
+        assert step == 5 and (output / "checkpoint-4" / checkpoints.MARKER).exists()
     assert not (output / "final").exists()
-    assert run([*args, "--resume", "auto"], root / "sigterm-resume.log") == 0
+    if target != "launcher":
+        return  # resuming is the same for every way the run was stopped: checked once
+    # --save-steps changed on resume is honoured (the Trainer would restore the old value from its state)
+    resumed = run([*args, "--resume", "auto", "--save-steps", "4"], root / f"{name}-resume.log")
+    assert resumed == 0, (root / f"{name}-resume.log").read_text()[-3000:]
+    assert [p.name for p in checkpoints.complete_checkpoints(output)][-2:] == ["checkpoint-8", "checkpoint-12"]
     ours, ref = losses(output), losses(reference)
+    tolerance = 1e-5 if nproc == "2" else STAGE_TOLERANCE  # one process: the same sums in another order
     for later in range(step + 1, STEPS + 1):  # exact continuation: same data, optimizer, scheduler and RNG
-        assert ours[later] == pytest.approx(ref[later], rel=1e-5, abs=1e-6), (later, ours[later], ref[later])
+        assert ours[later] == pytest.approx(ref[later], rel=tolerance, abs=1e-6), (later, ours[later], ref[later])
+
+
+@pytest.mark.parametrize(("target", "nproc"), [("launcher", "1"), ("group", "2")])
+def test_signal_before_training_exits_promptly_and_writes_nothing_to_resume(inputs, target, nproc):
+    """During data preparation (1 process) or while the workers load the model (2): 75 within seconds."""
+    model, tok, data, root = inputs
+    name = f"early-{target}-{nproc}"
+    output = root / name
+    args = train_args(model, tok, data, output, "--nproc", nproc, "--max-samples", "399")  # a new cache entry
+    with (root / f"{name}.log").open("w") as log:
+        proc = _start(args, log)
+        mark = "launching:" if nproc == "2" else "[job]"
+        _wait_for(lambda: mark in (root / f"{name}.log").read_text(), proc, poll=0.01)
+        _signal(proc, target, signal.SIGTERM)
+        signalled = time.time()
+        _stopped_cleanly(proc, root / f"{name}.log", timeout=60)
+    assert time.time() - signalled < 30
+    assert checkpoints.all_checkpoints(output) == [] and not (output / "final").exists()
 
 
 def test_kill_during_a_save_loses_only_that_save(inputs, reference):
@@ -395,3 +484,90 @@ def test_kill_during_a_save_loses_only_that_save(inputs, reference):
     ours, ref = losses(output), losses(reference)
     for later in range(5, STEPS + 1):
         assert ours[later] == pytest.approx(ref[later], rel=1e-5, abs=1e-6), (later, ours[later], ref[later])
+
+
+def test_one_run_per_output_folder_and_a_killed_run_leaves_no_stuck_lock(tmp_path):
+    from job.launch import OutputLock
+
+    output = tmp_path / "out"
+    output.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys,time; from job.launch import OutputLock; from pathlib import Path;"
+            "lock = OutputLock(Path(sys.argv[1])); lock.acquire(); print('held', flush=True); time.sleep(600)",
+            str(output),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    assert holder.stdout.readline().strip() == "held"
+    second = subprocess.run(
+        job_command("train", "--output-dir", str(output), "--device", "cpu", "--max-steps", "1"),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert second.returncode == 2, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), second.stderr
+    assert f"pid {holder.pid} on {os.uname().nodename}" in lines[0]
+    assert sorted(p.name for p in output.iterdir()) == ["job.lock"]  # nothing else written
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    OutputLock(output).acquire()  # the kernel dropped the killed holder's lock
+
+
+def _resume_elsewhere(inputs, source: Path, checkpoint: str, name: str, nproc: str, accum: str, *flags) -> Path:
+    """A copy of `source` up to `checkpoint`, resumed on `nproc` processes (the global batch kept)."""
+    import shutil
+
+    model, tok, data, root = inputs
+    output = root / name
+    later = {p.name for p in checkpoints.all_checkpoints(source) if checkpoints.step_of(p) > int(checkpoint)}
+    shutil.copytree(source, output, ignore=lambda d, names: {"final", "exit_status.json", "job.lock", *later})
+    config = json.loads((output / "run_config.json").read_text())
+    (output / "run_config.json").write_text(json.dumps({**config, "output_dir": str(output)}))
+    args = train_args(model, tok, data, output, "--nproc", nproc, "--grad-accum", accum, "--save-steps", "2", *flags)
+    assert run(args, root / f"{name}.log") == 0, (root / f"{name}.log").read_text()[-3000:]
+    return output
+
+
+def _continues(output: Path, reference: Path, after: int) -> None:
+    ours, ref = losses(output), losses(reference)
+    for step in range(after + 1, STEPS + 1):
+        assert abs(ours[step] - ref[step]) <= STAGE_TOLERANCE * ref[step], (step, ours[step], ref[step])
+
+
+def test_zero2_resumes_on_another_number_of_processes(inputs, reference):
+    """2 -> 1 -> 2 processes through DeepSpeed's universal checkpoint; the curve continues within STAGE_TOLERANCE."""
+    one = _resume_elsewhere(inputs, reference, "8", "elastic-2to1", "1", "4")
+    assert "converting it to a universal checkpoint" in (inputs[3] / "elastic-2to1.log").read_text()
+    _continues(one, reference, 8)
+    assert checkpoints.world_size(one / "checkpoint-10") == 1
+    two = _resume_elsewhere(inputs, one, "10", "elastic-1to2", "2", "2")
+    _continues(two, reference, 10)
+
+
+@pytest.mark.parametrize("stage", ["none", "3"])
+def test_other_stages_resume_on_fewer_processes(inputs, reference, stage):
+    source = _stage_run(inputs, stage)
+    output = _resume_elsewhere(inputs, source, "8", f"elastic-{stage}", "1", "4", *_stage_flags(stage))
+    _continues(output, reference, 8)
+
+
+def test_another_process_count_that_changes_the_global_batch_is_refused(inputs, reference):
+    model, tok, data, _ = inputs
+    proc = subprocess.run(
+        job_command(*train_args(model, tok, data, reference, "--nproc", "1", "--max-steps", "20")),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "global batch of 16 rows" in proc.stderr and "pass --grad-accum 4" in proc.stderr

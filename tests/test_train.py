@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -176,3 +177,93 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_
     assert torch.isfinite(
         torch.load(tmp_path / "o" / "checkpoint-4" / "rng_state.pth", weights_only=False)["cpu"].float()
     ).all()
+
+
+@pytest.mark.parametrize("hooked", [True, False])
+def test_dataloader_workers_survive_a_sigterm_to_the_group(hooked):
+    """torchrun, a terminal and `timeout` signal the whole process group: the workers must leave it to the rank."""
+    import signal
+
+    from accelerate.data_loader import DataLoaderShard
+
+    from job.train import _workers_ignore_signals
+
+    prepared = DataLoaderShard(list(range(64)), batch_size=2, num_workers=2)  # what Trainer.get_*_dataloader give
+    if hooked:
+        _workers_ignore_signals(prepared)
+    batches = iter(prepared.base_dataloader)
+    next(batches)
+    for worker in batches._workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        worker.join(timeout=2)
+    if hooked:
+        assert sum(1 for _ in batches) == 31
+    else:  # the check itself can fail: torch's workers die of a SIGTERM that is not from their parent
+        with pytest.raises(RuntimeError, match="DataLoader worker"):
+            list(batches)
+
+
+def _files(folder):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def test_rerunning_a_finished_run_trains_nothing_and_keeps_final(trained):
+    output, proc = trained
+    final, metrics = _files(output / "final"), (output / "metrics.jsonl").read_bytes()
+    again = subprocess.run(proc.args, capture_output=True, text=True, env=_env(), cwd=output.parent, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "nothing to do" in again.stderr
+    assert _files(output / "final") == final  # byte-identical, not even rewritten
+    assert (output / "metrics.jsonl").read_bytes() == metrics  # not a step more
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
+
+
+def test_an_interrupted_export_is_redone_from_the_last_checkpoint(trained):
+    output, proc = trained
+    weights = (output / "final" / "model.safetensors").read_bytes()
+    metrics = (output / "metrics.jsonl").read_bytes()
+    shutil.rmtree(output / "final")  # what a kill between training and the rename leaves
+    (output / "final.partial").mkdir()
+    (output / "final.partial" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    again = subprocess.run(proc.args, capture_output=True, text=True, env=_env(), cwd=output.parent, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (output / "final" / "model.safetensors").read_bytes() == weights
+    assert not (output / "final.partial").exists()
+    assert (output / "metrics.jsonl").read_bytes() == metrics  # exported, not trained
+    assert json.loads((output / "exit_status.json").read_text())["code"] == 0
+    assert "perplexity" in (output / "report.md").read_text(encoding="utf-8").lower()
+
+
+def test_a_signal_during_the_export_exits_75_and_the_rerun_exports_without_training(tmp_path, tiny_tokenizer_dir):
+    import signal
+    import time
+
+    from job.checkpoints import all_checkpoints, step_of
+    from job.corpus import builtin_articles
+    from job.errors import EXIT_PREEMPTED
+    from tests.conftest import write_jsonl
+
+    write_jsonl(tmp_path / "docs.jsonl", builtin_articles()[:100])
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "job", "train", "--config", "quickstart", "--data", str(tmp_path / "docs.jsonl")]
+    command += ["--tokenizer", str(tiny_tokenizer_dir), "--output-dir", str(output), "--max-length", "32"]
+    command += ["--max-steps", "2", "--per-device-batch-size", "4", "--grad-accum", "1", "--eval-fraction", "0"]
+    command += ["--dataloader-workers", "0", "--report-to", "none", "--deepspeed", "none"]
+    for _attempt in range(3):  # the signal must land while final.partial is being written and checked
+        shutil.rmtree(output, ignore_errors=True)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+        while not (output / "final.partial").exists() and proc.poll() is None:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGTERM)
+        log = proc.communicate(timeout=120)[0]
+        if not (output / "final").exists():
+            break
+    else:
+        pytest.fail("could not land a signal inside the export in 3 attempts")
+    assert proc.returncode == EXIT_PREEMPTED, log[-3000:]
+    assert "Traceback" not in log
+    assert "export it" in json.loads((output / "exit_status.json").read_text())["message"]
+    again = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (output / "final" / "model.safetensors").exists() and not (output / "final.partial").exists()
+    assert [step_of(p) for p in all_checkpoints(output)] == [2]  # exported from it, not a step more

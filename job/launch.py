@@ -123,11 +123,11 @@ def prepare_inputs(cfg: RunConfig, found: doctor.Preflight | None = None):
 def train(cfg: RunConfig) -> int:
     """Check everything, prepare, then write the config and launch; the exit code of the run."""
     found = doctor.preflight(cfg)  # stops at the first failed check: nothing written yet
-    log.info("launch: %s", found.launch)
     output = Path(cfg.output_dir)
     lock = OutputLock(output) if cfg.node_rank == 0 else None
     if lock and output.is_dir():
         lock.acquire()  # refuse a second run before preparing anything
+    log.info("launch: %s", found.launch)
     cfg, _ = prepare_inputs(cfg, found)
 
     output.mkdir(parents=True, exist_ok=True)

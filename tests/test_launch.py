@@ -174,7 +174,7 @@ def _torchrun_config(command: list[str], monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # else torchrun sets it in this process
     for name in KUBEFLOW_ENV:  # torchrun reads PET_* for flags not given; the command must not depend on them
         monkeypatch.delenv(name, raising=False)
-    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert command[1:3] == ["-m", "job.launch"]  # torchrun's own main (job.launch._quiet_torchrun), same arguments
     parsed = get_args_parser().parse_args(command[3:])
     launch, _, args = config_from_args(parsed)
     assert args[-3:] == ["worker", "--config", "run/run_config.json"]

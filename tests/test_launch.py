@@ -552,10 +552,12 @@ def test_zero2_resumes_on_another_number_of_processes(inputs, reference):
     _continues(two, reference, 10)
 
 
-@pytest.mark.parametrize("stage", ["none", "3"])
+@pytest.mark.parametrize("stage", ["none", "1", "3"])
 def test_other_stages_resume_on_fewer_processes(inputs, reference, stage):
     source = _stage_run(inputs, stage)
     output = _resume_elsewhere(inputs, source, "8", f"elastic-{stage}", "1", "4", *_stage_flags(stage))
+    converted = "converting it to a universal checkpoint" in (inputs[3] / f"elastic-{stage}.log").read_text()
+    assert converted == (stage != "none")  # a DDP checkpoint loads at any world size as it is
     _continues(output, reference, 8)
 
 

@@ -103,7 +103,9 @@ class RunConfig:
     attention: Attention = opt("auto", "attention kernel (auto: flex on CUDA, sdpa on CPU)")
     trust_remote_code: bool = opt(False, "allow a model folder's own Python code (Bloom-like models)")
     # --- training ---
-    output_dir: str = opt("output/run", "run folder: run_config.json, checkpoints, final/, report", path=True)
+    output_dir: str = opt(
+        "output/run", "run folder: run_config.json, checkpoints, final/, report", resumable=True, path=True
+    )  # resumable: a run folder moved or copied elsewhere is still that run
     per_device_batch_size: int = opt(16, "rows per device per micro-step", bound=at_least(1))
     grad_accum: int = opt(4, "micro-steps per optimizer step", bound=at_least(1))
     epochs: float = opt(1.0, "passes over the data (when --max-steps is not set)", resumable=True, bound=at_least(0))

@@ -529,8 +529,6 @@ def _resume_elsewhere(inputs, source: Path, checkpoint: str, name: str, nproc: s
     output = root / name
     later = {p.name for p in checkpoints.all_checkpoints(source) if checkpoints.step_of(p) > int(checkpoint)}
     shutil.copytree(source, output, ignore=lambda d, names: {"final", "exit_status.json", "job.lock", *later})
-    config = json.loads((output / "run_config.json").read_text())
-    (output / "run_config.json").write_text(json.dumps({**config, "output_dir": str(output)}))
     args = train_args(model, tok, data, output, "--nproc", nproc, "--grad-accum", accum, "--save-steps", "2", *flags)
     assert run(args, root / f"{name}.log") == 0, (root / f"{name}.log").read_text()[-3000:]
     return output

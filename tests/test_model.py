@@ -376,7 +376,10 @@ def test_compiled_blocks_save_a_plain_hf_bloom(tmp_path):
 
 @pytest.mark.parametrize(
     "field, value, message",
-    [("flex_compile_mode", "turbo", "--flex-compile-mode .turbo. is not one of"), ("flex_kernel_options", "[1]", "JSON object")],
+    [
+        ("flex_compile_mode", "turbo", "--flex-compile-mode .turbo. is not one of"),
+        ("flex_kernel_options", "[1]", "JSON object"),
+    ],
 )
 def test_flex_settings_are_checked_before_anything_runs(field, value, message):
     with pytest.raises(JobError, match=message):

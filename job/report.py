@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
+import os
+import platform
 import statistics
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 LOSS_PNG = "loss.png"
 THROUGHPUT_PNG = "throughput.png"
+log = logging.getLogger("job")
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -349,3 +353,43 @@ def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, 
     tmp.write_text("\n".join(lines), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def report_run(cfg, state: dict, processes, final: Path, before, final_metrics, seconds) -> None:
+    """The run's report.md from the exported model: samples before and after, the summary, the hardware.
+
+    `state`: the last checkpoint's trainer_state.json; `before`: the untrained model's samples."""
+    import deepspeed
+    import torch
+    import transformers
+
+    from job.generate import generate, load_for_inference
+    from job.model import flops_per_token
+
+    model, tokenizer = load_for_inference(str(final))
+    after = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, greedy=True)
+    by_prompt = {s["prompt"]: s["text"] for s in before}
+    samples = [{"prompt": s["prompt"], "before": by_prompt.get(s["prompt"], "n/a"), "after": s["text"]} for s in after]
+    eval_loss = final_metrics.get("eval_loss")
+    summary = {
+        "steps": state["global_step"],
+        "tokens_seen": state.get("num_input_tokens_seen"),
+        "seconds": None if seconds is None else round(seconds, 1),
+        "final_eval_loss": eval_loss,
+        "flops_per_token": flops_per_token(model.config, cfg.max_length),
+        "final_model": str(final),
+    }
+    hardware = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "processes": processes,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "deepspeed": deepspeed.__version__,
+        "host": os.uname().nodename,
+    }
+    write_report(Path(cfg.output_dir), cfg.to_dict(), hardware, summary, samples)
+    evals = [r["eval_loss"] for r in read_metrics(Path(cfg.output_dir) / "metrics.jsonl") if "eval_loss" in r]
+    if evals and eval_loss is not None:
+        log.info("held-out loss %.4f -> %.4f (%.0f%% of the start)", evals[0], eval_loss, 100 * eval_loss / evals[0])
+    for sample in samples:
+        log.info("sample: %s|%s", sample["prompt"], sample["after"].replace("\n", " "))

@@ -420,7 +420,9 @@ def publish(
     final = checkpoints.export_final(checkpoint, output, expected_parameters)
     before_path = output / SAMPLES_BEFORE
     before = json.loads(before_path.read_text(encoding="utf-8")) if before_path.exists() else []
-    _write_report(cfg, state, processes, final, before, final_metrics, seconds)
+    from job.report import report_run
+
+    report_run(cfg, state, processes, final, before, final_metrics, seconds)
     return _finish(output, True, EXIT_OK, f"model saved to {final}")
 
 
@@ -482,45 +484,3 @@ def _samples_before(cfg: RunConfig, model, tokenizer, rank0: bool, resumed: bool
     samples = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, greedy=True)
     path.write_text(json.dumps(samples, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return samples
-
-
-def _write_report(cfg, state: dict, processes, final: Path, before, final_metrics, seconds) -> None:
-    """`state`: the last checkpoint's trainer_state.json."""
-    import platform
-
-    import deepspeed
-    import transformers
-
-    from job.generate import generate, load_for_inference
-    from job.model import flops_per_token
-    from job.report import write_report
-
-    model, tokenizer = load_for_inference(str(final))
-    after = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, greedy=True)
-    by_prompt = {s["prompt"]: s["text"] for s in before}
-    samples = [{"prompt": s["prompt"], "before": by_prompt.get(s["prompt"], "n/a"), "after": s["text"]} for s in after]
-    eval_loss = final_metrics.get("eval_loss")
-    summary = {
-        "steps": state["global_step"],
-        "tokens_seen": state.get("num_input_tokens_seen"),
-        "seconds": None if seconds is None else round(seconds, 1),
-        "final_eval_loss": eval_loss,
-        "flops_per_token": flops_per_token(model.config, cfg.max_length),
-        "final_model": str(final),
-    }
-    hardware = {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-        "processes": processes,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "deepspeed": deepspeed.__version__,
-        "host": os.uname().nodename,
-    }
-    write_report(Path(cfg.output_dir), cfg.to_dict(), hardware, summary, samples)
-    from job.report import read_metrics
-
-    evals = [r["eval_loss"] for r in read_metrics(Path(cfg.output_dir) / "metrics.jsonl") if "eval_loss" in r]
-    if evals and eval_loss is not None:
-        log.info("held-out loss %.4f -> %.4f (%.0f%% of the start)", evals[0], eval_loss, 100 * eval_loss / evals[0])
-    for sample in samples:
-        log.info("sample: %s|%s", sample["prompt"], sample["after"].replace("\n", " "))

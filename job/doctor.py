@@ -25,7 +25,6 @@ from job import checkpoints
 from job.config import RunConfig, cache_root, comparable, resumable_fields
 from job.errors import JobError
 
-RESUMABLE_FIELDS = resumable_fields()  # derived from RunConfig's field metadata (config.resumable_fields)
 BYTES_PER_PARAMETER_CHECKPOINT = 16  # 16-bit weights + fp32 master, Adam m and v (ZeRO layout, with margin)
 INPUTS_FILE = "inputs.json"  # fingerprints of what the run trains on, compared when it resumes
 
@@ -188,10 +187,11 @@ def check_output(p: Preflight) -> Check:
         old = json.loads(previous.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         old = {}
+    resumable = resumable_fields()
     changed = sorted(
         k
         for k, v in cfg.to_dict().items()
-        if k not in RESUMABLE_FIELDS and k in old and comparable(k, old[k]) != comparable(k, v)
+        if k not in resumable and k in old and comparable(k, old[k]) != comparable(k, v)
     )
     batch = _global_batch_on_resume(cfg, old)
     if batch is not None:

@@ -82,9 +82,14 @@ def rotate(output_dir: Path, keep: int) -> list[Path]:
     return removed
 
 
+def trainer_state(checkpoint: Path) -> dict:
+    """The Trainer's own state file of a checkpoint (step, step count, log history, tokens seen)."""
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
 def step_of(checkpoint: Path) -> int:
-    """The optimizer step a checkpoint was written at (from the Trainer's own state file)."""
-    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    """The optimizer step a checkpoint was written at."""
+    return trainer_state(checkpoint)["global_step"]
 
 
 def resume_point(resume: str, output_dir: Path) -> Path | None:
@@ -122,7 +127,7 @@ def finished(checkpoint: Path | None, max_steps: int) -> bool:
     """Whether `checkpoint` is the end of training (`max_steps` <= 0: the step count the Trainer derived)."""
     if checkpoint is None or not (checkpoint / "trainer_state.json").exists():
         return False
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = trainer_state(checkpoint)
     return state["global_step"] >= (max_steps if max_steps > 0 else state["max_steps"])
 
 

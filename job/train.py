@@ -410,7 +410,7 @@ def publish(
     Also the whole of a rerun whose training had finished but whose export had not (`launch.train`).
     """
     output = Path(cfg.output_dir)
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = checkpoints.trainer_state(checkpoint)
     if final_metrics is None:  # a rerun: the evaluation after the last step, if it was logged
         from job.report import read_metrics
 

@@ -26,7 +26,7 @@ from job.errors import JobError
 PACKAGE_DIR = Path(__file__).resolve().parent
 RECIPES_DIR = PACKAGE_DIR / "recipes"
 REPO_DIR = PACKAGE_DIR.parent
-DEFAULT_DS_CONFIG = REPO_DIR / "ds_config.json"
+DEFAULT_DS_CONFIG = PACKAGE_DIR / "ds_config.json"
 # The names of job.model.PRESET_SHAPES and auto + job.attention.KINDS (tests/test_config.py holds them equal);
 # here so that the CLI lists them without importing torch.
 Preset = Literal["tiny", "bloom-389m-zh"]

@@ -611,7 +611,7 @@ def dockerignore_keeps(path: str) -> bool:
 
 
 def test_dockerignore_sends_only_the_project():
-    for path in ("job/cli.py", "job/recipes/h100.json", "requirements.txt", "constraints.txt", "ds_config.json"):
+    for path in ("job/cli.py", "job/recipes/h100.json", "requirements.txt", "constraints.txt", "job/ds_config.json"):
         assert dockerignore_keeps(path), path
     for path in (".venv/bin/python", ".git/HEAD", "output/run/checkpoint-1/x", "job/__pycache__/cli.pyc", "tests/x"):
         assert not dockerignore_keeps(path), path

@@ -25,7 +25,7 @@ train-flags = --config $(RECIPE) --output-dir $(1) $(or $(if $(MODEL),--model $(
 	$(if $(DATA),--data $(DATA)) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) $(if $(NPROC),--nproc $(NPROC)) \
 	$(if $(ZERO),--zero-stage $(ZERO)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(ARGS)
 
-.PHONY: help setup train smoke test lint bench bench-gpu
+.PHONY: help setup train smoke test test-fast lint bench bench-gpu
 .PHONY: build push docker-train docker-smoke k8s-overlays k8s-render k8s-validate k8s-pvcs k8s-prepare \
 	k8s-submit k8s-multinode k8s-trainjob k8s-logs k8s-delete
 
@@ -51,7 +51,7 @@ smoke: setup ## Smoke-test a trained model (MODEL=folder, default the last run's
 bench: setup ## Measure tokens/s, TFLOP/s and MFU of the training path (ARGS= for options)
 	$(PY) -m job bench $(ARGS)
 
-# The GPU figures of BENCHMARKS.md in one call, under 8 minutes from a cold start on one H100/H200 (job/sweep.py):
+# The GPU figures of BENCHMARKS.md in one call, under 8 minutes from a cold start on one H100/H200 (tools/gpu_sweep.py):
 # the CUDA tests, the lever sweep, a kernel profile of the fastest variant, the train + smoke path. On a GPU box
 # without the venv: make bench-gpu PY=python3 -- when deepspeed is not importable, the wheels in GPU_WHEELS
 # (../shared/gpu-wheels, else .whl/ in the repo) are installed into BENCH_SITE first (no index, no network).
@@ -66,7 +66,7 @@ bench-gpu: $(if $(filter $(VENV)/bin/python,$(PY)),setup) ## On a GPU: CUDA test
 	@PYTHONPATH=$(BENCH_PATH) $(PY) -c "import deepspeed, datasets" 2>/dev/null || { \
 	  echo "installing $(GPU_WHEELS)/*.whl into $(BENCH_SITE)"; \
 	  $(PY) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(BENCH_SITE) $(GPU_WHEELS)/*.whl; }
-	PYTHONPATH=$(BENCH_PATH) $(PY) -m job.sweep --budget-s $(BENCH_BUDGET) --log-dir $(BENCH_LOG) $(BENCH_ARGS)
+	PYTHONPATH=$(BENCH_PATH) $(PY) -m tools.gpu_sweep --budget-s $(BENCH_BUDGET) --log-dir $(BENCH_LOG) $(BENCH_ARGS)
 
 lint: setup ## ruff, hadolint on docker/Dockerfile, strict validation of the Kubernetes manifests
 	$(VENV)/bin/ruff check job tests k8s
@@ -74,8 +74,11 @@ lint: setup ## ruff, hadolint on docker/Dockerfile, strict validation of the Kub
 	$(VENV)/bin/hadolint docker/Dockerfile
 	@$(MAKE) --no-print-directory k8s-validate
 
-test: setup ## Run the test suite (what CI runs)
+test: setup ## Run the whole test suite (what CI runs)
 	$(PY) -m pytest -q tests
+
+test-fast: setup ## The unit tests only, for your own loop (under two minutes; no training runs or launches)
+	$(PY) -m pytest -q -m "not slow" tests
 
 # ------------------------------------------------------------------ container image and Kubernetes
 # k8s/README.md explains these. IMAGE:TAG names the image for build, push, docker-* and k8s-*; it is never `latest`.

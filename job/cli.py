@@ -4,6 +4,7 @@ one line on stderr naming the cause and the fix, exit code 2, no traceback unles
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -14,25 +15,58 @@ from pathlib import Path
 
 import click
 
-from job.config import RunConfig, field_meta, flag
-from job.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, JobError, Stopped, stop_at_once
+from job.core import run_files
+from job.core.config import GROUPS, RunConfig, field_meta, flag, prepare_fields, read_config_file
+from job.core.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, JobError, Stopped, stop_at_once
 
-DATA_FIELDS = [
-    "data",
-    "text_column",
-    "max_samples",
-    "eval_fraction",
-    "max_length",
-    "packing",
-    "num_proc",
-    "tokenizer",
-    "vocab_size",
-    "model",
-    "trust_remote_code",
-    "seed",
-]
-MODEL_FIELDS = ["model", "tokenizer", "preset", "attention", "trust_remote_code"]
-TRAIN_FIELDS = [f for f in RunConfig.field_names() if f != "prompts"]
+# Fields a command line can set (a list, like `prompts`, comes from a --config file only).
+_HINTS = typing.get_type_hints(RunConfig)
+TRAIN_FIELDS = [name for name in RunConfig.field_names() if typing.get_origin(_HINTS[name]) is not list]
+
+
+class GroupedCommand(click.Command):
+    """`--help` in sections, one per concern of the run config (`GROUPS`), then the command's own options; with
+    `--config RECIPE` before `--help`, each field the recipe sets shows its value there as the effective default."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["job_args"] = list(args)  # --help is eager: read --config from the raw arguments
+        return super().parse_args(ctx, args)
+
+    def format_options(self, ctx, formatter):
+        recipe = _recipe_values(ctx.meta.get("job_args", []))
+        sections: dict[str, list] = {group: [] for group in GROUPS}
+        own = []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            name = param.name
+            if name in recipe and name in RunConfig.field_names():
+                record = (record[0], f"{record[1]}  [{recipe['_name']}: {recipe[name]}]")
+            if name in RunConfig.field_names():
+                sections[field_meta(name)["group"]].append(record)
+            else:
+                own.append(record)
+        for group, records in sections.items():
+            if records:
+                with formatter.section(f"{group.capitalize()} options"):
+                    formatter.write_dl(records)
+        if own:
+            with formatter.section("Other options"):
+                formatter.write_dl(own)
+
+
+def _recipe_values(args: list[str]) -> dict:
+    """The values the `--config` named on the command line sets ({} when none, or it cannot be read)."""
+    name = next((v for k, v in itertools.pairwise(args) if k == "--config"), None)
+    name = name or next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    if not name:
+        return {}
+    try:
+        values = read_config_file(name)
+    except JobError:
+        return {}
+    return {**values, "_name": name}
 
 
 def _option(name: str):
@@ -42,7 +76,7 @@ def _option(name: str):
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     base = next(t for t in options if t is not type(None))
     default = next(f for f in dataclasses.fields(RunConfig) if f.name == name).default
-    text = meta["help"] + (f"  [default: {default}]" if default not in (None, dataclasses.MISSING) else "")
+    text = meta["help"] + (f"  [default: {default}]" if default not in (None, dataclasses.MISSING, "") else "")
     if base is bool:
         return click.option(f"{flag(name)}/--no-{flag(name)[2:]}", name, default=None, help=text)
     if typing.get_origin(base) is typing.Literal:
@@ -103,14 +137,14 @@ def cli(debug: bool):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@cli.command()
-@config_options(DATA_FIELDS)
+@cli.command(cls=GroupedCommand)
+@config_options(prepare_fields())
 @click.option("--output", "output", type=click.Path(), default=None, help="folder to write (default: the cache)")
 def prepare(config, output, **values):
     """Tokenize, add eos, pack or truncate a corpus once; print its stats.json."""
-    from job.corpus import load_corpus
-    from job.prepare import prepare as run_prepare
-    from job.tokenizer import resolve_tokenizer
+    from job.data.corpus import load_corpus
+    from job.data.prepare import prepare as run_prepare
+    from job.data.tokenizer import resolve_tokenizer
 
     cfg = _load(config, values)
     corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
@@ -130,8 +164,8 @@ def prepare(config, output, **values):
 @click.option("--output", required=True, type=click.Path(), help="a new or empty folder for the HF tokenizer")
 def tokenizer(data, text_column, vocab_size, output):
     """Train a Bloom-style byte-level BPE on a corpus."""
-    from job.corpus import TEXT, load_corpus
-    from job.tokenizer import check_new_folder, train_tokenizer
+    from job.data.corpus import TEXT, load_corpus
+    from job.data.tokenizer import check_new_folder, train_tokenizer
 
     cfg = RunConfig.load(data=data, text_column=text_column, vocab_size=vocab_size)  # defaults and ranges
     check_new_folder(Path(output))  # before reading the corpus: a wrong --output fails in a second
@@ -140,16 +174,17 @@ def tokenizer(data, text_column, vocab_size, output):
     click.echo(json.dumps({"output": output, "vocab_size": len(tok), "eos": tok.eos_token, "pad": tok.pad_token}))
 
 
-@cli.command()
+@cli.command(cls=GroupedCommand)
 @config_options(TRAIN_FIELDS)
 def train(config, **values):
     """Prepare (once), launch on --nproc processes x --nnodes nodes, train, export OUTPUT/final."""
-    from job.launch import train as launch_train
+    from job.run.launch import train as launch_train
 
     cfg = _load(config, values)
     code = launch_train(cfg)
     if code == 0:
-        click.echo(f"done: model in {Path(cfg.output_dir) / 'final'}, report in {Path(cfg.output_dir) / 'report.md'}")
+        output = Path(cfg.output_dir)
+        click.echo(f"done: model in {output / run_files.FINAL}, report in {output / run_files.REPORT}")
     sys.exit(code)
 
 
@@ -158,7 +193,7 @@ def train(config, **values):
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, help="set by launchers")
 def worker(config, local_rank):
     """One training process (started by `train` through torchrun or the deepspeed launcher)."""
-    from job.train import run_worker
+    from job.run.worker import run_worker
 
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
@@ -166,12 +201,12 @@ def worker(config, local_rank):
     run_worker(cfg)  # the verdict goes to exit_status.json; exiting 0 keeps torchrun from killing peers
 
 
-@cli.command()
+@cli.command(cls=GroupedCommand)
 @config_options(TRAIN_FIELDS)
 def doctor(config, **values):
     """Preflight: every check `train` runs first (launch settings and their sources, devices, DeepSpeed, output,
     data, tokenizer, model, memory, disk)."""
-    from job.doctor import format_table, run_checks
+    from job.run.preflight import format_table, run_checks
 
     cfg = _load(config, values)
     results, _ = run_checks(cfg)
@@ -192,8 +227,8 @@ def doctor(config, **values):
 @click.option("--json", "as_json", is_flag=True, help="print JSON lines")
 def generate(model, prompts, prompts_file, as_json, **sampling):
     """Generate continuations for prompts (batched, left-padded)."""
-    from job.generate import generate as run_generate
-    from job.generate import load_for_inference, read_prompts
+    from job.model.generate import generate as run_generate
+    from job.model.generate import load_for_inference, read_prompts
 
     texts = list(prompts) + (read_prompts(Path(prompts_file)) if prompts_file else [])
     texts = [t for t in texts if t.strip()]
@@ -212,14 +247,14 @@ def generate(model, prompts, prompts_file, as_json, **sampling):
 @click.option("--model", required=True, type=click.Path(), help="HF model folder (e.g. OUTPUT/final)")
 def smoke(model):
     """Reload a model in this fresh process and check its generations; prints JSON, exit 0 only if all hold."""
-    from job.generate import smoke as run_smoke
+    from job.model.generate import smoke as run_smoke
 
     result = run_smoke(model)
     click.echo(json.dumps(result, ensure_ascii=False, indent=2))
     sys.exit(0 if result["ok"] else 1)
 
 
-@cli.command()
+@cli.command(cls=GroupedCommand)
 @config_options(TRAIN_FIELDS)
 @click.option("--steps", type=int, default=10, show_default=True, help="timed optimizer steps")
 @click.option("--warmup", type=int, default=3, show_default=True, help="untimed steps first (compilation, caches)")
@@ -246,8 +281,8 @@ def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, sca
 
     With --synthetic and no --tokenizer/--model, a word-level tokenizer of --vocab-size entries stands in: no
     corpus and no BPE training needed."""
-    from job.bench import bench_tokenize, dumps, run_bench
-    from job.launch import single_process_env
+    from job.run.bench import bench_tokenize, dumps, run_bench
+    from job.run.launch import single_process_env
 
     cfg = _load(config, values)
     if tokenize_mode:

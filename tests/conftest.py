@@ -21,6 +21,15 @@ DOCS = [
     "文本里出现字面的 </s> 也只是文本。",
 ]
 
+# ------------------------------------------------------------------- launch settings, no process started
+KUBEFLOW_ENV = {  # what a PyTorchJob/TrainJob sets in the pod of node 2 of 4
+    "PET_NNODES": "4",
+    "PET_NODE_RANK": "2",
+    "PET_MASTER_ADDR": "run-node-0-0.run",
+    "PET_MASTER_PORT": "29400",
+    "PET_NPROC_PER_NODE": "8",
+}
+
 
 @pytest.fixture(scope="session", autouse=True)
 def job_cache(tmp_path_factory):
@@ -33,8 +42,8 @@ def job_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A 600-entry byte-level BPE with Bloom's specials, trained on a slice of the built-in corpus."""
-    from job.corpus import builtin_articles
-    from job.tokenizer import train_tokenizer
+    from job.data.corpus import builtin_articles
+    from job.data.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer") / "tok"
     train_tokenizer(builtin_articles()[:300] + DOCS, 600, out)
@@ -43,7 +52,7 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_dir):
-    from job.tokenizer import load_tokenizer
+    from job.data.tokenizer import load_tokenizer
 
     return load_tokenizer(str(tiny_tokenizer_dir))
 

@@ -9,7 +9,8 @@ import torch
 from transformers import BloomForCausalLM
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, build_alibi_tensor
 
-from job.attention import (
+from job.core.errors import JobError
+from job.model.attention import (
     FlexSettings,
     alibi_slopes,
     allowed_mask,
@@ -18,7 +19,6 @@ from job.attention import (
     install_attention,
     resolve_attention,
 )
-from job.errors import JobError
 from tests.conftest import tiny_bloom_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -52,7 +52,7 @@ def test_training_bench_with_eager_baseline(tiny_tokenizer_dir):
     assert result["steps_timed"] == 3
     assert result["speedup"] == pytest.approx(result["tokens_per_s"] / result["baseline"]["tokens_per_s"], rel=1e-2)
     assert result["measured_ceiling_tflops"] > 0 and result["mfu_measured"] > 0
-    assert result["settings"]["deepspeed"].endswith("ds_config.json")  # the path `make train` takes
+    assert result["settings"]["deepspeed"] == "default" and result["settings"]["zero_stage"] == 2  # as make train
     assert result["settings"]["zero_stage"] == 2
 
 
@@ -93,7 +93,7 @@ def test_sweep_reports_a_failing_and_a_timed_out_variant_and_goes_on(tmp_path):
     started = time.monotonic()
     flags = ["--variants", str(spec), "--log-dir", str(tmp_path / "logs"), "--budget-s", "400"]
     proc = subprocess.run(
-        [sys.executable, "-m", "job.sweep", "--dry-run", *flags, "--no-tests", "--no-profile", "--no-end-to-end"],
+        [sys.executable, "-m", "tools.gpu_sweep", "--dry-run", *flags, "--no-tests", "--no-profile", "--no-end-to-end"],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -123,9 +123,9 @@ def test_every_gpu_sweep_command_parses_to_a_valid_config(tmp_path):
     """The sweep runs next on a lent GPU, unattended: each of its command lines must be one the CLI accepts and
     whose run config validates (a typo would cost a variant of that run)."""
     from job.cli import cli
-    from job.config import RunConfig
-    from job.deepspeed_config import deepspeed_config
-    from job.sweep import bench_argv, end_to_end_commands, gpu_variants
+    from job.core.config import RunConfig
+    from job.run.deepspeed_config import deepspeed_config
+    from tools.gpu_sweep import bench_argv, end_to_end_commands, gpu_variants
 
     commands = [[*bench_argv(False, 4, 2), *v.args] for v in gpu_variants(tmp_path)]
     commands += [argv for _, argv in end_to_end_commands(tmp_path, dry_run=False)]
@@ -150,7 +150,7 @@ def test_sweep_stopped_by_sigterm_stops_its_running_step(tmp_path):
     spec.write_text(json.dumps([never_ends]))
     flags = ["--variants", str(spec), "--log-dir", str(tmp_path / "logs"), "--no-tests", "--no-profile"]
     sweep = subprocess.Popen(
-        [sys.executable, "-m", "job.sweep", "--dry-run", *flags, "--no-end-to-end"],
+        [sys.executable, "-m", "tools.gpu_sweep", "--dry-run", *flags, "--no-end-to-end"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from job import checkpoints
+from job.core import checkpoints
 
 
 def _make(root, step, complete=True):

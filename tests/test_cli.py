@@ -201,9 +201,9 @@ def _foreign_folder(out: Path) -> None:
 
 
 def _prepared_with_another_tokenizer(world: Path) -> None:
-    from job.config import RunConfig
-    from job.prepare import prepare
-    from job.tokenizer import train_tokenizer
+    from job.core.config import RunConfig
+    from job.data.prepare import prepare
+    from job.data.tokenizer import train_tokenizer
 
     larger = train_tokenizer(DOCS * 20, 900, world / "tok-900")
     prepare(RunConfig.load(data=str(world / "good.jsonl"), max_length=16), larger, str(world / "prepared"))
@@ -248,10 +248,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, case, job_cache)
 
 
 def test_too_little_disk_is_refused(world, monkeypatch):
-    import job.doctor
+    import job.run.preflight
 
     usage = shutil.disk_usage("/")
-    monkeypatch.setattr(job.doctor.shutil, "disk_usage", lambda p: usage._replace(free=10 * 2**20))
+    monkeypatch.setattr(job.run.preflight.shutil, "disk_usage", lambda p: usage._replace(free=10 * 2**20))
     before = snapshot(world)
     result = run_cli("train", *[a.format(w=world) for a in BASE], "--data", str(world / "good.jsonl"))
     assert result.exit_code == 2 and "a checkpoint needs about" in result.stderr
@@ -283,9 +283,31 @@ def test_a_real_process_prints_no_traceback(tmp_path):
 
 
 def test_help_lists_the_commands():
+    """Each command is listed as a command (its own line in the Commands section), not just named somewhere."""
     out = run_cli("--help").output
-    for command in ("prepare", "tokenizer", "train", "generate", "smoke", "bench", "doctor"):
-        assert command in out
+    listed = {line.split()[0] for line in out.split("Commands:", 1)[1].splitlines() if line.strip()}
+    assert listed == {"prepare", "tokenizer", "train", "generate", "smoke", "bench", "doctor"}  # worker is hidden
+
+
+def test_train_help_is_grouped_by_concern_and_shows_the_recipe_values():
+    out = run_cli("train", "--help").output
+    sections = [line for line in out.splitlines() if line.endswith("options:")]
+    assert sections == [
+        "Data options:",
+        "Model options:",
+        "Optimisation options:",
+        "Distributed options:",
+        "Checkpoints options:",
+        "Throughput levers options:",
+        "Logging options:",
+        "Other options:",
+    ]
+    section = lambda name: out.split(f"{name} options:", 1)[1].split("options:", 1)[0]
+    assert "--learning-rate" in section("Optimisation") and "--master-port" in section("Distributed")
+    assert "--fused-gelu" in section("Throughput levers") and "--save-steps" in section("Checkpoints")
+    assert str(REPO) not in out  # no machine path as a default
+    recipe = run_cli("train", "--config", "quickstart", "--help").output
+    assert "quickstart: 0.003" in " ".join(recipe.split())  # the recipe's learning rate beside the default
 
 
 def test_inconsistent_batch_settings_fail_before_any_process_starts(world):
@@ -324,7 +346,7 @@ def test_tokenizer_command_trains_a_loadable_bpe(world):
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["eos"] == "</s>"
-    from job.tokenizer import load_tokenizer
+    from job.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(world / "bpe"))
     assert (tok.eos_token_id, tok.pad_token_id) == (2, 3)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from job.config import RECIPES_DIR, RunConfig
-from job.deepspeed_config import check_batch_arithmetic, deepspeed_config
-from job.errors import JobError
+from job.core.config import RECIPES_DIR, RunConfig
+from job.core.errors import JobError
+from job.run.deepspeed_config import check_batch_arithmetic, deepspeed_config
 
 
 def test_precedence_defaults_recipe_flags():
@@ -61,7 +61,7 @@ def test_bad_deepspeed_files(tmp_path):
 
 def test_training_arguments_follow_the_config(tmp_path):
     cfg = RunConfig.load(output_dir=str(tmp_path), per_device_batch_size=3, grad_accum=5, seed=7, deepspeed="none")
-    from job.train import training_arguments
+    from job.run.training_args import training_arguments
 
     args = training_arguments(cfg, use_cpu=True)  # (with DeepSpeed this would start a process group)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.seed) == (3, 5, 7)
@@ -80,9 +80,9 @@ def test_every_field_is_declared_once_with_help_and_the_choices_match_their_modu
     import dataclasses
     import typing
 
-    from job.attention import KINDS
-    from job.config import Attention, Preset, resumable_fields
-    from job.model import PRESET_SHAPES
+    from job.core.config import Attention, Preset, resumable_fields
+    from job.model.attention import KINDS
+    from job.model.build import PRESET_SHAPES
 
     for f in dataclasses.fields(RunConfig):
         assert f.metadata["help"], f.name
@@ -109,7 +109,7 @@ def test_ranges_and_choices_come_from_the_field_metadata(values, message):
 
 
 def test_training_arg_pass_through_is_checked_and_coerced(tmp_path):
-    from job.train import training_arguments
+    from job.run.training_args import training_arguments
 
     cfg = RunConfig.load(
         output_dir=str(tmp_path), deepspeed="none", training_args={"ddp_timeout": "3600", "adam_beta1": "0.8"}
@@ -126,7 +126,7 @@ def test_training_arg_pass_through_is_checked_and_coerced(tmp_path):
 
 
 def test_deepspeed_blocks_must_agree_with_the_run(tmp_path):
-    from job.deepspeed_config import check_optimizer_blocks
+    from job.run.deepspeed_config import check_optimizer_blocks
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"optimizer": {"params": {"lr": "auto", "weight_decay": 0.5}}}))

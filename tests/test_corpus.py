@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from job.corpus import builtin_articles, load_corpus
-from job.errors import JobError
+from job.core.errors import JobError
+from job.data.corpus import builtin_articles, load_corpus
 from tests.conftest import DOCS, write_jsonl
 
 

@@ -25,9 +25,9 @@ import click
 import pytest
 import yaml
 
-from job import errors
-from job.config import RunConfig
-from job.launch import resolve_topology
+from job.core import errors
+from job.core.config import RunConfig
+from job.core.topology import resolve_topology
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -192,8 +192,7 @@ def launch_config(container: dict, index: str = "0") -> tuple[RunConfig, dict[st
     """The effective config the container's `train`/`doctor` runs with: its flags, then its environment."""
     _, params = parse_cli(argv(container, index))
     cfg = RunConfig.load(params.get("config"), **{k: v for k, v in params.items() if k in RunConfig.field_names()})
-    sources = resolve_topology(cfg, env_of(container, index))
-    return cfg, sources
+    return resolve_topology(cfg, env_of(container, index))
 
 
 def option(words: list[str], flag: str) -> str | None:

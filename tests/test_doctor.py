@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from job import doctor
-from job.config import RunConfig
-from job.doctor import Preflight, check_output
-from job.errors import JobError
+from job.core.config import RunConfig
+from job.core.errors import JobError
+from job.core.weights import check_weights
+from job.run import preflight as doctor
+from job.run.checks import Check, Preflight
+from job.run.resume import check_output
 from tests.conftest import tiny_bloom
 
 
@@ -52,7 +54,7 @@ def test_doctor_runs_exactly_the_checks_train_runs(tmp_path, monkeypatch):
 
     def spy(p):
         seen.append("spy")
-        return doctor.Check("spy", False, "the spy failed", "remove the spy")
+        return Check("spy", False, "the spy failed", "remove the spy")
 
     monkeypatch.setattr(doctor, "CHECKS", [doctor.check_output, spy, doctor.check_cache])
     cfg = RunConfig.load(output_dir=str(tmp_path / "out"))
@@ -66,21 +68,21 @@ def test_doctor_runs_exactly_the_checks_train_runs(tmp_path, monkeypatch):
 def test_truncated_and_corrupt_safetensors_are_named(tmp_path):
     tiny_bloom(64).save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
-    doctor.check_weights(tmp_path)  # intact
+    check_weights(tmp_path)  # intact
     data = weights.read_bytes()
     weights.write_bytes(data[:-10])
     with pytest.raises(JobError, match=r"truncated or corrupt \(\d+ bytes where its header describes \d+\)"):
-        doctor.check_weights(tmp_path)
+        check_weights(tmp_path)
     weights.write_bytes(struct.pack("<Q", 20) + b"{not json at all...}" + data[28:])
     with pytest.raises(JobError, match="a corrupt header"):
-        doctor.check_weights(tmp_path)
+        check_weights(tmp_path)
     weights.write_bytes(b"\x00\x01")
     with pytest.raises(JobError, match="no valid header"):
-        doctor.check_weights(tmp_path)
+        check_weights(tmp_path)
 
 
 def test_memory_preflight_counts_the_attention_scores_unless_flex(monkeypatch):
-    from job.model import model_config
+    from job.model.build import model_config
 
     cfg = RunConfig.load(max_length=100_000, per_device_batch_size=16)
     config = model_config(cfg, 600)

@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from job.errors import JobError
-from job.generate import SMOKE_PROMPTS, generate, generate_ids, load_for_inference, smoke
+from job.core.errors import JobError
+from job.model.generate import SMOKE_PROMPTS, generate, generate_ids, load_for_inference, smoke
 from tests.conftest import tiny_bloom
 
 # Different lengths on purpose: a batch of them needs padding.
@@ -150,7 +150,7 @@ def test_broken_folders_are_job_errors(tmp_path, saved):
 
 
 def test_near_ties_are_told_apart_from_real_differences():
-    from job.generate import _first_difference, _near_tie
+    from job.model.generate import _first_difference, _near_tie
 
     assert _first_difference([1, 2, 3], [1, 2, 3]) is None
     assert _first_difference([1, 2, 3], [1, 5, 3]) == 1
@@ -163,7 +163,7 @@ def test_near_ties_are_told_apart_from_real_differences():
 
 
 def test_prompts_file_reads_a_bom_and_refuses_other_encodings(tmp_path):
-    from job.generate import read_prompts
+    from job.model.generate import read_prompts
 
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + "北京\n今天\n".encode())
     assert read_prompts(tmp_path / "bom.txt") == ["北京", "今天"]

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from job import checkpoints
-from job.config import RunConfig
-from job.doctor import check_topology
-from job.errors import EXIT_PREEMPTED, JobError
-from job.launch import MULTINODE_PORT, RENDEZVOUS_JOIN_TIMEOUT_S, resolve_topology, torchrun_command
-from tests.conftest import REPO, tiny_bloom
+from job.core import checkpoints
+from job.core.config import RunConfig
+from job.core.errors import EXIT_PREEMPTED
+from job.core.topology import resolve_topology
+from job.run.launch import RENDEZVOUS_JOIN_TIMEOUT_S, torchrun_command
+from tests.conftest import KUBEFLOW_ENV, REPO, tiny_bloom
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -85,88 +85,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# ------------------------------------------------------------------- launch settings, no process started
-KUBEFLOW_ENV = {  # what a PyTorchJob/TrainJob sets in the pod of node 2 of 4
-    "PET_NNODES": "4",
-    "PET_NODE_RANK": "2",
-    "PET_MASTER_ADDR": "run-node-0-0.run",
-    "PET_MASTER_PORT": "29400",
-    "PET_NPROC_PER_NODE": "8",
-}
-
-
-def test_the_torchrun_environment_fills_what_no_flag_sets():
-    cfg = RunConfig.load()
-    sources = resolve_topology(cfg, KUBEFLOW_ENV)
-    assert (cfg.nproc, cfg.nnodes, cfg.node_rank, cfg.master_addr, cfg.master_port) == (
-        8,
-        4,
-        2,
-        "run-node-0-0.run",
-        29400,
-    )
-    assert sources == {
-        "nproc": "PET_NPROC_PER_NODE",
-        "nnodes": "PET_NNODES",
-        "node_rank": "PET_NODE_RANK",
-        "master_addr": "PET_MASTER_ADDR",
-        "master_port": "PET_MASTER_PORT",
-    }
-    detail = check_topology(cfg, sources).detail
-    assert "nnodes=4 (PET_NNODES)" in detail and "node_rank=2 (PET_NODE_RANK)" in detail
-
-
-def test_flags_win_over_the_environment():
-    cfg = RunConfig.load(nnodes=2, node_rank=1, master_addr="10.0.0.5")
-    sources = resolve_topology(cfg, KUBEFLOW_ENV)
-    assert (cfg.nnodes, cfg.node_rank, cfg.master_addr) == (2, 1, "10.0.0.5")
-    assert (cfg.nproc, cfg.master_port) == (8, 29400)  # no flag: still the environment's
-    assert [sources[k] for k in ("nnodes", "node_rank", "master_addr", "nproc")] == [
-        "flag",
-        "flag",
-        "flag",
-        "PET_NPROC_PER_NODE",
-    ]
-    assert "node_rank=1 (flag)" in check_topology(cfg, sources).detail
-
-
-def test_an_indexed_job_gives_the_node_rank():
-    cfg = RunConfig.load(nnodes=3)
-    assert resolve_topology(cfg, {"JOB_COMPLETION_INDEX": "2"})["node_rank"] == "JOB_COMPLETION_INDEX"
-    assert cfg.node_rank == 2 and cfg.master_port == MULTINODE_PORT  # across nodes the port cannot be random
-    cfg = RunConfig.load(nnodes=3)
-    resolve_topology(cfg, {"JOB_COMPLETION_INDEX": "2", "PET_NODE_RANK": "1"})
-    assert cfg.node_rank == 1  # torchrun's own variable first
-
-
-def test_defaults_without_flags_or_environment():
-    cfg = RunConfig.load()
-    assert set(resolve_topology(cfg, {}).values()) == {"default"}
-    assert (cfg.nproc, cfg.nnodes, cfg.node_rank, cfg.master_addr, cfg.master_port) == (None, 1, 0, "127.0.0.1", None)
-    assert "master_port=any" in check_topology(cfg, resolve_topology(RunConfig.load(), {})).detail
-
-
-@pytest.mark.parametrize(
-    "env, words",
-    [
-        ({"PET_NNODES": "1:4"}, ["PET_NNODES='1:4'", "elastic"]),
-        ({"PET_NPROC_PER_NODE": "many"}, ["PET_NPROC_PER_NODE='many'"]),
-        ({"PET_NNODES": "2", "JOB_COMPLETION_INDEX": "2"}, ["--node-rank 2 is not below --nnodes 2"]),
-        ({"PET_MASTER_PORT": "70000"}, ["--master-port 70000"]),
-    ],
-)
-def test_a_bad_environment_is_a_one_line_error(env, words):
-    with pytest.raises(JobError) as e:
-        resolve_topology(RunConfig.load(), env)
-    assert all(w in str(e.value) for w in words) and e.value.fix
-
-
-def test_nproc_auto_means_one_process_per_gpu():
-    cfg = RunConfig.load()
-    assert resolve_topology(cfg, {"PET_NPROC_PER_NODE": "auto"})["nproc"] == "PET_NPROC_PER_NODE"
-    assert cfg.nproc is None
-
-
 def _torchrun_config(command: list[str], monkeypatch):
     """The launch torchrun itself would make of these arguments."""
     from torch.distributed.run import config_from_args, get_args_parser
@@ -174,7 +92,7 @@ def _torchrun_config(command: list[str], monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # else torchrun sets it in this process
     for name in KUBEFLOW_ENV:  # torchrun reads PET_* for flags not given; the command must not depend on them
         monkeypatch.delenv(name, raising=False)
-    assert command[1:3] == ["-m", "job.launch"]  # torchrun's own main (job.launch._quiet_torchrun), same arguments
+    assert command[1:3] == ["-m", "job.run.launch"]  # torchrun's own main (launch._quiet_torchrun), same arguments
     parsed = get_args_parser().parse_args(command[3:])
     launch, _, args = config_from_args(parsed)
     assert args[-3:] == ["worker", "--config", "run/run_config.json"]
@@ -182,8 +100,7 @@ def _torchrun_config(command: list[str], monkeypatch):
 
 
 def test_one_node_lets_torchrun_pick_the_port(monkeypatch):
-    cfg = RunConfig.load(nproc=2)
-    resolve_topology(cfg, {})
+    cfg, _ = resolve_topology(RunConfig.load(nproc=2), {})
     command = torchrun_command(cfg, 2, Path("run/run_config.json"))
     assert "--standalone" in command and "--master-port" not in command
     launch, parsed = _torchrun_config(command, monkeypatch)
@@ -194,8 +111,9 @@ def test_one_node_lets_torchrun_pick_the_port(monkeypatch):
 def test_nodes_meet_at_a_c10d_rendezvous_and_restart_together(monkeypatch, tmp_path):
     configs = []
     for rank in ("0", "2"):
-        cfg = RunConfig.load(output_dir=str(tmp_path / "run"))
-        resolve_topology(cfg, {**KUBEFLOW_ENV, "PET_NODE_RANK": rank})
+        cfg, _ = resolve_topology(
+            RunConfig.load(output_dir=str(tmp_path / "run")), {**KUBEFLOW_ENV, "PET_NODE_RANK": rank}
+        )
         command = torchrun_command(cfg, cfg.nproc, Path("run/run_config.json"))
         configs.append(_torchrun_config(command, monkeypatch)[0])
     for launch in configs:
@@ -203,8 +121,7 @@ def test_nodes_meet_at_a_c10d_rendezvous_and_restart_together(monkeypatch, tmp_p
         assert (launch.min_nodes, launch.max_nodes, launch.nproc_per_node) == (4, 4, 8)
         assert launch.max_restarts > 0 and int(launch.rdzv_configs["join_timeout"]) == RENDEZVOUS_JOIN_TIMEOUT_S
     assert configs[0].run_id == configs[1].run_id  # one rendezvous for every node of the run
-    other = RunConfig.load(output_dir=str(tmp_path / "other"))
-    resolve_topology(other, KUBEFLOW_ENV)
+    other, _ = resolve_topology(RunConfig.load(output_dir=str(tmp_path / "other")), KUBEFLOW_ENV)
     launch, _ = _torchrun_config(torchrun_command(other, 8, Path("run/run_config.json")), monkeypatch)
     assert launch.run_id != configs[0].run_id
 
@@ -234,7 +151,7 @@ def losses(output: Path) -> dict[int, float]:
 def inputs(tmp_path_factory, tiny_tokenizer_dir):
     """A small saved Bloom (every run starts from the same weights) and a corpus."""
 
-    from job.corpus import builtin_articles
+    from job.data.corpus import builtin_articles
     from tests.conftest import write_jsonl
 
     root = tmp_path_factory.mktemp("launch")
@@ -487,7 +404,7 @@ def test_kill_during_a_save_loses_only_that_save(inputs, reference):
 
 
 def test_one_run_per_output_folder_and_a_killed_run_leaves_no_stuck_lock(tmp_path):
-    from job.launch import OutputLock
+    from job.run.launch import OutputLock
 
     output = tmp_path / "out"
     output.mkdir()
@@ -495,7 +412,7 @@ def test_one_run_per_output_folder_and_a_killed_run_leaves_no_stuck_lock(tmp_pat
         [
             sys.executable,
             "-c",
-            "import sys,time; from job.launch import OutputLock; from pathlib import Path;"
+            "import sys,time; from job.run.launch import OutputLock; from pathlib import Path;"
             "lock = OutputLock(Path(sys.argv[1])); lock.acquire(); print('held', flush=True); time.sleep(600)",
             str(output),
         ],

@@ -11,24 +11,24 @@ import torch
 from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from job.attention import install_attention
-from job.config import RunConfig
-from job.errors import JobError
-from job.model import (
-    PRESET_SHAPES,
-    build_model,
-    chunked_causal_lm_loss,
-    config_parameter_count,
-    flops_per_token,
-    install_chunked_loss,
-    install_fused_gelu,
-    model_config,
-    parameter_count,
-    restore_stock,
-)
+from job.core.config import RunConfig
+from job.core.errors import JobError
+from job.core.units import config_parameter_count, flops_per_token
+from job.model import build
+from job.model.attention import install_attention
+from job.model.build import PRESET_SHAPES, model_config, parameter_count
+from job.model.loss import chunked_causal_lm_loss, install_chunked_loss
+from job.model.patches import FusedGeluPatch, apply_patches, model_patches, undo_patches
 from tests.conftest import tiny_bloom as shared_tiny_bloom
 
 EOS, PAD = 2, 3
+
+
+def build_model(cfg, tokenizer, device_type: str = "cpu"):
+    """The model as the trainer gets it: built stock, then the run config's patches applied."""
+    model = build.build_model(cfg, tokenizer)
+    apply_patches(model, model_patches(cfg, device_type))
+    return model
 
 
 class StandInTokenizer:
@@ -267,15 +267,15 @@ def test_generation_after_build_equals_stock():
         assert torch.equal(model.generate(prompt, **kwargs), stock.generate(prompt, **kwargs))
 
 
-def test_restore_stock_gives_back_the_stock_model_paths():
-    """The bench's baseline: after `restore_stock` the built model runs transformers' own attention and loss."""
+def test_undo_patches_gives_back_the_stock_model_paths():
+    """The bench's baseline: after `undo_patches` the built model runs transformers' own attention and loss."""
     model = build_model(RunConfig(preset="tiny"), StandInTokenizer(100))
     stock = BloomForCausalLM(model.config)
     stock.load_state_dict(model.state_dict())
     ids = torch.randint(4, 100, (2, 16))
     ids[0, 7] = EOS  # packed: the fast path would split row 0 into two documents, the stock path does not
     assert model(ids, labels=ids).logits is None  # the chunked loss
-    restore_stock(model)
+    undo_patches(model)
     assert model.job_attention == "eager" and "forward" not in model.__dict__
     assert "forward" not in model.transformer.__dict__
     out, ref = model(ids, labels=ids), stock(ids, labels=ids)
@@ -341,7 +341,7 @@ def test_fused_gelu_is_bloom_gelu():
     y = x.detach().clone().requires_grad_()
     gelu = BloomGelu()
     want = gelu(x)
-    install_fused_gelu(torch.nn.Sequential(gelu))
+    FusedGeluPatch().install(torch.nn.Sequential(gelu))
     got = gelu(y)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     want.backward(torch.ones_like(want))
@@ -360,6 +360,40 @@ def test_install_patches_logs_what_it_installed_and_print_shows_it(caplog):
     assert all("gelu_impl" in k or "orig_mod" not in k for k in model.state_dict())
     plain = build_model(RunConfig(preset="tiny", fused_gelu=False, liger_loss=False), StandInTokenizer(100))
     assert "gelu" not in plain.job_patches and "job patches: attention sdpa; loss chunked" in repr(plain)
+
+
+def test_a_patch_refuses_a_transformers_release_it_was_not_written_for(monkeypatch, caplog):
+    """Attention and loss re-implement transformers internals: on another release they are not installed, the log
+    says why and which stock path runs, and the model then computes exactly what stock transformers does."""
+    from job.model import patches
+
+    monkeypatch.setattr(patches, "version", lambda name: "9.0.0")
+    with caplog.at_level("INFO", logger="job"):
+        model = build_model(RunConfig(preset="tiny"), StandInTokenizer(100))
+    assert set(model.job_patches) == {"gelu"}  # the one that replaces no internals
+    assert (
+        f"model patch attention not installed (written for transformers {patches.BLOOM_INTERNALS}, this is 9.0.0)"
+        in (caplog.text)
+    )
+    assert "transformers' eager attention runs" in caplog.text and "transformers' full-logits loss runs" in caplog.text
+    stock = BloomForCausalLM(model.config)
+    stock.load_state_dict(model.state_dict())
+    ids = torch.randint(4, 100, (2, 16))
+    torch.testing.assert_close(model(ids, labels=ids).loss, stock(ids, labels=ids).loss, atol=1e-5, rtol=1e-5)
+
+
+def test_patches_install_in_order_and_undo_in_reverse():
+    cfg = RunConfig(preset="tiny", compile_blocks=True)
+    assert [p.name for p in model_patches(cfg, "cpu")] == ["attention", "gelu", "loss", "compile"]
+    assert [p.name for p in model_patches(RunConfig(fused_gelu=False), "cpu")] == ["attention", "loss"]
+    with pytest.raises(JobError, match="flex cannot train on cpu"):
+        model_patches(RunConfig(attention="flex"), "cpu")
+    model = build_model(cfg, StandInTokenizer(100))
+    assert all(block._compiled_call_impl is not None for block in model.transformer.h)
+    undo_patches(model)
+    assert model.job_patches == {} and "job patches" not in repr(model)
+    assert all(block._compiled_call_impl is None for block in model.transformer.h)
+    assert "forward" not in model.__dict__ and "forward" not in model.transformer.__dict__
 
 
 def test_compiled_blocks_save_a_plain_hf_bloom(tmp_path):
@@ -415,7 +449,7 @@ def test_all_patches_with_compiled_blocks_train_like_stock_on_cuda():
     """flex + fused GELU + liger (if there) + compiled blocks, bf16 autocast: the loss after 3 AdamW steps stays
     within 2% of the stock model's, and the state dict keeps stock names (the export is a plain HF Bloom)."""
     tokenizer = StandInTokenizer(1000)
-    model = build_model(RunConfig(preset="tiny", compile_blocks=True), tokenizer).cuda()
+    model = build_model(RunConfig(preset="tiny", compile_blocks=True), tokenizer, "cuda").cuda()
     assert "compile" in model.job_patches and model.job_patches["attention"] == "flex"
     assert set(model.state_dict()) == set(BloomForCausalLM(model.config).state_dict())
     stock = BloomForCausalLM(model.config).cuda()

@@ -15,8 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from job import monitor
-from job.monitor import (
+from job.core.units import peak_tflops_for_name
+from job.run import metrics as monitor
+from job.run.metrics import (
     CountingCollator,
     MetricsFileCallback,
     ProgressCallback,
@@ -24,7 +25,6 @@ from job.monitor import (
     extra_log_values,
     measure_matmul_tflops,
     peak_tflops,
-    peak_tflops_for_name,
 )
 from tests.conftest import tiny_bloom
 
@@ -40,7 +40,7 @@ def _trainer(tokenizer, output, callbacks=(), resume_steps: int = STEPS):
     import datasets
     from transformers import DataCollatorForLanguageModeling, TrainingArguments
 
-    from job.train import JobTrainer
+    from job.run.worker import JobTrainer
 
     model = tiny_bloom(len(tokenizer), hidden_size=32, n_head=2)
     rng = random.Random(0)
@@ -167,7 +167,7 @@ def test_log_history_holds_our_values_in_the_callbacks_given_order(run):
 
 
 def test_resume_appends_and_report_reads_one_history(run):
-    from job.report import read_metrics
+    from job.core.metrics_log import read_metrics
 
     lines = (run.output / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     assert lines[: len(run.first_lines)] == run.first_lines  # appended, not truncated
@@ -282,7 +282,7 @@ def test_measured_cpu_ceiling_is_quick():
 def test_report_from_the_run(run):
     from PIL import Image
 
-    from job.report import write_report
+    from job.run.report import write_report
 
     samples = [{"prompt": "北京", "before": "随机</s>", "after": "是中国的首都。"}]
     hardware = {"device": "cpu", "processes": 1, "torch": torch.__version__}

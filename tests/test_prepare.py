@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from job.config import RunConfig
-from job.prepare import prepare, token_ids_function
+from job.core.config import RunConfig
+from job.data.prepare import prepare, token_ids_function
 from tests.conftest import DOCS
 
 
@@ -61,7 +61,7 @@ def test_eval_split_holds_out_whole_documents(tiny_tokenizer):
 
 
 def test_second_identical_run_tokenizes_nothing(tiny_tokenizer, docs_jsonl, monkeypatch):
-    import job.prepare as module
+    import job.data.prepare as module
 
     cfg = RunConfig.load(data=str(docs_jsonl), max_length=32)
     first = prepare(cfg, tiny_tokenizer)
@@ -78,7 +78,7 @@ def test_second_identical_run_tokenizes_nothing(tiny_tokenizer, docs_jsonl, monk
 
 
 def test_output_with_other_settings_is_refused(tiny_tokenizer, docs_jsonl, tmp_path):
-    from job.errors import JobError
+    from job.core.errors import JobError
 
     prepare(RunConfig.load(data=str(docs_jsonl), max_length=32), tiny_tokenizer, str(tmp_path / "out"))
     with pytest.raises(JobError, match="prepared with other settings"):
@@ -123,7 +123,7 @@ def test_a_killed_prepare_leaves_staging_that_the_next_one_removes(tiny_tokenize
     import signal
     import time
 
-    from job.tokenizer import load_tokenizer
+    from job.data.tokenizer import load_tokenizer
 
     target = tmp_path / "p"
     (tmp_path / ".p.mine").mkdir()  # not our staging pattern: never touched
@@ -144,7 +144,7 @@ def test_a_killed_prepare_leaves_staging_that_the_next_one_removes(tiny_tokenize
 
 
 def test_a_foreign_output_is_refused_before_anything_is_written(tiny_tokenizer, docs_jsonl, tmp_path):
-    from job.errors import JobError
+    from job.core.errors import JobError
 
     theirs = tmp_path / "theirs"
     theirs.mkdir()

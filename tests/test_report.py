@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from job.report import read_metrics, throughput_summary, write_report
+from job.core.metrics_log import read_metrics
+from job.run.report import throughput_summary, write_report
 
 
 def _line(**record) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from job.errors import JobError
-from job.tokenizer import check_specials, load_tokenizer, tokenizer_fingerprint
+from job.core.errors import JobError
+from job.data.tokenizer import check_specials, load_tokenizer, tokenizer_fingerprint
 from tests.conftest import DOCS
 
 
@@ -20,7 +20,7 @@ def test_specials_and_round_trip(tiny_tokenizer):
 
 
 def test_builtin_tokenizer_is_cached(job_cache):
-    from job.tokenizer import builtin_tokenizer
+    from job.data.tokenizer import builtin_tokenizer
 
     first = builtin_tokenizer(1000)
     folder = first.name_or_path
@@ -59,7 +59,7 @@ def test_missing_tokenizer_folder(tmp_path):
 
 
 def test_output_must_be_new_or_empty(tmp_path):
-    from job.tokenizer import train_tokenizer
+    from job.data.tokenizer import train_tokenizer
 
     (tmp_path / "file").write_text("x")
     with pytest.raises(JobError, match="is a file"):

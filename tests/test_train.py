@@ -3,6 +3,7 @@ collator's label semantics and the guard against a diverging loss."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import sys
 
 import pytest
 
-from job.config import RunConfig
+from job.core.config import RunConfig
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -25,7 +26,7 @@ def _env():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_tokenizer_dir):
     """`python -m job train` as a user runs it: tiny preset, DeepSpeed ZeRO-2 (the default file), one process."""
-    from job.corpus import builtin_articles
+    from job.data.corpus import builtin_articles
     from tests.conftest import write_jsonl
 
     root = tmp_path_factory.mktemp("train")
@@ -123,26 +124,30 @@ def test_smoke_passes_in_a_fresh_process(trained):
     assert result["ok"] is True and all(result["checks"].values())
 
 
-def test_collator_labels_keep_eos_and_mask_padding(tiny_tokenizer):
-    import copy
+def test_training_batches_keep_eos_labels_mask_padding_and_count_real_tokens(tiny_tokenizer):
+    """The worker's collator: right padding whatever the tokenizer's side, eos labels kept, padding masked, the real
+    tokens counted on the host, and the tokenizer (left-padding, for generation) left as it was."""
+    from job.run.metrics import REAL_TOKENS_KEY
+    from job.run.worker import training_collator
 
-    from transformers import DataCollatorForLanguageModeling
-
-    tok = copy.copy(tiny_tokenizer)
-    tok.padding_side = "right"
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    batch = DataCollatorForLanguageModeling(tok, mlm=False)([{"input_ids": [10, 11, eos]}, {"input_ids": [12]}])
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    side = tiny_tokenizer.padding_side
+    batch = training_collator(tiny_tokenizer, count_tokens=True)([{"input_ids": [10, 11, eos]}, {"input_ids": [12]}])
     assert batch["input_ids"].tolist() == [[10, 11, eos], [12, pad, pad]]
     assert batch["labels"].tolist() == [[10, 11, eos], [12, -100, -100]]  # the shift happens inside the model
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch[REAL_TOKENS_KEY] == 4
+    assert tiny_tokenizer.padding_side == side == "left"
+    plain = training_collator(tiny_tokenizer, count_tokens=False, pad_to_multiple_of=8)([{"input_ids": [10, eos]}])
+    assert REAL_TOKENS_KEY not in plain and plain["input_ids"].shape == (1, 8)
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_tokenizer, docs_jsonl):
     import torch
 
-    from job.checkpoints import complete_checkpoints
-    from job.prepare import prepare
-    from job.train import build_trainer
+    from job.core.checkpoints import complete_checkpoints
+    from job.data.prepare import prepare
+    from job.run.worker import build_trainer
 
     cfg = RunConfig.load(
         data=str(docs_jsonl),
@@ -160,7 +165,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_
         max_nonfinite_steps=3,
         prompts=[],
     )
-    cfg.prepared = str(prepare(cfg, tiny_tokenizer).path)
+    cfg = dataclasses.replace(cfg, prepared=str(prepare(cfg, tiny_tokenizer).path))
     trainer = build_trainer(cfg, callbacks=[])
     real_compute_loss = trainer.compute_loss
 
@@ -185,7 +190,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_
 _KILL_WORKERS = """
 import os, signal, sys
 from accelerate.data_loader import DataLoaderShard
-from job.train import _workers_ignore_signals
+from job.run.worker import _workers_ignore_signals
 
 prepared = DataLoaderShard(list(range(64)), batch_size=2, num_workers=2)  # what Trainer.get_*_dataloader give
 if sys.argv[1] == "hooked":
@@ -249,9 +254,9 @@ def test_a_signal_during_the_export_exits_75_and_the_rerun_exports_without_train
     import signal
     import time
 
-    from job.checkpoints import all_checkpoints, step_of
-    from job.corpus import builtin_articles
-    from job.errors import EXIT_PREEMPTED
+    from job.core.checkpoints import all_checkpoints, step_of
+    from job.core.errors import EXIT_PREEMPTED
+    from job.data.corpus import builtin_articles
     from tests.conftest import write_jsonl
 
     write_jsonl(tmp_path / "docs.jsonl", builtin_articles()[:100])

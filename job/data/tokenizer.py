@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from job.config import cache_root
-from job.errors import JobError
+from job.core.config import cache_root
+from job.core.errors import JobError
+from job.core.files import FileLock, new_folder, share
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0-3, as in Bloom
 # Bloom's split: runs of non-space, non-punctuation characters keep one leading space.
@@ -58,12 +58,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output: Path):
 
 def builtin_tokenizer(vocab_size: int):
     """The BPE trained on the built-in corpus, built once and cached under $JOB_CACHE/tokenizers."""
-    from job.corpus import _BUILTIN_VERSION, BUILTIN_NAME, builtin_articles
+    from job.data.corpus import _BUILTIN_VERSION, BUILTIN_NAME, builtin_articles
 
     key = hashlib.sha256(f"{BUILTIN_NAME}:v{_BUILTIN_VERSION}:{vocab_size}:{_BLOOM_SPLIT}".encode()).hexdigest()[:12]
     folder = cache_root() / "tokenizers" / f"builtin-{vocab_size}-{key}"
     if not (folder / "tokenizer.json").exists():
-        train_tokenizer(builtin_articles(), vocab_size, folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(folder.parent / f".{folder.name}.lock"):  # several first runs: one trains, the others reuse
+            if not (folder / "tokenizer.json").exists():
+                train_tokenizer(builtin_articles(), vocab_size, folder)
     return load_tokenizer(str(folder))
 
 
@@ -127,10 +130,10 @@ def check_new_folder(output: Path) -> None:
 
 
 def _save_atomically(tokenizer, output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    staging = new_folder(output.parent, f".{output.name}.")
     try:
         tokenizer.save_pretrained(str(staging))
+        share(staging)
         if output.exists():
             output.rmdir()  # empty (check_new_folder)
         staging.rename(output)

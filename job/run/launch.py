@@ -7,44 +7,34 @@ workers all read the same `run_config.json`; the parent waits and returns the ex
 Signals: the parent holds a lock on the output folder for the run's lifetime (node 0). It starts torchrun
 in a session of its own, so a signal to the parent's process group (a terminal, `timeout`) reaches only the
 parent, which passes the first SIGTERM/SIGINT on, once; torchrun signals each worker's group and waits for
-them up to `--shutdown-timeout-s`. `python -m job.launch` is torchrun that acts on the first signal only
+them up to `--shutdown-timeout-s`. `python -m job.run.launch` is torchrun that acts on the first signal only
 and ends quietly after a signalled, clean shutdown (plain torchrun prints a traceback then).
 """
 
 from __future__ import annotations
 
-import fcntl
+import dataclasses
 import hashlib
-import json
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from job import checkpoints, doctor
-from job.checkpoints import LOCK_FILE, STATUS_FILE
-from job.config import RunConfig
-from job.errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, STOP_SIGNALS, JobError
+from job.core import checkpoints, run_files
+from job.core.config import RunConfig
+from job.core.errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, STOP_SIGNALS, JobError
+from job.core.files import FileLock, atomic_write_json
+from job.core.topology import TOPOLOGY_DEFAULTS, processes_per_node
+from job.run.checks import Preflight
+from job.run.preflight import preflight
+from job.run.publish import publish
+from job.run.resume import check_prepared_tokenizer
 
 log = logging.getLogger("job")
 
-# Where a launch setting comes from when no flag (or --config file) sets it: torchrun's own PET_* variables,
-# which Kubeflow's PyTorchJob and TrainJob set in every pod, then an Indexed Job's completion index (JobSet
-# pods have it too) for the node rank; else the default. The same names torchrun reads, so one pod spec
-# works under every launcher.
-TOPOLOGY_ENV = {
-    "nproc": ("PET_NPROC_PER_NODE",),
-    "nnodes": ("PET_NNODES",),
-    "node_rank": ("PET_NODE_RANK", "JOB_COMPLETION_INDEX"),
-    "master_addr": ("PET_MASTER_ADDR",),
-    "master_port": ("PET_MASTER_PORT",),
-}
-TOPOLOGY_DEFAULTS = {"nproc": None, "nnodes": 1, "node_rank": 0, "master_addr": "127.0.0.1", "master_port": None}
-MULTINODE_PORT = 29500  # every node must agree, so across nodes the port cannot be picked at random
 # torchrun restarts every node's workers (a new c10d rendezvous round, each resuming from the newest complete
 # checkpoint) up to this many times when a worker or a node fails; one node alone has nothing to wait for.
 MULTINODE_RESTARTS = 3
@@ -52,60 +42,27 @@ MULTINODE_RESTARTS = 3
 RENDEZVOUS_JOIN_TIMEOUT_S = 1800
 
 
-def resolve_topology(cfg: RunConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Fill the launch settings that no flag set, from `environ` (default os.environ), else the defaults.
-
-    Returns where each one came from: "flag" (a flag or the --config file), a variable's name, or "default".
-    """
-    environ = os.environ if environ is None else environ
-    sources = {}
-    for name, variables in TOPOLOGY_ENV.items():
-        if getattr(cfg, name) is not None:
-            sources[name] = "flag"
-            continue
-        variable = next((v for v in variables if environ.get(v, "").strip()), None)
-        sources[name] = variable or "default"
-        value = TOPOLOGY_DEFAULTS[name] if variable is None else _env_value(name, variable, environ[variable].strip())
-        setattr(cfg, name, value)
-    if cfg.master_port is None and cfg.nnodes > 1:
-        cfg.master_port = MULTINODE_PORT
-    cfg.validate()  # node rank below the node count, a real port: now that both are known
-    return sources
-
-
-def _env_value(name: str, variable: str, text: str) -> int | str | None:
-    flag = "--" + name.replace("_", "-")
-    if name == "master_addr":
-        return text
-    if name == "nproc" and text in ("auto", "gpu"):
-        return None  # torchrun's words for "one process per GPU": our default too
-    if not text.isdigit():
-        hint = " (an elastic range: a ZeRO checkpoint is tied to its world size)" if ":" in text else ""
-        raise JobError(f"{variable}={text!r} is not a whole number{hint}", f"set {variable} to one, or pass {flag}")
-    return int(text)
-
-
 def rendezvous_id(cfg: RunConfig) -> str:
     """The same on every node of one run (they share --output-dir), different for runs into other folders."""
     return "job-" + hashlib.sha256(cfg.output_dir.encode()).hexdigest()[:16]
 
 
-def prepare_inputs(cfg: RunConfig, found: doctor.Preflight | None = None):
+def prepare_inputs(cfg: RunConfig, found: Preflight | None = None) -> tuple[RunConfig, object]:
     """Prepare the data once (CPU work, before any launch), reusing what the preflight checks loaded.
 
-    Returns the config with `tokenizer` and `prepared` resolved to folders every worker reads, and the
+    Returns a new config with `tokenizer` and `prepared` resolved to folders every worker reads, and the
     tokenizer. The prepared data goes to the cache, never half-way.
     """
-    from job.corpus import load_corpus
-    from job.prepare import prepare, read_prepared_key, read_prepared_stats
-    from job.tokenizer import resolve_tokenizer, tokenizer_fingerprint
+    from job.data.corpus import load_corpus
+    from job.data.prepare import prepare, read_prepared_key, read_prepared_stats
+    from job.data.tokenizer import resolve_tokenizer, tokenizer_fingerprint
 
-    found = found or doctor.Preflight(cfg)
+    found = found or Preflight(cfg)
     tokenizer = found.tokenizer or resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
     if cfg.prepared:
         key = found.prepared_key or read_prepared_key(cfg.prepared)
-        doctor.check_prepared_tokenizer(cfg.prepared, key, tokenizer_fingerprint(tokenizer))
-        cfg.max_length = read_prepared_stats(cfg.prepared)["max_length"]
+        check_prepared_tokenizer(cfg.prepared, key, tokenizer_fingerprint(tokenizer))
+        cfg = dataclasses.replace(cfg, max_length=read_prepared_stats(cfg.prepared)["max_length"])
     else:
         corpus = found.corpus or load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
         result = prepare(cfg, tokenizer, corpus=corpus)
@@ -115,14 +72,14 @@ def prepare_inputs(cfg: RunConfig, found: doctor.Preflight | None = None):
             result.path,
             {k: result.stats[k] for k in ("documents", "tokens", "rows")},
         )
-        cfg.prepared = str(result.path)
-    cfg.tokenizer = tokenizer.name_or_path  # the folder every worker loads
-    return cfg, tokenizer
+        cfg = dataclasses.replace(cfg, prepared=str(result.path))
+    return dataclasses.replace(cfg, tokenizer=tokenizer.name_or_path), tokenizer  # the folder every worker loads
 
 
 def train(cfg: RunConfig) -> int:
     """Check everything, prepare, then write the config and launch; the exit code of the run."""
-    found = doctor.preflight(cfg)  # stops at the first failed check: nothing written yet
+    found = preflight(cfg)  # stops at the first failed check: nothing written yet
+    cfg = found.cfg  # with the launch settings resolved
     output = Path(cfg.output_dir)
     lock = OutputLock(output) if cfg.node_rank == 0 else None
     if lock and output.is_dir():
@@ -131,64 +88,47 @@ def train(cfg: RunConfig) -> int:
     cfg, _ = prepare_inputs(cfg, found)
 
     output.mkdir(parents=True, exist_ok=True)
-    if lock:  # the folder is this job's (doctor.check_output): its own partial saves only
+    if lock:  # the folder is this job's (resume.check_output): its own partial saves only
         lock.acquire()
         for path in checkpoints.remove_incomplete(output):
             log.warning("removed incomplete checkpoint %s (a save was interrupted)", path)
     last = checkpoints.resume_point(cfg.resume, output)
-    world = doctor.processes_per_node(cfg) * cfg.nnodes
+    world = processes_per_node(cfg) * cfg.nnodes
     if lock and last and checkpoints.zero_world_size(last) not in (None, world):
         make_universal(last)
     if checkpoints.finished(last, cfg.max_steps):
-        if _recorded_code(output) == EXIT_OK and (output / checkpoints.FINAL).is_dir():
+        if run_files.recorded_code(output) == EXIT_OK and (output / run_files.FINAL).is_dir():
             log.info("%s already trained to step %d and exported: nothing to do", output, checkpoints.step_of(last))
             return EXIT_OK
         if cfg.node_rank != 0:
             return EXIT_OK
-        from job.train import publish
-
         log.info("%s trained to step %d; exporting it (the export was interrupted)", last, checkpoints.step_of(last))
         return publish(cfg, last, processes=world)
-    (output / STATUS_FILE).unlink(missing_ok=True)
-    cfg.write(output / "run_config.json")  # first: from here on other nodes see a folder of this job
-    (output / doctor.INPUTS_FILE).write_text(json.dumps(found.fingerprints, indent=2) + "\n")
+    (output / run_files.STATUS).unlink(missing_ok=True)
+    cfg.write(output / run_files.RUN_CONFIG)  # first: from here on other nodes see a folder of this job
+    atomic_write_json(output / run_files.INPUTS, found.fingerprints)
 
-    nproc = doctor.processes_per_node(cfg)
+    nproc = processes_per_node(cfg)
     if nproc == 1 and cfg.nnodes == 1:
         return _run_in_process(cfg)
     return _run_torchrun(cfg, nproc, output)
 
 
 class OutputLock:
-    """One run per output folder: an exclusive `flock` on OUTPUT/job.lock, held by the launcher until it exits.
+    """One run per output folder: a lock on OUTPUT/job.lock (`FileLock`), held by the launcher until it exits.
 
-    The kernel drops it when the process ends, however it ends, so a killed run leaves nothing stuck. Only
-    node 0's launcher takes it: every node of a multi-node run shares the folder.
+    Only node 0's launcher takes it: every node of a multi-node run shares the folder.
     """
 
     def __init__(self, output: Path):
-        self.path = output / LOCK_FILE
-        self.handle = None
+        self.lock = FileLock(output / run_files.LOCK)
 
     def acquire(self) -> None:
-        if self.handle is not None:
-            return
-        handle = self.path.open("a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
+        if not self.lock.try_acquire():
             raise JobError(
-                f"{self.path.parent} is in use by a running job ({holder})",
+                f"{self.lock.path.parent} is in use by a running job ({self.lock.holder()})",
                 "wait for it to end, stop it, or use another --output-dir",
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        self.handle = handle  # kept open (and locked) for the life of this process
+            )
 
 
 def make_universal(checkpoint: Path) -> None:
@@ -241,7 +181,7 @@ def single_process_env(cfg: RunConfig) -> None:
 
 
 def _run_in_process(cfg: RunConfig) -> int:
-    from job.train import run_worker
+    from job.run.worker import run_worker
 
     single_process_env(cfg)
     return run_worker(cfg)
@@ -272,7 +212,7 @@ def torchrun_command(cfg: RunConfig, nproc: int, config_path: Path) -> list[str]
     return [
         sys.executable,
         "-m",
-        "job.launch",  # torchrun, quieter on signals (_quiet_torchrun)
+        "job.run.launch",  # torchrun, quieter on signals (_quiet_torchrun)
         "--nproc-per-node",
         str(nproc),
         *rendezvous,
@@ -287,7 +227,7 @@ def torchrun_command(cfg: RunConfig, nproc: int, config_path: Path) -> list[str]
 
 
 def _run_torchrun(cfg: RunConfig, nproc: int, output: Path) -> int:
-    command = torchrun_command(cfg, nproc, output / "run_config.json")
+    command = torchrun_command(cfg, nproc, output / run_files.RUN_CONFIG)
     env = {
         **os.environ,
         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(cfg.shutdown_timeout_s),
@@ -312,7 +252,7 @@ def _run_torchrun(cfg: RunConfig, nproc: int, output: Path) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    code = _recorded_code(output)
+    code = run_files.recorded_code(output)
     if code is not None:
         return code
     if received:
@@ -320,12 +260,6 @@ def _run_torchrun(cfg: RunConfig, nproc: int, output: Path) -> int:
         return EXIT_PREEMPTED
     log.error("the workers ended without a verdict (torchrun exit %s); see the log above", returncode)
     return returncode or EXIT_CRASH
-
-
-def _recorded_code(output: Path) -> int | None:
-    """The exit code rank 0 recorded in STATUS_FILE, if any."""
-    status = output / STATUS_FILE
-    return int(json.loads(status.read_text())["code"]) if status.exists() else None
 
 
 def _quiet_torchrun() -> int:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from job.errors import JobError
+from job.core.errors import JobError
 
 SMOKE_PROMPTS = ["下面是一则娱乐新闻，", "中国的首都是", "今天天气"]
 
@@ -154,7 +154,7 @@ def load_for_inference(model_dir: str | Path):
             f"{folder} has no config.json, so it is not an HF model folder",
             "pass the folder a training run exported (OUTPUT/final) or a saved HF model",
         )
-    from job.doctor import check_weights
+    from job.core.weights import check_weights
 
     check_weights(folder)  # a truncated or corrupt file: one line, not a safetensors traceback
     cuda = torch.cuda.is_available()

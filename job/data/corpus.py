@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.errors import JobError
+from job.core.errors import JobError
 
 TEXT = "completion"
 SOURCE = "source"

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from job.config import RunConfig
-from job.deepspeed_config import zero_stage_in_use
-from job.monitor import significant
+from job.core.config import RunConfig, field_meta
+from job.core.units import flops_per_token, significant, throughput
+from job.run.deepspeed_config import zero_stage_in_use
 
-DATASHEET_BF16_TFLOPS = 989.0  # H100 SXM dense bf16, the MFU denominator the field notes use
+# The config fields a benchmark's figures depend on, reported beside them: by their concern in the config.
+BENCH_SETTING_GROUPS = ("model", "optimisation", "throughput levers")
 
 
 class StepTimer(TrainerCallback):
@@ -107,7 +108,7 @@ def synthetic_tokenizer(vocab_size: int, folder: Path):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from job.tokenizer import SPECIALS
+    from job.data.tokenizer import SPECIALS
 
     vocab = {t: i for i, t in enumerate([*SPECIALS, *(f"t{i}" for i in range(len(SPECIALS), vocab_size))])}
     tokenizer = PreTrainedTokenizerFast(
@@ -128,18 +129,19 @@ def bench_training(
     from accelerate.state import AcceleratorState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from job.launch import prepare_inputs
-    from job.model import flops_per_token, restore_stock
-    from job.monitor import measure_matmul_tflops, peak_tflops
-    from job.tokenizer import resolve_tokenizer
-    from job.train import build_trainer
+    from job.data.tokenizer import resolve_tokenizer
+    from job.model.patches import undo_patches
+    from job.run.launch import prepare_inputs
+    from job.run.metrics import measure_matmul_tflops, peak_tflops
+    from job.run.worker import build_trainer
 
     if synthetic and not (cfg.tokenizer or cfg.model):  # random tokens need only a vocabulary size, eos and pad
-        tokenizer = synthetic_tokenizer(cfg.vocab_size, Path(cfg.output_dir).parent / "tokenizer")
-        cfg.tokenizer = str(Path(cfg.output_dir).parent / "tokenizer")
+        folder = Path(cfg.output_dir).parent / "tokenizer"
+        tokenizer = synthetic_tokenizer(cfg.vocab_size, folder)
+        cfg = dataclasses.replace(cfg, tokenizer=str(folder))
     elif synthetic:
         tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
-        cfg.tokenizer = tokenizer.name_or_path
+        cfg = dataclasses.replace(cfg, tokenizer=tokenizer.name_or_path)
     else:
         cfg, tokenizer = prepare_inputs(cfg)
     cfg = dataclasses.replace(cfg, eval_fraction=0.0)  # no evaluation inside the timed run
@@ -157,7 +159,7 @@ def bench_training(
     trainer = build_trainer(cfg, data=data, callbacks=[timer])
     trainer.args.save_strategy = "no"  # the Trainer would save at the last step: seconds of I/O, never timed
     if stock:
-        restore_stock(trainer.model)
+        undo_patches(trainer.model)
     if not synthetic and len(trainer.get_train_dataloader()) < (steps + warmup) * cfg.grad_accum:
         data = synthetic_data(rows, cfg.max_length, len(tokenizer), tokenizer.eos_token_id)
         trainer.train_dataset = data["train"]
@@ -165,18 +167,17 @@ def bench_training(
     trainer.train()
     per_token = flops_per_token(trainer.model.config, cfg.max_length)
     step_s = statistics.median(timer.times)
-    tokens_per_s = sum(timer.tokens) / sum(timer.times)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
-    tflops = tokens_per_s * per_token / 1e12 / world
     peak = peak_tflops(device)
+    figures = throughput(sum(timer.tokens), sum(timer.times), per_token, world, peak)
     result = {
         "path": "stock HF Bloom" if stock else "job",
         "attention": getattr(trainer.model, "job_attention", cfg.attention),
         "model_patches": getattr(trainer.model, "job_patches", {}),
         "deepspeed": bool(trainer.is_deepspeed_enabled),  # as the Trainer ran, not as asked
-        "tokens_per_s": round(tokens_per_s, 1),
-        "tflops": significant(tflops),
-        "mfu": significant(tflops / peak) if peak else None,
+        "tokens_per_s": round(sum(timer.tokens) / sum(timer.times), 1),
+        "tflops": figures["tflops_per_device"],  # per device, as MFU counts it
+        "mfu": figures.get("mfu"),
         "step_s": round(step_s, 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "steps_timed": len(timer.times),
@@ -225,31 +226,13 @@ def run_bench(
         device, ceiling = main.pop("_device"), main.pop("_measured_ceiling")
         summary = {
             **main,
-            "mfu_datasheet": significant(main["tflops"] / DATASHEET_BF16_TFLOPS) if device.type == "cuda" else None,
             "measured_ceiling_tflops": significant(ceiling),
             "mfu_measured": significant(main["tflops"] / ceiling) if ceiling else None,
             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
             "settings": {
-                **{
-                    k: getattr(cfg, k)
-                    for k in (
-                        "preset",
-                        "max_length",
-                        "per_device_batch_size",
-                        "grad_accum",
-                        "bf16",
-                        "deepspeed",
-                        "attention",
-                        "torch_compile",
-                        "fold_padding",
-                        "flex_compile_mode",
-                        "flex_kernel_options",
-                        "fused_gelu",
-                        "liger_loss",
-                        "compile_blocks",
-                        "avoid_host_syncs",
-                    )
-                },
+                **{k: v for k, v in cfg.to_dict().items() if field_meta(k)["group"] in BENCH_SETTING_GROUPS},
+                "max_length": cfg.max_length,
+                "deepspeed": cfg.deepspeed,
                 "zero_stage": zero_stage_in_use(cfg),
                 "model_patches": main.pop("model_patches"),
             },
@@ -299,9 +282,9 @@ def bench_tokenize(cfg: RunConfig, repeats: int = 3, scale: int = 1) -> dict:
     """
     import datasets
 
-    from job.corpus import TEXT, Corpus, load_corpus
-    from job.prepare import prepare
-    from job.tokenizer import resolve_tokenizer
+    from job.data.corpus import TEXT, Corpus, load_corpus
+    from job.data.prepare import prepare
+    from job.data.tokenizer import resolve_tokenizer
 
     corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
     if scale > 1:

@@ -35,7 +35,7 @@ from types import MethodType
 import torch
 import torch.nn.functional as F
 
-from job.errors import JobError
+from job.core.errors import JobError
 
 FAST_KINDS = ("sdpa", "flex")
 KINDS = ("eager", *FAST_KINDS)

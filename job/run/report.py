@@ -9,73 +9,24 @@ from __future__ import annotations
 import html
 import json
 import logging
-import math
 import os
 import platform
 import statistics
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
-LOSS_PNG = "loss.png"
-THROUGHPUT_PNG = "throughput.png"
+from job.core.files import atomic_write_text
+from job.core.metrics_log import number, read_metrics
+from job.core.run_files import LOSS_PNG, METRICS, REPORT, THROUGHPUT_PNG
+from job.core.units import clock, flops_per_token, perplexity
+
 log = logging.getLogger("job")
-
-
-# ----------------------------------------------------------------------------------------------- reading
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics file, as one consistent history.
-
-    A torn last line (a crash mid-write) is skipped. At each `train_begin` marker (a resume from step N) the
-    records after step N that the crashed run had written are dropped, since the resumed run repeats them; its
-    first throughput window (start-up) is flagged `warmup`.
-    """
-    if not path.exists():
-        return []
-    records: list[dict[str, Any]] = []
-    warm_next = False
-    last_tokens: float | None = None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict):
-            continue
-        if record.get("event") == "train_begin":
-            step = record.get("step", 0) or 0
-            records = [r for r in records if (r.get("step") or 0) <= step]
-            warm_next, last_tokens = True, _num(record.get("tokens_seen"))
-            continue
-        if "tokens_per_s" in record:
-            record = dict(record)
-            tokens = _num(record.get("tokens_seen"))
-            if tokens is not None and last_tokens is not None and tokens > last_tokens:
-                record["window_tokens"] = tokens - last_tokens  # tokens / tokens_per_s = the window's seconds
-            last_tokens = tokens
-            if warm_next:
-                record["warmup"], warm_next = True, False
-        records.append(record)
-    # an eval repeated at the resume step (eval_on_start again): keep the latest
-    seen: dict[tuple, int] = {}
-    for i, r in enumerate(records):
-        if "eval_loss" in r:
-            seen[("eval", r.get("step"))] = i
-    return [r for i, r in enumerate(records) if "eval_loss" not in r or seen[("eval", r.get("step"))] == i]
-
-
-def _num(value: Any) -> float | None:
-    return (
-        float(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        else None
-    )
 
 
 def _series(records: list[dict], x: str, y: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for r in records:
-        a, b = _num(r.get(x)), _num(r.get(y))
+        a, b = number(r.get(x)), number(r.get(y))
         if a is not None and b is not None:
             xs.append(a)
             ys.append(b)
@@ -148,7 +99,7 @@ def plot_throughput(records: list[dict], path: Path) -> bool:
         (s, t)
         for r in rows
         if r.get("warmup")
-        for s, t in [(_num(r.get("step")), _num(r.get("tokens_per_s")))]
+        for s, t in [(number(r.get("step")), number(r.get("tokens_per_s")))]
         if s is not None and t is not None
     ]
     if warm:
@@ -191,7 +142,7 @@ def _cell(text: Any) -> str:
 
 
 def _fmt(value: Any, digits: int = 4) -> str | None:
-    v = _num(value)
+    v = number(value)
     if v is None:
         return None if value is None else str(value)
     if v.is_integer() and abs(v) >= 1000:
@@ -199,23 +150,8 @@ def _fmt(value: Any, digits: int = 4) -> str | None:
     return f"{v:,.{digits}g}" if abs(v) < 1e6 else f"{v:,.0f}"
 
 
-def clock(seconds: float | None) -> str:
-    """h:mm:ss (the progress line and the report); "?" when unknown."""
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    s = round(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def perplexity(loss: float | None) -> float | None:
-    """exp(loss), the one place it is computed (logs, metrics.jsonl, TensorBoard, the report)."""
-    if loss is None or not math.isfinite(loss):
-        return None
-    return math.exp(loss) if loss < 700 else math.inf
-
-
 def _duration(seconds: Any) -> str | None:
-    s = _num(seconds)
+    s = number(seconds)
     return None if s is None else f"{clock(s)} ({round(s):,} s)"
 
 
@@ -231,17 +167,17 @@ def throughput_summary(records: list[dict]) -> dict[str, Any]:
     Rates are weighted by each window's training time (tokens / tokens_per_s), so the mean tokens/s is all tokens
     over all training time; without window sizes (an older file) every window counts the same.
     """
-    rows = [r for r in records if (_num(r.get("tokens_per_s")) or 0) > 0]
+    rows = [r for r in records if (number(r.get("tokens_per_s")) or 0) > 0]
     steady = [r for r in rows if not r.get("warmup")]
     note = None
     if not steady and rows:
         steady, note = rows, "only start-up windows were logged; the means include them"
-    seconds = [(_num(r.get("window_tokens")) or 0) / r["tokens_per_s"] for r in steady]
+    seconds = [(number(r.get("window_tokens")) or 0) / r["tokens_per_s"] for r in steady]
     if not all(s > 0 for s in seconds):
         seconds = [1.0] * len(steady)
 
     def mean(key: str) -> float | None:
-        pairs = [(v, w) for r, w in zip(steady, seconds, strict=True) if (v := _num(r.get(key))) is not None]
+        pairs = [(v, w) for r, w in zip(steady, seconds, strict=True) if (v := number(r.get(key))) is not None]
         total = sum(w for _, w in pairs)
         return sum(v * w for v, w in pairs) / total if pairs and total > 0 else None
 
@@ -255,7 +191,7 @@ def throughput_summary(records: list[dict]) -> dict[str, Any]:
         "tflops_per_device": mean("tflops_per_device"),
         "mfu": mean("mfu"),
         "mfu_measured": mean("mfu_measured"),
-        "memory_gib": max((v for r in rows if (v := _num(r.get("memory_gib"))) is not None), default=None),
+        "memory_gib": max((v for r in rows if (v := number(r.get("memory_gib"))) is not None), default=None),
         "note": note,
     }
 
@@ -270,23 +206,23 @@ def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, 
     """Write `report.md` (plus `loss.png` and `throughput.png` when there is data) into `output_dir`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    records = read_metrics(output_dir / METRICS_FILE)
+    records = read_metrics(output_dir / METRICS)
     has_loss = plot_loss(records, output_dir / LOSS_PNG)
     has_tput = plot_throughput(records, output_dir / THROUGHPUT_PNG)
 
-    evals = [v for r in records if (v := _num(r.get("eval_loss"))) is not None]
+    evals = [v for r in records if (v := number(r.get("eval_loss"))) is not None]
     first_eval = evals[0] if evals else None
-    final_eval = _num(summary.get("final_eval_loss"))
+    final_eval = number(summary.get("final_eval_loss"))
     if final_eval is None and evals:
         final_eval = evals[-1]
-    train_losses = [v for r in records if (v := _num(r.get("loss"))) is not None]
+    train_losses = [v for r in records if (v := number(r.get("loss"))) is not None]
     tput = throughput_summary(records)
     tokens = summary.get("tokens_seen")
     if tokens is None:
-        tokens = next((r["tokens_seen"] for r in reversed(records) if _num(r.get("tokens_seen")) is not None), None)
+        tokens = next((r["tokens_seen"] for r in reversed(records) if number(r.get("tokens_seen")) is not None), None)
     steps = summary.get("steps")
     if steps is None:
-        steps = next((r["step"] for r in reversed(records) if _num(r.get("step")) is not None), None)
+        steps = next((r["step"] for r in reversed(records) if number(r.get("step")) is not None), None)
 
     lines = ["# Training report", ""]
     if summary.get("final_model"):
@@ -348,11 +284,7 @@ def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, 
         "",
     ]
 
-    path = output_dir / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(output_dir / REPORT, "\n".join(lines))
 
 
 def report_run(cfg, state: dict, processes, final: Path, before, final_metrics, seconds) -> None:
@@ -363,8 +295,7 @@ def report_run(cfg, state: dict, processes, final: Path, before, final_metrics, 
     import torch
     import transformers
 
-    from job.generate import generate, load_for_inference
-    from job.model import flops_per_token
+    from job.model.generate import generate, load_for_inference
 
     model, tokenizer = load_for_inference(str(final))
     after = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, greedy=True)
@@ -388,7 +319,7 @@ def report_run(cfg, state: dict, processes, final: Path, before, final_metrics, 
         "host": os.uname().nodename,
     }
     write_report(Path(cfg.output_dir), cfg.to_dict(), hardware, summary, samples)
-    evals = [r["eval_loss"] for r in read_metrics(Path(cfg.output_dir) / "metrics.jsonl") if "eval_loss" in r]
+    evals = [r["eval_loss"] for r in read_metrics(Path(cfg.output_dir) / METRICS) if "eval_loss" in r]
     if evals and eval_loss is not None:
         log.info("held-out loss %.4f -> %.4f (%.0f%% of the start)", evals[0], eval_loss, 100 * eval_loss / evals[0])
     for sample in samples:

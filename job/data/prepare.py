@@ -15,22 +15,20 @@ Layouts:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from job.config import RunConfig, cache_root
-from job.corpus import TEXT, Corpus, load_corpus
-from job.errors import JobError
-from job.tokenizer import tokenizer_fingerprint
+from job.core.config import RunConfig, cache_root
+from job.core.errors import JobError
+from job.core.files import FileLock, new_folder, share
+from job.data.corpus import TEXT, Corpus, load_corpus
+from job.data.tokenizer import tokenizer_fingerprint
 
 LAYOUT_VERSION = 1  # part of the cache key: bump when the stored layout changes
 KEY_FILE = "prepare_key.json"
@@ -67,7 +65,9 @@ def prepare(cfg: RunConfig, tokenizer, output: str | None = None, corpus: Corpus
     if done:
         return done
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _key_lock(target):  # several processes or nodes on one key: one writes, the others wait and reuse
+    # A lock next to the target (a shared cache volume: every node sees it); several processes or nodes on one
+    # key: one writes, the others wait and reuse. The kernel releases it when its holder dies.
+    with FileLock(target.parent / f".{target.name}.lock"):
         done = _existing(target, key)
         if done:
             return done
@@ -96,21 +96,9 @@ def _existing(target: Path, key: dict) -> Prepared | None:
 STAGING = ".staging-"  # `.NAME.staging-XXXX`: the only folders next to a target that prepare ever deletes
 
 
-@contextlib.contextmanager
-def _key_lock(target: Path):
-    """An exclusive `flock` on `.NAME.lock` next to the target (a shared cache volume: every node sees it);
-    the kernel releases it when its holder dies, so a killed prepare never blocks the next."""
-    with open(target.parent / f".{target.name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _write(target: Path, corpus: Corpus, cfg: RunConfig, tokenizer, key: dict) -> dict:
     """Tokenize into a staging folder, then rename it into place (a reader sees all of it or nothing)."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING}", dir=target.parent))
+    staging = new_folder(target.parent, f".{target.name}{STAGING}")
     try:
         splits, stats = _tokenize_and_layout(corpus.rows, cfg, tokenizer, staging)
         stats["corpus"] = corpus.name
@@ -123,6 +111,7 @@ def _write(target: Path, corpus: Corpus, cfg: RunConfig, tokenizer, key: dict) -
         (staging / "data").rmdir()
         (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
         (staging / KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")  # written last: marks it complete
+        share(staging)
         if target.exists():
             target.rmdir()  # empty, checked above
         staging.rename(target)

@@ -20,10 +20,10 @@ import shutil
 import time
 from pathlib import Path
 
+from job.core import run_files
+from job.core.files import atomic_write_json, share
+
 MARKER = "COMPLETE"
-LOCK_FILE = "job.lock"  # held (flock) by the run writing the folder: job.launch.OutputLock
-STATUS_FILE = "exit_status.json"  # rank 0's verdict, read by the launcher (torchrun exits 0/1 only)
-FINAL = "final"
 # What a checkpoint holds of the model itself (the rest is optimizer, scheduler, RNG and Trainer state).
 MODEL_FILES = (
     "config.json",
@@ -59,9 +59,9 @@ def latest_complete(output_dir: Path) -> Path | None:
 
 
 def mark_complete(checkpoint: Path, step: int) -> None:
-    tmp = checkpoint / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
-    tmp.replace(checkpoint / MARKER)
+    """After every rank has written `checkpoint`: give it the umask's permissions, then mark it complete."""
+    share(checkpoint)
+    atomic_write_json(checkpoint / MARKER, {"step": step, "time": time.time()})
 
 
 def remove_incomplete(output_dir: Path) -> list[Path]:
@@ -133,13 +133,14 @@ def finished(checkpoint: Path | None, max_steps: int) -> bool:
 
 def export_final(checkpoint: Path, output_dir: Path, expected_parameters: int | None = None) -> Path:
     """Publish OUTPUT/final from `checkpoint`'s model and tokenizer files, verified before the rename."""
-    final, staging = output_dir / FINAL, output_dir / f"{FINAL}.partial"
+    final, staging = output_dir / run_files.FINAL, output_dir / f"{run_files.FINAL}.partial"
     if staging.exists():
         shutil.rmtree(staging)  # an export a signal or a kill interrupted
     staging.mkdir()
     for path in checkpoint.iterdir():
         if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in MODEL_FILES):
             shutil.copy2(path, staging / path.name)
+    share(staging)  # copies keep the checkpoint's modes; the export is for others to read
     verify_export(staging, expected_parameters)
     if final.exists():
         shutil.rmtree(final)
@@ -165,7 +166,3 @@ def verify_export(folder: Path, expected_parameters: int | None = None) -> int:
     if expected_parameters is not None and count != expected_parameters:
         raise RuntimeError(f"export {folder} reloads with {count} parameters, expected {expected_parameters}")
     return count
-
-
-def checkpoint_bytes(checkpoint: Path) -> int:
-    return sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())

@@ -20,119 +20,31 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from job import checkpoints
-from job.checkpoints import STATUS_FILE
-from job.config import RunConfig
-from job.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, STOP_SIGNALS, Stopped, ignore_stop_signals, stop_at_once
-from job.model import parameter_count
-from job.monitor import REAL_TOKENS_KEY, CountingCollator, extra_log_values
-from job.prepare import read_prepared_stats
-from job.tokenizer import load_tokenizer
+from job.core import checkpoints, run_files
+from job.core.config import RunConfig
+from job.core.errors import (
+    EXIT_DIVERGED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    STOP_SIGNALS,
+    Stopped,
+    ignore_stop_signals,
+    stop_at_once,
+)
+from job.core.files import atomic_write_json
+from job.core.units import flops_per_token
+from job.data.prepare import read_prepared_stats
+from job.data.tokenizer import load_tokenizer
+from job.model.build import build_model, parameter_count
+from job.model.patches import apply_patches, model_patches
+from job.run.metrics import REAL_TOKENS_KEY, CountingCollator, extra_log_values
+from job.run.publish import finish, publish
+from job.run.training_args import training_arguments
 
 log = logging.getLogger("job")
-SAMPLES_BEFORE = "samples_before.json"
-
-
-def run_training_arguments(cfg: RunConfig, use_cpu: bool, deepspeed: dict | None = None) -> dict:
-    """The `TrainingArguments` values the run config owns (`--training-arg` may not set these)."""
-    eval_on = cfg.eval_fraction > 0
-    return dict(
-        output_dir=cfg.output_dir,
-        per_device_train_batch_size=cfg.per_device_batch_size,
-        per_device_eval_batch_size=cfg.per_device_batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        adam_beta2=cfg.adam_beta2,
-        max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if eval_on and cfg.eval_steps > 0 else "no",
-        eval_on_start=eval_on,  # the held-out loss before any update: the curve's first point
-        eval_steps=cfg.eval_steps or None,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=None,  # rotation is ours: it only ever counts complete checkpoints
-        bf16=cfg.bf16,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        torch_compile=cfg.torch_compile,
-        dataloader_num_workers=cfg.dataloader_workers,
-        dataloader_pin_memory=not use_cpu,
-        dataloader_persistent_workers=cfg.dataloader_workers > 0,
-        report_to=[] if cfg.report_to == "none" else [r.strip() for r in cfg.report_to.split(",")],
-        deepspeed=deepspeed,
-        use_cpu=use_cpu,
-        remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",  # real tokens, for tokens/s and MFU
-        logging_nan_inf_filter=not cfg.avoid_host_syncs,  # a host sync per micro-step when on
-        ddp_find_unused_parameters=False,  # every parameter gets a gradient; True re-walks the graph each step
-        disable_tqdm=True,  # our progress bar shows tokens/s and time left
-    )
-
-
-def extra_training_arguments(cfg: RunConfig, owned: dict) -> dict:
-    """`training_args` (`--training-arg NAME=VALUE`): TrainingArguments fields the run config does not own, each
-    value coerced to its field's type (a command line gives strings)."""
-    import types
-    import typing
-
-    from job.errors import JobError
-
-    hints = typing.get_type_hints(TrainingArguments)
-    extra = {}
-    for name, value in cfg.training_args.items():
-        if name not in hints:
-            raise JobError(f"--training-arg {name} is not a TrainingArguments field", "check the name in its docs")
-        if name in owned:
-            raise JobError(
-                f"--training-arg {name} is set by the run config",
-                "use the run's own option instead (see `python -m job train --help`)",
-            )
-        hint = hints[name]
-        kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        extra[name] = _coerce_argument(name, value, kinds)
-    return extra
-
-
-def _coerce_argument(name: str, value, kinds: tuple):
-    import typing
-
-    from job.errors import JobError
-
-    if value is None and type(None) in kinds:
-        return None
-    if isinstance(value, str):  # from the command line: the first scalar type the field takes that parses
-        for kind in (bool, int, float):
-            if kind in kinds:
-                try:
-                    return {"true": True, "false": False}[value.lower()] if kind is bool else kind(value)
-                except (KeyError, ValueError):
-                    pass
-    for kind in kinds:
-        base = typing.get_origin(kind) or kind
-        if base is float and type(value) is int:
-            return float(value)
-        if isinstance(base, type) and isinstance(value, base) and (base is bool) == isinstance(value, bool):
-            return value
-    raise JobError(
-        f"--training-arg {name}={value!r} does not fit its type", f"{name} takes {' | '.join(map(str, kinds))}"
-    )
-
-
-def training_arguments(cfg: RunConfig, use_cpu: bool):
-    """The `TrainingArguments` for this run: the run config's values plus its checked `training_args`."""
-    from job.deepspeed_config import deepspeed_config
-
-    owned = run_training_arguments(cfg, use_cpu, deepspeed_config(cfg))
-    return TrainingArguments(**owned, **extra_training_arguments(cfg, owned))
 
 
 class StopCallback(TrainerCallback):
@@ -272,15 +184,24 @@ class JobTrainer(Trainer):
         return _workers_ignore_signals(super().get_eval_dataloader(eval_dataset))
 
 
+def training_collator(tokenizer, count_tokens: bool, pad_to_multiple_of: int | None = None):
+    """Batches for causal-LM training: padded on the right, labels = input ids with padding masked (-100; the
+    model shifts them), eos labels kept (pad != eos, checked when the tokenizer loads); with `count_tokens` each
+    batch also carries its real-token count for the host (`CountingCollator`). The tokenizer itself keeps its
+    padding side (left, for generation)."""
+    train_tokenizer = copy.copy(tokenizer)
+    train_tokenizer.padding_side = "right"
+    collator = DataCollatorForLanguageModeling(train_tokenizer, mlm=False, pad_to_multiple_of=pad_to_multiple_of)
+    return CountingCollator(collator) if count_tokens else collator
+
+
 def build_trainer(
     cfg: RunConfig, data=None, callbacks: list[TrainerCallback] | None = None, load_universal: bool = False
 ):
     """The Trainer for `cfg` (model, data, collator, guards); `data` overrides the prepared dataset (bench);
     `load_universal`: resume from the DeepSpeed universal checkpoint (another data-parallel world size)."""
-    from job.model import build_model
-
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "tensorboard"))
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / run_files.TENSORBOARD))
     args = training_arguments(cfg, use_cpu=use_cpu)  # sets up the process group / DeepSpeed state
     if load_universal:  # before the Trainer hands the config to accelerate
         args.hf_deepspeed_config.config.setdefault("checkpoint", {})["load_universal"] = True
@@ -295,13 +216,14 @@ def build_trainer(
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
     model = build_model(cfg, tokenizer)
+    # The fast paths, each named in the log (or why it is not installed and which stock path runs instead).
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    apply_patches(model, model_patches(cfg, "cpu" if use_cpu else "cuda", zero3=is_deepspeed_zero3_enabled()))
     data = data if data is not None else _load_prepared(cfg)
-    # Training pads on the right (labels of padding become -100); generation keeps the tokenizer's side.
-    train_tokenizer = copy.copy(tokenizer)
-    train_tokenizer.padding_side = "right"
-    collator = DataCollatorForLanguageModeling(train_tokenizer, mlm=False, pad_to_multiple_of=None if use_cpu else 8)
-    if cfg.avoid_host_syncs:
-        collator = CountingCollator(collator)
+    collator = training_collator(
+        tokenizer, count_tokens=cfg.avoid_host_syncs, pad_to_multiple_of=None if use_cpu else 8
+    )
     stop_guard = StopCallback(cfg.max_nonfinite_steps)
     trainer = JobTrainer(
         model=model,
@@ -338,7 +260,7 @@ def run_worker(cfg: RunConfig) -> int:
             message = f"after the last step; complete checkpoint {last}. Run again with --resume auto to export it"
         else:
             message = f"before training resumed; complete checkpoint {last}. Run again with --resume auto to continue"
-        return _finish(output, rank0, EXIT_PREEMPTED, f"stopped by {e.signal_name} {message}")
+        return finish(output, rank0, EXIT_PREEMPTED, f"stopped by {e.signal_name} {message}")
 
 
 def _train(cfg: RunConfig, output: Path) -> int:
@@ -367,14 +289,14 @@ def _train(cfg: RunConfig, output: Path) -> int:
             f"{trainer.state.global_step}; stopped. Last good checkpoint: {last or 'none'}. "
             "Lower --learning-rate or check the data, then resume with --resume auto"
         )
-        return _finish(output, rank0, EXIT_DIVERGED, message)
+        return finish(output, rank0, EXIT_DIVERGED, message)
     if stop_guard.reason == "signal":
         last = checkpoints.latest_complete(output)
         message = (
             f"stopped by {stop_guard.signal_name} at step {trainer.state.global_step}; complete checkpoint "
             f"{last}. Run again with --resume auto to continue"
         )
-        return _finish(output, rank0, EXIT_PREEMPTED, message)
+        return finish(output, rank0, EXIT_PREEMPTED, message)
 
     final_metrics = _final_eval(trainer)  # every rank; a signal during it is only noted, then agreed on below
     last = checkpoints.latest_complete(output)
@@ -383,10 +305,10 @@ def _train(cfg: RunConfig, output: Path) -> int:
             f"stopped by {stop_guard.signal_name} after the last step; complete checkpoint {last}. "
             "Run again with --resume auto to export it"
         )
-        return _finish(output, rank0, EXIT_PREEMPTED, message)
+        return finish(output, rank0, EXIT_PREEMPTED, message)
     if last is None or checkpoints.step_of(last) != trainer.state.global_step:
         message = f"the last step ({trainer.state.global_step}) left no checkpoint (its loss was not finite)"
-        return _finish(output, rank0, EXIT_DIVERGED, f"{message}; nothing exported. Resume with --resume auto")
+        return finish(output, rank0, EXIT_DIVERGED, f"{message}; nothing exported. Resume with --resume auto")
     if not rank0:
         return EXIT_OK  # the export is rank 0's alone: no collective follows
     stop_at_once()  # the last checkpoint holds everything: a rerun redoes what follows from it
@@ -397,35 +319,6 @@ def _train(cfg: RunConfig, output: Path) -> int:
     return publish(cfg, last, parameter_count(model), final_metrics, time.time() - started, trainer.args.world_size)
 
 
-def publish(
-    cfg: RunConfig,
-    checkpoint: Path,
-    expected_parameters: int | None = None,
-    final_metrics: dict | None = None,
-    seconds: float | None = None,
-    processes: int | None = None,
-) -> int:
-    """Export the last checkpoint to OUTPUT/final, write the report and the verdict (one process).
-
-    Also the whole of a rerun whose training had finished but whose export had not (`launch.train`).
-    """
-    output = Path(cfg.output_dir)
-    state = checkpoints.trainer_state(checkpoint)
-    if final_metrics is None:  # a rerun: the evaluation after the last step, if it was logged
-        from job.report import read_metrics
-
-        rows = [r for r in read_metrics(output / "metrics.jsonl") if "eval_loss" in r]
-        rows = [r for r in rows if r.get("step") == state["global_step"]]
-        final_metrics = rows[-1] if rows else {}
-    final = checkpoints.export_final(checkpoint, output, expected_parameters)
-    before_path = output / SAMPLES_BEFORE
-    before = json.loads(before_path.read_text(encoding="utf-8")) if before_path.exists() else []
-    from job.report import report_run
-
-    report_run(cfg, state, processes, final, before, final_metrics, seconds)
-    return _finish(output, True, EXIT_OK, f"model saved to {final}")
-
-
 def _final_eval(trainer: Trainer) -> dict:
     """The held-out metrics at the last step: reuse the periodic evaluation if it fell on that step."""
     if trainer.eval_dataset is None:
@@ -434,15 +327,6 @@ def _final_eval(trainer: Trainer) -> dict:
     if last is not None and last.get("step") == trainer.state.global_step:
         return last
     return trainer.evaluate()
-
-
-def _finish(output: Path, rank0: bool, code: int, message: str) -> int:
-    if rank0:
-        tmp = output / f".{STATUS_FILE}.tmp"
-        tmp.write_text(json.dumps({"code": code, "message": message}) + "\n")
-        tmp.replace(output / STATUS_FILE)
-        log.info(message)
-    return code
 
 
 def _load_prepared(cfg: RunConfig):
@@ -457,13 +341,12 @@ def _load_prepared(cfg: RunConfig):
 
 
 def _monitor_callbacks(cfg: RunConfig, model, use_cpu: bool) -> list[TrainerCallback]:
-    from job.model import flops_per_token
-    from job.monitor import MetricsFileCallback, ProgressCallback, ThroughputCallback, peak_tflops
+    from job.run.metrics import MetricsFileCallback, ProgressCallback, ThroughputCallback, peak_tflops
 
     device = torch.device("cpu" if use_cpu else "cuda")
     return [
         ThroughputCallback(flops_per_token(model.config, cfg.max_length), peak_tflops(device)),
-        MetricsFileCallback(Path(cfg.output_dir) / "metrics.jsonl"),
+        MetricsFileCallback(Path(cfg.output_dir) / run_files.METRICS),
         ProgressCallback(),
     ]
 
@@ -472,15 +355,15 @@ def _samples_before(cfg: RunConfig, model, tokenizer, rank0: bool, resumed: bool
     """Generations of the untrained model, kept on disk so a resumed run's report still has them."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    path = Path(cfg.output_dir) / SAMPLES_BEFORE
+    path = Path(cfg.output_dir) / run_files.SAMPLES_BEFORE
     if not rank0:
         return []
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
     if resumed or is_deepspeed_zero3_enabled() or not cfg.prompts:
         return []  # ZeRO-3 partitions the weights: rank 0 alone cannot generate
-    from job.generate import generate
+    from job.model.generate import generate
 
     samples = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, greedy=True)
-    path.write_text(json.dumps(samples, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(path, samples)
     return samples

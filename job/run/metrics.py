@@ -7,43 +7,16 @@ other reporter see them; the callbacks here only keep time, write and print.
 
 from __future__ import annotations
 
-import json
-import math
-import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from job.report import clock, perplexity
+from job.core.metrics_log import TRAIN_BEGIN, MetricsRecord, record_line
+from job.core.units import clock, peak_tflops_for_name, perplexity, significant, throughput
 
-# bf16 dense tensor-core peaks (TFLOP/s, no sparsity) from the datasheets. First match wins: specific names first.
-PEAK_BF16_TFLOPS: list[tuple[tuple[str, ...], float]] = [
-    (("GH200",), 989.0),
-    (("H200", "NVL"), 835.0),
-    (("H200",), 989.0),
-    (("H100", "PCIE"), 756.0),
-    (("H100", "NVL"), 835.0),
-    (("H100",), 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
-    (("H800", "PCIE"), 756.0),
-    (("H800",), 989.0),
-    (("B200",), 2250.0),
-    (("B100",), 1750.0),
-    (("A100",), 312.0),
-    (("A800",), 312.0),
-    (("L40S",), 362.0),
-    (("L40",), 181.0),
-    (("L4",), 121.0),
-    (("A10G",), 125.0),
-    (("A10",), 125.0),
-    (("6000", "ADA"), 364.0),  # RTX 6000 Ada
-    (("A6000",), 155.0),
-    (("4090",), 165.0),
-    (("3090",), 71.0),
-]
 TRAIN_LOG_KEY = "loss"  # present in the Trainer's periodic training logs only (eval logs carry eval_loss)
 
 
@@ -59,15 +32,6 @@ def peak_tflops(device: torch.device | str | int | None = None) -> float | None:
             return None
         device = device.index if device.index is not None else torch.cuda.current_device()
     return peak_tflops_for_name(torch.cuda.get_device_name(device if device is not None else 0))
-
-
-def peak_tflops_for_name(name: str) -> float | None:
-    """Match whole words of the device name: "L4" is not "L40S", "A10" is not "A100"."""
-    words = set(re.split(r"[^0-9A-Z]+", name.upper()))
-    for parts, tflops in PEAK_BF16_TFLOPS:
-        if all(p in words for p in parts):
-            return tflops
-    return None
 
 
 def measure_matmul_tflops(
@@ -150,11 +114,6 @@ def extra_log_values(callbacks, args, state, logs: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- throughput
-def significant(value: float, digits: int = 6) -> float:
-    """Rounded to significant digits (tiny CPU TFLOP/s must not round to 0)."""
-    return float(f"{value:.{digits}g}")
-
-
 class ThroughputCallback(TrainerCallback):
     """tokens_per_s, tflops, tflops_per_device, mfu, mfu_measured, memory_gib and tokens_seen for each training
     log (`log_values`, through `extra_log_values`).
@@ -206,38 +165,19 @@ class ThroughputCallback(TrainerCallback):
         now = time.perf_counter()
         seconds = now - self._window_start - self._paused
         tokens = state.num_input_tokens_seen - self._window_tokens
-        values: dict[str, float] = {"tokens_seen": int(state.num_input_tokens_seen)}
-        if seconds > 0 and tokens > 0:
-            tokens_per_s = tokens / seconds
-            tflops = tokens_per_s * self.flops_per_token / 1e12
-            per_device = tflops / max(1, args.world_size)
-            values.update(
-                tokens_per_s=significant(tokens_per_s),
-                tflops=significant(tflops),
-                tflops_per_device=significant(per_device),
-            )
-            if self.peak_tflops:
-                values["mfu"] = significant(per_device / self.peak_tflops)
-            if self.device_ceiling_tflops:
-                values["mfu_measured"] = significant(per_device / self.device_ceiling_tflops)
-        values["memory_gib"] = significant(memory_gib(), 4)
+        values: dict[str, float] = {
+            "tokens_seen": int(state.num_input_tokens_seen),
+            **throughput(
+                tokens, seconds, self.flops_per_token, args.world_size, self.peak_tflops, self.device_ceiling_tflops
+            ),
+            "memory_gib": significant(memory_gib(), 4),
+        }
         self.last = values
         self._start_window(state, now)
         return values
 
 
 # ----------------------------------------------------------------------------------------------- metrics file
-def _json_safe(value: Any) -> Any:
-    """Strict JSON: non-finite floats become null (a NaN loss is still visible as a null loss)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (int, float, str, bool)) or value is None:
-        return value
-    return str(value)
-
-
 class MetricsFileCallback(TrainerCallback):
     """Appends every log (with step, epoch, time, tokens_seen) to a JSON-lines file on rank 0, flushed per line.
 
@@ -250,12 +190,11 @@ class MetricsFileCallback(TrainerCallback):
         self._file = None
         self._started = time.time()
 
-    def _write(self, record: dict[str, Any]) -> None:
+    def _write(self, record: MetricsRecord) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
-        line = json.dumps({k: _json_safe(v) for k, v in record.items()}, ensure_ascii=False, allow_nan=False)
-        self._file.write(line + "\n")
+        self._file.write(record_line(record))
         self._file.flush()
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -263,7 +202,7 @@ class MetricsFileCallback(TrainerCallback):
         if state.is_world_process_zero:
             self._write(
                 {
-                    "event": "train_begin",
+                    "event": TRAIN_BEGIN,
                     "step": state.global_step,
                     "tokens_seen": state.num_input_tokens_seen,
                     "max_steps": state.max_steps,
@@ -275,7 +214,7 @@ class MetricsFileCallback(TrainerCallback):
         if logs is None or not state.is_world_process_zero:
             return
         now = time.time()
-        record = {
+        record: MetricsRecord = {
             **logs,
             "step": state.global_step,
             "epoch": state.epoch,

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import click
 
+from job.core.run_files import FINAL
+
 REPO = Path(__file__).resolve().parent.parent
 TAIL_RESERVE_S = 150  # kept for the profile and the end-to-end path once the sweep starts
 LEVERS_OFF = ["--no-fold-padding", "--no-fused-gelu", "--no-avoid-host-syncs", "--no-liger-loss"]
@@ -213,7 +215,7 @@ def bench_row(name: str, out: Outcome, result: dict | None) -> dict:
             batch=f"{settings.get('per_device_batch_size')}x{settings.get('grad_accum')}",
             zero=settings.get("zero_stage"),
             tokens_per_s=result["tokens_per_s"],
-            mfu_datasheet=result.get("mfu_datasheet"),
+            mfu_datasheet=result.get("mfu"),  # against the datasheet peak of the device it ran on
             mfu_measured=result.get("mfu_measured"),
             ceiling_tflops=result.get("measured_ceiling_tflops"),
             step_s=result["step_s"],
@@ -285,7 +287,7 @@ def end_to_end_commands(work: Path, dry_run: bool) -> list[tuple[str, list[str]]
                 "--logging-steps", "4", "--warmup-steps", "4", "--num-proc", "2", "--resume", "never",
             ],
         ),
-        ("e2e smoke", [*py, "smoke", "--model", str(output / "final")]),
+        ("e2e smoke", [*py, "smoke", "--model", str(output / FINAL)]),
     ]  # fmt: skip
 
 

@@ -1,0 +1,81 @@
+"""The launch topology: processes per node, nodes, this node's rank, the rendezvous address; from flags, else the
+torchrun/Kubeflow environment, else defaults; and the devices the workers will train on.
+
+Where a launch setting comes from when no flag (or --config file) sets it: torchrun's own PET_* variables, which
+Kubeflow's PyTorchJob and TrainJob set in every pod, then an Indexed Job's completion index (JobSet pods have it
+too) for the node rank; else the default. The same names torchrun reads, so one pod spec works under every
+launcher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+
+from job.core.config import CoercionError, RunConfig, coerce, flag
+from job.core.errors import JobError
+
+TOPOLOGY_ENV = {
+    "nproc": ("PET_NPROC_PER_NODE",),
+    "nnodes": ("PET_NNODES",),
+    "node_rank": ("PET_NODE_RANK", "JOB_COMPLETION_INDEX"),
+    "master_addr": ("PET_MASTER_ADDR",),
+    "master_port": ("PET_MASTER_PORT",),
+}
+TOPOLOGY_DEFAULTS = {"nproc": None, "nnodes": 1, "node_rank": 0, "master_addr": "127.0.0.1", "master_port": None}
+MULTINODE_PORT = 29500  # every node must agree, so across nodes the port cannot be picked at random
+
+
+def resolve_topology(cfg: RunConfig, environ: dict[str, str] | None = None) -> tuple[RunConfig, dict[str, str]]:
+    """The config with every launch setting filled (flag, else `environ` (default os.environ), else default), and
+    where each one came from: "flag" (a flag or the --config file), a variable's name, or "default"."""
+    environ = os.environ if environ is None else environ
+    sources, values = {}, {}
+    for name, variables in TOPOLOGY_ENV.items():
+        if getattr(cfg, name) is not None:
+            sources[name] = "flag"
+            continue
+        variable = next((v for v in variables if environ.get(v, "").strip()), None)
+        sources[name] = variable or "default"
+        values[name] = TOPOLOGY_DEFAULTS[name] if variable is None else _env_value(name, variable, environ[variable])
+    resolved = dataclasses.replace(cfg, **values)  # validates: node rank below the node count, a real port
+    if resolved.master_port is None and resolved.nnodes > 1:
+        resolved = dataclasses.replace(resolved, master_port=MULTINODE_PORT)
+    return resolved, sources
+
+
+def _env_value(name: str, variable: str, text: str) -> int | str | None:
+    text = text.strip()
+    if name == "nproc" and text in ("auto", "gpu"):
+        return None  # torchrun's words for "one process per GPU": our default too
+    hint = typing.get_type_hints(RunConfig)[name]
+    try:
+        value = coerce(text, hint, from_text=True)
+    except CoercionError:
+        value = None
+    if value is None or isinstance(value, bool) or (isinstance(value, int) and not text.isdigit()):
+        elastic = " (an elastic range: a ZeRO checkpoint is tied to its world size)" if ":" in text else ""
+        raise JobError(
+            f"{variable}={text!r} is not a whole number{elastic}", f"set {variable} to one, or pass {flag(name)}"
+        )
+    return value
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def processes_per_node(cfg: RunConfig) -> int:
+    """`--nproc`, else one per visible GPU, else 1 (CPU)."""
+    if cfg.nproc is not None:
+        return cfg.nproc
+    gpus = visible_gpus()
+    return gpus if gpus and cfg.device != "cpu" else 1
+
+
+def device_type(cfg: RunConfig) -> str:
+    """Where the workers train: what the model's patches and the Trainer decide."""
+    return "cuda" if cfg.device != "cpu" and visible_gpus() > 0 else "cpu"

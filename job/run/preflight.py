@@ -1,0 +1,312 @@
+"""Preflight: everything that would otherwise fail an hour into a run, checked in seconds.
+
+One list, `CHECKS`, in order. `train` runs it and stops at the first failure (one line, exit 2, nothing
+written); `doctor` runs all of it and prints a table. A check reads the config and what earlier checks found
+(`Preflight`: the corpus, the tokenizer, the model's config) and returns a `Check` row or raises `JobError`.
+To add a check, write `def check_x(p: Preflight) -> Check` and put it in `CHECKS`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from job.core.config import RunConfig, cache_root
+from job.core.errors import JobError
+from job.core.topology import device_type, processes_per_node, resolve_topology, visible_gpus
+from job.core.units import config_parameter_count
+from job.core.weights import check_weights
+from job.run.checks import Check, Preflight, require
+from job.run.resume import check_inputs, check_output, check_resume
+
+BYTES_PER_PARAMETER_CHECKPOINT = 16  # 16-bit weights + fp32 master, Adam m and v (ZeRO layout, with margin)
+
+
+# ------------------------------------------------------------------------------------------------- settings
+def check_settings(p: Preflight) -> Check:
+    """What transformers itself would refuse in the worker: TrainingArguments (scheduler, --training-arg) and
+    the reporting integrations."""
+    from accelerate.state import PartialState
+    from transformers import TrainingArguments
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    from job.run.training_args import extra_training_arguments, run_training_arguments
+
+    cfg = p.cfg
+    reporters = [r.strip() for r in cfg.report_to.split(",")]
+    unknown = [r for r in reporters if r not in (*INTEGRATION_TO_CALLBACK, "none", "all")]
+    if unknown:
+        raise JobError(
+            f"--report-to {', '.join(unknown)} is not a reporting integration",
+            f"use none or some of: {', '.join(INTEGRATION_TO_CALLBACK)}",
+        )
+    # use_cpu: no CUDA context in the launcher; the accelerate state this builds is dropped after
+    owned = run_training_arguments(cfg, use_cpu=True)
+    extra = extra_training_arguments(cfg, owned)
+    try:
+        TrainingArguments(**{**owned, "output_dir": tempfile.gettempdir()}, **extra)  # writes nothing
+    except (ValueError, TypeError) as e:
+        raise JobError(
+            f"transformers refuses these training settings: {str(e).splitlines()[0][:300]}",
+            "fix the named setting (see `python -m job train --help`)",
+        ) from None
+    finally:
+        PartialState._reset_state()
+    return Check("settings", True, f"schedule {cfg.lr_scheduler}, report to {cfg.report_to}, {len(extra)} extra")
+
+
+# ------------------------------------------------------------------------------------------------- devices
+def check_devices(p: Preflight) -> Check:
+    from job.model.attention import resolve_attention
+
+    cfg = p.cfg
+    gpus, nproc = visible_gpus(), processes_per_node(cfg)
+    wants_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+    if wants_gpu and nproc > gpus:
+        return Check(
+            "devices",
+            False,
+            f"--nproc {nproc} is above the {gpus} GPU(s) visible",
+            f"use --nproc {gpus} or fewer (or --device cpu)" if gpus else "run where GPUs are visible",
+        )
+    attention = resolve_attention(cfg.attention, device_type(cfg))  # flex on a CPU: refused here
+    where = f"{gpus} GPU(s)" if wants_gpu else "CPU (gloo)"
+    return Check("devices", True, f"{nproc} process(es) per node x {cfg.nnodes} node(s) on {where}, {attention}")
+
+
+def check_deepspeed(p: Preflight) -> Check:
+    from job.run.deepspeed_config import check_batch_arithmetic, check_optimizer_blocks, zero_stage_in_use
+
+    cfg = p.cfg
+    if not cfg.uses_deepspeed:
+        return Check("deepspeed", True, "off (--deepspeed none): plain DDP")
+    stage = zero_stage_in_use(cfg)  # raises JobError on a bad file
+    world = processes_per_node(cfg) * cfg.nnodes
+    check_batch_arithmetic(cfg, world)
+    check_optimizer_blocks(cfg)
+    return Check(
+        "deepspeed",
+        True,
+        f"ZeRO-{stage}; global batch {cfg.per_device_batch_size} x {cfg.grad_accum} "
+        f"x {world} = {cfg.per_device_batch_size * cfg.grad_accum * world} rows",
+    )
+
+
+def check_launch(p: Preflight) -> Check:
+    """Fill the launch settings no flag set from the torchrun/Kubeflow environment; show where each came from.
+    First: every later check reads the resolved config."""
+    p.cfg, sources = resolve_topology(p.cfg)
+    row = check_topology(p.cfg, sources)
+    p.launch = row.detail
+    return row
+
+
+def check_topology(cfg: RunConfig, sources: dict[str, str]) -> Check:
+    """The launch settings and where each came from (flag, environment variable or default): under an
+    operator (PyTorchJob, TrainJob, JobSet) this shows which of its variables the run picked up."""
+    nproc = processes_per_node(cfg)
+    shown = {**{name: getattr(cfg, name) for name in sources}, "nproc": nproc}
+    if cfg.master_port is None:
+        shown["master_port"] = "any (torchrun --standalone)"
+    return Check("launch", True, ", ".join(f"{k}={v} ({sources[k]})" for k, v in shown.items()))
+
+
+def check_port(p: Preflight) -> Check:
+    """The rendezvous port on the node that hosts it (after check_launch resolved the settings)."""
+    cfg = p.cfg
+    if cfg.master_port is None:
+        return Check("master port", True, "torchrun binds a free one (--standalone)")
+    port = cfg.master_port
+    if cfg.node_rank != 0:
+        return Check("master port", True, f"node {cfg.node_rank} connects to {cfg.master_addr}:{port}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As torch's TCPStore does: a port left in TIME_WAIT by a killed run is free; a listening one is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return Check(
+                    "master port",
+                    False,
+                    f"port {port} is already in use",
+                    "pass another --master-port (or stop the process holding it)",
+                )
+            raise
+    return Check("master port", True, f"{port} free")
+
+
+def check_shm(p: Preflight) -> Check:
+    if not Path("/dev/shm").exists():
+        return Check("/dev/shm", True, "absent (not Linux?)")
+    size = shutil.disk_usage("/dev/shm").total
+    # NCCL and GPU data loaders need it; a CPU run (gloo) does with the container's default
+    ok = size >= 1 * 2**30 or device_type(p.cfg) == "cpu"
+    return Check(
+        "/dev/shm",
+        ok,
+        f"{size / 2**30:.1f} GiB",
+        "" if ok else "mount a larger /dev/shm (docker --shm-size 16g; k8s emptyDir medium: Memory)",
+    )
+
+
+def check_cache(p: Preflight) -> Check:
+    for name, path in (
+        ("JOB_CACHE", cache_root()),
+        ("HF_HOME", Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()),
+    ):
+        existing = next(q for q in [path, *path.parents] if q.exists())
+        if not os.access(existing, os.W_OK):
+            return Check("caches", False, f"{name}={path} is not writable", f"set {name} to a writable folder")
+    return Check("caches", True, f"JOB_CACHE={cache_root()}")
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+def check_data(p: Preflight) -> Check:
+    from job.data.corpus import load_corpus
+    from job.data.prepare import read_prepared_key, read_prepared_stats
+
+    cfg = p.cfg
+    if cfg.prepared:
+        stats = read_prepared_stats(cfg.prepared)
+        p.prepared_key = read_prepared_key(cfg.prepared)
+        return Check("data", True, f"prepared: {stats['rows']} rows of <= {stats['max_length']} tokens")
+    p.corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
+    return Check("data", True, f"{p.corpus.name}: {len(p.corpus.rows)} documents, column {cfg.text_column!r}")
+
+
+def check_tokenizer(p: Preflight) -> Check:
+    from job.data.tokenizer import resolve_tokenizer
+
+    cfg = p.cfg
+    p.tokenizer = tok = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
+    return Check("tokenizer", True, f"{len(tok)} tokens, eos {tok.eos_token_id}, pad {tok.pad_token_id}")
+
+
+def check_model(p: Preflight) -> Check:
+    from job.model.build import model_config
+
+    cfg = p.cfg
+    p.model_config = config = model_config(cfg, len(p.tokenizer) if p.tokenizer else None)
+    if cfg.model:
+        check_weights(Path(cfg.model))
+    source = cfg.model or f"preset {cfg.preset} (random init)"
+    return Check("model", True, f"{source}: {config_parameter_count(config) / 1e6:.1f}M parameters")
+
+
+def check_memory(p: Preflight) -> Check:
+    """A lower bound of one process's activation memory for sequence length x batch, against the device's."""
+    if p.model_config is None:
+        return Check("memory", True, "not checked: needs the model's config")
+    cfg, config = p.cfg, p.model_config
+    where = device_type(cfg)
+    need = activation_bytes(cfg, config, where)
+    have = device_memory(where) // (1 if where == "cuda" else processes_per_node(cfg))
+    if need > have:
+        return Check(
+            "memory",
+            False,
+            f"batch {cfg.per_device_batch_size} x {cfg.max_length} tokens needs at least {need / 2**30:.1f} GiB of "
+            f"activations per process, the {where} has {have / 2**30:.1f} GiB",
+            "lower --max-length or --per-device-batch-size (raise --grad-accum to keep the global batch)",
+        )
+    return Check("memory", True, f"activations >= {need / 2**30:.2f} GiB of {have / 2**30:.1f} GiB ({where})")
+
+
+def activation_bytes(cfg: RunConfig, config, where: str) -> int:
+    """Never more than a step needs (a lower bound): per layer, 4 fp32 [B, T, d] tensors kept for the backward, and
+    unless flex attention runs (it never builds them), the fp32 [B, H, T, T] attention scores."""
+    from job.model.attention import resolve_attention
+
+    try:
+        flex = resolve_attention(cfg.attention, where) == "flex"
+    except JobError:  # flex where it cannot train: the devices check reports that
+        flex = False
+    batch, length = cfg.per_device_batch_size, cfg.max_length
+    per_layer = 4 * batch * length * config.hidden_size * 4
+    if not flex:
+        per_layer += batch * config.n_head * length * length * 4
+    return per_layer * config.n_layer
+
+
+def device_memory(where: str) -> int:
+    if where == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def check_disk(p: Preflight) -> Check:
+    output = Path(p.cfg.output_dir)
+    existing = next(q for q in [output, *output.parents] if q.exists())
+    free = shutil.disk_usage(existing).free
+    if p.model_config is None:
+        return Check("disk", True, f"{free / 2**30:.1f} GiB free (model size unknown)")
+    need = config_parameter_count(p.model_config) * BYTES_PER_PARAMETER_CHECKPOINT * 2  # new + last checkpoint
+    if free < need:
+        return Check(
+            "disk",
+            False,
+            f"{free / 2**30:.1f} GiB free at {existing}, a checkpoint needs about {need / 2**30:.1f} GiB",
+            "free space or choose another --output-dir",
+        )
+    return Check("disk", True, f"{free / 2**30:.1f} GiB free, ~{need / 2**30:.1f} GiB needed per checkpoint pair")
+
+
+# In order: later checks read what earlier ones found. `train` stops at the first failure; `doctor` runs all.
+CHECKS: list[Callable[[Preflight], Check]] = [
+    check_launch,
+    check_settings,
+    check_devices,
+    check_deepspeed,
+    check_output,
+    check_port,
+    check_shm,
+    check_cache,
+    check_data,
+    check_tokenizer,
+    check_model,
+    check_inputs,
+    check_resume,
+    check_memory,
+    check_disk,
+]
+
+
+def run_checks(cfg: RunConfig, stop_at_failure: bool = False) -> tuple[list[Check], Preflight]:
+    """Every check in order, errors turned into failed rows; with `stop_at_failure` (train) raise the first."""
+    found = Preflight(cfg)
+    results = []
+    for check in CHECKS:
+        try:
+            result = check(found)
+        except JobError as e:
+            result = Check(check.__name__.removeprefix("check_"), False, e.cause, e.fix or "")
+            if stop_at_failure:
+                raise
+        if stop_at_failure:
+            require(result)
+        results.append(result)
+    return results, found
+
+
+def preflight(cfg: RunConfig) -> Preflight:
+    """For `train`: every check, stopping at the first failure; what they found."""
+    return run_checks(cfg, stop_at_failure=True)[1]
+
+
+def format_table(results: list[Check]) -> str:
+    width = max(len(r.name) for r in results)
+    lines = [
+        f"{'ok ' if r.ok else 'FAIL'} {r.name:<{width}}  {r.detail}" + (f"  -> {r.fix}" if not r.ok and r.fix else "")
+        for r in results
+    ]
+    return "\n".join(lines)

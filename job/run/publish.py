@@ -1,0 +1,48 @@
+"""The end of a run, in one process: the verified export of the last checkpoint to `OUTPUT/final`, the report, and
+the verdict (`exit_status.json`). Also the whole of a rerun whose training had finished but whose export had not
+(`job.run.launch.train`): the last checkpoint holds everything it needs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from job.core import checkpoints, run_files
+from job.core.config import RunConfig
+from job.core.errors import EXIT_OK
+from job.core.metrics_log import read_metrics
+
+log = logging.getLogger("job")
+
+
+def finish(output: Path, rank0: bool, code: int, message: str) -> int:
+    """Record the verdict (rank 0) and log it; returns the exit code."""
+    if rank0:
+        run_files.write_status(output, code, message)
+        log.info(message)
+    return code
+
+
+def publish(
+    cfg: RunConfig,
+    checkpoint: Path,
+    expected_parameters: int | None = None,
+    final_metrics: dict | None = None,
+    seconds: float | None = None,
+    processes: int | None = None,
+) -> int:
+    """Export `checkpoint` to OUTPUT/final, write the report and the verdict."""
+    from job.run.report import report_run
+
+    output = Path(cfg.output_dir)
+    state = checkpoints.trainer_state(checkpoint)
+    if final_metrics is None:  # a rerun: the evaluation after the last step, if it was logged
+        rows = [r for r in read_metrics(output / run_files.METRICS) if "eval_loss" in r]
+        rows = [r for r in rows if r.get("step") == state["global_step"]]
+        final_metrics = rows[-1] if rows else {}
+    final = checkpoints.export_final(checkpoint, output, expected_parameters)
+    before_path = output / run_files.SAMPLES_BEFORE
+    before = json.loads(before_path.read_text(encoding="utf-8")) if before_path.exists() else []
+    report_run(cfg, state, processes, final, before, final_metrics, seconds)
+    return finish(output, True, EXIT_OK, f"model saved to {final}")

@@ -1,0 +1,187 @@
+"""The resume rules: whether `--output-dir` may be written (new, empty, or a run of this job), whether a run in it
+is this one resumed (the same settings, the same inputs by fingerprint, a global batch kept across a change of
+process count), and whether an explicit `--resume` checkpoint fits. Each is a preflight check (`CHECKS`).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from job.core import checkpoints, run_files
+from job.core.config import RunConfig, comparable, resumable_fields
+from job.core.errors import JobError
+from job.core.topology import processes_per_node
+from job.core.weights import model_fingerprint
+from job.run.checks import Check, Preflight
+
+
+def has_run_state(output: Path) -> bool:
+    """A run left something to resume or keep: a complete checkpoint or an export."""
+    return checkpoints.latest_complete(output) is not None or (output / run_files.FINAL).is_dir()
+
+
+def check_output(p: Preflight) -> Check:
+    """The output folder must be creatable, ours or new, and if it holds a run it must be this one, resumed."""
+    cfg = p.cfg
+    output = Path(cfg.output_dir)
+    existing = output
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return Check("output", False, f"cannot create {output}: {existing} is a file", "choose another --output-dir")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".job-write-test-"):
+            pass
+    except OSError as e:
+        return Check("output", False, f"{existing} is not writable ({e.strerror})", "choose a writable --output-dir")
+    previous = output / run_files.RUN_CONFIG
+    if not previous.exists():
+        # (a volume's root holds lost+found: the file system's, never touched by a run; the lock file is ours, left
+        # by a start that stopped before writing run_config.json)
+        ours = {"lost+found", run_files.LOCK}
+        others = sorted(p.name for p in output.iterdir() if p.name not in ours) if output.is_dir() else []
+        if others:  # someone else's folder: the job deletes only what it wrote
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            return Check(
+                "output",
+                False,
+                f"{output} is not empty ({shown}) and holds no run of this job (no run_config.json)",
+                "choose a new or empty --output-dir",
+            )
+        return Check("output", True, f"{output} (new)")
+    if not has_run_state(output):  # a start that failed before its first checkpoint: begin again
+        return Check("output", True, f"{output} holds no checkpoint yet: the run starts afresh")
+    if cfg.resume == "never":
+        return Check(
+            "output",
+            False,
+            f"{output} already holds a run",
+            "use --resume auto to continue it, or another --output-dir",
+        )
+    try:
+        old = json.loads(previous.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        old = {}
+    resumable = resumable_fields()
+    changed = sorted(
+        k
+        for k, v in cfg.to_dict().items()
+        if k not in resumable and k in old and comparable(k, old[k]) != comparable(k, v)
+    )
+    batch = _global_batch_on_resume(cfg, old)
+    if batch is not None:
+        if not batch.ok:
+            return batch
+        changed = [k for k in changed if k != "grad_accum"]  # another process count, the same global batch
+    if changed:
+        return Check(
+            "output",
+            False,
+            f"{output} holds a different run (changed: {', '.join(changed)})",
+            "use another --output-dir, or the same settings to resume",
+        )
+    return Check("output", True, f"{output} holds this run: it will resume")
+
+
+def _global_batch_on_resume(cfg: RunConfig, old: dict) -> Check | None:
+    """Resuming on another number of processes (elastic) keeps the global batch, or the curve would not continue.
+
+    DDP checkpoints load at any world size; a ZeRO one is converted to DeepSpeed's universal checkpoint at
+    launch. `--grad-accum` may change on resume only to keep per-device batch x accumulation x processes.
+    """
+    last = checkpoints.latest_complete(Path(cfg.output_dir)) if cfg.resume == "auto" else None
+    if cfg.resume not in ("auto", "never"):
+        last = Path(cfg.resume)
+    written_by = checkpoints.world_size(last) if last else None
+    if written_by is None or "grad_accum" not in old or "per_device_batch_size" not in old:
+        return None
+    world = processes_per_node(cfg) * cfg.nnodes
+    before = old["per_device_batch_size"] * old["grad_accum"] * written_by
+    now = cfg.per_device_batch_size * cfg.grad_accum * world
+    if before == now:
+        return Check("output", True, f"resumes {last.name} on {world} process(es), global batch {now} rows")
+    per_step = cfg.per_device_batch_size * world
+    fix = (
+        f"pass --grad-accum {before // per_step} to keep it"
+        if before % per_step == 0
+        else f"use a process count that divides {before // cfg.per_device_batch_size} batches"
+    )
+    return Check(
+        "output",
+        False,
+        f"{last} was trained with a global batch of {before} rows ({old['per_device_batch_size']} x "
+        f"{old['grad_accum']} x {written_by} processes); this run's would be {now}",
+        fix,
+    )
+
+
+def check_inputs(p: Preflight) -> Check:
+    """Fingerprint what the run trains on; `--prepared` data and a resumed run must match it."""
+    from job.data.tokenizer import tokenizer_fingerprint
+
+    cfg = p.cfg
+    if p.tokenizer is None:
+        return Check("inputs", True, "not checked: needs a loadable tokenizer")
+    tokenizer = tokenizer_fingerprint(p.tokenizer)
+    if p.prepared_key is not None:
+        check_prepared_tokenizer(cfg.prepared, p.prepared_key, tokenizer)
+    key = p.prepared_key or {"corpus": p.corpus.fingerprint if p.corpus else None}
+    p.fingerprints = {
+        "tokenizer": tokenizer,
+        "data": key["corpus"],
+        "model": model_fingerprint(Path(cfg.model)) if cfg.model else None,
+        "preset": None if cfg.model else cfg.preset,
+        "max_length": key.get("max_length", cfg.max_length),
+        "packing": key.get("packing", cfg.packing),
+    }
+    output = Path(cfg.output_dir)
+    recorded = output / run_files.INPUTS
+    if cfg.resume != "never" and recorded.exists() and has_run_state(output):
+        old = json.loads(recorded.read_text(encoding="utf-8"))
+        changed = sorted(k for k, v in p.fingerprints.items() if k in old and old[k] != v)
+        if changed:
+            raise JobError(
+                f"{output} was trained on other inputs (changed: {', '.join(changed)})",
+                "resume with the same tokenizer, data and model, or use another --output-dir",
+            )
+        return Check("inputs", True, "the same tokenizer, data and model as the run being resumed")
+    return Check("inputs", True, f"tokenizer {tokenizer}, data {p.fingerprints['data']}")
+
+
+def check_prepared_tokenizer(prepared: str, key: dict, tokenizer: str) -> None:
+    if key.get("tokenizer") != tokenizer:
+        raise JobError(
+            f"{prepared} was prepared with another tokenizer (fingerprint {key.get('tokenizer')}, this one's is "
+            f"{tokenizer}): changed: tokenizer",
+            "prepare the data again with this tokenizer, or pass the tokenizer it was prepared with",
+        )
+
+
+def check_resume(p: Preflight) -> Check:
+    """`--resume FOLDER` must be a Trainer checkpoint of a model of this shape."""
+    cfg = p.cfg
+    if cfg.resume in ("auto", "never"):
+        return Check("resume", True, cfg.resume)
+    folder = Path(cfg.resume)
+    if not (folder / "trainer_state.json").is_file():
+        raise JobError(
+            f"--resume {folder} is not a checkpoint (no trainer_state.json)",
+            "pass a checkpoint-N folder of a run, or --resume auto",
+        )
+    saved = folder / "config.json"
+    if saved.is_file() and p.model_config is not None:
+        old = json.loads(saved.read_text(encoding="utf-8"))
+        shape = ("vocab_size", "hidden_size", "n_layer", "n_head")
+        differ = [
+            f"{k} {old.get(k)} vs {getattr(p.model_config, k, None)}"
+            for k in shape
+            if old.get(k) != getattr(p.model_config, k, None)
+        ]
+        if differ:
+            raise JobError(
+                f"--resume {folder} is a checkpoint of another model shape ({'; '.join(differ)})",
+                "resume with the --model/--preset and tokenizer that checkpoint was trained with",
+            )
+    return Check("resume", True, f"from {folder}")

@@ -5,6 +5,7 @@ and the torchrun command they make, parsed by torchrun's own parser."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -488,3 +489,139 @@ def test_another_process_count_that_changes_the_global_batch_is_refused(inputs, 
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "global batch of 16 rows" in proc.stderr and "pass --grad-accum 4" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------- every run ends
+def _wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float = 600) -> float:
+    """When `text` first appeared in the log (the run may not have ended then)."""
+    _wait_for(lambda: text in log.read_text(), proc, timeout=timeout, poll=0.05)
+    return time.time()
+
+
+def _alive(pids: list[int]) -> list[int]:
+    import psutil
+
+    return [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3])  # it hung every time before: run it more than once
+def test_a_finished_one_process_run_with_dataloader_workers_exits_within_seconds(inputs, attempt):
+    """Persistent DataLoader workers ignore SIGTERM; multiprocessing's exit handler SIGTERMs them and then waits:
+    the rank must stop them itself, or `done:` is printed and the process never exits."""
+    model, tok, data, root = inputs
+    output, log_path = root / f"ends-{attempt}", root / f"ends-{attempt}.log"
+    args = train_args(model, tok, data, output, "--nproc", "1", "--deepspeed", "none", "--dataloader-workers", "2")
+    args[args.index("--max-steps") + 1] = "4"
+    with log_path.open("w") as log:
+        proc = _start(args, log)
+        done = _wait_for_line(log_path, "done: model in", proc)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc.pid)
+            pytest.fail(f"still running 30 s after `done:`:\n{log_path.read_text()[-3000:]}")
+    assert code == 0, log_path.read_text()[-3000:]
+    assert time.time() - done < 30
+    assert json.loads((output / "exit_status.json").read_text())["code"] == 0
+
+
+def test_a_failing_one_process_run_with_dataloader_workers_exits(inputs):
+    """A run that fails (here: a checkpoint that cannot be written, the file-size limit reached) ends with its
+    exit code instead of waiting forever for its DataLoader workers; the workers end with it."""
+    import resource
+
+    import psutil
+
+    model, tok, data, root = inputs
+    output, log_path = root / "fails", root / "fails.log"
+    prepared = root / "fails-prepared"
+    assert (
+        run(
+            [
+                "prepare",
+                "--tokenizer",
+                str(tok),
+                "--data",
+                str(data),
+                "--output",
+                str(prepared),
+                "--max-length",
+                "32",
+                "--eval-fraction",
+                "0.05",
+            ],
+            root / "fails-prepare.log",
+        )
+        == 0
+    )
+    args = train_args(
+        model,
+        tok,
+        data,
+        output,
+        "--nproc",
+        "1",
+        "--deepspeed",
+        "none",
+        "--dataloader-workers",
+        "2",
+        "--prepared",
+        str(prepared),
+    )
+    limit = 64 * 1024  # the logs fit, a checkpoint of the model does not
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            job_command(*args),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            preexec_fn=small_files,
+            start_new_session=True,
+        )
+        workers: list[int] = []
+
+        def loading():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                workers[:] = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+            return len(workers) >= 2
+
+        _wait_for(loading, proc, timeout=300, poll=0.05)
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc.pid)
+            pytest.fail(f"a failed run did not exit:\n{log_path.read_text()[-3000:]}")
+    assert code not in (0, EXIT_PREEMPTED), log_path.read_text()[-3000:]
+    assert "File too large" in log_path.read_text()
+    time.sleep(1)
+    assert _alive(workers) == [], "DataLoader workers outlived their rank"
+
+
+def test_a_killed_launcher_leaves_nothing_training_and_holds_the_folder_until_all_have_ended(inputs):
+    """SIGKILL of the launcher of a 2-process run: torchrun and its ranks end too (after a checkpoint: they are
+    told to stop, as on a SIGTERM), and a second run into the folder is refused until the last of them has ended."""
+    import psutil
+
+    model, tok, data, root = inputs
+    output, log_path = root / "orphan", root / "orphan.log"
+    args = train_args(model, tok, data, output, "--dataloader-workers", "2")
+    args[args.index("--max-steps") + 1] = "5000"  # far more than the test waits: an orphaned run would go on
+    with log_path.open("w") as log:
+        proc = _start(args, log)
+        _wait_for(lambda: (output / "metrics.jsonl").exists() and len(losses(output)) >= 2, proc)
+        tree = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(tree) >= 3, tree  # torchrun and two ranks (and their DataLoader workers)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    second = subprocess.run(job_command(*args), capture_output=True, text=True, env=_env(), timeout=300)
+    if _alive(tree):  # still shutting down: the folder is theirs
+        assert second.returncode == 2 and "in use by a running job" in second.stderr, second.stderr[-2000:]
+    deadline = time.time() + 120
+    while _alive(tree) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _alive(tree) == [], f"left running after the launcher was killed:\n{log_path.read_text()[-3000:]}"
+    assert checkpoints.latest_complete(output) is not None  # they stopped as on a SIGTERM: after a checkpoint

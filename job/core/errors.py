@@ -1,7 +1,10 @@
-"""Errors a person can fix, the exit codes the whole tool (CLI, Makefile, Kubernetes) shares, and how a
-SIGTERM/SIGINT unwinds outside the training loop."""
+"""Errors a person can fix, the exit codes the whole tool (CLI, Makefile, Kubernetes) shares, how a
+SIGTERM/SIGINT unwinds outside the training loop, and how a child process ends with its parent."""
 
+import ctypes
+import os
 import signal
+import sys
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -48,3 +51,15 @@ def ignore_stop_signals(*args) -> None:
     main process decides when to stop, and its workers end with it."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def die_with_parent(sig: int, parent: int | None = None) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (Linux `prctl(PR_SET_PDEATHSIG)`): a launcher,
+    torchrun or a rank that is SIGKILLed leaves nothing of the run behind. `parent`: the pid that should be the
+    parent; if it is gone already (it died before this call), `sig` is raised at once. Elsewhere: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)

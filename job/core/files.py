@@ -94,6 +94,13 @@ class FileLock:
     def release(self) -> None:
         self._lock.release()
 
+    def fileno(self) -> int | None:
+        """The locked file's descriptor while held, for a child process that must hold the lock too (`pass_fds`:
+        the child shares the lock, which is released only when every holder has closed it or died). filelock
+        keeps it private; None if a filelock release moved it."""
+        context = getattr(self._lock, "_context", None)
+        return getattr(context, "lock_file_fd", None) if self._lock.is_locked else None
+
     def holder(self) -> str:
         try:
             return self.path.read_text(encoding="utf-8").strip() or "another process"

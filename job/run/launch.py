@@ -25,7 +25,7 @@ from pathlib import Path
 
 from job.core import checkpoints, run_files
 from job.core.config import RunConfig
-from job.core.errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, STOP_SIGNALS, JobError
+from job.core.errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, STOP_SIGNALS, JobError, die_with_parent
 from job.core.files import FileLock, atomic_write_json
 from job.core.topology import TOPOLOGY_DEFAULTS, processes_per_node
 from job.run.checks import Preflight
@@ -38,6 +38,7 @@ log = logging.getLogger("job")
 # torchrun restarts every node's workers (a new c10d rendezvous round, each resuming from the newest complete
 # checkpoint) up to this many times when a worker or a node fails; one node alone has nothing to wait for.
 MULTINODE_RESTARTS = 3
+LAUNCHER_PID_ENV = "JOB_LAUNCHER_PID"  # torchrun ends with the launcher that started it
 # How long a node waits for the others to join (torchrun's default, 600 s, is shorter than a cold image pull).
 RENDEZVOUS_JOIN_TIMEOUT_S = 1800
 
@@ -111,7 +112,7 @@ def train(cfg: RunConfig) -> int:
     nproc = processes_per_node(cfg)
     if nproc == 1 and cfg.nnodes == 1:
         return _run_in_process(cfg)
-    return _run_torchrun(cfg, nproc, output)
+    return _run_torchrun(cfg, nproc, output, lock)
 
 
 class OutputLock:
@@ -129,6 +130,11 @@ class OutputLock:
                 f"{self.lock.path.parent} is in use by a running job ({self.lock.holder()})",
                 "wait for it to end, stop it, or use another --output-dir",
             )
+
+    def fds(self) -> tuple[int, ...]:
+        """For torchrun's `pass_fds`: it holds the lock too, so the lock covers the run until its last process."""
+        fd = self.lock.fileno()
+        return () if fd is None else (fd,)
 
 
 def make_universal(checkpoint: Path) -> None:
@@ -226,10 +232,11 @@ def torchrun_command(cfg: RunConfig, nproc: int, config_path: Path) -> list[str]
     ]
 
 
-def _run_torchrun(cfg: RunConfig, nproc: int, output: Path) -> int:
+def _run_torchrun(cfg: RunConfig, nproc: int, output: Path, lock: OutputLock | None) -> int:
     command = torchrun_command(cfg, nproc, output / run_files.RUN_CONFIG)
     env = {
         **os.environ,
+        LAUNCHER_PID_ENV: str(os.getpid()),
         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(cfg.shutdown_timeout_s),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
     }
@@ -244,8 +251,9 @@ def _run_torchrun(cfg: RunConfig, nproc: int, output: Path) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
-        # A session of its own: a signal to our process group must reach torchrun once, through us.
-        child = subprocess.Popen(command, env=env, start_new_session=True)
+        # A session of its own: a signal to our process group must reach torchrun once, through us. It holds the
+        # output lock too (a SIGKILLed launcher leaves torchrun checkpointing: no second run may start beside it).
+        child = subprocess.Popen(command, env=env, start_new_session=True, pass_fds=lock.fds() if lock else ())
         if received:
             child.send_signal(received[0])  # it came while torchrun was being started
         returncode = child.wait()
@@ -285,6 +293,8 @@ def _quiet_torchrun() -> int:
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, first_only)
+    if os.environ.get(LAUNCHER_PID_ENV):  # the launcher SIGKILLed: stop as on a SIGTERM (workers checkpoint)
+        die_with_parent(signal.SIGTERM, int(os.environ[LAUNCHER_PID_ENV]))
     try:
         main()
     except SignalException:

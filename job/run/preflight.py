@@ -8,6 +8,7 @@ To add a check, write `def check_x(p: Preflight) -> Check` and put it in `CHECKS
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -101,6 +102,8 @@ def check_launch(p: Preflight) -> Check:
     """Fill the launch settings no flag set from the torchrun/Kubeflow environment; show where each came from.
     First: every later check reads the resolved config."""
     p.cfg, sources = resolve_topology(p.cfg)
+    # The run folder by its real path: `a/missing/../run`, a symlink or `./run` name one folder for every check.
+    p.cfg = dataclasses.replace(p.cfg, output_dir=os.path.realpath(p.cfg.output_dir))
     row = check_topology(p.cfg, sources)
     p.launch = row.detail
     return row

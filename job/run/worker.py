@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from job.core.errors import (
     EXIT_PREEMPTED,
     STOP_SIGNALS,
     Stopped,
+    die_with_parent,
     ignore_stop_signals,
     stop_at_once,
 )
@@ -122,25 +124,60 @@ class CheckpointCallback(TrainerCallback):
 
 
 class _WorkerInit:
-    """A DataLoader `worker_init_fn`: the Trainer's own (seeding), then signals ignored (`ignore_stop_signals`).
+    """A DataLoader `worker_init_fn`: the Trainer's own (seeding), then signals ignored (`ignore_stop_signals`), and
+    death with the rank (SIGKILL when it dies: a worker holds nothing worth saving).
 
     torch's workers die on a SIGTERM that is not from their parent, and torchrun, a terminal or `timeout`
     signal the whole process group: without this a worker dies first and the rank crashes before it saves.
+    Because they ignore SIGTERM, the rank stops them itself at its end (`stop_dataloader_workers`).
     """
 
-    def __init__(self, inner):
+    def __init__(self, inner, parent: int):
         self.inner = inner
+        self.parent = parent
 
     def __call__(self, worker_id: int) -> None:
         if self.inner is not None:
             self.inner(worker_id)
         ignore_stop_signals()
+        die_with_parent(signal.SIGKILL, self.parent)
+
+
+# Every DataLoader this process handed the Trainer: their workers are shut down when the rank ends.
+_LOADERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def stop_dataloader_workers(timeout_s: float = 5.0) -> int:
+    """Shut down the DataLoader workers of this process, however the run ended; returns how many had to be killed.
+
+    Workers ignore SIGTERM (above), and persistent ones outlive the training loop: at interpreter exit,
+    multiprocessing's exit handler would send them SIGTERM and then wait for them forever (a finished run that
+    never exits holds its GPUs). torch's own shutdown asks them to stop; any still alive after it is killed.
+    """
+    workers, killed = [], 0
+    for loader in list(_LOADERS):
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is None:
+            continue
+        workers += list(getattr(iterator, "_workers", []))
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        loader._iterator = None
+    for worker in workers:
+        worker.join(timeout_s if worker.is_alive() else 0)
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout_s)
+            killed += 1
+    return killed
 
 
 def _workers_ignore_signals(prepared):
     loader = getattr(prepared, "base_dataloader", prepared)  # accelerate wraps the torch DataLoader
     if loader.num_workers and not isinstance(loader.worker_init_fn, _WorkerInit):
-        loader.worker_init_fn = _WorkerInit(loader.worker_init_fn)
+        loader.worker_init_fn = _WorkerInit(loader.worker_init_fn, os.getpid())
+    _LOADERS.update({prepared, loader})
     return prepared
 
 
@@ -250,6 +287,8 @@ def run_worker(cfg: RunConfig) -> int:
     output = Path(cfg.output_dir)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     stop_at_once()  # also when started by torchrun: the CLI's handlers are the launcher's, not ours
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun: a SIGKILLed torchrun stops this rank (checkpoint)
+        die_with_parent(signal.SIGTERM)
     try:
         return _train(cfg, output)
     except Stopped as e:
@@ -261,6 +300,8 @@ def run_worker(cfg: RunConfig) -> int:
         else:
             message = f"before training resumed; complete checkpoint {last}. Run again with --resume auto to continue"
         return finish(output, rank0, EXIT_PREEMPTED, f"stopped by {e.signal_name} {message}")
+    finally:
+        stop_dataloader_workers()
 
 
 def _train(cfg: RunConfig, output: Path) -> int:

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import types
@@ -115,6 +116,17 @@ def _load(config: str | None, values: dict) -> RunConfig:
     return RunConfig.load(config, **values)
 
 
+_INVOKED: dict[str, str | None] = {}  # the subcommand running, for the message of a signal that stops it
+MAX_NEW_TOKENS = 65536  # generation beyond this is a mistake, not a request (Bloom's ALiBi has no length limit)
+
+
+def _finite(ctx, param, value: float) -> float:
+    """FloatRange lets nan through (every comparison with nan is false)."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx, param)
+    return value
+
+
 class JobGroup(click.Group):
     def invoke(self, ctx):
         try:
@@ -128,8 +140,10 @@ class JobGroup(click.Group):
 
 @click.group(cls=JobGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, help="show tracebacks for errors")
-def cli(debug: bool):
+@click.pass_context
+def cli(ctx, debug: bool):
     """Continued pre-training of a Chinese Bloom causal LM (HF Trainer + DeepSpeed ZeRO)."""
+    _INVOKED["command"] = ctx.invoked_subcommand
     if debug:
         os.environ["JOB_DEBUG"] = "1"
     logging.basicConfig(level=logging.INFO, format="[job] %(message)s")
@@ -218,12 +232,34 @@ def doctor(config, **values):
 @click.option("--model", required=True, type=click.Path(), help="HF model folder (e.g. OUTPUT/final)")
 @click.option("--prompt", "prompts", multiple=True, help="prompt text (repeatable)")
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), help="one prompt per line")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="tokens to generate per prompt")
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(1, MAX_NEW_TOKENS),
+    default=64,
+    show_default=True,
+    help="tokens to generate per prompt",
+)
 @click.option("--greedy/--sample", default=False, show_default=True, help="greedy decoding, or sampling")
-@click.option("--top-k", type=int, default=50, show_default=True, help="sampling: the k most likely tokens")
-@click.option("--top-p", type=float, default=0.95, show_default=True, help="sampling: nucleus probability mass")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="sampling: logits divided by this")
-@click.option("--seed", type=int, default=0, show_default=True, help="sampling seed (the same seed repeats)")
+@click.option(
+    "--top-k", type=click.IntRange(min=0), default=50, show_default=True, help="sampling: the k most likely tokens"
+)
+@click.option(
+    "--top-p",
+    type=click.FloatRange(0, 1, min_open=True),
+    callback=_finite,
+    default=0.95,
+    show_default=True,
+    help="sampling: nucleus probability mass",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0, 1e4, min_open=True),
+    callback=_finite,
+    default=1.0,
+    show_default=True,
+    help="sampling: logits divided by this (above 0)",
+)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="sampling seed (repeats)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON lines")
 def generate(model, prompts, prompts_file, as_json, **sampling):
     """Generate continuations for prompts (batched, left-padded)."""
@@ -234,10 +270,6 @@ def generate(model, prompts, prompts_file, as_json, **sampling):
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise JobError("no prompt given", "pass --prompt TEXT or --prompts-file FILE")
-    if sampling["temperature"] <= 0 and not sampling["greedy"]:
-        raise JobError(
-            f"--temperature {sampling['temperature']} must be above 0 when sampling", "use --greedy or a positive value"
-        )
     lm, tok = load_for_inference(model)
     for out in run_generate(lm, tok, texts, **sampling):  # the options are named as generate()'s arguments
         click.echo(json.dumps(out, ensure_ascii=False) if as_json else f"{out['prompt']}{out['text']}")
@@ -256,8 +288,14 @@ def smoke(model):
 
 @cli.command(cls=GroupedCommand)
 @config_options(TRAIN_FIELDS)
-@click.option("--steps", type=int, default=10, show_default=True, help="timed optimizer steps")
-@click.option("--warmup", type=int, default=3, show_default=True, help="untimed steps first (compilation, caches)")
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="timed optimizer steps")
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="untimed steps first (compilation, caches)",
+)
 @click.option("--synthetic/--corpus", default=True, show_default=True, help="random tokens, or the prepared corpus")
 @click.option(
     "--compare",
@@ -275,7 +313,12 @@ def smoke(model):
     help="--tokenize: rounds, the best of each counts",
 )
 @click.option("--scale", type=click.IntRange(min=1), default=1, show_default=True, help="--tokenize: corpus x N")
-@click.option("--profile-steps", type=int, default=0, help="torch-profile N steps after the warm-up: top GPU kernels")
+@click.option(
+    "--profile-steps",
+    type=click.IntRange(min=0),
+    default=0,
+    help="torch-profile N steps after the warm-up: top GPU kernels",
+)
 def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, scale, profile_steps, **values):
     """Time the real training path (or tokenization); print one JSON line of figures.
 
@@ -295,7 +338,16 @@ def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, sca
 def main():
     stop_at_once()  # first thing: as PID 1 in a container, Python would ignore SIGTERM until a handler exists
     try:
-        cli(prog_name="python -m job")
-    except Stopped as e:  # a signal before training began (training records its own verdict): nothing to keep
-        click.echo(f"stopped by {e.signal_name} before training began -- run the same command again", err=True)
+        code = cli.main(prog_name="python -m job", standalone_mode=False)
+    except click.UsageError as e:  # Click's own four lines (usage, hint, blank, error) as one, like every refusal
+        command = e.ctx.command_path if e.ctx else "python -m job"
+        click.echo(f"error: {e.format_message()} -- see `{command} --help`", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except click.Abort:
+        click.echo("error: aborted", err=True)
         sys.exit(EXIT_PREEMPTED)
+    except Stopped as e:  # a signal outside training (training records its own verdict): nothing to keep
+        when = " before training began" if _INVOKED.get("command") == "train" else ""
+        click.echo(f"stopped by {e.signal_name}{when} -- run the same command again", err=True)
+        sys.exit(EXIT_PREEMPTED)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -74,6 +74,17 @@ def tiny_bloom(vocab: int, seed: int = 0, **overrides):
     return BloomForCausalLM(tiny_bloom_config(vocab, **overrides))
 
 
+def complete_checkpoint(output: Path, step: int) -> Path:
+    """`output/checkpoint-<step>` as a finished save of this job leaves it: Trainer state, then its COMPLETE marker."""
+    from job.core import checkpoints
+
+    checkpoints.begin(output, step)
+    folder = output / f"checkpoint-{step}"
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 1000}))
+    checkpoints.mark_complete(folder, step)
+    return folder
+
+
 def write_jsonl(path: Path, docs: list[str], column: str = "completion") -> Path:
     path.write_text(
         "".join(json.dumps({column: d, "source": "test"}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"

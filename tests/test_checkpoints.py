@@ -6,9 +6,11 @@ from job.core import checkpoints
 
 
 def _make(root, step, complete=True):
+    """A checkpoint as the job writes one: claimed (`begin`), written, then marked complete."""
+    checkpoints.begin(root, step)
     path = root / f"checkpoint-{step}"
-    path.mkdir(parents=True)
     (path / "model.safetensors").write_bytes(b"x" * 10)
+    _state(path, step, 1000)
     if complete:
         checkpoints.mark_complete(path, step)
     return path
@@ -43,7 +45,9 @@ def test_finished_uses_max_steps_else_the_trainers_own_count(tmp_path):
     assert not checkpoints.finished(path, 60)  # --max-steps raised on resume: train on
     _state(path, 30, 40)
     assert not checkpoints.finished(path, -1)
-    assert not checkpoints.finished(None, 10) and not checkpoints.finished(_make(tmp_path, 50), 10)  # no state
+    no_state = _make(tmp_path, 50)
+    (no_state / "trainer_state.json").unlink()
+    assert not checkpoints.finished(None, 10) and not checkpoints.finished(no_state, 10)
 
 
 def test_world_size_counts_the_ranks_that_wrote_a_checkpoint(tmp_path):
@@ -59,3 +63,49 @@ def test_world_size_counts_the_ranks_that_wrote_a_checkpoint(tmp_path):
     for rank in range(2):
         (path / "global_step4" / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
     assert checkpoints.zero_world_size(path) == 2
+
+
+def test_a_folder_the_job_did_not_begin_is_never_deleted(tmp_path):
+    """Another tool's `checkpoint-500/` (no claim of this job's) survives the clean-up and the rotation."""
+    foreign = tmp_path / "checkpoint-500"
+    foreign.mkdir()
+    (foreign / "weights.bin").write_bytes(b"theirs")
+    for step in (10, 20, 30):
+        _make(tmp_path, step)
+    _make(tmp_path, 40, complete=False)  # ours, killed mid-save
+    assert checkpoints.remove_incomplete(tmp_path) == [tmp_path / "checkpoint-40"]
+    checkpoints.rotate(tmp_path, keep=1)
+    assert [p.name for p in checkpoints.all_checkpoints(tmp_path)] == ["checkpoint-30", "checkpoint-500"]
+    assert (foreign / "weights.bin").read_bytes() == b"theirs"
+
+
+def test_a_checkpoint_is_trusted_only_while_its_contents_match_its_marker(tmp_path):
+    good = _make(tmp_path, 10)
+    for step, damage, why in [
+        (20, lambda p: (p / "model.safetensors").write_bytes(b"x" * 3), "model.safetensors is 3 bytes"),
+        (30, lambda p: _state(p, 31, 1000), "trainer_state.json says step 31, COMPLETE says 30"),
+        (40, lambda p: (p / "trainer_state.json").write_text("{not json"), "unreadable"),
+        (50, lambda p: (p / "model.safetensors").unlink(), "model.safetensors is missing"),
+        (60, lambda p: (p / checkpoints.MARKER).write_text("[]"), "COMPLETE says None"),
+    ]:
+        damage(_make(tmp_path, step))
+        assert why in dict(checkpoints.damaged_checkpoints(tmp_path))[tmp_path / f"checkpoint-{step}"]
+        assert checkpoints.latest_complete(tmp_path) == good  # the newest that still matches
+    (tmp_path / "checkpoint-10" / "optimizer.pt").write_bytes(b"an extra file is no damage")
+    assert checkpoints.complete_checkpoints(tmp_path) == [good]
+
+
+def test_marking_complete_gives_the_files_the_umasks_permissions(tmp_path):
+    """Libraries write through mkstemp (0600); the job's files are for group and others to read as well."""
+    import os
+    import stat
+
+    path = _make(tmp_path, 5, complete=False)
+    (path / "model.safetensors").chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        checkpoints.mark_complete(path, 5)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((path / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755

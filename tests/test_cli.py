@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from job.cli import cli
-from tests.conftest import DOCS, REPO, write_jsonl
+from tests.conftest import DOCS, REPO, complete_checkpoint, write_jsonl
 
 
 def run_cli(*args: str):
@@ -65,8 +65,7 @@ def _busy_port(world: Path) -> str:
 def _previous_run(world: Path, inputs: dict | None = None, **values) -> None:
     """A run of this job with a complete checkpoint (something to resume), and the inputs it recorded."""
     out = world / "out"
-    (out / "checkpoint-2").mkdir(parents=True)
-    (out / "checkpoint-2" / "COMPLETE").write_text("{}")
+    complete_checkpoint(out, 2)
     (out / "run_config.json").write_text(json.dumps({"max_length": 999} if inputs is None else values))
     if inputs is not None:
         (out / "inputs.json").write_text(json.dumps(inputs))
@@ -171,6 +170,16 @@ CASES = {
         "is not a checkpoint",
     ),
     "resume checkpoint of another shape": (["--resume", "{w}/ckpt"], lambda w: _checkpoint(w / "ckpt"), "model shape"),
+    "resume a save that never completed": (
+        ["--resume", "{w}/run/checkpoint-3"],
+        lambda w: _checkpoint(w / "run" / "checkpoint-3", shape=False),
+        "not a complete checkpoint",
+    ),
+    "resume another run's checkpoint": (
+        ["--resume", "{w}/run/checkpoint-3", "--learning-rate", "0.5"],
+        lambda w: _other_run(w / "run", 3),
+        "different run (changed: learning_rate)",
+    ),
     "truncated weights": (["--model", "{w}/lm"], lambda w: _saved_model(w / "lm", cut=100), "truncated or corrupt"),
     "max length beyond memory": (["--max-length", "100000"], None, "activations per process"),
     # data: the file, the line, the value's type
@@ -209,10 +218,20 @@ def _prepared_with_another_tokenizer(world: Path) -> None:
     prepare(RunConfig.load(data=str(world / "good.jsonl"), max_length=16), larger, str(world / "prepared"))
 
 
-def _checkpoint(folder: Path) -> None:
-    folder.mkdir()
+def _checkpoint(folder: Path, shape: bool = True) -> None:
+    folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text("{}")
-    (folder / "config.json").write_text(json.dumps({"vocab_size": 640, "hidden_size": 999, "n_layer": 1, "n_head": 1}))
+    if shape:
+        shape = {"vocab_size": 640, "hidden_size": 999, "n_layer": 1, "n_head": 1}
+        (folder / "config.json").write_text(json.dumps(shape))
+
+
+def _other_run(output: Path, step: int) -> None:
+    """A complete checkpoint of a run of this job recorded with the defaults' learning rate."""
+    from job.core.config import RunConfig
+
+    complete_checkpoint(output, step)
+    RunConfig.load(learning_rate=1e-3).write(output / "run_config.json")
 
 
 def _saved_model(folder: Path, cut: int = 0) -> None:
@@ -280,6 +299,36 @@ def test_a_real_process_prints_no_traceback(tmp_path):
         cwd=tmp_path,
     )
     assert "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["generate", "--model", "m", "--prompt", "x", "--top-k", "-5"], "'--top-k': -5 is not in the range x>=0"),
+        (["generate", "--model", "m", "--prompt", "x", "--temperature", "nan"], "nan is not a finite number"),
+        (["generate", "--model", "m", "--prompt", "x", "--max-new-tokens", "1000000000"], "'--max-new-tokens'"),
+        (["bench", "--steps", "-3"], "'--steps': -3 is not in the range x>=1"),
+        (["train", "--no-such-flag"], "No such option '--no-such-flag'"),
+        (["train", "--learning-rate", "inf"], "--learning-rate inf is not a finite number"),
+        (["train", "--weight-decay", "inf"], "--weight-decay inf is not a finite number"),
+        (["train", "--epochs", "inf"], "--epochs inf is not a finite number"),
+        (["train", "--seed", "99999999999"], "--seed 99999999999 is not in"),
+        (["train", "--vocab-size", "99999999999999999999"], "--vocab-size 99999999999999999999 is not in"),
+        (["train", "--training-arg", "hub_token=hf_abcdef"], "would write a credential"),
+        (["train", "--training-arg", "fsdp=full_shard"], "--training-arg fsdp is not supported"),
+        (["train", "--training-arg", "save_only_model=true"], "--training-arg save_only_model is not supported"),
+    ],
+)
+def test_a_real_process_refuses_bad_values_in_one_line(tmp_path, argv, words):
+    """Through `main()` (Click's usage errors included): one line naming the cause and where help is, exit 2,
+    nothing written, and no secret echoed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "job", *argv], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], proc.stderr
+    assert "hf_abcdef" not in proc.stderr + proc.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_help_lists_the_commands():
@@ -377,7 +426,7 @@ def test_generate_command_prints_one_continuation_per_prompt(world, tiny_tokeniz
     assert [o["prompt"] for o in outs] == ["下面是", "北京", "中国的经济"]
     assert all(0 < o["new_tokens"] <= 5 for o in outs)
     refused = run_cli("generate", "--model", str(folder), "--prompt", "x", "--temperature", "0")
-    assert refused.exit_code == 2 and "must be above 0 when sampling" in refused.stderr
+    assert refused.exit_code == 2 and "'--temperature': 0.0 is not in the range 0<x" in refused.stderr
 
 
 @pytest.mark.parametrize(

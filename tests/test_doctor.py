@@ -8,19 +8,21 @@ from pathlib import Path
 
 import pytest
 
+from job.core import checkpoints
 from job.core.config import RunConfig
 from job.core.errors import JobError
 from job.core.weights import check_weights
 from job.run import preflight as doctor
 from job.run.checks import Check, Preflight
 from job.run.resume import check_output
-from tests.conftest import tiny_bloom
+from tests.conftest import complete_checkpoint, tiny_bloom
 
 
 def _run(output: Path, config: dict, complete: bool) -> None:
-    (output / "checkpoint-4").mkdir(parents=True)
     if complete:
-        (output / "checkpoint-4" / "COMPLETE").write_text("{}")
+        complete_checkpoint(output, 4)
+    else:
+        (output / "checkpoint-4").mkdir(parents=True)
     (output / "run_config.json").write_text(json.dumps(config))
 
 
@@ -29,7 +31,8 @@ def test_a_start_that_failed_before_any_checkpoint_does_not_block_the_corrected_
     _run(out, {"learning_rate": -1.0}, complete=False)
     result = check_output(Preflight(RunConfig.load(output_dir=str(out), learning_rate=1e-3)))
     assert result.ok and "starts afresh" in result.detail
-    (out / "checkpoint-4" / "COMPLETE").write_text("{}")  # now there is a run to resume: a change is refused
+    (out / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4}')
+    checkpoints.mark_complete(out / "checkpoint-4", 4)  # now there is a run to resume: a change is refused
     result = check_output(Preflight(RunConfig.load(output_dir=str(out), learning_rate=1e-3)))
     assert not result.ok and "changed: learning_rate" in result.detail
 
@@ -103,3 +106,58 @@ def test_a_folder_of_someone_else_is_refused_a_volume_root_is_not(tmp_path):
     (out / "checkpoint-500").mkdir()
     result = check_output(Preflight(RunConfig.load(output_dir=str(out))))
     assert not result.ok and "not empty (checkpoint-500)" in result.detail and "new or empty" in result.fix
+
+
+def test_a_run_folder_is_its_real_path(tmp_path):
+    """`PARENT/missing/../run` names `PARENT/run`: its run is found and a changed setting refused (the preflight used
+    to see a new folder there and the run then resumed the other run's checkpoint)."""
+    run = tmp_path / "run"
+    _run(run, RunConfig.load(output_dir=str(run), learning_rate=1e-3).to_dict(), complete=True)
+    found = Preflight(RunConfig.load(output_dir=str(tmp_path / "missing" / ".." / "run"), learning_rate=5e-3))
+    doctor.check_launch(found)
+    assert found.cfg.output_dir == str(run)
+    result = check_output(found)
+    assert not result.ok and "changed: learning_rate" in result.detail
+    assert not (tmp_path / "missing").exists()
+
+
+def test_doctor_says_a_folder_whose_run_is_going_is_in_use(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    run = tmp_path / "run"
+    _run(run, RunConfig.load(output_dir=str(run)).to_dict(), complete=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys,time; from job.run.launch import OutputLock; from pathlib import Path;"
+            "lock = OutputLock(Path(sys.argv[1])); lock.acquire(); print('held', flush=True); time.sleep(600)",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = check_output(Preflight(RunConfig.load(output_dir=str(run))))
+        assert not result.ok and f"in use by a running job (pid {holder.pid}" in result.detail
+    finally:
+        holder.kill()
+        holder.wait()
+    assert check_output(Preflight(RunConfig.load(output_dir=str(run)))).ok
+
+
+def test_a_missing_or_unreadable_record_is_a_refusal_not_a_fresh_start(tmp_path):
+    run = tmp_path / "run"
+    _run(run, RunConfig.load(output_dir=str(run)).to_dict(), complete=True)
+    (run / "run_config.json").write_text("{not json")
+    with pytest.raises(JobError, match=r"run_config\.json is unreadable"):
+        check_output(Preflight(RunConfig.load(output_dir=str(run))))
+    with pytest.raises(JobError, match=r"inputs\.json is missing"):
+        from job.run.resume import _require_same_inputs
+
+        _require_same_inputs({"tokenizer": "t"}, run)

@@ -67,7 +67,8 @@ def test_defaults_without_flags_or_environment():
         ({"PET_NNODES": "1:4"}, ["PET_NNODES='1:4'", "elastic"]),
         ({"PET_NPROC_PER_NODE": "many"}, ["PET_NPROC_PER_NODE='many'"]),
         ({"PET_NNODES": "2", "JOB_COMPLETION_INDEX": "2"}, ["--node-rank 2 is not below --nnodes 2"]),
-        ({"PET_MASTER_PORT": "70000"}, ["--master-port 70000"]),
+        ({"PET_MASTER_PORT": "70000"}, ["PET_MASTER_PORT='70000' is not a port"]),
+        ({"PET_NPROC_PER_NODE": "0"}, ["PET_NPROC_PER_NODE='0' is not at least 1"]),  # named as it was given
     ],
 )
 def test_a_bad_environment_is_a_one_line_error(env, words):

@@ -1,8 +1,10 @@
 """Checkpoints that count only once complete, and an export that is checked before it is published.
 
-The Trainer writes `checkpoint-N/` in place; when every rank has finished writing, rank 0 adds the
-marker file `COMPLETE`. Only marked checkpoints are resumed from or counted for rotation, so a kill
-in the middle of a save loses that save and nothing else.
+Before the Trainer writes `checkpoint-N/`, rank 0 creates it with the marker `WRITING` (the job's own: only
+such folders are ever deleted as incomplete); when every rank has finished writing, rank 0 replaces it with
+`COMPLETE`, which records the step and every file's size. Only checkpoints whose contents still match their
+`COMPLETE` (`trusted`) are resumed from or counted for rotation, so a kill in the middle of a save loses that
+save and nothing else, and a damaged checkpoint falls back to the one before it.
 
 `final/` is published from the last checkpoint (the Trainer always saves the last step): its model and
 tokenizer files are copied aside, reloaded as stock transformers would, then renamed into place. An export
@@ -24,6 +26,7 @@ from job.core import run_files
 from job.core.files import atomic_write_json, share
 
 MARKER = "COMPLETE"
+WRITING = ".job-writing"  # this job is writing the checkpoint (it may delete it if the save never completes)
 # What a checkpoint holds of the model itself (the rest is optimizer, scheduler, RNG and Trainer state).
 MODEL_FILES = (
     "config.json",
@@ -50,7 +53,13 @@ def all_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
-    return [p for p in all_checkpoints(output_dir) if (p / MARKER).exists()]
+    """The marked checkpoints whose contents match their marker, oldest first."""
+    return [p for p in all_checkpoints(output_dir) if (p / MARKER).exists() and distrust(p) is None]
+
+
+def damaged_checkpoints(output_dir: Path) -> list[tuple[Path, str]]:
+    """Marked checkpoints whose contents no longer match the marker, with what is wrong."""
+    return [(p, why) for p in all_checkpoints(output_dir) if (p / MARKER).exists() and (why := distrust(p))]
 
 
 def latest_complete(output_dir: Path) -> Path | None:
@@ -58,15 +67,51 @@ def latest_complete(output_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def begin(output_dir: Path, step: int) -> None:
+    """Before the Trainer writes checkpoint-`step`: claim the folder as this job's."""
+    folder = output_dir / f"checkpoint-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / WRITING).touch()
+
+
 def mark_complete(checkpoint: Path, step: int) -> None:
-    """After every rank has written `checkpoint`: give it the umask's permissions, then mark it complete."""
+    """After every rank has written `checkpoint`: give it the umask's permissions, then mark it complete with the
+    step and the size of every file, which `distrust` checks before the checkpoint is used."""
     share(checkpoint)
-    atomic_write_json(checkpoint / MARKER, {"step": step, "time": time.time()})
+    files = {
+        str(f.relative_to(checkpoint)): f.stat().st_size
+        for f in sorted(checkpoint.rglob("*"))
+        if f.is_file() and f.name not in (MARKER, WRITING)
+    }
+    atomic_write_json(checkpoint / MARKER, {"step": step, "time": time.time(), "files": files})
+    (checkpoint / WRITING).unlink(missing_ok=True)
+
+
+def distrust(checkpoint: Path) -> str | None:
+    """Why the checkpoint's contents do not match its `COMPLETE` marker (None: they do)."""
+    try:
+        marker = json.loads((checkpoint / MARKER).read_text(encoding="utf-8"))
+        step = trainer_state(checkpoint)["global_step"]
+    except FileNotFoundError as e:
+        return f"{Path(e.filename).name} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"a record is unreadable ({type(e).__name__})"
+    marked = marker.get("step") if isinstance(marker, dict) else None
+    if marked != step:
+        return f"trainer_state.json says step {step}, {MARKER} says {marked}"
+    for name, size in (marker.get("files") or {}).items():  # markers of older releases list no files
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, {MARKER} recorded {size}"
+    return None
 
 
 def remove_incomplete(output_dir: Path) -> list[Path]:
-    """Delete checkpoint folders a crash left half-written (call only when no save is in progress)."""
-    partial = [p for p in all_checkpoints(output_dir) if not (p / MARKER).exists()]
+    """Delete the checkpoint folders this job began and never completed (a crash mid-save; call only when no save
+    is in progress). Folders without its `WRITING` claim are not its own: they stay."""
+    partial = [p for p in all_checkpoints(output_dir) if not (p / MARKER).exists() and (p / WRITING).exists()]
     for path in partial:
         shutil.rmtree(path, ignore_errors=True)
     return partial

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -37,7 +38,10 @@ FlexCompileMode = Literal["default", "max-autotune-no-cudagraphs"]
 
 def cache_root() -> Path:
     """Where prepared data and the built-in tokenizer are cached (a volume in the container)."""
-    return Path(os.environ.get("JOB_CACHE", Path.home() / ".cache" / "job"))
+    root = Path(os.environ.get("JOB_CACHE", Path.home() / ".cache" / "job"))
+    if root.exists() and not root.is_dir():
+        raise JobError(f"JOB_CACHE={root} is a file, not a folder", "set JOB_CACHE to a folder (it is created)")
+    return root
 
 
 # ------------------------------------------------------------------------------------------ field metadata
@@ -127,7 +131,7 @@ class RunConfig:
         "vocabulary of a trained BPE (the built-in one, or `tokenizer`'s)",
         group="data",
         prepare=True,
-        bound=at_least(260),
+        bound=between(260, 2**24 + 1),
     )
     # --- model ---
     model: str | None = opt(
@@ -174,7 +178,11 @@ class RunConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", group="optimisation", bound=at_least(0))
     bf16: bool = opt(False, "bf16 mixed precision", group="optimisation")
     seed: int = opt(
-        42, "seed for init, data order and the eval split", group="optimisation", prepare=True, bound=at_least(0)
+        42,
+        "seed for init, data order and the eval split",
+        group="optimisation",
+        prepare=True,
+        bound=between(0, 2**32),  # numpy's seeds are 32-bit
     )
     max_nonfinite_steps: int = opt(
         3,
@@ -345,6 +353,10 @@ class RunConfig:
         """Each field's range (from its metadata), then the rules that tie fields together."""
         for f in dataclasses.fields(self):
             value, bound = getattr(self, f.name), f.metadata["bound"]
+            if isinstance(value, float) and not math.isfinite(value):
+                raise JobError(
+                    f"{flag(f.name)} {value} is not a finite number", f"{flag(f.name)} is the {f.metadata['help']}"
+                )
             if bound is not None and value is not None and not bound[0](value):
                 raise JobError(
                     f"{flag(f.name)} {value} is not {bound[1]}", f"{flag(f.name)} is the {f.metadata['help']}"

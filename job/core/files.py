@@ -87,6 +87,17 @@ class FileLock:
             f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         return True
 
+    def held_elsewhere(self) -> str | None:
+        """Who holds the lock, if another process does (a look: taken and given back at once, nothing written)."""
+        if not self.path.exists():
+            return None
+        try:
+            self._lock.acquire(blocking=False)
+        except filelock.Timeout:
+            return self.holder()
+        self._lock.release()
+        return None
+
     def acquire(self) -> None:
         """Wait for the lock (several writers of one cache entry: one writes, the others then reuse it)."""
         self._lock.acquire()

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import typing
 
-from job.core.config import CoercionError, RunConfig, coerce, flag
+from job.core.config import CoercionError, RunConfig, coerce, field_meta, flag
 from job.core.errors import JobError
 
 TOPOLOGY_ENV = {
@@ -59,6 +59,9 @@ def _env_value(name: str, variable: str, text: str) -> int | str | None:
         raise JobError(
             f"{variable}={text!r} is not a whole number{elastic}", f"set {variable} to one, or pass {flag(name)}"
         )
+    bound = field_meta(name)["bound"]
+    if bound is not None and not bound[0](value):  # named as the variable it came from, not as a flag
+        raise JobError(f"{variable}={text!r} is not {bound[1]}", f"fix {variable}, or pass {flag(name)}")
     return value
 
 

@@ -11,7 +11,6 @@ import glob
 import gzip
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +126,19 @@ def _load_saved(path: Path):
     if isinstance(rows, datasets.DatasetDict):
         split = "train" if "train" in rows else next(iter(rows))
         rows = rows[split]
-    return rows, f"disk:{path.resolve()}:{rows._fingerprint}", path.name
+    return rows, f"disk:{rows._fingerprint}", path.name  # datasets' own fingerprint, stored with the data
+
+
+def file_digest(path: Path) -> str:
+    """A fingerprint of a file's bytes: xxHash (xxh3-128, what datasets itself hashes with; several GB/s), so a
+    100 GB corpus costs seconds to fingerprint, not a re-tokenization."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _kind(path: Path) -> str | None:
@@ -151,7 +162,7 @@ def _load_files(files: list[str], name: str, text_column: str = TEXT):
     kind = kinds.pop()
     if kind == "json" and sum(check_json_lines(Path(f), text_column) for f in files) == 0:
         raise JobError(f"the corpus {name} is empty (no JSON records)", "point --data at a corpus with documents")
-    stamp = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    stamp = [file_digest(Path(f)) for f in files]  # by content: a copied or touched identical corpus is the same
     try:
         rows = datasets.Dataset.from_json(files) if kind == "json" else datasets.Dataset.from_parquet(files)
     except Exception as e:

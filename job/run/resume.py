@@ -12,6 +12,7 @@ from pathlib import Path
 from job.core import checkpoints, run_files
 from job.core.config import RunConfig, comparable, resumable_fields
 from job.core.errors import JobError
+from job.core.files import FileLock
 from job.core.topology import processes_per_node
 from job.core.weights import model_fingerprint
 from job.run.checks import Check, Preflight
@@ -51,6 +52,21 @@ def check_output(p: Preflight) -> Check:
                 "choose a new or empty --output-dir",
             )
         return Check("output", True, f"{output} (new)")
+    running = FileLock(output / run_files.LOCK).held_elsewhere()
+    if running:  # (`train` takes the lock itself; this is what `doctor` says of a folder whose run is going)
+        return Check(
+            "output", False, f"{output} is in use by a running job ({running})", "wait for it to end, or stop it"
+        )
+    damaged = checkpoints.damaged_checkpoints(output)
+    if damaged and checkpoints.latest_complete(output) is None and cfg.resume == "auto":
+        shown = "; ".join(f"{path.name}: {why}" for path, why in damaged[-2:])
+        return Check(
+            "output",
+            False,
+            f"no checkpoint in {output} can be trusted ({shown})",
+            "restore the checkpoint from a copy, or use another --output-dir (the job deletes nothing it cannot "
+            "prove it wrote)",
+        )
     if not has_run_state(output):  # a start that failed before its first checkpoint: begin again
         return Check("output", True, f"{output} holds no checkpoint yet: the run starts afresh")
     if cfg.resume == "never":
@@ -60,16 +76,8 @@ def check_output(p: Preflight) -> Check:
             f"{output} already holds a run",
             "use --resume auto to continue it, or another --output-dir",
         )
-    try:
-        old = json.loads(previous.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        old = {}
-    resumable = resumable_fields()
-    changed = sorted(
-        k
-        for k, v in cfg.to_dict().items()
-        if k not in resumable and k in old and comparable(k, old[k]) != comparable(k, v)
-    )
+    old = read_record(previous)
+    changed = changed_settings(cfg, old)
     batch = _global_batch_on_resume(cfg, old)
     if batch is not None:
         if not batch.ok:
@@ -82,7 +90,38 @@ def check_output(p: Preflight) -> Check:
             f"{output} holds a different run (changed: {', '.join(changed)})",
             "use another --output-dir, or the same settings to resume",
         )
-    return Check("output", True, f"{output} holds this run: it will resume")
+    fallback = f"; damaged, not used: {', '.join(p.name for p, _ in damaged)}" if damaged else ""
+    return Check("output", True, f"{output} holds this run: it will resume{fallback}")
+
+
+def read_record(path: Path) -> dict:
+    """A run's own record (`run_config.json`, `inputs.json`): a missing or unreadable one is a refusal, never a
+    fresh start, since without it nothing says the folder's checkpoints belong to this run."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise JobError(
+            f"{path} is missing, so {path.parent} cannot be checked against this run",
+            "restore it from a copy of the run folder, or use another --output-dir",
+        ) from None
+    except (OSError, ValueError) as e:
+        raise JobError(
+            f"{path} is unreadable ({type(e).__name__}), so {path.parent} cannot be checked against this run",
+            "restore it from a copy of the run folder, or use another --output-dir",
+        ) from None
+    if not isinstance(value, dict):
+        raise JobError(f"{path} is not a record of this job", "restore it, or use another --output-dir")
+    return value
+
+
+def changed_settings(cfg: RunConfig, old: dict) -> list[str]:
+    """The settings a resumed run may not change that differ from the recorded run's."""
+    resumable = resumable_fields()
+    return sorted(
+        k
+        for k, v in cfg.to_dict().items()
+        if k not in resumable and k in old and comparable(k, old[k]) != comparable(k, v)
+    )
 
 
 def _global_batch_on_resume(cfg: RunConfig, old: dict) -> Check | None:
@@ -137,17 +176,20 @@ def check_inputs(p: Preflight) -> Check:
         "packing": key.get("packing", cfg.packing),
     }
     output = Path(cfg.output_dir)
-    recorded = output / run_files.INPUTS
-    if cfg.resume != "never" and recorded.exists() and has_run_state(output):
-        old = json.loads(recorded.read_text(encoding="utf-8"))
-        changed = sorted(k for k, v in p.fingerprints.items() if k in old and old[k] != v)
-        if changed:
-            raise JobError(
-                f"{output} was trained on other inputs (changed: {', '.join(changed)})",
-                "resume with the same tokenizer, data and model, or use another --output-dir",
-            )
+    if cfg.resume == "auto" and has_run_state(output):
+        _require_same_inputs(p.fingerprints, output)
         return Check("inputs", True, "the same tokenizer, data and model as the run being resumed")
     return Check("inputs", True, f"tokenizer {tokenizer}, data {p.fingerprints['data']}")
+
+
+def _require_same_inputs(fingerprints: dict, run: Path) -> None:
+    old = read_record(run / run_files.INPUTS)
+    changed = sorted(k for k, v in fingerprints.items() if k in old and old[k] != v)
+    if changed:
+        raise JobError(
+            f"{run} was trained on other inputs (changed: {', '.join(changed)})",
+            "resume with the same tokenizer, data and model, or use another --output-dir",
+        )
 
 
 def check_prepared_tokenizer(prepared: str, key: dict, tokenizer: str) -> None:
@@ -160,7 +202,9 @@ def check_prepared_tokenizer(prepared: str, key: dict, tokenizer: str) -> None:
 
 
 def check_resume(p: Preflight) -> Check:
-    """`--resume FOLDER` must be a Trainer checkpoint of a model of this shape."""
+    """`--resume FOLDER` is checked as `--resume auto` would check its own: a complete checkpoint whose contents
+    match its marker, of a run of this job with the same settings (and, in check_inputs, inputs), of a model of
+    this shape."""
     cfg = p.cfg
     if cfg.resume in ("auto", "never"):
         return Check("resume", True, cfg.resume)
@@ -184,4 +228,21 @@ def check_resume(p: Preflight) -> Check:
                 f"--resume {folder} is a checkpoint of another model shape ({'; '.join(differ)})",
                 "resume with the --model/--preset and tokenizer that checkpoint was trained with",
             )
+    if not (folder / checkpoints.MARKER).is_file():
+        raise JobError(
+            f"--resume {folder} is not a complete checkpoint (no {checkpoints.MARKER}: its save never finished)",
+            "pass a complete checkpoint-N folder, or --resume auto",
+        )
+    why = checkpoints.distrust(folder)
+    if why:
+        raise JobError(f"--resume {folder} is damaged ({why})", "pass another complete checkpoint, or --resume auto")
+    old = read_record(folder.parent / run_files.RUN_CONFIG)
+    changed = [k for k in changed_settings(cfg, old) if k != "grad_accum"]
+    if changed:
+        raise JobError(
+            f"--resume {folder} is a checkpoint of a different run (changed: {', '.join(changed)})",
+            "resume with that run's settings",
+        )
+    if p.fingerprints:  # (check_inputs made them)
+        _require_same_inputs(p.fingerprints, folder.parent)
     return Check("resume", True, f"from {folder}")

@@ -11,9 +11,13 @@ from job.core.errors import JobError
 from job.run.deepspeed_config import deepspeed_config
 
 
-def run_training_arguments(cfg: RunConfig, use_cpu: bool, deepspeed: dict | None = None) -> dict:
-    """The `TrainingArguments` values the run config owns (`--training-arg` may not set these)."""
-    eval_on = cfg.eval_fraction > 0
+def run_training_arguments(
+    cfg: RunConfig, use_cpu: bool, deepspeed: dict | None = None, has_eval: bool | None = None
+) -> dict:
+    """The `TrainingArguments` values the run config owns (`--training-arg` may not set these). `has_eval`: whether
+    the data has a held-out split (a one-document corpus or `--prepared` data made with no eval fraction has none);
+    None: as the config asks."""
+    eval_on = cfg.eval_fraction > 0 if has_eval is None else has_eval
     return dict(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.per_device_batch_size,
@@ -53,6 +57,20 @@ def run_training_arguments(cfg: RunConfig, use_cpu: bool, deepspeed: dict | None
     )
 
 
+# TrainingArguments that would break the job's contract, refused by name with what to do instead.
+REFUSED_TRAINING_ARGS = {
+    "fsdp": "this job shards with DeepSpeed ZeRO: use --zero-stage 3 (FSDP checkpoints do not resume here)",
+    "fsdp_config": "this job shards with DeepSpeed ZeRO: use --zero-stage 3",
+    "save_only_model": "a checkpoint without optimizer state cannot resume; the export in final/ is the model alone",
+    "push_to_hub": "publish the verified export after the run with `python -m job push` (the image is offline)",
+    "resume_from_checkpoint": "use --resume (auto, never or a checkpoint folder)",
+    "overwrite_output_dir": "the job never overwrites another run: use another --output-dir",
+    "logging_dir": "TensorBoard events go to OUTPUT/tensorboard",
+}
+# Credentials come from the environment (a Secret), never from the config: it is written to run_config.json.
+SECRET_WORDS = ("token", "password", "secret", "api_key")
+
+
 def extra_training_arguments(cfg: RunConfig, owned: dict) -> dict:
     """`training_args` (`--training-arg NAME=VALUE`): TrainingArguments fields the run config does not own, each
     value coerced to its field's type (a command line gives strings)."""
@@ -68,6 +86,14 @@ def extra_training_arguments(cfg: RunConfig, owned: dict) -> dict:
                 f"--training-arg {name} is set by the run config",
                 "use the run's own option instead (see `python -m job train --help`)",
             )
+        if any(word in name for word in SECRET_WORDS):  # the value is never echoed
+            raise JobError(
+                f"--training-arg {name} would write a credential into run_config.json and the report",
+                "pass credentials in the environment (e.g. HF_TOKEN from a Kubernetes Secret)",
+            )
+        if name in REFUSED_TRAINING_ARGS or name.startswith("hub_"):
+            fix = REFUSED_TRAINING_ARGS.get(name, REFUSED_TRAINING_ARGS["push_to_hub"])
+            raise JobError(f"--training-arg {name} is not supported by this job", fix)
         try:
             extra[name] = coerce(value, hints[name], from_text=True)  # a command line gives strings
         except CoercionError as e:
@@ -75,9 +101,9 @@ def extra_training_arguments(cfg: RunConfig, owned: dict) -> dict:
     return extra
 
 
-def training_arguments(cfg: RunConfig, use_cpu: bool):
+def training_arguments(cfg: RunConfig, use_cpu: bool, has_eval: bool | None = None):
     """The `TrainingArguments` for this run: the run config's values plus its checked `training_args`."""
     from transformers import TrainingArguments
 
-    owned = run_training_arguments(cfg, use_cpu, deepspeed_config(cfg))
+    owned = run_training_arguments(cfg, use_cpu, deepspeed_config(cfg), has_eval)
     return TrainingArguments(**owned, **extra_training_arguments(cfg, owned))

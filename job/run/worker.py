@@ -113,6 +113,12 @@ class CheckpointCallback(TrainerCallback):
         state.compute_steps(args, state.max_steps)
         return control
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # After the flow and stop callbacks (which decide): the Trainer saves now. Claim the folder first.
+        if control.should_save and state.is_world_process_zero:
+            checkpoints.begin(Path(args.output_dir), state.global_step)
+        return control
+
     def on_save(self, args, state, control, **kwargs):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
@@ -239,7 +245,11 @@ def build_trainer(
     `load_universal`: resume from the DeepSpeed universal checkpoint (another data-parallel world size)."""
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / run_files.TENSORBOARD))
-    args = training_arguments(cfg, use_cpu=use_cpu)  # sets up the process group / DeepSpeed state
+    splits = data if data is not None else read_prepared_stats(cfg.prepared)
+    if cfg.eval_fraction > 0 and "eval" not in splits:
+        log.warning("the data has no held-out split (too few documents, or prepared without one): no evaluation")
+    # sets up the process group / DeepSpeed state
+    args = training_arguments(cfg, use_cpu=use_cpu, has_eval=cfg.eval_fraction > 0 and "eval" in splits)
     if load_universal:  # before the Trainer hands the config to accelerate
         args.hf_deepspeed_config.config.setdefault("checkpoint", {})["load_universal"] = True
     if args.deepspeed:

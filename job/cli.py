@@ -343,7 +343,10 @@ def main():
         command = e.ctx.command_path if e.ctx else "python -m job"
         click.echo(f"error: {e.format_message()} -- see `{command} --help`", err=True)
         sys.exit(EXIT_BAD_INPUT)
-    except click.Abort:
+    except click.Abort as e:  # Click turns an EOFError (a truncated compressed file, say) into Abort
+        if isinstance(e.__cause__, EOFError):
+            click.echo(f"error: input ended early ({e.__cause__}) -- check that the file is whole", err=True)
+            sys.exit(EXIT_BAD_INPUT)
         click.echo("error: aborted", err=True)
         sys.exit(EXIT_PREEMPTED)
     except Stopped as e:  # a signal outside training (training records its own verdict): nothing to keep

@@ -32,10 +32,22 @@ KUBEFLOW_ENV = {  # what a PyTorchJob/TrainJob sets in the pod of node 2 of 4
 
 
 @pytest.fixture(scope="session", autouse=True)
-def job_cache(tmp_path_factory):
-    """A cache private to the test session (prepared data, the built-in tokenizer)."""
+def session_cache(tmp_path_factory):
+    """The cache of the session's shared fixtures (module- and session-scoped ones run before any test's own), and
+    its built-in BPE, which every test's cache links (content-addressed and trained under a lock: read-only reuse)."""
     path = tmp_path_factory.mktemp("job-cache")
+    (path / "tokenizers").mkdir()
     os.environ["JOB_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def job_cache(tmp_path, session_cache, monkeypatch):
+    """A cache private to each test: no test sees a prepared entry another test left, whatever the order."""
+    path = tmp_path / "job-cache"
+    path.mkdir()
+    (path / "tokenizers").symlink_to(session_cache / "tokenizers")
+    monkeypatch.setenv("JOB_CACHE", str(path))
     return path
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -273,7 +275,7 @@ def test_too_little_disk_is_refused(world, monkeypatch):
     monkeypatch.setattr(job.run.preflight.shutil, "disk_usage", lambda p: usage._replace(free=10 * 2**20))
     before = snapshot(world)
     result = run_cli("train", *[a.format(w=world) for a in BASE], "--data", str(world / "good.jsonl"))
-    assert result.exit_code == 2 and "a checkpoint needs about" in result.stderr
+    assert result.exit_code == 2 and "a checkpoint needs about" in result.stderr, result.output
     assert snapshot(world) == before
 
 
@@ -286,7 +288,7 @@ def test_a_real_process_prints_no_traceback(tmp_path):
         env=env,
         cwd=tmp_path,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"error: data path {tmp_path / 'missing.jsonl'} does not exist -- "
         "check the path (or leave --data out for the built-in)"
@@ -363,7 +365,9 @@ def test_inconsistent_batch_settings_fail_before_any_process_starts(world):
     (world / "ds.json").write_text(json.dumps({"train_batch_size": 7, "zero_optimization": {"stage": 2}}))
     before = snapshot(world)
     result = run_cli("train", *[a.format(w=world) for a in BASE], "--deepspeed", str(world / "ds.json"))
-    assert result.exit_code == 2 and "train_batch_size=7 but batch 16 x accumulation 4 x 1 processes" in result.stderr
+    assert (
+        result.exit_code == 2 and "train_batch_size=7 but batch 16 x accumulation 4 x 1 processes" in result.stderr
+    ), result.output
     assert snapshot(world) == before
 
 
@@ -383,7 +387,7 @@ def test_doctor_prints_a_table_and_fails_on_a_bad_check(world):
         "--data",
         str(world / "good.jsonl"),
     )
-    assert bad.exit_code == 2
+    assert bad.exit_code == 2, bad.output
     failed = [line for line in bad.output.splitlines() if line.startswith("FAIL")]
     assert len(failed) == 2 and "not valid JSON" in failed[0] and "its columns are" in failed[1]
     assert not (world / "out").exists()
@@ -442,7 +446,7 @@ def test_tokenizer_output_that_is_not_new_is_refused_and_kept(world, make, messa
     result = run_cli(
         "tokenizer", "--data", str(world / "good.jsonl"), "--vocab-size", "300", "--output", str(world / "bpe")
     )
-    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1, result.output
     assert snapshot(world) == before
 
 
@@ -478,7 +482,26 @@ def test_doctor_refuses_flex_attention_on_a_cpu_as_train_does(world):
     result = run_cli(
         "doctor", *[a.format(w=world) for a in BASE], "--data", str(world / "good.jsonl"), "--attention", "flex"
     )
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     failed = [line for line in result.output.splitlines() if line.startswith("FAIL")]
     assert len(failed) == 1 and "devices" in failed[0] and "cannot train on cpu" in failed[0], result.output
     assert not (world / "out").exists()
+
+
+def test_a_signal_to_a_command_other_than_train_says_what_it_stopped(tmp_path):
+    """SIGTERM while `tokenizer` reads its corpus (a FIFO nobody writes: it waits there): exit 75, one line, and no
+    mention of training, which that command never does."""
+    fifo = tmp_path / "corpus.jsonl"
+    os.mkfifo(fifo)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    argv = ["tokenizer", "--data", str(fifo), "--vocab-size", "300", "--output", str(tmp_path / "tok")]
+    proc = subprocess.Popen([sys.executable, "-m", "job", *argv], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while Path(f"/proc/{proc.pid}/wchan").read_text() not in ("fifo_open", "wait_for_partner"):  # nobody writes
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timed out"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert err.strip().splitlines() == ["stopped by SIGTERM -- run the same command again"], err
+    assert not (tmp_path / "tok").exists()

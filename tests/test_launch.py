@@ -264,11 +264,17 @@ def _check_export(final: Path, reference_final: Path) -> None:
     assert json.loads(smoke.stdout)["ok"] is True
 
 
+def _log_tail(proc: subprocess.Popen) -> str:
+    """The end of the run's log (`_start` and `run` write it to a file: `proc.log`), for a failure message."""
+    path = getattr(proc, "log", None)
+    return path.read_text()[-3000:] if path is not None and path.exists() else "(no log)"
+
+
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 600, poll: float = 0.02) -> None:
     deadline = time.time() + timeout
     while not predicate():
-        assert proc.poll() is None, "the run ended before the moment the test waits for"
-        assert time.time() < deadline, "timed out"
+        assert proc.poll() is None, f"the run ended ({proc.returncode}) before the moment awaited:\n{_log_tail(proc)}"
+        assert time.time() < deadline, f"timed out waiting:\n{_log_tail(proc)}"
         time.sleep(poll)
 
 
@@ -296,14 +302,20 @@ def _signal(proc: subprocess.Popen, target: str, sig: int) -> None:
 
 
 def _start(args: list[str], log) -> subprocess.Popen:
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         job_command(*args), stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
     )
+    proc.log = Path(log.name)
+    return proc
 
 
 def _stopped_cleanly(proc: subprocess.Popen, log_path: Path, timeout: float = 300) -> str:
     """The run ends with 75 and no traceback (no torchrun ChildFailedError either); returns the log."""
-    code = proc.wait(timeout=timeout)
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        pytest.fail(f"still running {timeout} s after the signal:\n{log_path.read_text()[-3000:]}")
     text = log_path.read_text()
     assert code == EXIT_PREEMPTED, text[-3000:]
     for noise in ("Traceback", "ChildFailedError", "SignalException"):
@@ -389,6 +401,7 @@ def test_kill_during_a_save_loses_only_that_save(inputs, reference):
             shutil.rmtree(output)
         with (root / "killed.log").open("w") as log:
             proc = subprocess.Popen(job_command(*args), stdout=log, stderr=subprocess.STDOUT, env=_env())
+            proc.log = root / "killed.log"
             _wait_for(lambda: (output / "checkpoint-8").exists(), proc, poll=0.002)
             _kill_tree(proc.pid)  # as a node failure would: torchrun starts its workers in sessions of their own
             proc.wait()
@@ -582,6 +595,7 @@ def test_a_failing_one_process_run_with_dataloader_workers_exits(inputs):
             preexec_fn=small_files,
             start_new_session=True,
         )
+        proc.log = log_path
         workers: list[int] = []
 
         def loading():

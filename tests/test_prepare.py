@@ -133,7 +133,7 @@ def test_a_killed_prepare_leaves_staging_that_the_next_one_removes(tiny_tokenize
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, proc.returncode
     assert list(tmp_path.glob(".p.staging-*")) and not target.exists()
 
     cfg = RunConfig.load(max_length=RunConfig().max_length)

@@ -211,6 +211,8 @@ def run_bench(
     cfg: RunConfig, steps: int, warmup: int, synthetic: bool, compare: str | None, profile_steps: int = 0
 ) -> dict:
     """One JSON-able summary: the configured path, and the stock path in the same process if asked."""
+    from job.run.worker import stop_dataloader_workers
+
     output = Path(tempfile.mkdtemp(prefix="job-bench-"))
     try:
         cfg = dataclasses.replace(
@@ -248,6 +250,7 @@ def run_bench(
             summary["speedup"] = round(main["tokens_per_s"] / base["tokens_per_s"], 3)
         return summary
     finally:
+        stop_dataloader_workers()  # they ignore SIGTERM: left alive, the process would wait for them at exit
         shutil.rmtree(output, ignore_errors=True)
 
 

@@ -178,9 +178,25 @@ def check_data(p: Preflight) -> Check:
     if cfg.prepared:
         stats = read_prepared_stats(cfg.prepared)
         p.prepared_key = read_prepared_key(cfg.prepared)
+        _load_prepared_whole(cfg.prepared)
         return Check("data", True, f"prepared: {stats['rows']} rows of <= {stats['max_length']} tokens")
     p.corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
     return Check("data", True, f"{p.corpus.name}: {len(p.corpus.rows)} documents, column {cfg.text_column!r}")
+
+
+def _load_prepared_whole(folder: str) -> None:
+    """Open every split and read its last row: a truncated or damaged Arrow file fails here, in one line."""
+    import datasets
+
+    try:
+        for split in datasets.load_from_disk(folder).values():
+            if len(split):
+                split[len(split) - 1]
+    except Exception as e:  # pyarrow and datasets raise many kinds for a damaged file
+        raise JobError(
+            f"{folder} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+            "prepare the data again (python -m job prepare)",
+        ) from None
 
 
 def check_tokenizer(p: Preflight) -> Check:

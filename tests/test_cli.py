@@ -433,3 +433,29 @@ def test_doctor_refuses_flex_attention_on_a_cpu_as_train_does(world):
     failed = [line for line in result.output.splitlines() if line.startswith("FAIL")]
     assert len(failed) == 1 and "devices" in failed[0] and "cannot train on cpu" in failed[0], result.output
     assert not (world / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "env, row",
+    [
+        ({"PET_NNODES": "1:4"}, "launch"),  # what PyTorchJob sets under an elastic policy
+        ({"PET_NNODES": "two"}, "launch"),
+        ({"PET_NPROC_PER_NODE": "0"}, "launch"),
+        ({"PET_NNODES": "2", "JOB_COMPLETION_INDEX": "-1"}, "launch"),
+        ({"PET_MASTER_PORT": "99999999999999999999"}, "launch"),
+        ({"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "localhost"}, "rendezvous"),
+    ],
+)
+def test_doctor_and_train_refuse_a_bad_environment_in_one_line(world, monkeypatch, env, row):
+    """Never a traceback (exit 1 reads as a crash to Kubernetes): doctor fails the row, train exits 2 on it."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = [a.format(w=world) for a in BASE] + ["--data", str(world / "good.jsonl")]
+    doctor = CliRunner().invoke(cli, ["doctor", *args])
+    assert doctor.exit_code == 2 and isinstance(doctor.exception, SystemExit), doctor
+    failed = [line for line in doctor.output.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 1 and failed[0].split()[1] == row, doctor.output
+    train = CliRunner().invoke(cli, ["train", *args])
+    assert train.exit_code == 2 and isinstance(train.exception, SystemExit), train
+    assert len(train.stderr.strip().splitlines()) == 1 and train.stderr.startswith("error: "), train.stderr
+    assert not (world / "out").exists()

@@ -103,3 +103,33 @@ def test_a_folder_of_someone_else_is_refused_a_volume_root_is_not(tmp_path):
     (out / "checkpoint-500").mkdir()
     result = check_output(Preflight(RunConfig.load(output_dir=str(out))))
     assert not result.ok and "not empty (checkpoint-500)" in result.detail and "new or empty" in result.fix
+
+
+@pytest.mark.parametrize(
+    "addr, refused",
+    [
+        *[(a, True) for a in ("127.0.0.1", "127.0.1.1", "localhost", "::1", "[::1]", "0.0.0.0")],
+        *[(a, False) for a in ("run-node-0-0.run", "10.0.0.5", "fd00::5")],
+    ],
+)
+def test_a_rendezvous_a_later_node_cannot_reach_is_refused(addr, refused):
+    """Node rank > 0 joins node 0 at master_addr: its own loopback would wait out the whole join timeout."""
+    cfg = RunConfig.load(nnodes=2, node_rank=1, master_addr=addr, master_port=29500)
+    result = doctor.check_rendezvous(Preflight(cfg))
+    assert result.ok is not refused, result
+    if refused:
+        assert addr in result.detail and "PET_MASTER_ADDR" in result.fix
+    node0 = RunConfig.load(nnodes=2, node_rank=0, master_addr=addr, master_port=29500)
+    assert doctor.check_rendezvous(Preflight(node0)).ok  # node 0 hosts it: its own address is fine there
+    assert doctor.check_rendezvous(Preflight(RunConfig.load(nnodes=1, node_rank=0, master_addr=addr))).ok
+
+
+def test_a_refused_launch_setting_fails_its_row_and_the_later_rows_still_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("PET_NNODES", "1:4")
+    monkeypatch.setenv("PET_NODE_RANK", "3")
+    cfg = RunConfig.load(output_dir=str(tmp_path / "out"), node_rank=2)  # a flag the fallback cannot keep
+    monkeypatch.setattr(doctor, "CHECKS", [doctor.check_launch, doctor.check_deepspeed, doctor.check_rendezvous])
+    results, found = doctor.run_checks(cfg)
+    assert [(r.name, r.ok) for r in results] == [("launch", False), ("deepspeed", True), ("rendezvous", True)]
+    assert "elastic" in results[0].detail and "--nnodes" in results[0].fix
+    assert (found.cfg.nnodes, found.cfg.node_rank) == (1, 0)

@@ -8,7 +8,9 @@ To add a check, write `def check_x(p: Preflight) -> Check` and put it in `CHECKS
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import ipaddress
 import os
 import shutil
 import socket
@@ -18,7 +20,13 @@ from pathlib import Path
 
 from job.core.config import RunConfig, cache_root
 from job.core.errors import JobError
-from job.core.topology import device_type, processes_per_node, resolve_topology, visible_gpus
+from job.core.topology import (
+    TOPOLOGY_DEFAULTS,
+    device_type,
+    processes_per_node,
+    resolve_topology,
+    visible_gpus,
+)
 from job.core.units import config_parameter_count
 from job.core.weights import check_weights
 from job.run.checks import Check, Preflight, require
@@ -100,10 +108,23 @@ def check_deepspeed(p: Preflight) -> Check:
 def check_launch(p: Preflight) -> Check:
     """Fill the launch settings no flag set from the torchrun/Kubeflow environment; show where each came from.
     First: every later check reads the resolved config."""
-    p.cfg, sources = resolve_topology(p.cfg)
+    try:
+        p.cfg, sources = resolve_topology(p.cfg)
+    except JobError:
+        p.cfg = _unresolved_fallback(p.cfg)  # doctor goes on with its other rows; train stops at this one
+        raise
     row = check_topology(p.cfg, sources)
     p.launch = row.detail
     return row
+
+
+def _unresolved_fallback(cfg: RunConfig) -> RunConfig:
+    """After a launch setting could not be resolved: the flags' values and the defaults for the rest (else all the
+    defaults: one node), so that doctor's later rows still run on whole numbers. The failed row says what to fix."""
+    try:
+        return resolve_topology(cfg, environ={})[0]
+    except JobError:  # e.g. --node-rank 2 given, --nnodes from a variable that was refused
+        return dataclasses.replace(cfg, **TOPOLOGY_DEFAULTS)
 
 
 def check_topology(cfg: RunConfig, sources: dict[str, str]) -> Check:
@@ -139,6 +160,38 @@ def check_port(p: Preflight) -> Check:
                 )
             raise
     return Check("master port", True, f"{port} free")
+
+
+def check_rendezvous(p: Preflight) -> Check:
+    """Across nodes, every node but 0 connects to node 0 at master_addr: a loopback address there is this pod
+    itself, and torchrun would wait out its whole join timeout for a rendezvous that never comes."""
+    cfg = p.cfg
+    if cfg.nnodes == 1:
+        return Check("rendezvous", True, "one node: nothing to join")
+    if cfg.node_rank == 0:
+        return Check("rendezvous", True, f"node 0 hosts it at {cfg.master_addr}:{cfg.master_port}")
+    if is_loopback(cfg.master_addr):
+        return Check(
+            "rendezvous",
+            False,
+            f"node {cfg.node_rank} of {cfg.nnodes} would join the rendezvous at {cfg.master_addr}, its own pod, and "
+            "wait there for a node 0 that never comes",
+            "set PET_MASTER_ADDR (or --master-addr) to node 0's host name or address, e.g. its headless Service name",
+        )
+    return Check("rendezvous", True, f"node {cfg.node_rank} joins node 0 at {cfg.master_addr}:{cfg.master_port}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine itself: a 127.x/::1 (or 0.0.0.0) address or `localhost` (no DNS look-up:
+    node 0's name need not resolve before its pod is up)."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
 
 
 def check_shm(p: Preflight) -> Check:
@@ -269,6 +322,7 @@ CHECKS: list[Callable[[Preflight], Check]] = [
     check_deepspeed,
     check_output,
     check_port,
+    check_rendezvous,
     check_shm,
     check_cache,
     check_data,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import logging
 import os
 import sys
 import types
@@ -17,7 +16,9 @@ import click
 
 from job.core import run_files
 from job.core.config import GROUPS, RunConfig, field_meta, flag, prepare_fields, read_config_file
-from job.core.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, JobError, Stopped, stop_at_once
+from job.core.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_PREEMPTED, JobError, Stopped, stop_at_once
+from job.core.logs import FORMATS, LOG_FORMAT_ENV, setup_logging
+from job.core.termination import no_termination_message, record_termination
 
 # Fields a command line can set (a list, like `prompts`, comes from a --config file only).
 _HINTS = typing.get_type_hints(RunConfig)
@@ -123,18 +124,23 @@ class JobGroup(click.Group):
             if os.environ.get("JOB_DEBUG") == "1":
                 raise
             click.echo(f"error: {e}", err=True)
+            record_termination(e.exit_code, f"error: {e}")
             sys.exit(e.exit_code)
 
 
 @click.group(cls=JobGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, help="show tracebacks for errors")
-def cli(debug: bool):
+@click.option(
+    "--log-format",
+    type=click.Choice(FORMATS),
+    default=None,
+    help=f"log lines as text (time level rank message) or JSON lines  [default: ${LOG_FORMAT_ENV}, else text]",
+)
+def cli(debug: bool, log_format: str | None):
     """Continued pre-training of a Chinese Bloom causal LM (HF Trainer + DeepSpeed ZeRO)."""
     if debug:
         os.environ["JOB_DEBUG"] = "1"
-    logging.basicConfig(level=logging.INFO, format="[job] %(message)s")
-    for noisy in ("datasets", "DeepSpeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(log_format)
 
 
 @cli.command(cls=GroupedCommand)
@@ -182,8 +188,11 @@ def train(config, **values):
 
     cfg = _load(config, values)
     code = launch_train(cfg)
+    output = Path(cfg.output_dir)
+    status = run_files.recorded_status(output) if output.is_dir() else None
+    verdict = status["message"] if status and status["code"] == code else f"train ended with exit code {code}"
+    record_termination(code, verdict, output)
     if code == 0:
-        output = Path(cfg.output_dir)
         click.echo(f"done: model in {output / run_files.FINAL}, report in {output / run_files.REPORT}")
     sys.exit(code)
 
@@ -195,6 +204,7 @@ def worker(config, local_rank):
     """One training process (started by `train` through torchrun or the deepspeed launcher)."""
     from job.run.worker import run_worker
 
+    no_termination_message()  # the launcher writes the run's verdict
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
     cfg = RunConfig.load(config)
@@ -211,7 +221,10 @@ def doctor(config, **values):
     cfg = _load(config, values)
     results, _ = run_checks(cfg)
     click.echo(format_table(results))
-    sys.exit(0 if all(r.ok for r in results) else EXIT_BAD_INPUT)
+    failed = [r for r in results if not r.ok]
+    if failed:  # what an init container's termination message then says
+        record_termination(EXIT_BAD_INPUT, format_table(failed))
+    sys.exit(EXIT_BAD_INPUT if failed else 0)
 
 
 @cli.command()
@@ -297,5 +310,10 @@ def main():
     try:
         cli(prog_name="python -m job")
     except Stopped as e:  # a signal before training began (training records its own verdict): nothing to keep
-        click.echo(f"stopped by {e.signal_name} before training began -- run the same command again", err=True)
+        message = f"stopped by {e.signal_name} before training began -- run the same command again"
+        click.echo(message, err=True)
+        record_termination(EXIT_PREEMPTED, message)
         sys.exit(EXIT_PREEMPTED)
+    except Exception as e:  # a crash: the traceback follows as ever, the termination message names it
+        record_termination(EXIT_CRASH, f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}")
+        raise

@@ -39,7 +39,13 @@ def write_status(output: Path, code: int, message: str) -> None:
     atomic_write_json(output / STATUS, {"code": code, "message": message})
 
 
+def recorded_status(output: Path) -> dict | None:
+    """Rank 0's verdict, {"code", "message"}, if one was recorded."""
+    path = output / STATUS
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
 def recorded_code(output: Path) -> int | None:
     """The exit code rank 0 recorded, if any."""
-    path = output / STATUS
-    return int(json.loads(path.read_text(encoding="utf-8"))["code"]) if path.exists() else None
+    status = recorded_status(output)
+    return int(status["code"]) if status else None

@@ -35,6 +35,7 @@ from job.core.errors import (
     stop_at_once,
 )
 from job.core.files import atomic_write_json
+from job.core.logs import adopt_library_loggers, prints_logged
 from job.core.units import flops_per_token
 from job.data.prepare import read_prepared_stats
 from job.data.tokenizer import load_tokenizer
@@ -202,17 +203,19 @@ def build_trainer(
     `load_universal`: resume from the DeepSpeed universal checkpoint (another data-parallel world size)."""
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / run_files.TENSORBOARD))
-    args = training_arguments(cfg, use_cpu=use_cpu)  # sets up the process group / DeepSpeed state
-    if load_universal:  # before the Trainer hands the config to accelerate
-        args.hf_deepspeed_config.config.setdefault("checkpoint", {})["load_universal"] = True
-    if args.deepspeed:
-        import deepspeed
+    with prints_logged("deepspeed"):  # DeepSpeed print()s as it builds its ops: into the log's format
+        args = training_arguments(cfg, use_cpu=use_cpu)  # sets up the process group / DeepSpeed state
+        if load_universal:  # before the Trainer hands the config to accelerate
+            args.hf_deepspeed_config.config.setdefault("checkpoint", {})["load_universal"] = True
+        if args.deepspeed:
+            import deepspeed
 
-        # ZeRO-3 partitions weights while they load (zero.Init): DeepSpeed's own comm layer must know the world
-        # by then, or each rank believes it is alone.
-        deepspeed.init_distributed(
-            dist_backend=torch.distributed.get_backend() if torch.distributed.is_initialized() else None
-        )
+            # ZeRO-3 partitions weights while they load (zero.Init): DeepSpeed's own comm layer must know the world
+            # by then, or each rank believes it is alone.
+            deepspeed.init_distributed(
+                dist_backend=torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+            )
+    adopt_library_loggers()  # transformers and DeepSpeed are loaded now: their records in our format
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
     model = build_model(cfg, tokenizer)

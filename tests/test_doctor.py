@@ -14,7 +14,7 @@ from job.core.weights import check_weights
 from job.run import preflight as doctor
 from job.run.checks import Check, Preflight
 from job.run.resume import check_output
-from tests.conftest import tiny_bloom
+from tests.conftest import REPO, tiny_bloom
 
 
 def _run(output: Path, config: dict, complete: bool) -> None:
@@ -133,3 +133,25 @@ def test_a_refused_launch_setting_fails_its_row_and_the_later_rows_still_run(mon
     assert [(r.name, r.ok) for r in results] == [("launch", False), ("deepspeed", True), ("rendezvous", True)]
     assert "elastic" in results[0].detail and "--nnodes" in results[0].fix
     assert (found.cfg.nnodes, found.cfg.node_rank) == (1, 0)
+
+
+@pytest.mark.parametrize("reporter", ["wandb", "mlflow"])
+def test_a_reporting_integration_without_its_package_is_refused_naming_the_extra(reporter, monkeypatch):
+    from transformers.integrations import integration_utils
+
+    cfg = RunConfig.load(report_to=f"tensorboard,{reporter}")
+    installed = reporter in integration_utils.get_available_reporting_integrations()
+    if installed:  # an environment with the extra: take it away
+        monkeypatch.setattr(integration_utils, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    with pytest.raises(JobError) as e:
+        doctor.check_settings(Preflight(cfg))
+    assert f"--report-to {reporter}: its package is not installed" in e.value.cause
+    assert f"requirements-{reporter}.txt" in e.value.fix and (REPO / doctor.TRACKING_EXTRAS[reporter]).is_file()
+    monkeypatch.setattr(integration_utils, "get_available_reporting_integrations", lambda: ["tensorboard", reporter])
+    assert doctor.check_settings(Preflight(cfg)).ok  # with the package: accepted
+
+
+def test_kubeflow_reporting_is_left_to_transformers(monkeypatch):
+    monkeypatch.delenv("KUBEFLOW_TRAINER_SERVER_URL", raising=False)
+    with pytest.raises(JobError, match="KUBEFLOW_TRAINER_SERVER_URL"):
+        doctor.check_settings(Preflight(RunConfig.load(report_to="kubeflow")))

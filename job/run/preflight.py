@@ -33,6 +33,9 @@ from job.run.checks import Check, Preflight, require
 from job.run.resume import check_inputs, check_output, check_resume
 
 BYTES_PER_PARAMETER_CHECKPOINT = 16  # 16-bit weights + fp32 master, Adam m and v (ZeRO layout, with margin)
+# `--report-to` integrations the job ships as optional extras: the requirement file of each (pinned, installed with
+# constraints.txt), which the image includes when built with that extra (see the README's Tracking section).
+TRACKING_EXTRAS = {"wandb": "requirements-wandb.txt", "mlflow": "requirements-mlflow.txt"}
 
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -41,7 +44,10 @@ def check_settings(p: Preflight) -> Check:
     the reporting integrations."""
     from accelerate.state import PartialState
     from transformers import TrainingArguments
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
 
     from job.run.training_args import extra_training_arguments, run_training_arguments
 
@@ -53,6 +59,9 @@ def check_settings(p: Preflight) -> Check:
             f"--report-to {', '.join(unknown)} is not a reporting integration",
             f"use none or some of: {', '.join(INTEGRATION_TO_CALLBACK)}",
         )
+    missing = [r for r in reporters if r not in (*get_available_reporting_integrations(), "none", "all")]
+    if missing:  # transformers would fail in every worker, after the data is prepared and the model loaded
+        raise JobError(f"--report-to {missing[0]}: its package is not installed here", _install_hint(missing[0]))
     # use_cpu: no CUDA context in the launcher; the accelerate state this builds is dropped after
     owned = run_training_arguments(cfg, use_cpu=True)
     extra = extra_training_arguments(cfg, owned)
@@ -66,6 +75,17 @@ def check_settings(p: Preflight) -> Check:
     finally:
         PartialState._reset_state()
     return Check("settings", True, f"schedule {cfg.lr_scheduler}, report to {cfg.report_to}, {len(extra)} extra")
+
+
+def _install_hint(reporter: str) -> str:
+    if reporter in TRACKING_EXTRAS:
+        return (
+            f"install the job's {reporter} extra (pip install -c constraints.txt -r {TRACKING_EXTRAS[reporter]}; "
+            f"in the image: build it with that extra), or leave {reporter} out of --report-to"
+        )
+    if reporter == "kubeflow":
+        return "leave it out: transformers adds it itself in a TrainJob that sets KUBEFLOW_TRAINER_SERVER_URL"
+    return f"install the package {reporter} needs, or leave it out of --report-to"
 
 
 # ------------------------------------------------------------------------------------------------- devices

@@ -75,9 +75,11 @@ def test_json_lines_behind_the_switch_reach_the_workers(fresh_logging, capsys, m
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", entry["time"]) and "ValueError: bad" in entry["traceback"]
 
 
-def test_library_noise_is_dropped_and_the_rest_keeps_the_format(fresh_logging, capsys):
+def test_library_noise_is_dropped_and_the_rest_keeps_the_format(fresh_logging, capsys, monkeypatch):
     logs.setup_logging("text")
     deepspeed = logging.getLogger("DeepSpeed")
+    monkeypatch.setattr(deepspeed, "handlers", [])  # as adopt_library_loggers leaves it, whether or not DeepSpeed
+    monkeypatch.setattr(deepspeed, "propagate", True)  # was imported by an earlier test
     deepspeed.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
     deepspeed.warning("ZeRO-3 is slow here")  # a warning that may matter: kept
     with warnings.catch_warnings():
@@ -111,9 +113,11 @@ def test_library_loggers_are_adopted_after_import(fresh_logging, capsys):
         hf_logging.get_logger("transformers.trainer").warning("a transformers warning")
         assert not logging.getLogger("DeepSpeed").handlers
         logging.getLogger("DeepSpeed").warning("a DeepSpeed warning")
+        assert not hf_logging.is_progress_bar_enabled()  # loading and shard bars: the job logs its own progress
     finally:
         hf_logging.enable_default_handler()
         hf_logging.disable_propagation()
+        hf_logging.enable_progress_bar()
     lines = _lines(capsys)
     assert [line.split(" ", 3)[3] for line in lines] == ["a transformers warning", "a DeepSpeed warning"], lines
 

@@ -109,6 +109,15 @@ def test_every_log_line_has_time_level_and_rank_and_the_verdict_is_the_terminati
     ]
 
 
+def test_final_carries_a_model_card_with_the_runs_figures(trained):
+    from huggingface_hub import ModelCard
+
+    output, _ = trained
+    card = ModelCard.load(output / "final" / "README.md")
+    assert card.data.language == ["zh"] and card.data.license == "other" and card.data.pipeline_tag == "text-generation"
+    assert "| optimizer steps | 40 |" in card.text and "| held-out loss after training |" in card.text
+
+
 def test_held_out_loss_falls_and_metrics_are_logged(trained):
     output, _ = trained
     rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]

@@ -142,13 +142,14 @@ def setup_logging(fmt: str | None = None, level: int = logging.INFO) -> None:
 
 
 def adopt_library_loggers() -> None:
-    """After transformers and DeepSpeed are imported: their records go through our handler (format, filter) instead
-    of the handlers each installs on its logger (transformers' `[transformers] message`, DeepSpeed's on stdout)."""
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
+    """Where transformers and DeepSpeed run: their records go through our handler (format, filter) instead of the
+    handlers each installs on its logger (transformers' `[transformers] message`, DeepSpeed's on stdout), and
+    transformers' progress bars (loading and writing shards) are off: the job logs its own progress."""
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_default_handler()
-        hf_logging.enable_propagation()
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.disable_progress_bar()
     deepspeed = logging.getLogger("DeepSpeed")
     for handler in list(deepspeed.handlers):
         deepspeed.removeHandler(handler)

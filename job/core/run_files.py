@@ -9,7 +9,7 @@
 | `metrics.jsonl` | worker | every log record (`job.core.metrics_log`) |
 | `tensorboard/` | worker | TensorBoard events |
 | `samples_before.json` | worker | generations of the untrained model, for the report |
-| `final/` | publish | the verified HF export |
+| `final/` | publish | the verified HF export, with its model card `README.md` |
 | `report.md`, `loss.png`, `throughput.png` | publish | the run's report |
 | `exit_status.json` | worker / publish | the verdict: exit code and message |
 """
@@ -28,6 +28,7 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 SAMPLES_BEFORE = "samples_before.json"
 FINAL = "final"
+MODEL_CARD = "README.md"  # in final/
 REPORT = "report.md"
 LOSS_PNG = "loss.png"
 THROUGHPUT_PNG = "throughput.png"

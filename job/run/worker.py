@@ -267,9 +267,6 @@ def run_worker(cfg: RunConfig) -> int:
 
 
 def _train(cfg: RunConfig, output: Path) -> int:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # shard-writing bars; our ProgressCallback reports training
     resume = checkpoints.resume_point(cfg.resume, output)
     # written by another number of processes: the launcher made the universal checkpoint beside it
     universal = resume is not None and checkpoints.zero_world_size(resume) not in (

@@ -267,6 +267,18 @@ def smoke(model):
     sys.exit(0 if result["ok"] else 1)
 
 
+@cli.command()
+@click.option("--model", required=True, type=click.Path(), help="the export to upload (OUTPUT/final)")
+@click.option("--repo", "repo_id", required=True, help="hub repository id, OWNER/NAME (created if missing)")
+@click.option("--private/--public", default=True, show_default=True, help="visibility of a repository it creates")
+@click.option("--message", "commit_message", default=None, help="commit message (default: names the export)")
+def push(model, repo_id, private, commit_message):
+    """Upload a verified export with its model card to the hub ($HF_ENDPOINT, token from $HF_TOKEN)."""
+    from job.run.push import push as run_push
+
+    click.echo(run_push(model, repo_id, private, commit_message))
+
+
 @cli.command(cls=GroupedCommand)
 @config_options(TRAIN_FIELDS)
 @click.option("--steps", type=int, default=10, show_default=True, help="timed optimizer steps")

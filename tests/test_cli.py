@@ -157,6 +157,8 @@ CASES = {
     "training-arg owned by the run": (["--training-arg", "learning_rate=1"], None, "set by the run config"),
     "training-arg of the wrong type": (["--training-arg", "ddp_timeout=soon"], None, "does not fit its type"),
     "training-arg refused by transformers": (["--training-arg", "optim=bogus"], None, "not a valid OptimizerNames"),
+    "training-arg push_to_hub": (["--training-arg", "push_to_hub=true"], None, "python -m job push --model"),
+    "training-arg hub_model_id": (["--training-arg", "hub_model_id=a/b"], None, "does not push from training"),
     # files vs folders, unreadable files
     "config is a folder": (["--config", "{w}/cfgdir"], lambda w: (w / "cfgdir").mkdir(), "is a folder"),
     "deepspeed is a folder": (["--deepspeed", "{w}/dsdir"], lambda w: (w / "dsdir").mkdir(), "is a folder"),
@@ -286,7 +288,7 @@ def test_help_lists_the_commands():
     """Each command is listed as a command (its own line in the Commands section), not just named somewhere."""
     out = run_cli("--help").output
     listed = {line.split()[0] for line in out.split("Commands:", 1)[1].splitlines() if line.strip()}
-    assert listed == {"prepare", "tokenizer", "train", "generate", "smoke", "bench", "doctor"}  # worker is hidden
+    assert listed == {"prepare", "tokenizer", "train", "generate", "smoke", "bench", "doctor", "push"}  # not worker
 
 
 def test_train_help_is_grouped_by_concern_and_shows_the_recipe_values():

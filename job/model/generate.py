@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from job.core.errors import JobError
+from job.core.logs import adopt_library_loggers
 
 SMOKE_PROMPTS = ["下面是一则娱乐新闻，", "中国的首都是", "今天天气"]
 
@@ -157,6 +158,7 @@ def load_for_inference(model_dir: str | Path):
     from job.core.weights import check_weights
 
     check_weights(folder)  # a truncated or corrupt file: one line, not a safetensors traceback
+    adopt_library_loggers()  # no loading bars on stderr
     cuda = torch.cuda.is_available()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))

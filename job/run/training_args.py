@@ -63,6 +63,12 @@ def extra_training_arguments(cfg: RunConfig, owned: dict) -> dict:
     for name, value in cfg.training_args.items():
         if name not in hints:
             raise JobError(f"--training-arg {name} is not a TrainingArguments field", "check the name in its docs")
+        if name == "push_to_hub" or name.startswith("hub_"):
+            raise JobError(
+                f"--training-arg {name}: the job does not push from training (its checkpoints, from an image that is "
+                "offline by default)",
+                "push the verified export after the run: python -m job push --model OUTPUT/final --repo OWNER/NAME",
+            )
         if name in owned:
             raise JobError(
                 f"--training-arg {name} is set by the run config",

@@ -19,6 +19,7 @@ from job.core.config import GROUPS, RunConfig, field_meta, flag, prepare_fields,
 from job.core.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_PREEMPTED, JobError, Stopped, stop_at_once
 from job.core.logs import FORMATS, LOG_FORMAT_ENV, setup_logging
 from job.core.termination import no_termination_message, record_termination
+from job.model.sampling import READING_SAMPLES as READING
 
 # Fields a command line can set (a list, like `prompts`, comes from a --config file only).
 _HINTS = typing.get_type_hints(RunConfig)
@@ -232,14 +233,27 @@ def doctor(config, **values):
 @click.option("--prompt", "prompts", multiple=True, help="prompt text (repeatable)")
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), help="one prompt per line")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, help="tokens to generate per prompt")
-@click.option("--greedy/--sample", default=False, show_default=True, help="greedy decoding, or sampling")
-@click.option("--top-k", type=int, default=50, show_default=True, help="sampling: the k most likely tokens")
-@click.option("--top-p", type=float, default=0.95, show_default=True, help="sampling: nucleus probability mass")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="sampling: logits divided by this")
-@click.option("--seed", type=int, default=0, show_default=True, help="sampling seed (the same seed repeats)")
+@click.option("--greedy/--sample", default=READING["greedy"], show_default=True, help="greedy decoding, or sampling")
+@click.option(
+    "--top-k", type=int, default=READING["top_k"], show_default=True, help="sampling: the k most likely tokens"
+)
+@click.option(
+    "--top-p", type=float, default=READING["top_p"], show_default=True, help="sampling: nucleus probability mass"
+)
+@click.option(
+    "--temperature", type=float, default=READING["temperature"], show_default=True, help="sampling: logits / this"
+)
+@click.option(
+    "--repetition-penalty",
+    type=float,
+    default=READING["repetition_penalty"],
+    show_default=True,
+    help="divides the logits of tokens already in the text (1.0: none)",
+)
+@click.option("--seed", type=int, default=READING["seed"], show_default=True, help="sampling seed (the same repeats)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON lines")
 def generate(model, prompts, prompts_file, as_json, **sampling):
-    """Generate continuations for prompts (batched, left-padded)."""
+    """Generate continuations for prompts (batched, left-padded); by default as the report's samples are drawn."""
     from job.model.generate import generate as run_generate
     from job.model.generate import load_for_inference, read_prompts
 

@@ -382,6 +382,22 @@ def test_generate_command_prints_one_continuation_per_prompt(world, tiny_tokeniz
     assert refused.exit_code == 2 and "must be above 0 when sampling" in refused.stderr
 
 
+def test_generate_without_flags_draws_as_the_report_does(world, tiny_tokenizer):
+    from job.model.generate import generate, load_for_inference
+    from job.model.sampling import READING_SAMPLES
+    from tests.conftest import tiny_bloom
+
+    folder = world / "lm"
+    tiny_bloom(len(tiny_tokenizer)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    args = ["generate", "--model", str(folder), "--prompt", "北京", "--max-new-tokens", "8", "--json"]
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    model, tok = load_for_inference(folder)
+    assert [json.loads(result.stdout)] == generate(model, tok, ["北京"], max_new_tokens=8, **READING_SAMPLES)
+    assert run_cli(*args).stdout == result.stdout  # and it repeats
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

@@ -46,6 +46,7 @@ def generate_ids(
     seed: int = 0,
     batch_size: int = 16,
     with_scores: bool = False,
+    repetition_penalty: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Per prompt: `ids` (the new tokens up to and including a first eos) and `stopped_at_eos`; with
     `with_scores`, also `scores` (the processed next-token logits at each new position, float32 on CPU).
@@ -58,6 +59,8 @@ def generate_ids(
         raise JobError(f"max_new_tokens {max_new_tokens} must be at least 1", "use e.g. 64")
     if not greedy and temperature <= 0:
         raise JobError(f"temperature {temperature} must be above 0 when sampling", "use greedy or a positive value")
+    if repetition_penalty <= 0:
+        raise JobError(f"repetition penalty {repetition_penalty} must be above 0", "use 1.0 (none) or e.g. 1.3")
     eos, pad = _special_ids(tokenizer, model)
     device = _device_of(model)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] or [eos] for p in prompts]  # "": a new document
@@ -88,6 +91,7 @@ def generate_ids(
                     use_cache=True,
                     return_dict_in_generate=True,
                     output_scores=with_scores,
+                    repetition_penalty=repetition_penalty,
                     **sampling,
                 )
                 new = out.sequences[:, width:].tolist()
@@ -114,6 +118,7 @@ def generate(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 16,
+    repetition_penalty: float = 1.0,
 ) -> list[dict]:
     """Continuations of `prompts`: [{"prompt", "text", "new_tokens", "stopped_at_eos"}], in order.
 
@@ -131,6 +136,7 @@ def generate(
         temperature=temperature,
         seed=seed,
         batch_size=batch_size,
+        repetition_penalty=repetition_penalty,
     )
     return [
         {

@@ -19,6 +19,7 @@ from job.core.files import atomic_write_text
 from job.core.metrics_log import number, read_metrics
 from job.core.run_files import LOSS_PNG, METRICS, REPORT, THROUGHPUT_PNG
 from job.core.units import clock, flops_per_token, perplexity
+from job.model.sampling import describe
 
 log = logging.getLogger("job")
 
@@ -288,7 +289,12 @@ def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, 
         [f"![tokens/s and MFU against step]({THROUGHPUT_PNG})", ""] if has_tput else ["No throughput was logged.", ""]
     )
 
-    lines += ["## Samples (greedy, before and after training)", ""]
+    lines += [
+        "## Samples before and after training",
+        "",
+        f"Drawn as `python -m job generate` does by default: {describe()}.",
+        "",
+    ]
     if samples:
         lines += ["| prompt | before | after |", "| --- | --- | --- |"]
         lines += [f"| {_cell(s.get('prompt'))} | {_cell(s.get('before'))} | {_cell(s.get('after'))} |" for s in samples]
@@ -320,9 +326,10 @@ def report_run(cfg, state: dict, processes, final: Path, before, final_metrics, 
     import transformers
 
     from job.model.generate import generate, load_for_inference
+    from job.model.sampling import READING_SAMPLES
 
     model, tokenizer = load_for_inference(str(final))
-    after = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, greedy=True)
+    after = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, **READING_SAMPLES)
     by_prompt = {s["prompt"]: s["text"] for s in before}
     samples = [{"prompt": s["prompt"], "before": by_prompt.get(s["prompt"], "n/a"), "after": s["text"]} for s in after]
     eval_loss = final_metrics.get("eval_loss")

@@ -363,7 +363,8 @@ def _samples_before(cfg: RunConfig, model, tokenizer, rank0: bool, resumed: bool
     if resumed or is_deepspeed_zero3_enabled() or not cfg.prompts:
         return []  # ZeRO-3 partitions the weights: rank 0 alone cannot generate
     from job.model.generate import generate
+    from job.model.sampling import READING_SAMPLES
 
-    samples = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, greedy=True)
+    samples = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, **READING_SAMPLES)
     atomic_write_json(path, samples)
     return samples

@@ -40,6 +40,8 @@ def test_where_the_message_goes(tmp_path, monkeypatch):
     present.write_text("")
     monkeypatch.setattr(termination, "DEFAULT_PATH", present)
     assert termination.termination_path({}) == present
+    monkeypatch.setenv(termination.TERMINATION_LOG_ENV, str(tmp_path))  # a folder: not writable as a file
+    assert termination.record_termination(2, "error: x") is None  # the verdict never fails the job
 
 
 def test_the_message_names_code_meaning_verdict_step_checkpoint_and_model(tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import logging
 import math
 import os
 import sys
@@ -18,7 +17,10 @@ import click
 
 from job.core import run_files
 from job.core.config import GROUPS, RunConfig, field_meta, flag, prepare_fields, read_config_file
-from job.core.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, JobError, Stopped, stop_at_once
+from job.core.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_PREEMPTED, JobError, Stopped, stop_at_once
+from job.core.logs import FORMATS, LOG_FORMAT_ENV, setup_logging
+from job.core.termination import no_termination_message, record_termination
+from job.model.sampling import READING_SAMPLES as READING
 
 # Fields a command line can set (a list, like `prompts`, comes from a --config file only).
 _HINTS = typing.get_type_hints(RunConfig)
@@ -135,20 +137,25 @@ class JobGroup(click.Group):
             if os.environ.get("JOB_DEBUG") == "1":
                 raise
             click.echo(f"error: {e}", err=True)
+            record_termination(e.exit_code, f"error: {e}")
             sys.exit(e.exit_code)
 
 
 @click.group(cls=JobGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, help="show tracebacks for errors")
+@click.option(
+    "--log-format",
+    type=click.Choice(FORMATS),
+    default=None,
+    help=f"log lines as text (time level rank message) or JSON lines  [default: ${LOG_FORMAT_ENV}, else text]",
+)
 @click.pass_context
-def cli(ctx, debug: bool):
+def cli(ctx, debug: bool, log_format: str | None):
     """Continued pre-training of a Chinese Bloom causal LM (HF Trainer + DeepSpeed ZeRO)."""
     _INVOKED["command"] = ctx.invoked_subcommand
     if debug:
         os.environ["JOB_DEBUG"] = "1"
-    logging.basicConfig(level=logging.INFO, format="[job] %(message)s")
-    for noisy in ("datasets", "DeepSpeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(log_format)
 
 
 @cli.command(cls=GroupedCommand)
@@ -196,8 +203,11 @@ def train(config, **values):
 
     cfg = _load(config, values)
     code = launch_train(cfg)
+    output = Path(cfg.output_dir)
+    status = run_files.recorded_status(output) if output.is_dir() else None
+    verdict = status["message"] if status and status["code"] == code else f"train ended with exit code {code}"
+    record_termination(code, verdict, output)
     if code == 0:
-        output = Path(cfg.output_dir)
         click.echo(f"done: model in {output / run_files.FINAL}, report in {output / run_files.REPORT}")
     sys.exit(code)
 
@@ -209,6 +219,7 @@ def worker(config, local_rank):
     """One training process (started by `train` through torchrun or the deepspeed launcher)."""
     from job.run.worker import run_worker
 
+    no_termination_message()  # the launcher writes the run's verdict
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
     cfg = RunConfig.load(config)
@@ -225,7 +236,10 @@ def doctor(config, **values):
     cfg = _load(config, values)
     results, _ = run_checks(cfg)
     click.echo(format_table(results))
-    sys.exit(0 if all(r.ok for r in results) else EXIT_BAD_INPUT)
+    failed = [r for r in results if not r.ok]
+    if failed:  # what an init container's termination message then says
+        record_termination(EXIT_BAD_INPUT, format_table(failed))
+    sys.exit(EXIT_BAD_INPUT if failed else 0)
 
 
 @cli.command()
@@ -239,15 +253,19 @@ def doctor(config, **values):
     show_default=True,
     help="tokens to generate per prompt",
 )
-@click.option("--greedy/--sample", default=False, show_default=True, help="greedy decoding, or sampling")
+@click.option("--greedy/--sample", default=READING["greedy"], show_default=True, help="greedy decoding, or sampling")
 @click.option(
-    "--top-k", type=click.IntRange(min=0), default=50, show_default=True, help="sampling: the k most likely tokens"
+    "--top-k",
+    type=click.IntRange(min=0),
+    default=READING["top_k"],
+    show_default=True,
+    help="sampling: the k most likely tokens",
 )
 @click.option(
     "--top-p",
     type=click.FloatRange(0, 1, min_open=True),
     callback=_finite,
-    default=0.95,
+    default=READING["top_p"],
     show_default=True,
     help="sampling: nucleus probability mass",
 )
@@ -255,14 +273,24 @@ def doctor(config, **values):
     "--temperature",
     type=click.FloatRange(0, 1e4, min_open=True),
     callback=_finite,
-    default=1.0,
+    default=READING["temperature"],
     show_default=True,
     help="sampling: logits divided by this (above 0)",
 )
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="sampling seed (repeats)")
+@click.option(
+    "--repetition-penalty",
+    type=click.FloatRange(0, 1e4, min_open=True),
+    callback=_finite,
+    default=READING["repetition_penalty"],
+    show_default=True,
+    help="divides the logits of tokens already in the text (1.0: none)",
+)
+@click.option(
+    "--seed", type=click.IntRange(0, 2**32 - 1), default=READING["seed"], show_default=True, help="sampling seed"
+)
 @click.option("--json", "as_json", is_flag=True, help="print JSON lines")
 def generate(model, prompts, prompts_file, as_json, **sampling):
-    """Generate continuations for prompts (batched, left-padded)."""
+    """Generate continuations for prompts (batched, left-padded); by default as the report's samples are drawn."""
     from job.model.generate import generate as run_generate
     from job.model.generate import load_for_inference, read_prompts
 
@@ -284,6 +312,18 @@ def smoke(model):
     result = run_smoke(model)
     click.echo(json.dumps(result, ensure_ascii=False, indent=2))
     sys.exit(0 if result["ok"] else 1)
+
+
+@cli.command()
+@click.option("--model", required=True, type=click.Path(), help="the export to upload (OUTPUT/final)")
+@click.option("--repo", "repo_id", required=True, help="hub repository id, OWNER/NAME (created if missing)")
+@click.option("--private/--public", default=True, show_default=True, help="visibility of a repository it creates")
+@click.option("--message", "commit_message", default=None, help="commit message (default: names the export)")
+def push(model, repo_id, private, commit_message):
+    """Upload a verified export with its model card to the hub ($HF_ENDPOINT, token from $HF_TOKEN)."""
+    from job.run.push import push as run_push
+
+    click.echo(run_push(model, repo_id, private, commit_message))
 
 
 @cli.command(cls=GroupedCommand)
@@ -351,6 +391,11 @@ def main():
         sys.exit(EXIT_PREEMPTED)
     except Stopped as e:  # a signal outside training (training records its own verdict): nothing to keep
         when = " before training began" if _INVOKED.get("command") == "train" else ""
-        click.echo(f"stopped by {e.signal_name}{when} -- run the same command again", err=True)
+        message = f"stopped by {e.signal_name}{when} -- run the same command again"
+        click.echo(message, err=True)
+        record_termination(EXIT_PREEMPTED, message)
         sys.exit(EXIT_PREEMPTED)
+    except Exception as e:  # a crash: the traceback follows as ever, the termination message names it
+        record_termination(EXIT_CRASH, f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}")
+        raise
     sys.exit(code if isinstance(code, int) else 0)

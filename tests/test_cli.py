@@ -158,6 +158,8 @@ CASES = {
     "training-arg owned by the run": (["--training-arg", "learning_rate=1"], None, "set by the run config"),
     "training-arg of the wrong type": (["--training-arg", "ddp_timeout=soon"], None, "does not fit its type"),
     "training-arg refused by transformers": (["--training-arg", "optim=bogus"], None, "not a valid OptimizerNames"),
+    "training-arg push_to_hub": (["--training-arg", "push_to_hub=true"], None, "python -m job push --model"),
+    "training-arg hub_model_id": (["--training-arg", "hub_model_id=a/b"], None, "hub_model_id is not supported"),
     # files vs folders, unreadable files
     "config is a folder": (["--config", "{w}/cfgdir"], lambda w: (w / "cfgdir").mkdir(), "is a folder"),
     "deepspeed is a folder": (["--deepspeed", "{w}/dsdir"], lambda w: (w / "dsdir").mkdir(), "is a folder"),
@@ -337,7 +339,7 @@ def test_help_lists_the_commands():
     """Each command is listed as a command (its own line in the Commands section), not just named somewhere."""
     out = run_cli("--help").output
     listed = {line.split()[0] for line in out.split("Commands:", 1)[1].splitlines() if line.strip()}
-    assert listed == {"prepare", "tokenizer", "train", "generate", "smoke", "bench", "doctor"}  # worker is hidden
+    assert listed == {"prepare", "tokenizer", "train", "generate", "smoke", "bench", "doctor", "push"}  # not worker
 
 
 def test_train_help_is_grouped_by_concern_and_shows_the_recipe_values():
@@ -433,6 +435,22 @@ def test_generate_command_prints_one_continuation_per_prompt(world, tiny_tokeniz
     assert refused.exit_code == 2 and "'--temperature': 0.0 is not in the range 0<x" in refused.stderr
 
 
+def test_generate_without_flags_draws_as_the_report_does(world, tiny_tokenizer):
+    from job.model.generate import generate, load_for_inference
+    from job.model.sampling import READING_SAMPLES
+    from tests.conftest import tiny_bloom
+
+    folder = world / "lm"
+    tiny_bloom(len(tiny_tokenizer)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    args = ["generate", "--model", str(folder), "--prompt", "北京", "--max-new-tokens", "8", "--json"]
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    model, tok = load_for_inference(folder)
+    assert [json.loads(result.stdout)] == generate(model, tok, ["北京"], max_new_tokens=8, **READING_SAMPLES)
+    assert run_cli(*args).stdout == result.stdout  # and it repeats
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -505,3 +523,29 @@ def test_a_signal_to_a_command_other_than_train_says_what_it_stopped(tmp_path):
     assert proc.returncode == 75, err
     assert err.strip().splitlines() == ["stopped by SIGTERM -- run the same command again"], err
     assert not (tmp_path / "tok").exists()
+
+
+@pytest.mark.parametrize(
+    "env, row",
+    [
+        ({"PET_NNODES": "1:4"}, "launch"),  # what PyTorchJob sets under an elastic policy
+        ({"PET_NNODES": "two"}, "launch"),
+        ({"PET_NPROC_PER_NODE": "0"}, "launch"),
+        ({"PET_NNODES": "2", "JOB_COMPLETION_INDEX": "-1"}, "launch"),
+        ({"PET_MASTER_PORT": "99999999999999999999"}, "launch"),
+        ({"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "localhost"}, "rendezvous"),
+    ],
+)
+def test_doctor_and_train_refuse_a_bad_environment_in_one_line(world, monkeypatch, env, row):
+    """Never a traceback (exit 1 reads as a crash to Kubernetes): doctor fails the row, train exits 2 on it."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = [a.format(w=world) for a in BASE] + ["--data", str(world / "good.jsonl")]
+    doctor = CliRunner().invoke(cli, ["doctor", *args])
+    assert doctor.exit_code == 2 and isinstance(doctor.exception, SystemExit), doctor
+    failed = [line for line in doctor.output.splitlines() if line.startswith("FAIL")]
+    assert len(failed) == 1 and failed[0].split()[1] == row, doctor.output
+    train = CliRunner().invoke(cli, ["train", *args])
+    assert train.exit_code == 2 and isinstance(train.exception, SystemExit), train
+    assert len(train.stderr.strip().splitlines()) == 1 and train.stderr.startswith("error: "), train.stderr
+    assert not (world / "out").exists()

@@ -15,7 +15,7 @@ from job.core.weights import check_weights
 from job.run import preflight as doctor
 from job.run.checks import Check, Preflight
 from job.run.resume import check_output
-from tests.conftest import complete_checkpoint, tiny_bloom
+from tests.conftest import REPO, complete_checkpoint, tiny_bloom
 
 
 def _run(output: Path, config: dict, complete: bool) -> None:
@@ -161,3 +161,55 @@ def test_a_missing_or_unreadable_record_is_a_refusal_not_a_fresh_start(tmp_path)
         from job.run.resume import _require_same_inputs
 
         _require_same_inputs({"tokenizer": "t"}, run)
+
+
+@pytest.mark.parametrize(
+    "addr, refused",
+    [
+        *[(a, True) for a in ("127.0.0.1", "127.0.1.1", "localhost", "::1", "[::1]", "0.0.0.0")],
+        *[(a, False) for a in ("run-node-0-0.run", "10.0.0.5", "fd00::5")],
+    ],
+)
+def test_a_rendezvous_a_later_node_cannot_reach_is_refused(addr, refused):
+    """Node rank > 0 joins node 0 at master_addr: its own loopback would wait out the whole join timeout."""
+    cfg = RunConfig.load(nnodes=2, node_rank=1, master_addr=addr, master_port=29500)
+    result = doctor.check_rendezvous(Preflight(cfg))
+    assert result.ok is not refused, result
+    if refused:
+        assert addr in result.detail and "PET_MASTER_ADDR" in result.fix
+    node0 = RunConfig.load(nnodes=2, node_rank=0, master_addr=addr, master_port=29500)
+    assert doctor.check_rendezvous(Preflight(node0)).ok  # node 0 hosts it: its own address is fine there
+    assert doctor.check_rendezvous(Preflight(RunConfig.load(nnodes=1, node_rank=0, master_addr=addr))).ok
+
+
+def test_a_refused_launch_setting_fails_its_row_and_the_later_rows_still_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("PET_NNODES", "1:4")
+    monkeypatch.setenv("PET_NODE_RANK", "3")
+    cfg = RunConfig.load(output_dir=str(tmp_path / "out"), node_rank=2)  # a flag the fallback cannot keep
+    monkeypatch.setattr(doctor, "CHECKS", [doctor.check_launch, doctor.check_deepspeed, doctor.check_rendezvous])
+    results, found = doctor.run_checks(cfg)
+    assert [(r.name, r.ok) for r in results] == [("launch", False), ("deepspeed", True), ("rendezvous", True)]
+    assert "elastic" in results[0].detail and "--nnodes" in results[0].fix
+    assert (found.cfg.nnodes, found.cfg.node_rank) == (1, 0)
+
+
+@pytest.mark.parametrize("reporter", ["wandb", "mlflow"])
+def test_a_reporting_integration_without_its_package_is_refused_naming_the_extra(reporter, monkeypatch):
+    from transformers.integrations import integration_utils
+
+    cfg = RunConfig.load(report_to=f"tensorboard,{reporter}")
+    installed = reporter in integration_utils.get_available_reporting_integrations()
+    if installed:  # an environment with the extra: take it away
+        monkeypatch.setattr(integration_utils, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    with pytest.raises(JobError) as e:
+        doctor.check_settings(Preflight(cfg))
+    assert f"--report-to {reporter}: its package is not installed" in e.value.cause
+    assert f"requirements-{reporter}.txt" in e.value.fix and (REPO / doctor.TRACKING_EXTRAS[reporter]).is_file()
+    monkeypatch.setattr(integration_utils, "get_available_reporting_integrations", lambda: ["tensorboard", reporter])
+    assert doctor.check_settings(Preflight(cfg)).ok  # with the package: accepted
+
+
+def test_kubeflow_reporting_is_left_to_transformers(monkeypatch):
+    monkeypatch.delenv("KUBEFLOW_TRAINER_SERVER_URL", raising=False)
+    with pytest.raises(JobError, match="KUBEFLOW_TRAINER_SERVER_URL"):
+        doctor.check_settings(Preflight(RunConfig.load(report_to="kubeflow")))

@@ -170,3 +170,31 @@ def test_prompts_file_reads_a_bom_and_refuses_other_encodings(tmp_path):
     (tmp_path / "gbk.txt").write_bytes("北京\n".encode("gbk"))
     with pytest.raises(JobError, match="is not UTF-8 text"):
         read_prompts(tmp_path / "gbk.txt")
+
+
+def test_reading_samples_repeat_exactly_and_do_not_loop_as_greedy_does(tiny_tokenizer):
+    """What a person reads (train's samples, the report, `generate` without flags): seeded sampling with a repetition
+    penalty. A default-init Bloom is the degenerate case: greedy repeats one token ("北京北京北京…")."""
+    from job.model.sampling import READING_SAMPLES
+
+    degenerate = tiny_bloom(len(tiny_tokenizer)).eval()
+    greedy = generate_ids(degenerate, tiny_tokenizer, PROMPTS, max_new_tokens=24)
+    assert all(len(set(o["ids"])) == 1 for o in greedy)  # the premise
+    reading = generate_ids(degenerate, tiny_tokenizer, PROMPTS, max_new_tokens=24, **READING_SAMPLES)
+    assert reading == generate_ids(degenerate, tiny_tokenizer, PROMPTS, max_new_tokens=24, **READING_SAMPLES)
+    assert all(len(set(o["ids"])) > len(o["ids"]) // 2 for o in reading), reading
+
+
+def test_the_repetition_penalty_reaches_the_logits(model, tiny_tokenizer):
+    prompt = PROMPTS[1]
+    seen = set(tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    (plain,) = generate_ids(model, tiny_tokenizer, [prompt], max_new_tokens=1, with_scores=True)
+    (penalised,) = generate_ids(
+        model, tiny_tokenizer, [prompt], max_new_tokens=1, with_scores=True, repetition_penalty=1.3
+    )
+    raw, scores = plain["scores"][0], penalised["scores"][0]
+    for token in range(len(raw)):
+        expected = (raw[token] / 1.3 if raw[token] > 0 else raw[token] * 1.3) if token in seen else raw[token]
+        assert scores[token] == pytest.approx(float(expected), rel=1e-5, abs=1e-5), token
+    with pytest.raises(JobError, match="repetition penalty 0"):
+        generate_ids(model, tiny_tokenizer, [prompt], repetition_penalty=0)

@@ -381,7 +381,7 @@ def test_signal_before_training_exits_promptly_and_writes_nothing_to_resume(inpu
     args = train_args(model, tok, data, output, "--nproc", nproc, "--max-samples", "399")  # a new cache entry
     with (root / f"{name}.log").open("w") as log:
         proc = _start(args, log)
-        mark = "launching:" if nproc == "2" else "[job]"
+        mark = "launching:" if nproc == "2" else " launch: "  # the first log line
         _wait_for(lambda: mark in (root / f"{name}.log").read_text(), proc, poll=0.01)
         _signal(proc, target, signal.SIGTERM)
         signalled = time.time()

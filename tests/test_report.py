@@ -97,6 +97,7 @@ def test_report_contents(resumed_run):
     text = path.read_text(encoding="utf-8")
     assert path.name == "report.md"
     assert "1:02:05" in text and "4,000" in text
+    assert "Drawn as `python -m job generate` does by default: sampled with seed 0" in text  # not greedy
     assert "6.0000 (perplexity 403.43)" in text  # the first held-out loss
     assert f"4.9000 (perplexity {math.exp(4.9):,.2f})" in text  # the final one, from the summary
     assert "| mean tokens/s (whole job: tokens / training time) | 1,147.67 |" in text

@@ -61,8 +61,9 @@ def trained(tmp_path_factory, tiny_tokenizer_dir):
         "--eval-fraction",
         "0.1",
     ]
+    env = {**_env(), "JOB_TERMINATION_LOG": str(root / "termination-log")}
     proc = subprocess.run(
-        [sys.executable, "-m", "job", *args], capture_output=True, text=True, env=_env(), cwd=root, timeout=900
+        [sys.executable, "-m", "job", *args], capture_output=True, text=True, env=env, cwd=root, timeout=900
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return output, proc
@@ -90,6 +91,31 @@ def test_run_config_checkpoints_and_status(trained):
     assert all((p / "COMPLETE").exists() for p in output.glob("checkpoint-*"))
     assert json.loads((output / "exit_status.json").read_text())["code"] == 0
     assert "final" in proc.stdout
+
+
+def test_every_log_line_has_time_level_and_rank_and_the_verdict_is_the_termination_message(trained):
+    from tests.test_logs import LINE
+
+    output, proc = trained
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and [line for line in lines if not LINE.match(line)] == [], proc.stderr[-3000:]
+    assert not any(noise in proc.stderr for noise in ("Setting accelerator to CPU", "built successfully"))
+    assert (output.parent / "termination-log").read_text().splitlines() == [
+        "exit 0 (success)",
+        f"model saved to {output / 'final'}",
+        "last step: 40",
+        f"checkpoint: {output / 'checkpoint-40'}",
+        f"model: {output / 'final'}",
+    ]
+
+
+def test_final_carries_a_model_card_with_the_runs_figures(trained):
+    from huggingface_hub import ModelCard
+
+    output, _ = trained
+    card = ModelCard.load(output / "final" / "README.md")
+    assert card.data.language == ["zh"] and card.data.license == "other" and card.data.pipeline_tag == "text-generation"
+    assert "| optimizer steps | 40 |" in card.text and "| held-out loss after training |" in card.text
 
 
 def test_held_out_loss_falls_and_metrics_are_logged(trained):

@@ -176,8 +176,11 @@ def finished(checkpoint: Path | None, max_steps: int) -> bool:
     return state["global_step"] >= (max_steps if max_steps > 0 else state["max_steps"])
 
 
-def export_final(checkpoint: Path, output_dir: Path, expected_parameters: int | None = None) -> Path:
-    """Publish OUTPUT/final from `checkpoint`'s model and tokenizer files, verified before the rename."""
+def export_final(
+    checkpoint: Path, output_dir: Path, expected_parameters: int | None = None, texts: dict[str, str] | None = None
+) -> Path:
+    """Publish OUTPUT/final from `checkpoint`'s model and tokenizer files, plus `texts` ({file name: content}, e.g.
+    the model card), verified before the rename: `final/` appears whole or not at all."""
     final, staging = output_dir / run_files.FINAL, output_dir / f"{run_files.FINAL}.partial"
     if staging.exists():
         shutil.rmtree(staging)  # an export a signal or a kill interrupted
@@ -185,6 +188,8 @@ def export_final(checkpoint: Path, output_dir: Path, expected_parameters: int | 
     for path in checkpoint.iterdir():
         if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in MODEL_FILES):
             shutil.copy2(path, staging / path.name)
+    for name, text in (texts or {}).items():
+        (staging / name).write_text(text, encoding="utf-8")
     share(staging)  # copies keep the checkpoint's modes; the export is for others to read
     verify_export(staging, expected_parameters)
     if final.exists():

@@ -261,6 +261,22 @@ class RunConfig:
     shutdown_timeout_s: int = opt(
         600, "seconds a signalled run gets to checkpoint", group="checkpoints", resumable=True, bound=at_least(1)
     )
+    # the model card final/ carries (README.md, Hugging Face format): what a hub page shows after `push`
+    license: str = opt(
+        "other",
+        "license id in final/'s model card (e.g. apache-2.0; bigscience-bloom-rail-1.0 for a Bloom base)",
+        group="checkpoints",
+        resumable=True,
+    )
+    base_model: str | None = opt(
+        None, "hub id of --model, for the model card (e.g. Langboat/bloom-389m-zh)", group="checkpoints", resumable=True
+    )
+    dataset_ids: str | None = opt(
+        None,
+        "hub ids of the data, comma-separated, for the model card (default: --data when it is a hub id)",
+        group="checkpoints",
+        resumable=True,
+    )
     # --- throughput levers (each exact; `make bench-gpu` measures them one at a time) ---
     torch_compile: bool = opt(False, "torch.compile the model", group="throughput levers")
     fold_padding: bool = opt(

@@ -12,6 +12,14 @@ EXIT_BAD_INPUT = 2  # bad input or configuration: fail fast, nothing written
 EXIT_DIVERGED = 3  # loss stayed non-finite; the last good checkpoint is kept
 EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT: after a complete checkpoint, or before training began (EX_TEMPFAIL)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What each code means to whoever restarts the job (the termination message, Kubernetes' failure policies).
+EXIT_MEANINGS = {
+    EXIT_OK: "success",
+    EXIT_CRASH: "crash: see the log; a retry may get past it",
+    EXIT_BAD_INPUT: "bad input or configuration: a retry fails the same way until it is fixed",
+    EXIT_DIVERGED: "diverged: the loss stayed non-finite; the last good checkpoint is kept",
+    EXIT_PREEMPTED: "preempted: stopped by a signal; the same command resumes",
+}
 
 
 class JobError(Exception):

@@ -9,7 +9,7 @@
 | `metrics.jsonl` | worker | every log record (`job.core.metrics_log`) |
 | `tensorboard/` | worker | TensorBoard events |
 | `samples_before.json` | worker | generations of the untrained model, for the report |
-| `final/` | publish | the verified HF export |
+| `final/` | publish | the verified HF export, with its model card `README.md` |
 | `report.md`, `loss.png`, `throughput.png` | publish | the run's report |
 | `exit_status.json` | worker / publish | the verdict: exit code and message |
 """
@@ -28,6 +28,7 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 SAMPLES_BEFORE = "samples_before.json"
 FINAL = "final"
+MODEL_CARD = "README.md"  # in final/
 REPORT = "report.md"
 LOSS_PNG = "loss.png"
 THROUGHPUT_PNG = "throughput.png"
@@ -39,7 +40,13 @@ def write_status(output: Path, code: int, message: str) -> None:
     atomic_write_json(output / STATUS, {"code": code, "message": message})
 
 
+def recorded_status(output: Path) -> dict | None:
+    """Rank 0's verdict, {"code", "message"}, if one was recorded."""
+    path = output / STATUS
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
 def recorded_code(output: Path) -> int | None:
     """The exit code rank 0 recorded, if any."""
-    path = output / STATUS
-    return int(json.loads(path.read_text(encoding="utf-8"))["code"]) if path.exists() else None
+    status = recorded_status(output)
+    return int(status["code"]) if status else None

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from job.core.errors import JobError
+from job.core.logs import adopt_library_loggers
 
 SMOKE_PROMPTS = ["下面是一则娱乐新闻，", "中国的首都是", "今天天气"]
 
@@ -45,6 +46,7 @@ def generate_ids(
     seed: int = 0,
     batch_size: int = 16,
     with_scores: bool = False,
+    repetition_penalty: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Per prompt: `ids` (the new tokens up to and including a first eos) and `stopped_at_eos`; with
     `with_scores`, also `scores` (the processed next-token logits at each new position, float32 on CPU).
@@ -57,6 +59,8 @@ def generate_ids(
         raise JobError(f"max_new_tokens {max_new_tokens} must be at least 1", "use e.g. 64")
     if not greedy and temperature <= 0:
         raise JobError(f"temperature {temperature} must be above 0 when sampling", "use greedy or a positive value")
+    if repetition_penalty <= 0:
+        raise JobError(f"repetition penalty {repetition_penalty} must be above 0", "use 1.0 (none) or e.g. 1.3")
     eos, pad = _special_ids(tokenizer, model)
     device = _device_of(model)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] or [eos] for p in prompts]  # "": a new document
@@ -87,6 +91,7 @@ def generate_ids(
                     use_cache=True,
                     return_dict_in_generate=True,
                     output_scores=with_scores,
+                    repetition_penalty=repetition_penalty,
                     **sampling,
                 )
                 new = out.sequences[:, width:].tolist()
@@ -113,6 +118,7 @@ def generate(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 16,
+    repetition_penalty: float = 1.0,
 ) -> list[dict]:
     """Continuations of `prompts`: [{"prompt", "text", "new_tokens", "stopped_at_eos"}], in order.
 
@@ -130,6 +136,7 @@ def generate(
         temperature=temperature,
         seed=seed,
         batch_size=batch_size,
+        repetition_penalty=repetition_penalty,
     )
     return [
         {
@@ -157,6 +164,7 @@ def load_for_inference(model_dir: str | Path):
     from job.core.weights import check_weights
 
     check_weights(folder)  # a truncated or corrupt file: one line, not a safetensors traceback
+    adopt_library_loggers()  # no loading bars on stderr
     cuda = torch.cuda.is_available()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))

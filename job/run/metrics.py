@@ -7,6 +7,7 @@ other reporter see them; the callbacks here only keep time, write and print.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from transformers import TrainerCallback
 
 from job.core.metrics_log import TRAIN_BEGIN, MetricsRecord, record_line
 from job.core.units import clock, peak_tflops_for_name, perplexity, significant, throughput
+
+log = logging.getLogger("job")
 
 TRAIN_LOG_KEY = "loss"  # present in the Trainer's periodic training logs only (eval logs carry eval_loss)
 
@@ -241,7 +244,8 @@ class MetricsFileCallback(TrainerCallback):
 class ProgressCallback(TrainerCallback):
     """Steps, loss, tokens/s and time left on rank 0: a tqdm bar on a terminal, else a line every `interval_s`.
 
-    Writes to stderr. Trainer's own bar is off (`disable_tqdm=True`); `build_trainer` removes its PrinterCallback.
+    Writes to stderr: the bar, else log records (or `stream`, if given). Trainer's own bar is off
+    (`disable_tqdm=True`); `build_trainer` removes its PrinterCallback.
     """
 
     def __init__(self, interval_s: float = 30.0, stream=None, tty: bool | None = None):
@@ -316,6 +320,8 @@ class ProgressCallback(TrainerCallback):
     def _print(self, line: str) -> None:
         if self.bar is not None:
             self.bar.write(line, file=self._out)
+        elif self.stream is None:
+            log.info(line)  # a log line like the job's others (time, level, rank)
         else:
             print(line, file=self._out, flush=True)
 

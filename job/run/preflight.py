@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import ipaddress
 import os
 import shutil
 import socket
@@ -19,13 +20,22 @@ from pathlib import Path
 
 from job.core.config import RunConfig, cache_root
 from job.core.errors import JobError
-from job.core.topology import device_type, processes_per_node, resolve_topology, visible_gpus
+from job.core.topology import (
+    TOPOLOGY_DEFAULTS,
+    device_type,
+    processes_per_node,
+    resolve_topology,
+    visible_gpus,
+)
 from job.core.units import config_parameter_count
 from job.core.weights import check_weights
 from job.run.checks import Check, Preflight, require
 from job.run.resume import check_inputs, check_output, check_resume
 
 BYTES_PER_PARAMETER_CHECKPOINT = 16  # 16-bit weights + fp32 master, Adam m and v (ZeRO layout, with margin)
+# `--report-to` integrations the job ships as optional extras: the requirement file of each (pinned, installed with
+# constraints.txt), which the image includes when built with that extra (see the README's Tracking section).
+TRACKING_EXTRAS = {"wandb": "requirements-wandb.txt", "mlflow": "requirements-mlflow.txt"}
 
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -34,7 +44,10 @@ def check_settings(p: Preflight) -> Check:
     the reporting integrations."""
     from accelerate.state import PartialState
     from transformers import TrainingArguments
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
 
     from job.run.training_args import extra_training_arguments, run_training_arguments
 
@@ -46,6 +59,9 @@ def check_settings(p: Preflight) -> Check:
             f"--report-to {', '.join(unknown)} is not a reporting integration",
             f"use none or some of: {', '.join(INTEGRATION_TO_CALLBACK)}",
         )
+    missing = [r for r in reporters if r not in (*get_available_reporting_integrations(), "none", "all")]
+    if missing:  # transformers would fail in every worker, after the data is prepared and the model loaded
+        raise JobError(f"--report-to {missing[0]}: its package is not installed here", _install_hint(missing[0]))
     # use_cpu: no CUDA context in the launcher; the accelerate state this builds is dropped after
     owned = run_training_arguments(cfg, use_cpu=True)
     extra = extra_training_arguments(cfg, owned)
@@ -59,6 +75,17 @@ def check_settings(p: Preflight) -> Check:
     finally:
         PartialState._reset_state()
     return Check("settings", True, f"schedule {cfg.lr_scheduler}, report to {cfg.report_to}, {len(extra)} extra")
+
+
+def _install_hint(reporter: str) -> str:
+    if reporter in TRACKING_EXTRAS:
+        return (
+            f"install the job's {reporter} extra (pip install -c constraints.txt -r {TRACKING_EXTRAS[reporter]}; "
+            f"in the image: build it with that extra), or leave {reporter} out of --report-to"
+        )
+    if reporter == "kubeflow":
+        return "leave it out: transformers adds it itself in a TrainJob that sets KUBEFLOW_TRAINER_SERVER_URL"
+    return f"install the package {reporter} needs, or leave it out of --report-to"
 
 
 # ------------------------------------------------------------------------------------------------- devices
@@ -101,12 +128,25 @@ def check_deepspeed(p: Preflight) -> Check:
 def check_launch(p: Preflight) -> Check:
     """Fill the launch settings no flag set from the torchrun/Kubeflow environment; show where each came from.
     First: every later check reads the resolved config."""
-    p.cfg, sources = resolve_topology(p.cfg)
     # The run folder by its real path: `a/missing/../run`, a symlink or `./run` name one folder for every check.
     p.cfg = dataclasses.replace(p.cfg, output_dir=os.path.realpath(p.cfg.output_dir))
+    try:
+        p.cfg, sources = resolve_topology(p.cfg)
+    except JobError:
+        p.cfg = _unresolved_fallback(p.cfg)  # doctor goes on with its other rows; train stops at this one
+        raise
     row = check_topology(p.cfg, sources)
     p.launch = row.detail
     return row
+
+
+def _unresolved_fallback(cfg: RunConfig) -> RunConfig:
+    """After a launch setting could not be resolved: the flags' values and the defaults for the rest (else all the
+    defaults: one node), so that doctor's later rows still run on whole numbers. The failed row says what to fix."""
+    try:
+        return resolve_topology(cfg, environ={})[0]
+    except JobError:  # e.g. --node-rank 2 given, --nnodes from a variable that was refused
+        return dataclasses.replace(cfg, **TOPOLOGY_DEFAULTS)
 
 
 def check_topology(cfg: RunConfig, sources: dict[str, str]) -> Check:
@@ -142,6 +182,38 @@ def check_port(p: Preflight) -> Check:
                 )
             raise
     return Check("master port", True, f"{port} free")
+
+
+def check_rendezvous(p: Preflight) -> Check:
+    """Across nodes, every node but 0 connects to node 0 at master_addr: a loopback address there is this pod
+    itself, and torchrun would wait out its whole join timeout for a rendezvous that never comes."""
+    cfg = p.cfg
+    if cfg.nnodes == 1:
+        return Check("rendezvous", True, "one node: nothing to join")
+    if cfg.node_rank == 0:
+        return Check("rendezvous", True, f"node 0 hosts it at {cfg.master_addr}:{cfg.master_port}")
+    if is_loopback(cfg.master_addr):
+        return Check(
+            "rendezvous",
+            False,
+            f"node {cfg.node_rank} of {cfg.nnodes} would join the rendezvous at {cfg.master_addr}, its own pod, and "
+            "wait there for a node 0 that never comes",
+            "set PET_MASTER_ADDR (or --master-addr) to node 0's host name or address, e.g. its headless Service name",
+        )
+    return Check("rendezvous", True, f"node {cfg.node_rank} joins node 0 at {cfg.master_addr}:{cfg.master_port}")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine itself: a 127.x/::1 (or 0.0.0.0) address or `localhost` (no DNS look-up:
+    node 0's name need not resolve before its pod is up)."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
 
 
 def check_shm(p: Preflight) -> Check:
@@ -288,6 +360,7 @@ CHECKS: list[Callable[[Preflight], Check]] = [
     check_deepspeed,
     check_output,
     check_port,
+    check_rendezvous,
     check_shm,
     check_cache,
     check_data,

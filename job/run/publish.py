@@ -11,6 +11,7 @@ from pathlib import Path
 from job.core import checkpoints, run_files
 from job.core.config import RunConfig
 from job.core.errors import EXIT_OK
+from job.core.logs import adopt_library_loggers
 from job.core.metrics_log import read_metrics
 
 log = logging.getLogger("job")
@@ -32,16 +33,20 @@ def publish(
     seconds: float | None = None,
     processes: int | None = None,
 ) -> int:
-    """Export `checkpoint` to OUTPUT/final, write the report and the verdict."""
-    from job.run.report import report_run
+    """Export `checkpoint` to OUTPUT/final with its model card, write the report and the verdict."""
+    from job.run.model_card import render_model_card
+    from job.run.report import report_run, run_figures, run_summary
 
+    adopt_library_loggers()  # also in a launcher that only exports (a rerun): no loading bars, our format
     output = Path(cfg.output_dir)
     state = checkpoints.trainer_state(checkpoint)
+    records = read_metrics(output / run_files.METRICS)
     if final_metrics is None:  # a rerun: the evaluation after the last step, if it was logged
-        rows = [r for r in read_metrics(output / run_files.METRICS) if "eval_loss" in r]
-        rows = [r for r in rows if r.get("step") == state["global_step"]]
+        rows = [r for r in records if "eval_loss" in r and r.get("step") == state["global_step"]]
         final_metrics = rows[-1] if rows else {}
-    final = checkpoints.export_final(checkpoint, output, expected_parameters)
+    figures = run_figures(records, run_summary(state, final_metrics, seconds))
+    card = render_model_card(cfg, figures, expected_parameters, processes)
+    final = checkpoints.export_final(checkpoint, output, expected_parameters, texts={run_files.MODEL_CARD: card})
     before_path = output / run_files.SAMPLES_BEFORE
     before = json.loads(before_path.read_text(encoding="utf-8")) if before_path.exists() else []
     report_run(cfg, state, processes, final, before, final_metrics, seconds)

@@ -19,6 +19,7 @@ from job.core.files import atomic_write_text
 from job.core.metrics_log import number, read_metrics
 from job.core.run_files import LOSS_PNG, METRICS, REPORT, THROUGHPUT_PNG
 from job.core.units import clock, flops_per_token, perplexity
+from job.model.sampling import describe
 
 log = logging.getLogger("job")
 
@@ -46,13 +47,13 @@ def _figure(width: float = 8.0, height: float = 4.5):
 def _tokens_formatter():
     from matplotlib.ticker import FuncFormatter
 
-    def fmt(v, _pos):
+    def label(v, _pos):
         for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
             if abs(v) >= div:
                 return f"{v / div:g}{unit}"
         return f"{v:g}"
 
-    return FuncFormatter(fmt)
+    return FuncFormatter(label)
 
 
 def plot_loss(records: list[dict], path: Path) -> bool:
@@ -141,7 +142,7 @@ def _cell(text: Any) -> str:
     return s.replace("\n", "<br>") if s.strip() else "<i>(empty)</i>"
 
 
-def _fmt(value: Any, digits: int = 4) -> str | None:
+def fmt(value: Any, digits: int = 4) -> str | None:
     v = number(value)
     if v is None:
         return None if value is None else str(value)
@@ -150,7 +151,7 @@ def _fmt(value: Any, digits: int = 4) -> str | None:
     return f"{v:,.{digits}g}" if abs(v) < 1e6 else f"{v:,.0f}"
 
 
-def _duration(seconds: Any) -> str | None:
+def duration(seconds: Any) -> str | None:
     s = number(seconds)
     return None if s is None else f"{clock(s)} ({round(s):,} s)"
 
@@ -196,10 +197,46 @@ def throughput_summary(records: list[dict]) -> dict[str, Any]:
     }
 
 
-def _loss_pair(loss: float | None) -> str | None:
+def loss_pair(loss: float | None) -> str | None:
     if loss is None:
         return None
     return f"{loss:.4f} (perplexity {perplexity(loss):,.2f})"
+
+
+def run_summary(state: dict, final_metrics: dict, seconds: float | None) -> dict[str, Any]:
+    """What the end of a run knows for certain: steps and tokens (the last checkpoint's trainer state), the final
+    held-out loss and the training time."""
+    return {
+        "steps": state["global_step"],
+        "tokens_seen": state.get("num_input_tokens_seen"),
+        "seconds": None if seconds is None else round(seconds, 1),
+        "final_eval_loss": final_metrics.get("eval_loss"),
+    }
+
+
+def run_figures(records: list[dict], summary: dict) -> dict[str, Any]:
+    """The run's headline figures, from `summary` (`run_summary`) where it has them, else from the metrics records:
+    steps, tokens seen, the first and final held-out loss, the first and last logged train loss, seconds.
+    The report and the model card both show these."""
+    evals = [v for r in records if (v := number(r.get("eval_loss"))) is not None]
+    final_eval = number(summary.get("final_eval_loss"))
+    if final_eval is None and evals:
+        final_eval = evals[-1]
+    train_losses = [v for r in records if (v := number(r.get("loss"))) is not None]
+    tokens = summary.get("tokens_seen")
+    if tokens is None:
+        tokens = next((r["tokens_seen"] for r in reversed(records) if number(r.get("tokens_seen")) is not None), None)
+    steps = summary.get("steps")
+    if steps is None:
+        steps = next((r["step"] for r in reversed(records) if number(r.get("step")) is not None), None)
+    return {
+        "steps": steps,
+        "tokens_seen": tokens,
+        "first_eval_loss": evals[0] if evals else None,
+        "final_eval_loss": final_eval,
+        "train_losses": train_losses[:1] + train_losses[-1:],
+        "seconds": summary.get("seconds"),
+    }
 
 
 def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, samples: list[dict]) -> Path:
@@ -209,41 +246,29 @@ def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, 
     records = read_metrics(output_dir / METRICS)
     has_loss = plot_loss(records, output_dir / LOSS_PNG)
     has_tput = plot_throughput(records, output_dir / THROUGHPUT_PNG)
-
-    evals = [v for r in records if (v := number(r.get("eval_loss"))) is not None]
-    first_eval = evals[0] if evals else None
-    final_eval = number(summary.get("final_eval_loss"))
-    if final_eval is None and evals:
-        final_eval = evals[-1]
-    train_losses = [v for r in records if (v := number(r.get("loss"))) is not None]
+    figures = run_figures(records, summary)
     tput = throughput_summary(records)
-    tokens = summary.get("tokens_seen")
-    if tokens is None:
-        tokens = next((r["tokens_seen"] for r in reversed(records) if number(r.get("tokens_seen")) is not None), None)
-    steps = summary.get("steps")
-    if steps is None:
-        steps = next((r["step"] for r in reversed(records) if number(r.get("step")) is not None), None)
 
     lines = ["# Training report", ""]
     if summary.get("final_model"):
         lines += [f"Final model: `{summary['final_model']}`", ""]
     lines += ["## Summary", "", "| | |", "| --- | --- |"]
     rows = [
-        ("duration (training, wall clock)", _duration(summary.get("seconds"))),
-        ("optimizer steps", _fmt(steps)),
-        ("tokens seen (real, non-padding)", _fmt(tokens)),
-        ("held-out eval loss, first", _loss_pair(first_eval)),
-        ("held-out eval loss, final", _loss_pair(final_eval)),
+        ("duration (training, wall clock)", duration(figures["seconds"])),
+        ("optimizer steps", fmt(figures["steps"])),
+        ("tokens seen (real, non-padding)", fmt(figures["tokens_seen"])),
+        ("held-out eval loss, first", loss_pair(figures["first_eval_loss"])),
+        ("held-out eval loss, final", loss_pair(figures["final_eval_loss"])),
         (
             "train loss, first / last logged",
-            " / ".join(f"{v:.4f}" for v in (train_losses[:1] + train_losses[-1:])) if train_losses else None,
+            " / ".join(f"{v:.4f}" for v in figures["train_losses"]) if figures["train_losses"] else None,
         ),
-        ("mean tokens/s (whole job: tokens / training time)", _fmt(tput["tokens_per_s"], 6)),
-        ("median tokens/s of the logging windows", _fmt(tput["tokens_per_s_median"], 6)),
-        ("mean model TFLOP/s per device", _fmt(tput["tflops_per_device"])),
+        ("mean tokens/s (whole job: tokens / training time)", fmt(tput["tokens_per_s"], 6)),
+        ("median tokens/s of the logging windows", fmt(tput["tokens_per_s_median"], 6)),
+        ("mean model TFLOP/s per device", fmt(tput["tflops_per_device"])),
         ("mean MFU (datasheet bf16 peak)", _pct(tput["mfu"])),
-        ("peak memory (GiB)", _fmt(tput["memory_gib"])),
-        ("FLOPs per token (6N + 12·L·d·T)", _fmt(summary.get("flops_per_token"))),
+        ("peak memory (GiB)", fmt(tput["memory_gib"])),
+        ("FLOPs per token (6N + 12·L·d·T)", fmt(summary.get("flops_per_token"))),
     ]
     lines += [f"| {k} | {v} |" for k, v in rows if v is not None]  # only figures that exist
     lines += [
@@ -264,7 +289,12 @@ def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, 
         [f"![tokens/s and MFU against step]({THROUGHPUT_PNG})", ""] if has_tput else ["No throughput was logged.", ""]
     )
 
-    lines += ["## Samples (greedy, before and after training)", ""]
+    lines += [
+        "## Samples before and after training",
+        "",
+        f"Drawn as `python -m job generate` does by default: {describe()}.",
+        "",
+    ]
     if samples:
         lines += ["| prompt | before | after |", "| --- | --- | --- |"]
         lines += [f"| {_cell(s.get('prompt'))} | {_cell(s.get('before'))} | {_cell(s.get('after'))} |" for s in samples]
@@ -296,17 +326,15 @@ def report_run(cfg, state: dict, processes, final: Path, before, final_metrics, 
     import transformers
 
     from job.model.generate import generate, load_for_inference
+    from job.model.sampling import READING_SAMPLES
 
     model, tokenizer = load_for_inference(str(final))
-    after = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, greedy=True)
+    after = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, **READING_SAMPLES)
     by_prompt = {s["prompt"]: s["text"] for s in before}
     samples = [{"prompt": s["prompt"], "before": by_prompt.get(s["prompt"], "n/a"), "after": s["text"]} for s in after]
     eval_loss = final_metrics.get("eval_loss")
     summary = {
-        "steps": state["global_step"],
-        "tokens_seen": state.get("num_input_tokens_seen"),
-        "seconds": None if seconds is None else round(seconds, 1),
-        "final_eval_loss": eval_loss,
+        **run_summary(state, final_metrics, seconds),
         "flops_per_token": flops_per_token(model.config, cfg.max_length),
         "final_model": str(final),
     }

@@ -62,7 +62,8 @@ REFUSED_TRAINING_ARGS = {
     "fsdp": "this job shards with DeepSpeed ZeRO: use --zero-stage 3 (FSDP checkpoints do not resume here)",
     "fsdp_config": "this job shards with DeepSpeed ZeRO: use --zero-stage 3",
     "save_only_model": "a checkpoint without optimizer state cannot resume; the export in final/ is the model alone",
-    "push_to_hub": "publish the verified export after the run with `python -m job push` (the image is offline)",
+    # (it would push intermediate checkpoints, from an image that is offline by default)
+    "push_to_hub": "push the verified export after the run: python -m job push --model OUTPUT/final --repo OWNER/NAME",
     "resume_from_checkpoint": "use --resume (auto, never or a checkpoint folder)",
     "overwrite_output_dir": "the job never overwrites another run: use another --output-dir",
     "logging_dir": "TensorBoard events go to OUTPUT/tensorboard",

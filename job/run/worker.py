@@ -37,6 +37,7 @@ from job.core.errors import (
     stop_at_once,
 )
 from job.core.files import atomic_write_json
+from job.core.logs import adopt_library_loggers, prints_logged
 from job.core.units import flops_per_token
 from job.data.prepare import read_prepared_stats
 from job.data.tokenizer import load_tokenizer
@@ -248,18 +249,20 @@ def build_trainer(
     splits = data if data is not None else read_prepared_stats(cfg.prepared)
     if cfg.eval_fraction > 0 and "eval" not in splits:
         log.warning("the data has no held-out split (too few documents, or prepared without one): no evaluation")
-    # sets up the process group / DeepSpeed state
-    args = training_arguments(cfg, use_cpu=use_cpu, has_eval=cfg.eval_fraction > 0 and "eval" in splits)
-    if load_universal:  # before the Trainer hands the config to accelerate
-        args.hf_deepspeed_config.config.setdefault("checkpoint", {})["load_universal"] = True
-    if args.deepspeed:
-        import deepspeed
+    with prints_logged("deepspeed"):  # DeepSpeed print()s as it builds its ops: into the log's format
+        # sets up the process group / DeepSpeed state
+        args = training_arguments(cfg, use_cpu=use_cpu, has_eval=cfg.eval_fraction > 0 and "eval" in splits)
+        if load_universal:  # before the Trainer hands the config to accelerate
+            args.hf_deepspeed_config.config.setdefault("checkpoint", {})["load_universal"] = True
+        if args.deepspeed:
+            import deepspeed
 
-        # ZeRO-3 partitions weights while they load (zero.Init): DeepSpeed's own comm layer must know the world
-        # by then, or each rank believes it is alone.
-        deepspeed.init_distributed(
-            dist_backend=torch.distributed.get_backend() if torch.distributed.is_initialized() else None
-        )
+            # ZeRO-3 partitions weights while they load (zero.Init): DeepSpeed's own comm layer must know the world
+            # by then, or each rank believes it is alone.
+            deepspeed.init_distributed(
+                dist_backend=torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+            )
+    adopt_library_loggers()  # transformers and DeepSpeed are loaded now: their records in our format
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
     model = build_model(cfg, tokenizer)
@@ -315,9 +318,6 @@ def run_worker(cfg: RunConfig) -> int:
 
 
 def _train(cfg: RunConfig, output: Path) -> int:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # shard-writing bars; our ProgressCallback reports training
     resume = checkpoints.resume_point(cfg.resume, output)
     # written by another number of processes: the launcher made the universal checkpoint beside it
     universal = resume is not None and checkpoints.zero_world_size(resume) not in (
@@ -414,7 +414,8 @@ def _samples_before(cfg: RunConfig, model, tokenizer, rank0: bool, resumed: bool
     if resumed or is_deepspeed_zero3_enabled() or not cfg.prompts:
         return []  # ZeRO-3 partitions the weights: rank 0 alone cannot generate
     from job.model.generate import generate
+    from job.model.sampling import READING_SAMPLES
 
-    samples = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, greedy=True)
+    samples = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, **READING_SAMPLES)
     atomic_write_json(path, samples)
     return samples

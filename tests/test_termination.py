@@ -1,0 +1,144 @@
+"""job.core.termination: the verdict in the container's termination message, from every way `train` ends."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from job import cli as cli_module
+from job.core import run_files, termination
+from job.core.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, JobError, Stopped
+
+
+@pytest.fixture
+def message_file(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "termination-log"
+    monkeypatch.setenv(termination.TERMINATION_LOG_ENV, str(path))
+    return path
+
+
+def _run_folder(root: Path, step: int, final: bool) -> Path:
+    checkpoint = root / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 20}))
+    (checkpoint / "COMPLETE").write_text("{}")
+    if final:
+        (root / "final").mkdir()
+    return checkpoint
+
+
+def test_where_the_message_goes(tmp_path, monkeypatch):
+    assert termination.termination_path({"JOB_TERMINATION_LOG": str(tmp_path / "t")}) == tmp_path / "t"
+    assert termination.termination_path({"JOB_TERMINATION_LOG": ""}) is None  # switched off (the workers)
+    monkeypatch.setattr(termination, "DEFAULT_PATH", tmp_path / "absent")
+    assert termination.termination_path({}) is None  # not in a container: nothing written anywhere
+    present = tmp_path / "termination-log"
+    present.write_text("")
+    monkeypatch.setattr(termination, "DEFAULT_PATH", present)
+    assert termination.termination_path({}) == present
+    monkeypatch.setenv(termination.TERMINATION_LOG_ENV, str(tmp_path))  # a folder: not writable as a file
+    assert termination.record_termination(2, "error: x") is None  # the verdict never fails the job
+
+
+def test_the_message_names_code_meaning_verdict_step_checkpoint_and_model(tmp_path):
+    checkpoint = _run_folder(tmp_path, 12, final=False)
+    text = termination.termination_message(EXIT_PREEMPTED, "stopped by SIGTERM at step 12", tmp_path)
+    assert text.splitlines() == [
+        "exit 75 (preempted: stopped by a signal; the same command resumes)",
+        "stopped by SIGTERM at step 12",
+        "last step: 12",
+        f"checkpoint: {checkpoint}",
+    ]
+    (tmp_path / "final").mkdir()
+    assert termination.termination_message(EXIT_OK, "done", tmp_path).splitlines()[-1] == f"model: {tmp_path / 'final'}"
+    long = termination.termination_message(EXIT_OK, "北京" * 3000)
+    assert len(long.encode()) <= termination.LIMIT_BYTES and long.endswith("...\n")  # the kubelet keeps 4096 bytes
+
+
+def _fake_launch(monkeypatch, output: Path, code: int, message: str | None):
+    def launch(cfg):
+        output.mkdir(parents=True, exist_ok=True)
+        if message is not None:
+            run_files.write_status(output, code, message)
+        return code
+
+    monkeypatch.setattr("job.run.launch.train", launch)
+
+
+@pytest.mark.parametrize(
+    "code, status, first",
+    [
+        (EXIT_OK, "model saved to OUT/final", "exit 0 (success)"),
+        (EXIT_DIVERGED, "loss was not finite for 3 consecutive steps", "exit 3 (diverged"),
+        (EXIT_PREEMPTED, "stopped by SIGTERM at step 12; complete checkpoint", "exit 75 (preempted"),
+        (EXIT_PREEMPTED, None, "exit 75 (preempted"),  # the workers recorded nothing
+    ],
+)
+def test_train_writes_the_verdict_it_exits_with(tmp_path, message_file, monkeypatch, code, status, first):
+    output = tmp_path / "out"
+    _fake_launch(monkeypatch, output, code, status)
+    checkpoint = _run_folder(output, 12, final=code == EXIT_OK)
+    result = CliRunner().invoke(cli_module.cli, ["train", "--output-dir", str(output)])
+    assert result.exit_code == code
+    lines = message_file.read_text().splitlines()
+    assert lines[0].startswith(first) and f"checkpoint: {checkpoint}" in lines and "last step: 12" in lines
+    assert lines[1] == (status or f"train ended with exit code {code}")
+
+
+def test_bad_input_and_a_failed_doctor_write_their_one_line(tmp_path, message_file, monkeypatch, tiny_tokenizer_dir):
+    def refuse(cfg):
+        raise JobError("data path x.jsonl does not exist", "check the path")
+
+    monkeypatch.setattr("job.run.launch.train", refuse)
+    result = CliRunner().invoke(cli_module.cli, ["train", "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert message_file.read_text().splitlines() == [
+        "exit 2 (bad input or configuration: a retry fails the same way until it is fixed)",
+        "error: data path x.jsonl does not exist -- check the path",
+    ]
+    monkeypatch.setenv("PET_NNODES", "1:4")
+    message_file.unlink()
+    args = ["--output-dir", str(tmp_path / "out"), "--data", "x", "--tokenizer", str(tiny_tokenizer_dir)]
+    result = CliRunner().invoke(cli_module.cli, ["doctor", *args])
+    assert result.exit_code == 2
+    lines = message_file.read_text().splitlines()
+    assert lines[0].startswith("exit 2 (bad input") and all(line.startswith("FAIL") for line in lines[1:])
+    assert any("PET_NNODES='1:4'" in line for line in lines) and any(" data " in line for line in lines)
+
+
+def test_a_signal_before_training_and_a_crash_write_theirs(message_file, monkeypatch):
+    def stopped(**kwargs):
+        raise Stopped(signal.SIGTERM)
+
+    monkeypatch.setattr(cli_module, "cli", stopped)
+    with pytest.raises(SystemExit) as e:
+        cli_module.main()
+    assert e.value.code == EXIT_PREEMPTED
+    assert message_file.read_text().splitlines()[1] == (
+        "stopped by SIGTERM before training began -- run the same command again"
+    )
+
+    def crash(**kwargs):
+        raise RuntimeError("NCCL error: unhandled system error\nmore detail")
+
+    monkeypatch.setattr(cli_module, "cli", crash)
+    with pytest.raises(RuntimeError):  # the traceback still reaches the log
+        cli_module.main()
+    assert message_file.read_text().splitlines() == [
+        "exit 1 (crash: see the log; a retry may get past it)",
+        "RuntimeError: NCCL error: unhandled system error",
+    ]
+
+
+def test_a_worker_leaves_the_message_to_its_launcher(message_file, monkeypatch):
+    monkeypatch.setattr("job.run.worker.run_worker", lambda cfg: 0)
+    config = message_file.parent / "run_config.json"
+    config.write_text("{}")
+    CliRunner().invoke(cli_module.cli, ["worker", "--config", str(config)], catch_exceptions=False)
+    assert termination.termination_path() is None
+    termination.record_termination(1, "a worker crashed")
+    assert not message_file.exists()

@@ -42,10 +42,10 @@ def session_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def job_cache(tmp_path, session_cache, monkeypatch):
-    """A cache private to each test: no test sees a prepared entry another test left, whatever the order."""
-    path = tmp_path / "job-cache"
-    path.mkdir()
+def job_cache(tmp_path_factory, session_cache, monkeypatch):
+    """A cache private to each test: no test sees a prepared entry another test left, whatever the order (beside
+    `tmp_path`, which stays the test's own)."""
+    path = tmp_path_factory.mktemp("job-cache")
     (path / "tokenizers").symlink_to(session_cache / "tokenizers")
     monkeypatch.setenv("JOB_CACHE", str(path))
     return path

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from job import cli as cli_module
 from job.core import run_files, termination
 from job.core.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, JobError, Stopped
+from tests.conftest import complete_checkpoint
 
 
 @pytest.fixture
@@ -22,10 +23,7 @@ def message_file(tmp_path, monkeypatch) -> Path:
 
 
 def _run_folder(root: Path, step: int, final: bool) -> Path:
-    checkpoint = root / f"checkpoint-{step}"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 20}))
-    (checkpoint / "COMPLETE").write_text("{}")
+    checkpoint = complete_checkpoint(root, step)
     if final:
         (root / "final").mkdir()
     return checkpoint
@@ -114,7 +112,8 @@ def test_a_signal_before_training_and_a_crash_write_theirs(message_file, monkeyp
     def stopped(**kwargs):
         raise Stopped(signal.SIGTERM)
 
-    monkeypatch.setattr(cli_module, "cli", stopped)
+    monkeypatch.setattr(cli_module, "cli", SimpleNamespace(main=stopped))
+    monkeypatch.setitem(cli_module._INVOKED, "command", "train")  # as the group records it
     with pytest.raises(SystemExit) as e:
         cli_module.main()
     assert e.value.code == EXIT_PREEMPTED
@@ -125,7 +124,7 @@ def test_a_signal_before_training_and_a_crash_write_theirs(message_file, monkeyp
     def crash(**kwargs):
         raise RuntimeError("NCCL error: unhandled system error\nmore detail")
 
-    monkeypatch.setattr(cli_module, "cli", crash)
+    monkeypatch.setattr(cli_module, "cli", SimpleNamespace(main=crash))
     with pytest.raises(RuntimeError):  # the traceback still reaches the log
         cli_module.main()
     assert message_file.read_text().splitlines() == [

@@ -631,11 +631,14 @@ def test_a_killed_launcher_leaves_nothing_training_and_holds_the_folder_until_al
         assert len(tree) >= 3, tree  # torchrun and two ranks (and their DataLoader workers)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    second = subprocess.run(job_command(*args), capture_output=True, text=True, env=_env(), timeout=300)
-    if _alive(tree):  # still shutting down: the folder is theirs
-        assert second.returncode == 2 and "in use by a running job" in second.stderr, second.stderr[-2000:]
+    from job.core.files import FileLock
+
+    lock = FileLock(output / "job.lock")
+    holder = lock.held_elsewhere()  # torchrun inherited the launcher's lock: a second run is refused meanwhile
+    assert holder is not None or not _alive(tree), "the run's processes are alive but the folder is not locked"
     deadline = time.time() + 120
     while _alive(tree) and time.time() < deadline:
         time.sleep(0.5)
     assert _alive(tree) == [], f"left running after the launcher was killed:\n{log_path.read_text()[-3000:]}"
+    assert lock.held_elsewhere() is None  # the last holder is gone: the folder is free again
     assert checkpoints.latest_complete(output) is not None  # they stopped as on a SIGTERM: after a checkpoint

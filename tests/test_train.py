@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,10 +64,33 @@ def trained(tmp_path_factory, tiny_tokenizer_dir):
     ]
     env = {**_env(), "JOB_TERMINATION_LOG": str(root / "termination-log")}
     proc = subprocess.run(
-        [sys.executable, "-m", "job", *args], capture_output=True, text=True, env=env, cwd=root, timeout=900
+        [sys.executable, "-m", "job", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=900,
+        preexec_fn=lambda: os.umask(0o022),  # the usual umask: what the job writes must then be readable by all
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return output, proc
+
+
+def test_everything_the_run_wrote_is_readable_by_other_users(trained):
+    """One permission policy (the umask's): a serving pod or a colleague with another uid reads the export, the
+    checkpoints, the report and the prepared data (libraries write 0600 files and 0700 folders through mkstemp)."""
+    import stat
+
+    output, _ = trained
+    cfg = RunConfig.load(str(output / "run_config.json"))
+    written = [output, *output.rglob("*"), Path(cfg.prepared), *Path(cfg.prepared).rglob("*")]
+    unreadable = [
+        str(p)
+        for p in written
+        if not p.is_symlink() and p.name != "job.lock" and (stat.S_IMODE(p.stat().st_mode) & 0o044) != 0o044
+    ]
+    assert unreadable == [], unreadable[:10]
+    assert stat.S_IMODE((output / "final" / "model.safetensors").stat().st_mode) == 0o644
 
 
 def test_final_folder_reloads_with_stock_transformers(trained):

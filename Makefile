@@ -101,7 +101,7 @@ ENGINE ?= $(or $(notdir $(shell command -v podman 2>/dev/null)),docker)
 # WHEELHOUSE=DIR: wheels from a folder (air-gapped; buildx or podman). PIP_CERT_FILE: a CA bundle for the index,
 # as a build secret (never in a layer). BUILD_NETWORK=host where the engine's own network has no route out.
 # podman: Docker's image format (OCI has no SHELL, which the Dockerfile uses), runc when installed (crun fails
-# on hosts with hybrid cgroups).
+# on hosts with hybrid cgroups). docker: BuildKit (RUN --mount), built in since 18.09, the only builder since 23.
 BUILD_ARG_NAMES := BASE_IMAGE TORCH_INDEX_URL TORCH_CUDA PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_NO_INDEX \
 	WHEELHOUSE_IMAGE
 WHEELHOUSE ?=
@@ -175,7 +175,8 @@ K8S_ALL_COMPONENTS = K8S_BUILD=$(K8S_BUILD)/components K8S_QUEUE=team-a K8S_KUEU
 
 build: ## Build IMAGE:TAG from docker/Dockerfile with ENGINE (podman|docker; BASE_IMAGE=, TORCH_INDEX_URL=, ...)
 	$(CHECK_TAG)
-	$(ENGINE) build -f docker/Dockerfile -t $(IMAGE):$(TAG) $(IMAGE_LABELS) $(BUILD_ARGS) .
+	$(if $(filter docker %/docker,$(ENGINE)),DOCKER_BUILDKIT=1) $(ENGINE) build -f docker/Dockerfile -t $(IMAGE):$(TAG) \
+		$(IMAGE_LABELS) $(BUILD_ARGS) .
 
 image-test: ## Build the CPU image here (local base, torch from WHEELS) and test it in the container (ENGINE=podman|docker)
 	ENGINE=$(if $(filter command line environment,$(origin ENGINE)),$(ENGINE),podman) docker/image-test.sh

@@ -25,7 +25,7 @@ WHEELS=${WHEELS:-/opt/wheels}                # a folder with torch-<TORCH_VERSIO
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 TORCH_VERSION=${TORCH_VERSION:-$(sed -n 's/^ARG TORCH_VERSION=//p' docker/Dockerfile)}
 QUICK_STEPS=${QUICK_STEPS:-40}               # the quickstart training
-STOP_STEPS=${STOP_STEPS:-160}                # the run that is stopped, then resumed
+STOP_STEPS=${STOP_STEPS:-100}                # the run that is stopped, then resumed
 STOP_AFTER_STEP=${STOP_AFTER_STEP:-20}       # stop once metrics.jsonl has logged this step
 RUN_TIMEOUT=${RUN_TIMEOUT:-900}
 BASE=localhost/bloom-zh-base:bookworm
@@ -113,7 +113,7 @@ cert=${PIP_CERT:-}
 [ -n "$cert" ] && [ -s "$cert" ] && secret=(PIP_CERT_FILE="$cert")
 log "building $IMAGE (make build ENGINE=$ENGINE, CPU arguments)"
 build_t=$SECONDS
-make --no-print-directory build ENGINE="$ENGINE" IMAGE="${IMAGE%:*}" TAG="${IMAGE##*:}" BASE_IMAGE="$BASE" \
+make --no-print-directory build ENGINE="${ENG[0]}" IMAGE="${IMAGE%:*}" TAG="${IMAGE##*:}" BASE_IMAGE="$BASE" \
   TORCH_INDEX_URL= TORCH_CUDA=no WHEELHOUSE_IMAGE="$WHEELHOUSE" BUILD_NETWORK=host "${secret[@]}" \
   BUILD_OPTS="${ULIMITS[*]}" >&2
 build_s=$((SECONDS - build_t))
@@ -181,11 +181,11 @@ ckpt=$(complete_checkpoints "$WORK/output/stop" | tail -1)
 stop_step=$(step_of "$ckpt")
 [ "${stop_step:-0}" -gt 0 ] && [ "$stop_step" -lt "$STOP_STEPS" ] || die "checkpoint at step '$stop_step' is not mid-run"
 log "complete checkpoint $(basename "$ckpt") (step $stop_step)"
-rc=$(run resume "${stop[@]}"); expect resume "$rc" 0 "done:"
+resume_rc=$(run resume "${stop[@]}"); expect resume "$resume_rc" 0 "done:"
 grep -qE "resum.*$(basename "$ckpt")" "$WORK/resume.log" || die "the rerun did not resume from $(basename "$ckpt")"
 resume_step=$(step_of "$(complete_checkpoints "$WORK/output/stop" | tail -1)")
 [ "$resume_step" = "$STOP_STEPS" ] || die "the resumed run ended at step '$resume_step', not $STOP_STEPS"
-rc=$(run rerun "${stop[@]}"); expect rerun "$rc" 0 "nothing to do"
+rerun_rc=$(run rerun "${stop[@]}"); expect rerun "$rerun_rc" 0 "nothing to do"
 rerun_step=$(step_of "$(complete_checkpoints "$WORK/output/stop" | tail -1)")
 [ "$rerun_step" = "$STOP_STEPS" ] || die "the third run moved the last checkpoint to step $rerun_step"
 
@@ -199,14 +199,14 @@ timeout "$RUN_TIMEOUT" "${ENG[@]}" run --rm --network none --read-only --user 20
   > "$WORK/smoke-other-uid.log" 2>&1 || other_rc=$?
 
 python3 - "$build_s" "$size" "$quick_step" "$train_s" "$stop_rc" "$stop_step" "$resume_step" "$rerun_step" \
-  "$n_unreadable" "$other_rc" "$((SECONDS - t0))" "$ENGINE" "$IMAGE" <<'EOF'
+  "$n_unreadable" "$other_rc" "$((SECONDS - t0))" "$ENGINE" "$IMAGE" "$resume_rc" "$rerun_rc" <<'EOF'
 import json, sys
 a = sys.argv[1:]
 print(json.dumps({
     "image": a[12], "engine": a[11], "build_s": int(a[0]), "image_mb": round(int(a[1]) / 1e6),
     "quickstart_steps": int(a[2]), "quickstart_train_s": int(a[3]), "network": "none", "read_only_root": True,
     "user": "1000:1000", "stop_exit": int(a[4]), "checkpoint_step_at_stop": int(a[5]),
-    "resume_exit": 0, "resumed_to_step": int(a[6]), "rerun_exit": 0, "rerun_step": int(a[7]),
+    "resume_exit": int(a[13]), "resumed_to_step": int(a[6]), "rerun_exit": int(a[14]), "rerun_step": int(a[7]),
     "unreadable_by_other_uid": int(a[8]), "smoke_other_uid_exit": int(a[9]), "total_s": int(a[10]),
 }))
 EOF

@@ -33,7 +33,7 @@ train-flags = --config $(RECIPE) --output-dir $(1) $(or $(if $(MODEL),--model $(
 	$(if $(ZERO),--zero-stage $(ZERO)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(ARGS)
 
 .PHONY: help setup train smoke test lint bench bench-gpu
-.PHONY: build push image-test docker-train docker-smoke k8s-overlays k8s-render k8s-validate k8s-pvcs k8s-prepare \
+.PHONY: build push docker-train docker-smoke k8s-overlays k8s-render k8s-validate k8s-pvcs k8s-prepare \
 	k8s-submit k8s-multinode k8s-trainjob k8s-logs k8s-delete
 
 help: ## List the targets
@@ -178,6 +178,7 @@ build: ## Build IMAGE:TAG from docker/Dockerfile with ENGINE (podman|docker; BAS
 	$(if $(filter docker %/docker,$(ENGINE)),DOCKER_BUILDKIT=1) $(ENGINE) build -f docker/Dockerfile -t $(IMAGE):$(TAG) \
 		$(IMAGE_LABELS) $(BUILD_ARGS) .
 
+.PHONY: image-test
 image-test: ## Build the CPU image here (local base, torch from WHEELS) and test it in the container (ENGINE=podman|docker)
 	ENGINE=$(if $(filter command line environment,$(origin ENGINE)),$(ENGINE),podman) docker/image-test.sh
 

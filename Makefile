@@ -5,7 +5,14 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-TORCH_VERSION ?= 2.13.0
+# torch's version is set once, in docker/Dockerfile (ARG TORCH_VERSION), and read from there.
+TORCH_VERSION ?= $(shell sed -n 's/^ARG TORCH_VERSION=//p' docker/Dockerfile)
+# Without a GPU, torch's CPU build (+cpu, about 200 MB) from PyTorch's CPU index: PyPI's Linux torch is a CUDA
+# build (2.7 GB with its nvidia-* wheels). An extra index, so a local wheel (pip's find-links) satisfies the pin
+# as well, and an unreachable index is only a warning. macOS wheels carry no +cpu: PyPI's build is the CPU one.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PIN = $(if $(HAS_GPU)$(filter-out Linux,$(shell uname -s)),torch==$(TORCH_VERSION),\
+	--extra-index-url $(TORCH_CPU_INDEX) torch==$(TORCH_VERSION)+cpu)
 # Set-up is redone only when one of these changes.
 SETUP_STAMP := $(VENV)/.setup-$(shell cat requirements.txt requirements-dev.txt constraints.txt 2>/dev/null | cksum | cut -d' ' -f1)
 
@@ -37,8 +44,8 @@ setup: $(SETUP_STAMP) ## Make .venv with the pinned dependencies (idempotent)
 $(SETUP_STAMP): requirements.txt requirements-dev.txt constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@# A bare `torch` requirement would pull a multi-GB CUDA build: pin it, first.
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	@# A bare `torch` requirement would pull a multi-GB CUDA build: pin it, first (TORCH_PIN, below).
+	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -c constraints.txt -r requirements.txt -r requirements-dev.txt
 	@rm -f $(VENV)/.setup-*; touch $@
 
@@ -82,13 +89,35 @@ test-fast: setup ## The unit tests only, for your own loop (under two minutes; n
 
 # ------------------------------------------------------------------ container image and Kubernetes
 # k8s/README.md explains these. IMAGE:TAG names the image for build, push, docker-* and k8s-*; it is never `latest`.
-# IMAGE defaults to what .github/workflows/release.yml publishes (ghcr.io/<owner>/<repo>), and every k8s/ manifest
-# names it; TAG to `git describe` (a release tag vX.Y.Z is published as X.Y.Z).
-IMAGE ?= ghcr.io/bloom-zh/bloom-zh-job
-TAG ?= $(shell git describe --tags --always --dirty 2>/dev/null || sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-BASE_IMAGE ?=
-PIP_INDEX_URL ?=
+# IMAGE: the one name, set in k8s/components/image/kustomization.yaml (newName), which every k8s/ kustomization
+# includes; .github/workflows/release.yml publishes ghcr.io/<owner>/<repo> and warns when the two differ.
+# TAG: the tag scheme of the release workflow, and nothing else, so `make k8s-submit` never names an image that
+# was not published: a commit tagged vX.Y.Z -> X.Y.Z (the workflow also publishes X.Y), any other commit ->
+# sha-<first 7 hex digits> (published for every push to main; the workflow also moves `main` to it).
+IMAGE ?= $(shell sed -n 's/^ *newName: *//p' k8s/components/image/kustomization.yaml)
+TAG ?= $(shell v=$$(git describe --tags --exact-match --match 'v[0-9]*' 2>/dev/null) && echo "$${v#v}" || \
+	{ s=$$(git rev-parse HEAD 2>/dev/null) && echo "sha-$${s:0:7}"; } || sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# The engine of build and push: podman or docker, whichever is installed (podman first).
+ENGINE ?= $(or $(notdir $(shell command -v podman 2>/dev/null)),docker)
+# Build arguments of docker/Dockerfile, passed only when set here (TORCH_INDEX_URL= empty means: torch from the
+# wheelhouse): BASE_IMAGE, TORCH_INDEX_URL, TORCH_CUDA (required|no), PIP_INDEX_URL (a mirror), WHEELHOUSE_IMAGE.
+# WHEELHOUSE=DIR: wheels from a folder (air-gapped; buildx or podman). PIP_CERT_FILE: a CA bundle for the index,
+# as a build secret (never in a layer). BUILD_NETWORK=host where the engine's own network has no route out.
+# podman: Docker's image format (OCI has no SHELL, which the Dockerfile uses), runc when installed (crun fails
+# on hosts with hybrid cgroups). docker: BuildKit (RUN --mount), built in since 18.09, the only builder since 23.
+BUILD_ARG_NAMES := BASE_IMAGE TORCH_INDEX_URL TORCH_CUDA PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_NO_INDEX \
+	WHEELHOUSE_IMAGE
 WHEELHOUSE ?=
+PIP_CERT_FILE ?=
+BUILD_NETWORK ?=
+BUILD_OPTS ?=
+comma := ,
+BUILD_ARGS = $(foreach v,$(BUILD_ARG_NAMES),$(if $(filter-out undefined,$(origin $(v))),--build-arg $(v)=$($(v)))) \
+	$(if $(WHEELHOUSE),--build-context wheelhouse=$(WHEELHOUSE)) \
+	$(if $(PIP_CERT_FILE),--secret id=pip-cert$(comma)src=$(PIP_CERT_FILE)) \
+	$(if $(BUILD_NETWORK),--network $(BUILD_NETWORK)) \
+	$(if $(filter podman,$(ENGINE)),--format docker $(if $(shell command -v runc 2>/dev/null),--runtime runc)) $(BUILD_OPTS)
+# The GPU runs of the image (docker-train, docker-smoke) need Docker with the NVIDIA Container Toolkit.
 DOCKER ?= docker
 CHECK_TAG = @if [ -z "$(TAG)" ] || [ "$(TAG)" = latest ]; then echo "TAG='$(TAG)': name a version, never latest" >&2; exit 2; fi
 # OCI labels of the image (the release workflow passes the same from its checkout).
@@ -106,7 +135,7 @@ DOCKER_GPUS ?= all
 SHM_SIZE ?= 16g
 DOCKER_USER ?= $(shell id -u):$(shell id -g)
 DOCKER_RUN = $(DOCKER) run --rm --gpus $(DOCKER_GPUS) --shm-size $(SHM_SIZE) --ulimit memlock=-1 \
-	--stop-timeout 900 --user $(DOCKER_USER) -e HOME=/cache/home \
+	--stop-timeout 900 --user $(DOCKER_USER) \
 	$(if $(MODEL_DIR),-v $(abspath $(MODEL_DIR)):/models:ro) $(if $(DATA_DIR),-v $(abspath $(DATA_DIR)):/data:ro) \
 	-v $(abspath $(OUTPUT_DIR)):/output -v $(abspath $(CACHE_DIR)):/cache
 
@@ -147,15 +176,18 @@ K8S_RENDERED = $(foreach o,$(K8S_OVERLAYS),$(K8S_BUILD)/$(o).yaml)
 K8S_ALL_COMPONENTS = K8S_BUILD=$(K8S_BUILD)/components K8S_QUEUE=team-a K8S_KUEUE_PRIORITY=high \
 	K8S_PRIORITY_CLASS=training K8S_GPU_PRODUCT=NVIDIA-H100-80GB-HBM3 K8S_TOLERATE=dedicated
 
-build: ## Build IMAGE:TAG from docker/Dockerfile (BASE_IMAGE=, PIP_INDEX_URL= a mirror, WHEELHOUSE= air-gapped)
+build: ## Build IMAGE:TAG from docker/Dockerfile with ENGINE (podman|docker; BASE_IMAGE=, TORCH_INDEX_URL=, ...)
 	$(CHECK_TAG)
-	$(DOCKER) build -f docker/Dockerfile -t $(IMAGE):$(TAG) $(IMAGE_LABELS) \
-		$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) $(if $(PIP_INDEX_URL),--build-arg PIP_INDEX_URL=$(PIP_INDEX_URL)) \
-		$(if $(WHEELHOUSE),--build-context wheelhouse=$(WHEELHOUSE)) .
+	$(if $(filter docker %/docker,$(ENGINE)),DOCKER_BUILDKIT=1) $(ENGINE) build -f docker/Dockerfile -t $(IMAGE):$(TAG) \
+		$(IMAGE_LABELS) $(BUILD_ARGS) .
 
-push: ## Push IMAGE:TAG to its registry (after make build)
+.PHONY: image-test
+image-test: ## Build the CPU image here (local base, torch from WHEELS) and test it in the container (ENGINE=podman|docker)
+	ENGINE=$(if $(filter command line environment,$(origin ENGINE)),$(ENGINE),podman) docker/image-test.sh
+
+push: ## Push IMAGE:TAG to its registry with ENGINE (after make build)
 	$(CHECK_TAG)
-	$(DOCKER) push $(IMAGE):$(TAG)
+	$(ENGINE) push $(IMAGE):$(TAG)
 
 docker-train: ## Train in the image on this machine's GPUs (MODEL_DIR, DATA_DIR, OUTPUT_DIR, CACHE_DIR + make train's flags)
 	$(CHECK_TAG)

@@ -18,7 +18,11 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_IMAGE = "ghcr.io/bloom-zh/bloom-zh-job"  # the name in every k8s/ manifest (the release workflow's)
+# The image: the manifests name PLACEHOLDER, and k8s/components/image (included by every kustomization of k8s/)
+# sets the published name and tag, so an overlay renames both the placeholder (a plain manifest such as the
+# prepare Job) and the name that component gives.
+PLACEHOLDER = "bloom-zh-job"
+IMAGE_COMPONENT = Path(__file__).resolve().parent / "components" / "image" / "kustomization.yaml"
 SETTINGS = "bloom-zh-settings"
 # A setting that switches on a component of k8s/components/ (which reads the setting's value).
 COMPONENTS = {
@@ -31,11 +35,21 @@ COMPONENTS = {
 COMPONENTS_DIR = Path(__file__).resolve().parent / "components"
 
 
+def published_name() -> str:
+    """The image name k8s/components/image sets (its `newName:` line; the Makefile's IMAGE reads the same)."""
+    for line in IMAGE_COMPONENT.read_text().splitlines():
+        key, _, value = line.strip().partition(":")
+        if key == "newName":
+            return value.strip().strip('"')
+    raise SystemExit(f"{IMAGE_COMPONENT}: no newName")
+
+
 def overlay(out: Path, base: Path, image: str, transformers: list[Path], settings: dict[str, str]) -> dict:
     def rel(path: Path) -> str:  # kustomize takes no absolute paths
         return os.path.relpath(path.resolve(), out.resolve())
 
     name, _, tag = image.rpartition(":")
+    names = dict.fromkeys([PLACEHOLDER, published_name()])
     literals = [f"{k}={v}" for k, v in settings.items() if v]
     generator: dict = {"name": SETTINGS, "literals": literals}
     if base.is_file():  # a plain manifest (the prepare Job) has no settings to merge into
@@ -49,7 +63,7 @@ def overlay(out: Path, base: Path, image: str, transformers: list[Path], setting
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "resources": [rel(base)],
-        "images": [{"name": DEFAULT_IMAGE, "newName": name, "newTag": tag}],
+        "images": [{"name": n, "newName": name, "newTag": tag} for n in names],
         "configMapGenerator": [generator] if literals else [],
         "components": [rel(COMPONENTS_DIR / COMPONENTS[k]) for k, v in settings.items() if v and k in COMPONENTS],
         "transformers": [rel(t) for t in transformers],

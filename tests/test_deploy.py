@@ -8,7 +8,11 @@ kustomize) for properties, not for their exact text:
   and environment, to as many processes per node as it has GPUs and as many nodes as the workload has pods; the
   rendezvous address names pod 0; /dev/shm is in memory; the grace period holds --shutdown-timeout-s plus a step;
   the failure policies use job/errors.py's exit codes; make's settings and components reach the fields they set;
-- the image: hadolint clean, base pinned by digest, an init as PID 1 in front of the CLI, the OCI labels.
+- the image: hadolint clean, base pinned by digest, an init as PID 1 in front of the CLI, the OCI labels;
+- every deployment fact written once: the image name (k8s/components/image), its tag scheme (the release
+  workflow's, which make's TAG follows), torch's version (docker/Dockerfile), the container's environment (the
+  Dockerfile's ENV, never repeated in a manifest), the CLI's defaults (never repeated as flags).
+The image itself is built and run by `make image-test` (docker/image-test.sh), not here.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ BIN = Path(sys.executable).parent
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 K8S = REPO / "k8s"
 KUSTOMIZATIONS = [K8S, K8S / "jobset", K8S / "indexed", K8S / "trainjob"]
+IMAGE_COMPONENT = K8S / "components" / "image" / "kustomization.yaml"
+PLACEHOLDER = "bloom-zh-job"  # the image the manifests name; k8s/components/image sets the real one
+RELEASE = REPO / ".github" / "workflows" / "release.yml"
 CLI = ["python", "-m", "job"]
 UID = 1000
 GRACE_MARGIN_S = 60  # one h100 optimizer step and the exit, after --shutdown-timeout-s allowed for the save
@@ -323,7 +330,7 @@ def test_volumes_claims_and_shm(rendered):
                     mounted |= {m["name"] for m in c["volumeMounts"]}
                     shm = mounts["/dev/shm"]["emptyDir"]
                     assert shm["medium"] == "Memory" and shm["sizeLimit"], name
-                    env = env_of(c)
+                    env = image_env() | env_of(c)  # the image's ENV, then the pod's
                     for var in ("HF_HOME", "JOB_CACHE"):
                         assert any(env[var].startswith(p + "/") for p in mounts), f"{name}: {var} not on a volume"
                     assert env["HF_HUB_OFFLINE"] == env["HF_DATASETS_OFFLINE"] == "1"
@@ -439,9 +446,16 @@ def test_make_settings_reach_every_field_they_size(rendered):
             assert train["resources"]["requests"]["memory"] == train["resources"]["limits"]["memory"] == memory
             if name != "make train":
                 assert job["completions"] == int(MAKE_SETTINGS["NNODES"]), name
-    # Without settings, kustomize gives exactly the plain files (the image tag aside).
+    # Without settings, kustomize gives exactly the plain files (the image aside).
     for root, file in ((K8S, "job.yaml"), (K8S / "jobset", "jobset.yaml"), (K8S / "trainjob", "trainjob.yaml")):
-        assert workloads(kustomize(root)) == workloads(load_docs((root / file).read_text())), root
+        assert without_images(workloads(kustomize(root))) == without_images(
+            workloads(load_docs((root / file).read_text()))
+        ), root
+
+
+def without_images(docs: list[dict]) -> list[dict]:
+    text = json.dumps(docs)
+    return json.loads(re.sub(r'"image": "[^"]*"', '"image": "-"', text))
 
 
 def test_make_components_queue_and_place_the_workloads(rendered):
@@ -466,13 +480,21 @@ def test_make_components_queue_and_place_the_workloads(rendered):
                 assert "nvidia.com/gpu" in keys and (MAKE_SETTINGS["K8S_TOLERATE"] in keys) == on, name
 
 
+def image_component() -> dict:
+    (entry,) = yaml.safe_load(IMAGE_COMPONENT.read_text())["images"]
+    return entry
+
+
 def test_the_manifests_name_the_published_image(rendered):
-    """The image the release workflow publishes (ghcr.io/<owner>/<repo>, the Makefile's IMAGE), pinned to a
-    version, in every file; make's IMAGE:TAG in every rendering."""
+    """One place names the image: k8s/components/image, which every kustomization includes and the Makefile's
+    IMAGE reads; the manifests name only the placeholder. Kustomize renders the published name and a version,
+    make's IMAGE:TAG in every rendering."""
+    entry = image_component()
+    assert entry["name"] == PLACEHOLDER and entry["newName"] == PUBLISHED_IMAGE
     assert re.fullmatch(r"ghcr\.io/[a-z0-9-]+/[a-z0-9-]+", PUBLISHED_IMAGE)
-    release = yaml.safe_load((REPO / ".github" / "workflows" / "release.yml").read_text())
-    steps = [s for job in release["jobs"].values() for s in job["steps"]]
+    steps = [s for job in yaml.safe_load(RELEASE.read_text())["jobs"].values() for s in job["steps"]]
     assert any("ghcr.io/${GITHUB_REPOSITORY,,}" in s.get("run", "") for s in steps)
+    assert any(IMAGE_COMPONENT.relative_to(REPO).as_posix() in s.get("run", "") for s in steps)
     images = {}
     for name, docs in rendered.items():
         for w in workloads(docs):
@@ -481,13 +503,148 @@ def test_the_manifests_name_the_published_image(rendered):
     for name, found in images.items():
         if name.startswith("make"):
             assert found == {f"{MAKE_SETTINGS['IMAGE']}:{MAKE_SETTINGS['TAG']}"}, name
+        elif name.startswith("kustomize"):
+            assert found == {f"{PUBLISHED_IMAGE}:{entry['newTag']}"}, name
         else:
-            (image,) = found
-            repository, _, tag = image.rpartition(":")
-            assert repository == PUBLISHED_IMAGE and tag and tag != "latest", (name, image)
+            assert found == {PLACEHOLDER}, f"{name} names {found}: only the placeholder, the component sets it"
     for root in KUSTOMIZATIONS:
-        (entry,) = yaml.safe_load((root / "kustomization.yaml").read_text())["images"]
-        assert entry["name"] == entry["newName"] == PUBLISHED_IMAGE, root
+        kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
+        assert "images" not in kustomization, root
+        included = {(root / c).resolve() for c in kustomization["components"]}
+        assert IMAGE_COMPONENT.parent.resolve() in included, root
+
+
+def tracked_files() -> list[Path]:
+    return [REPO / f for f in run(["git", "ls-files"]).stdout.split()]
+
+
+def test_the_image_name_is_written_once():
+    """Outside the docs, the published name appears in k8s/components/image alone."""
+    for path in tracked_files():
+        if path.suffix != ".md" and path != IMAGE_COMPONENT and path.is_file():
+            assert PUBLISHED_IMAGE not in path.read_text(errors="replace"), path
+
+
+# ----------------------------------------------------------------------------------------- tag scheme
+def released_tags(commit: str, git_tags: list[str], branch: str | None = "main") -> set[str]:
+    """The tags .github/workflows/release.yml publishes for a commit, from its docker/metadata-action rules."""
+    release = yaml.safe_load(RELEASE.read_text())
+    triggers = release.get("on", release.get(True))
+    assert "paths-ignore" not in triggers["push"] and "paths" not in triggers["push"], "a commit of main unpublished"
+    (meta,) = [s for j in release["jobs"].values() for s in j["steps"] if "metadata-action" in s.get("uses", "")]
+    assert "latest=false" in meta["with"]["flavor"]
+    published = set()
+    for rule in meta["with"]["tags"].split():
+        kind, *params = rule.split(",")
+        params = dict(p.split("=", 1) for p in params)
+        kind = kind.removeprefix("type=")
+        if kind == "sha":
+            assert params.get("format", "short") == "short"
+            published.add(params.get("prefix", "sha-") + commit[:7])
+        elif kind == "ref" and params["event"] == "branch" and branch in triggers["push"]["branches"]:
+            published.add(branch)
+        elif kind == "semver":
+            for tag in git_tags:
+                m = re.fullmatch(r"v(\d+)\.(\d+)\.(\d+)", tag)
+                if m:
+                    major, minor, patch = m.groups()
+                    published.add(
+                        params["pattern"]
+                        .replace("{{version}}", f"{major}.{minor}.{patch}")
+                        .replace("{{major}}", major)
+                        .replace("{{minor}}", minor)
+                    )
+        else:
+            raise AssertionError(f"unknown metadata-action rule {rule}")
+    return published
+
+
+def test_make_renders_a_tag_the_release_publishes_for_this_commit(tmp_path):
+    """`make k8s-render` with no IMAGE or TAG (what `make k8s-submit` applies) names IMAGE:TAG, and TAG is one
+    of the tags the release workflow publishes for HEAD (were HEAD pushed to main)."""
+    commit = run(["git", "rev-parse", "HEAD"]).stdout.strip()
+    tags = run(["git", "tag", "--points-at", "HEAD"]).stdout.split()
+    published = released_tags(commit, tags)
+    tag = make_var("TAG")
+    assert tag in published, (tag, published)
+    out = run(["make", "-s", "k8s-render", f"K8S_BUILD={tmp_path}"])
+    assert out.returncode == 0, out.stderr
+    for name in make_var("K8S_OVERLAYS").split():
+        for w in workloads(load_docs((tmp_path / f"{name}.yaml").read_text())):
+            for spec, _ in pods(w):
+                assert {c["image"] for c in containers(spec)} == {f"{PUBLISHED_IMAGE}:{tag}"}, name
+
+
+@pytest.mark.parametrize("git_tag", [None, "v1.2.3"])
+def test_make_tag_follows_the_release_scheme(tmp_path, git_tag):
+    """In a fresh repository: sha-<7> for an untagged commit, X.Y.Z for one tagged vX.Y.Z."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"]
+    assert run(["git", "init", "-q"], cwd=tmp_path).returncode == 0
+    assert run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=tmp_path).returncode == 0
+    if git_tag:
+        assert run([*git, "tag", git_tag], cwd=tmp_path).returncode == 0
+    commit = run(["git", "rev-parse", "HEAD"], cwd=tmp_path).stdout.strip()
+    out = run(
+        ["make", "-s", "-f", str(REPO / "Makefile"), "--eval", "print-var: ; @echo $(TAG)", "print-var"],
+        cwd=tmp_path,
+    )
+    tag = out.stdout.strip()
+    assert tag == (git_tag[1:] if git_tag else f"sha-{commit[:7]}")
+    assert tag in released_tags(commit, [git_tag] if git_tag else [])
+
+
+def test_the_manifests_default_tag_is_a_release():
+    """`kubectl apply -k k8s` without make: the component's tag is the version the release tag v<version> of
+    pyproject.toml publishes."""
+    version = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    assert image_component()["newTag"] == version
+    assert version in released_tags("0" * 40, [f"v{version}"])
+
+
+# --------------------------------------------------------------------------- facts written once
+def image_env() -> dict[str, str]:
+    """The environment docker/Dockerfile sets (ENV), what every container of the image starts with."""
+    env = " ".join(v for k, v in instructions(DOCKERFILE.read_text()) if k == "ENV")
+    return {k: v.strip('"') for k, v in re.findall(r"(\w+)=(\"[^\"]*\"|\S+)", env)}
+
+
+def test_the_manifests_do_not_repeat_the_image_environment_or_the_cli_defaults(rendered):
+    """The container's environment is the image's (set once, in the Dockerfile); a flag that passes the CLI's
+    default is a second copy of it. `--resume auto` is the exception: a retried pod must resume whatever the
+    default becomes."""
+    from job.cli import cli
+
+    baked = set(image_env())
+    for name, docs in rendered.items():
+        for w in workloads(docs):
+            for spec, _ in pods(w):
+                for c in containers(spec):
+                    assert not baked & {e["name"] for e in c.get("env", [])}, f"{name}: repeats the image's ENV"
+                    sub, *words = argv(c)
+                    defaults = {p.opts[0]: p.default for p in cli.commands[sub].params if p.opts}
+                    for flag, value in zip(words, [*words[1:], None], strict=True):
+                        if flag in defaults and flag != "--resume" and value == str(defaults[flag]):
+                            raise AssertionError(f"{name}: {flag} {value} is the CLI's default")
+
+
+def test_torch_version_is_written_once():
+    """docker/Dockerfile's ARG TORCH_VERSION; the Makefile reads it (make setup's pin)."""
+    (version,) = [v.split("=", 1)[1] for k, v in instructions(DOCKERFILE.read_text()) if v.startswith("TORCH_VERSION=")]
+    assert make_var("TORCH_VERSION") == version
+    for path in (REPO / "Makefile", REPO / ".github", K8S, REPO / "README.md", REPO / ".ci"):
+        for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+            assert version not in f.read_text(errors="replace"), f
+
+
+def test_make_setup_installs_the_cpu_torch_without_a_gpu():
+    """No GPU: torch's +cpu build from PyTorch's CPU index as an extra index (a local wheel still satisfies the
+    pin, an unreachable index does not fail); a GPU: PyPI's (CUDA) build of the same version."""
+    version = make_var("TORCH_VERSION")
+    cpu = make_dry("-B", "setup", "HAS_GPU=")
+    gpu = make_dry("-B", "setup", "HAS_GPU=1")
+    if run(["uname", "-s"]).stdout.strip() == "Linux":
+        assert f"--extra-index-url https://download.pytorch.org/whl/cpu torch=={version}+cpu" in cpu
+    assert f"pip install -q torch=={version}\n" in gpu and "download.pytorch.org" not in gpu
 
 
 def test_pods_run_as_the_image_user_without_privileges(rendered):
@@ -502,6 +659,11 @@ def test_pods_run_as_the_image_user_without_privileges(rendered):
                 for c in containers(spec):
                     csc = c["securityContext"]
                     assert csc["allowPrivilegeEscalation"] is False and csc["capabilities"]["drop"] == ["ALL"]
+                    # The root filesystem read-only, as `make image-test` runs the image; scratch space on /tmp.
+                    assert csc["readOnlyRootFilesystem"] is True, name
+                    volumes = {v["name"]: v for v in spec["volumes"]}
+                    (tmp,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
+                    assert "emptyDir" in volumes[tmp["name"]], name
                     assert not csc.get("privileged") and "runAsUser" not in csc
                     requests, limits = c["resources"]["requests"], c["resources"]["limits"]
                     assert requests["cpu"] == limits["cpu"] and requests["memory"] == limits["memory"], name
@@ -522,8 +684,8 @@ def dockerfile_problems(text: str) -> list[str]:
     args = dict(v.split("=", 1) for k, v in ins if k == "ARG" and "=" in v)
     stages = [v.split()[0] for k, v in ins if k == "FROM"]
     base = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), ""), stages[-1])
-    if not re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-(devel|runtime)@sha256:[0-9a-f]{64}", base):
-        problems.append(f"base image {base!r} is not a pytorch/pytorch CUDA tag pinned by digest")
+    if not re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", base):
+        problems.append(f"base image {base!r} is not a tag pinned by digest")
     users = [v.strip() for k, v in ins if k == "USER"]
     if not users:
         problems.append("no USER: the image runs as root")
@@ -539,8 +701,6 @@ def test_dockerfile_is_hadolint_clean_and_pinned():
     out = run([tool("hadolint"), str(DOCKERFILE)])
     assert out.returncode == 0, out.stdout + out.stderr
     assert dockerfile_problems(DOCKERFILE.read_text()) == []
-    base = next(v.split("=", 1)[1] for k, v in instructions(DOCKERFILE.read_text()) if v.startswith("BASE_IMAGE="))
-    assert base.startswith(f"pytorch/pytorch:{make_var('TORCH_VERSION')}-cuda"), base  # the torch of make setup
 
 
 def test_dockerfile_contract():
@@ -555,10 +715,16 @@ def test_dockerfile_contract():
     assert env["HF_HUB_OFFLINE"] == env["HF_DATASETS_OFFLINE"] == env["PYTHONUNBUFFERED"] == "1"
     assert env["JOB_CACHE"] == "/cache/job" and env["HF_HOME"].startswith("/cache/")
     assert set(json.loads(get("VOLUME")[-1])) == {"/data", "/models", "/output", "/cache"}
-    # The base image's CUDA torch stays: nothing pins another torch, and the installed one is a constraint.
+    # torch: TORCH_VERSION from TORCH_INDEX_URL (default: a CUDA index, and a CUDA build is required), installed
+    # first; nothing else names torch, and the installed build is a constraint of the rest.
     for name in ("requirements.txt", "constraints.txt"):
         assert not re.search(r"^torch\b", (REPO / name).read_text(), re.M), f"{name} names torch"
+    args = dict(v.split("=", 1) for v in get("ARG") if "=" in v)
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", args["TORCH_INDEX_URL"])
+    assert args["TORCH_CUDA"] == "required"
+    assert env["VIRTUAL_ENV"] == "/opt/venv" and env["PATH"].startswith("/opt/venv/bin:")
     install = next(v for v in get("RUN") if "pip install" in v)
+    assert "torch==${TORCH_VERSION}" in install and "TORCH_CUDA" in install
     assert "-c constraints.txt" in install and "torch-pin" in install and "-r requirements.txt" in install
     assert entrypoint[0] in install  # the init comes from the same (mirrorable) index as the rest
     # A mirror and a wheelhouse for air-gapped builds; OCI labels from build arguments.
@@ -710,3 +876,54 @@ def test_the_gpu_workflow_waits_for_no_runner_that_does_not_exist():
     for job in gpu["jobs"].values():
         if "self-hosted" in job["runs-on"] and set(triggers) - {"workflow_dispatch"}:
             assert "workflow_dispatch" in job["if"] and "vars." in job["if"], job.get("if")
+
+
+# ------------------------------------------------------------------------------------------ image test
+IMAGE_TEST = REPO / "docker" / "image-test.sh"
+
+
+def test_ci_builds_and_runs_the_image_after_the_tests():
+    """.ci/run: make lint, make test, then make image-test (the image built from docker/Dockerfile, then run)."""
+    steps = re.findall(r"\bmake ([a-z-]+)", (REPO / ".ci" / "run").read_text())
+    assert steps.index("image-test") > steps.index("test") > steps.index("lint"), steps
+    assert "docker/image-test.sh" in make_dry("image-test")
+    assert run(["bash", "-n", str(IMAGE_TEST)]).returncode == 0
+
+
+def test_image_test_runs_the_image_as_a_cluster_would():
+    """What docker/image-test.sh promises, in its text: the project's Dockerfile through `make build`, and every
+    run as uid 1000, read-only, without network, with the image's volumes from host folders."""
+    text = IMAGE_TEST.read_text()
+    assert "make --no-print-directory build" in text and "TORCH_CUDA=no" in text
+    run_opts = re.search(r"run_opts=\((.*?)\)\n", text, re.S).group(1)
+    for needle in ("--network none", "--read-only", "--user 1000:1000", "/output", "/cache", "/data:ro", "/models:ro"):
+        assert needle in run_opts, needle
+    volumes = set(json.loads([v for k, v in instructions(DOCKERFILE.read_text()) if k == "VOLUME"][-1]))
+    assert volumes == set(re.findall(r":(/\w+)(?::ro)?\"", run_opts)), "every volume of the image from the host"
+    for check in ('expect stop "$stop_rc" 75', "nothing to do", "--user 2000:2000", "! -perm -o=r"):
+        assert check in text, check
+
+
+def test_make_build_takes_the_same_arguments_with_either_engine():
+    settings = [
+        "IMAGE=ghcr.io/acme/bloom",
+        "TAG=1.2.3",
+        "BASE_IMAGE=localhost/base:1",
+        "TORCH_INDEX_URL=",
+        "TORCH_CUDA=no",
+    ]
+    lines = {}
+    for engine in ("docker", "podman"):
+        dry = make_dry("build", f"ENGINE={engine}", *settings).replace("\\\n", " ")
+        (line,) = [ln for ln in dry.splitlines() if " build " in ln]
+        words = shlex.split(re.sub(r"CREATED=\S+", "CREATED=x", line))
+        if engine == "docker":  # BuildKit: the Dockerfile uses RUN --mount
+            assert words.pop(0) == "DOCKER_BUILDKIT=1"
+        assert words[:2] == [engine, "build"]
+        lines[engine] = [w for w in words[2:] if w not in ("--format", "docker", "--runtime", "runc")]
+        build_args = dict(words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "--build-arg")
+        assert build_args["TORCH_INDEX_URL"] == "" and build_args["TORCH_CUDA"] == "no"
+        assert build_args["BASE_IMAGE"] == "localhost/base:1"
+    assert lines["docker"] == lines["podman"]
+    # Not given: the Dockerfile's defaults (the GPU image), no empty override.
+    assert "TORCH_INDEX_URL" not in make_dry("build", "TAG=1.2.3")

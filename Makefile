@@ -34,7 +34,7 @@ train-flags = --config $(RECIPE) --output-dir $(1) $(or $(if $(MODEL),--model $(
 
 .PHONY: help setup train smoke test test-fast lint bench bench-gpu
 .PHONY: build push docker-train docker-smoke k8s-overlays k8s-render k8s-validate k8s-pvcs k8s-prepare \
-	k8s-submit k8s-multinode k8s-trainjob k8s-logs k8s-delete
+	k8s-submit k8s-multinode k8s-trainjob k8s-logs k8s-delete k8s-claims k8s-fetch
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -76,8 +76,8 @@ bench-gpu: $(if $(filter $(VENV)/bin/python,$(PY)),setup) ## On a GPU: CUDA test
 	PYTHONPATH=$(BENCH_PATH) $(PY) -m tools.gpu_sweep --budget-s $(BENCH_BUDGET) --log-dir $(BENCH_LOG) $(BENCH_ARGS)
 
 lint: setup ## ruff, hadolint on docker/Dockerfile, strict validation of the Kubernetes manifests
-	$(VENV)/bin/ruff check job tests k8s
-	$(VENV)/bin/ruff format --check job tests k8s
+	$(VENV)/bin/ruff check job tests k8s tools
+	$(VENV)/bin/ruff format --check job tests k8s tools
 	$(VENV)/bin/hadolint docker/Dockerfile
 	@$(MAKE) --no-print-directory k8s-validate
 
@@ -105,7 +105,7 @@ ENGINE ?= $(or $(notdir $(shell command -v podman 2>/dev/null)),docker)
 # as a build secret (never in a layer). BUILD_NETWORK=host where the engine's own network has no route out.
 # podman: Docker's image format (OCI has no SHELL, which the Dockerfile uses), runc when installed (crun fails
 # on hosts with hybrid cgroups). docker: BuildKit (RUN --mount), built in since 18.09, the only builder since 23.
-BUILD_ARG_NAMES := BASE_IMAGE TORCH_INDEX_URL TORCH_CUDA PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_NO_INDEX \
+BUILD_ARG_NAMES := BASE_IMAGE TORCH_INDEX_URL TORCH_CUDA TRACKING PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_NO_INDEX \
 	WHEELHOUSE_IMAGE
 WHEELHOUSE ?=
 PIP_CERT_FILE ?=
@@ -152,6 +152,11 @@ K8S_PRIORITY_CLASS ?=
 K8S_GPU_PRODUCT ?=
 K8S_TOLERATE ?=
 MULTINODE ?= jobset
+# The claims (k8s/pvcs.yaml) as this cluster needs them: its storage class (empty: the default class) and access
+# mode. Several nodes mount every claim: multi-node targets refuse claims that are not ReadWriteMany.
+K8S_STORAGE_CLASS ?=
+K8S_ACCESS_MODE ?= ReadWriteOnce
+K8S_RUN ?= run
 K8S_NAMESPACE ?=
 K8S_SELECTOR ?= batch.kubernetes.io/job-name=bloom-zh-pretrain
 K8S_VERSIONS ?= 1.31.0 1.37.0
@@ -219,12 +224,21 @@ k8s-validate: setup ## Strict validation of k8s/ and its renderings (K8S_VERSION
 	@$(MAKE) --no-print-directory k8s-render $(K8S_ALL_COMPONENTS) > /dev/null
 	@for v in $(K8S_VERSIONS); do \
 	  $(VENV)/bin/kubernetes-validate --strict --quiet -k $$v $(K8S_MANIFESTS) $(K8S_RENDERED) \
-	    $(subst $(K8S_BUILD)/,$(K8S_BUILD)/components/,$(K8S_RENDERED)) 2>&1 | grep -v "Couldn't find schema for kind \(JobSet\|TrainJob\)"; \
+	    $(subst $(K8S_BUILD)/,$(K8S_BUILD)/components/,$(K8S_RENDERED)) 2>&1 | grep -v "Couldn't find schema for kind \(JobSet\|TrainJob\|TrainingRuntime\)"; \
 	  [ $${PIPESTATUS[0]} -eq 0 ] || exit 1; echo "k8s manifests and renderings: valid (strict) for Kubernetes $$v"; done
 	$(PY) k8s/crd_validate.py $(K8S_MANIFESTS) $(K8S_RENDERED) $(subst $(K8S_BUILD)/,$(K8S_BUILD)/components/,$(K8S_RENDERED))
 
-k8s-pvcs: ## Create the data, models, output and cache claims (k8s/pvcs.yaml; never deleted by make)
-	$(K8S) apply -f k8s/pvcs.yaml
+k8s-claims: setup ## Render the claims with K8S_STORAGE_CLASS and K8S_ACCESS_MODE into K8S_BUILD/pvcs.yaml
+	@mkdir -p $(K8S_BUILD)
+	$(PY) -m tools.k8s_claims --render k8s/pvcs.yaml --access-mode $(K8S_ACCESS_MODE) \
+		$(if $(K8S_STORAGE_CLASS),--storage-class $(K8S_STORAGE_CLASS)) > $(K8S_BUILD)/pvcs.yaml
+
+# Before anything is applied: the claims that exist and those about to be, against the node count.
+K8S_CHECK_CLAIMS = $(K8S) get pvc -l app.kubernetes.io/part-of=bloom-zh -o json | \
+	$(PY) -m tools.k8s_claims --nodes $(1) $(K8S_BUILD)/pvcs.yaml -
+
+k8s-pvcs: k8s-claims ## Create the data, models, output and cache claims (never deleted by make)
+	$(K8S) apply -f $(K8S_BUILD)/pvcs.yaml
 
 k8s-prepare: k8s-render k8s-pvcs ## Run the CPU prepare Job (k8s/prepare-job.yaml) and wait for it
 	$(K8S) delete job bloom-zh-prepare --ignore-not-found
@@ -239,14 +253,23 @@ k8s-submit: k8s-render k8s-pvcs ## Submit the single-node training Job (IMAGE, T
 	$(K8S) apply -f $(K8S_BUILD)/train.yaml
 	@echo "follow it: make k8s-logs; stop it (it checkpoints first): make k8s-delete"
 
-k8s-multinode: k8s-render k8s-pvcs ## Submit multi-node training: a JobSet (MULTINODE=indexed: Indexed Job + Service)
+k8s-multinode: k8s-render k8s-claims ## Submit multi-node training: a JobSet (MULTINODE=indexed: Indexed Job + Service)
 	@case "$(MULTINODE)" in jobset|indexed) ;; *) echo "MULTINODE=$(MULTINODE): use jobset or indexed" >&2; exit 2;; esac
+	@$(call K8S_CHECK_CLAIMS,$(or $(NNODES),2))
+	$(K8S) apply -f $(K8S_BUILD)/pvcs.yaml
 	$(K8S) apply -f $(K8S_BUILD)/$(MULTINODE).yaml
 	@echo "follow it: make k8s-logs K8S_SELECTOR=$(if $(filter jobset,$(MULTINODE)),jobset.sigs.k8s.io/jobset-name=bloom-zh-pretrain-js,batch.kubernetes.io/job-name=bloom-zh-pretrain-mn)"
 
-k8s-trainjob: k8s-render k8s-pvcs ## Submit the Kubeflow TrainJob (runtime torch-distributed; NNODES, GPUS per node, ...)
+k8s-trainjob: k8s-render k8s-claims ## Submit the Kubeflow TrainJob on the project's runtime (NNODES, GPUS per node, ...)
+	@$(call K8S_CHECK_CLAIMS,$(or $(NNODES),2))
+	$(K8S) apply -f $(K8S_BUILD)/pvcs.yaml
 	$(K8S) apply -f $(K8S_BUILD)/trainjob.yaml
 	@echo "follow it: make k8s-logs K8S_SELECTOR=jobset.sigs.k8s.io/jobset-name=bloom-zh-pretrain-tj"
+
+k8s-fetch: ## Copy final/, the report and the metrics of K8S_RUN (run, run-multinode, run-trainjob) from the output claim
+	$(CHECK_TAG)
+	$(PY) -m tools.k8s_fetch --image $(IMAGE):$(TAG) --run $(K8S_RUN) --kubectl "$(KUBECTL)" \
+		$(if $(K8S_NAMESPACE),--namespace $(K8S_NAMESPACE))
 
 k8s-logs: ## Follow the logs of every pod and container that K8S_SELECTOR selects (default: the single-node Job)
 	$(K8S) logs --follow --prefix --all-containers --max-log-requests 64 --tail -1 --selector $(K8S_SELECTOR)

@@ -6,6 +6,10 @@ of those kinds against it, as strictly as the API server's field validation: a f
 list is an error (kustomize and `kubectl apply` would otherwise drop a misspelt field without a word).
 Not checked here: the CRDs' CEL rules (x-kubernetes-validations) and what the operators' webhooks add.
 
+A TrainingRuntime (Kubeflow Trainer) is a JobSet template plus an ML policy: its `spec.template.spec` is checked
+against the vendored JobSet schema's `spec`, its other fields against RUNTIME_SCHEMA below (the v2.3 API's
+TrainingRuntimeSpec: mlPolicy with numNodes and torch, podGroupPolicy, template).
+
   python k8s/crd_validate.py FILE...                  validate the custom resources in FILEs (YAML streams)
   python k8s/crd_validate.py --vendor CRD.yaml SOURCE (re)write k8s/schemas/<group>_<version>_<Kind>.json;
                                                       SOURCE says where CRD.yaml came from (repo, tag, path)
@@ -47,9 +51,59 @@ def strict(schema):
     return out
 
 
+RUNTIME_KINDS = {"TrainingRuntime", "ClusterTrainingRuntime"}
+RUNTIME_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "trainer.kubeflow.org/v1alpha1"},
+        "kind": {"enum": sorted(RUNTIME_KINDS)},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "required": ["template"],
+            "properties": {
+                "mlPolicy": {
+                    "type": "object",
+                    "properties": {
+                        "numNodes": {"type": "integer", "minimum": 1},
+                        "torch": {"type": "object", "properties": {"numProcPerNode": {}, "elasticPolicy": {}}},
+                        "mpi": {"type": "object"},
+                    },
+                },
+                "podGroupPolicy": {"type": "object"},
+                "template": {
+                    "type": "object",
+                    "required": ["spec"],
+                    "properties": {"metadata": {"type": "object"}, "spec": {"type": "object"}},
+                },
+            },
+        },
+    },
+}
+
+
+def runtime_errors(doc: dict) -> list[str]:
+    """A TrainingRuntime: its own fields, then its JobSet template against the JobSet schema."""
+    jobset = json.loads(schema_path("jobset.x-k8s.io/v1alpha2", "JobSet").read_text())
+    found = [
+        f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+        for e in jsonschema.Draft7Validator(strict(RUNTIME_SCHEMA)).iter_errors(doc)
+    ]
+    template = doc.get("spec", {}).get("template", {}).get("spec", {})
+    validator = jsonschema.Draft7Validator(strict(jobset["properties"]["spec"]))
+    found += [
+        f"spec.template.spec.{'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator.iter_errors(template)
+    ]
+    return found
+
+
 def errors(doc: dict) -> list[str]:
     """Why `doc` is invalid (empty when valid); a custom resource without a vendored schema is an error."""
     api_version, kind = doc.get("apiVersion", ""), doc.get("kind", "")
+    if kind in RUNTIME_KINDS:
+        return runtime_errors(doc)
     path = schema_path(api_version, kind)
     if not path.exists():
         return [f"no schema for {api_version} {kind} in {SCHEMAS} (vendor its CRD: see this file's docstring)"]

@@ -124,7 +124,17 @@ WORKLOADS = ("Job", "JobSet", "TrainJob")
 
 
 def workloads(docs: list[dict]) -> list[dict]:
-    return [d for d in docs if d["kind"] in WORKLOADS]
+    """The workloads; a TrainJob carries the TrainingRuntime it names (`_runtime`): the one rendered beside it,
+    else k8s/trainjob/runtime.yaml as it is (the TrainJob's file alone)."""
+    runtimes = {d["metadata"]["name"]: d for d in docs if d["kind"] == "TrainingRuntime"}
+    found = [d for d in docs if d["kind"] in WORKLOADS]
+    for w in found:
+        if w["kind"] == "TrainJob":
+            ref = w["spec"]["runtimeRef"]
+            assert (ref.get("apiGroup"), ref.get("kind")) == ("trainer.kubeflow.org", "TrainingRuntime"), ref
+            w["_runtime"] = runtimes.get(ref["name"]) or load_docs((K8S / "trainjob" / "runtime.yaml").read_text())[0]
+            assert w["_runtime"]["metadata"]["name"] == ref["name"]
+    return found
 
 
 def component(w: dict) -> str:
@@ -139,8 +149,8 @@ def pods(w: dict) -> list[tuple[dict, dict]]:
     if w["kind"] == "JobSet":
         return [(r["template"]["spec"]["template"]["spec"], r["template"]["spec"]) for r in w["spec"]["replicatedJobs"]]
     trainer, name = w["spec"]["trainer"], w["metadata"]["name"]
-    (patch,) = w["spec"]["runtimePatches"]
-    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert "runtimePatches" not in w["spec"], "the pod template is the project's runtime's"
+    (node,) = w["_runtime"]["spec"]["template"]["spec"]["replicatedJobs"]
     spec = json.loads(json.dumps(node["template"]["spec"]["template"]["spec"]))
     (container,) = spec["containers"]
     runtime_env = {
@@ -160,7 +170,8 @@ def pods(w: dict) -> list[tuple[dict, dict]]:
         ],
         resources=trainer["resourcesPerNode"],
     )
-    return [(spec, {"completions": trainer["numNodes"], "parallelism": trainer["numNodes"]})]
+    job = {**node["template"]["spec"], "completions": trainer["numNodes"], "parallelism": trainer["numNodes"]}
+    return [(spec, job)]
 
 
 def containers(spec: dict) -> list[dict]:
@@ -221,9 +232,9 @@ def test_manifests_and_renderings_are_strictly_valid(rendered, tmp_path, version
     assert custom.returncode == 0, custom.stdout + custom.stderr
     kinds = {d["kind"] for docs in rendered.values() for d in docs}
     assert {"JobSet", "TrainJob"} <= kinds
-    assert f"{sum(d['kind'] in ('JobSet', 'TrainJob') for p in paths for d in load_docs(p.read_text()))} checked" in (
-        custom.stdout
-    )
+    custom_kinds = ("JobSet", "TrainJob", "TrainingRuntime")
+    count = sum(d["kind"] in custom_kinds for p in paths for d in load_docs(p.read_text()))
+    assert f"{count} checked" in custom.stdout
 
 
 def test_misspelled_field_fails_strict_validation(tmp_path):
@@ -242,6 +253,9 @@ def test_misspelled_field_fails_strict_validation(tmp_path):
         ("jobset/jobset.yaml", ("action: FailJobSet", "action: Fail"), "is not one of"),
         ("trainjob/trainjob.yaml", ("numProcPerNode:", "numProcsPerNode:"), "'numProcsPerNode' was unexpected"),
         ("trainjob/trainjob.yaml", ("kind: TrainJob", "kind: TrainingJob"), "no schema for"),
+        ("trainjob/runtime.yaml", ("maxRestarts: 3", "maxRestart: 3"), "'maxRestart' was unexpected"),
+        ("trainjob/runtime.yaml", ("numNodes: 1", "numNode: 1"), "'numNode' was unexpected"),
+        ("trainjob/runtime.yaml", ("backoffLimit: 0", "backoffLimit: none"), "is not of type 'integer'"),
     ],
 )
 def test_custom_resources_are_checked_against_their_crds(tmp_path, file, edit, message):
@@ -402,10 +416,12 @@ def test_a_jobset_restarts_every_node_and_fails_fast_on_bad_input(rendered):
     DisruptionTarget), or a counted restart of the whole group (a crash)."""
     seen = 0
     for name, docs in rendered.items():
-        for jobset in (d for d in docs if d["kind"] == "JobSet"):
+        # A TrainJob runs the JobSet its runtime describes: the project's runtime has the JobSet's contract.
+        runtimes = [{"spec": d["spec"]["template"]["spec"]} for d in docs if d["kind"] == "TrainingRuntime"]
+        for jobset in [d for d in docs if d["kind"] == "JobSet"] + runtimes:
             seen += 1
             assert jobset["spec"]["failurePolicy"]["maxRestarts"] >= 1, name
-            for _, job in pods(jobset):
+            for job in (r["template"]["spec"] for r in jobset["spec"]["replicatedJobs"]):
                 assert job["backoffLimit"] == 0 and job["template"]["spec"]["restartPolicy"] == "Never", name
                 # The messages of kubernetes pkg/controller/job/pod_failure_policy.go.
                 messages = {}
@@ -430,7 +446,7 @@ def test_a_jobset_restarts_every_node_and_fails_fast_on_bad_input(rendered):
                 for cause, action in expect.items():
                     assert _jobset_action(jobset, messages[cause]) == action, (name, cause)
                 assert _jobset_action(jobset, "Job has reached the specified backoff limit") == "RestartJobSet"
-    assert seen >= 3
+    assert seen >= 6  # JobSets and the TrainJob's runtime, as files and rendered
 
 
 # ------------------------------------------------------------------------ settings, components, images

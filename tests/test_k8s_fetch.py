@@ -57,7 +57,7 @@ def _calls(root: Path) -> list[list[str]]:
 def test_results_come_back_checkpoints_stay_and_the_pod_goes(cluster, capsys):
     root, kubectl = cluster
     dest = root / "here"
-    args = ["--image", "ghcr.io/bloom-zh/bloom-zh-job:1.2.0", "--kubectl", kubectl, "--dest", str(dest)]
+    args = ["--image", "registry.example/fetch-test:1.2.0", "--kubectl", kubectl, "--dest", str(dest)]
     assert k8s_fetch.main([*args, "--namespace", "team-a"]) == 0
     assert (dest / "final" / "model.safetensors").read_bytes() == b"weights"
     assert (
@@ -95,5 +95,5 @@ def test_a_failure_is_one_line_and_the_pod_is_still_deleted(cluster, monkeypatch
 
 def test_the_pod_spec_is_valid_for_kubernetes():
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    manifest = k8s_fetch.pod_manifest("bloom-zh-fetch-1", "bloom-zh-output", "ghcr.io/bloom-zh/bloom-zh-job:1.2.0")
+    manifest = k8s_fetch.pod_manifest("bloom-zh-fetch-1", "bloom-zh-output", "registry.example/fetch-test:1.2.0")
     kubernetes_validate.validate(manifest, "1.31.0", strict=True)

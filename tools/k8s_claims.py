@@ -1,6 +1,8 @@
-"""Refuse, before anything is applied, a multi-node run on claims that one node only can mount.
+"""The claims of k8s/pvcs.yaml with this cluster's storage class and access mode, and the refusal, before anything
+is applied, of a multi-node run on claims that one node only can mount.
 
-    kubectl get pvc -l app.kubernetes.io/part-of=bloom-zh -o json | python -m tools.k8s_claims --nodes 4 - RENDERED
+    python -m tools.k8s_claims --render k8s/pvcs.yaml --access-mode ReadWriteMany --storage-class nfs > PVCS
+    kubectl get pvc -l app.kubernetes.io/part-of=bloom-zh -o json | python -m tools.k8s_claims --nodes 4 PVCS -
 
 Reads PersistentVolumeClaims from YAML streams or `kubectl get -o json` lists (`-`: stdin), the claims that exist
 as well as the ones about to be created (an existing claim's access mode cannot change: `kubectl apply` keeps it).
@@ -48,11 +50,32 @@ def check(found: dict[str, list[str]], nodes: int) -> str | None:
     )
 
 
+ACCESS_MODES = ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod", "ReadOnlyMany")
+
+
+def render(text: str, access_mode: str, storage_class: str | None) -> str:
+    """The claims with `access_mode` and, when given, `storage_class` (else the cluster's default class)."""
+    docs = [doc for doc in yaml.safe_load_all(text) if doc]
+    for doc in docs:
+        doc["spec"]["accessModes"] = [access_mode]
+        if storage_class:
+            doc["spec"]["storageClassName"] = storage_class
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, required=True, help="nodes the run will use")
-    parser.add_argument("files", nargs="+", help="YAML or `kubectl get -o json` files; - for stdin")
+    parser.add_argument("--render", metavar="PVCS_YAML", help="print these claims with the settings below")
+    parser.add_argument("--access-mode", choices=ACCESS_MODES, default="ReadWriteOnce")
+    parser.add_argument("--storage-class", default=None, help="storageClassName (default: the cluster's default)")
+    parser.add_argument("--nodes", type=int, help="nodes the run will use: refuse claims one node only can mount")
+    parser.add_argument("files", nargs="*", help="YAML or `kubectl get -o json` files; - for stdin")
     args = parser.parse_args(argv)
+    if args.render:
+        print(render(Path(args.render).read_text(encoding="utf-8"), args.access_mode, args.storage_class), end="")
+        return 0
+    if args.nodes is None or not args.files:
+        parser.error("--nodes N FILE... (or --render PVCS_YAML)")
     found: dict[str, list[str]] = {}
     for name in args.files:
         found.update(claims(sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")))

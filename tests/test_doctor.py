@@ -213,3 +213,15 @@ def test_kubeflow_reporting_is_left_to_transformers(monkeypatch):
     monkeypatch.delenv("KUBEFLOW_TRAINER_SERVER_URL", raising=False)
     with pytest.raises(JobError, match="KUBEFLOW_TRAINER_SERVER_URL"):
         doctor.check_settings(Preflight(RunConfig.load(report_to="kubeflow")))
+
+
+def test_an_explicit_loopback_master_addr_means_every_node_on_this_host(monkeypatch):
+    """From the environment or the default, loopback on node rank 1 is refused; as a flag it is the user's word."""
+    monkeypatch.setenv("PET_MASTER_ADDR", "127.0.0.1")
+    found = Preflight(RunConfig.load(nnodes=2, node_rank=1, master_port=29500))
+    doctor.check_launch(found)
+    assert not doctor.check_rendezvous(found).ok
+    found = Preflight(RunConfig.load(nnodes=2, node_rank=1, master_addr="127.0.0.1", master_port=29500))
+    doctor.check_launch(found)
+    result = doctor.check_rendezvous(found)
+    assert result.ok and "on this host" in result.detail

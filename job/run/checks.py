@@ -29,6 +29,7 @@ class Preflight:
     model_config: Any = None
     fingerprints: dict[str, Any] = field(default_factory=dict)
     launch: str = ""  # the launch settings and their sources (check_launch)
+    sources: dict[str, str] = field(default_factory=dict)  # where each launch setting came from (check_launch)
 
 
 def require(check: Check) -> None:

@@ -135,6 +135,7 @@ def check_launch(p: Preflight) -> Check:
     except JobError:
         p.cfg = _unresolved_fallback(p.cfg)  # doctor goes on with its other rows; train stops at this one
         raise
+    p.sources = sources
     row = check_topology(p.cfg, sources)
     p.launch = row.detail
     return row
@@ -185,13 +186,16 @@ def check_port(p: Preflight) -> Check:
 
 
 def check_rendezvous(p: Preflight) -> Check:
-    """Across nodes, every node but 0 connects to node 0 at master_addr: a loopback address there is this pod
-    itself, and torchrun would wait out its whole join timeout for a rendezvous that never comes."""
+    """Across nodes, every node but 0 connects to node 0 at master_addr: a loopback address from the environment or
+    the default is this pod itself, and torchrun would wait out its whole join timeout for a rendezvous that never
+    comes. An explicit `--master-addr` on loopback says every node runs on this host (a test, a workstation)."""
     cfg = p.cfg
     if cfg.nnodes == 1:
         return Check("rendezvous", True, "one node: nothing to join")
     if cfg.node_rank == 0:
         return Check("rendezvous", True, f"node 0 hosts it at {cfg.master_addr}:{cfg.master_port}")
+    if is_loopback(cfg.master_addr) and p.sources.get("master_addr") == "flag":  # said so: every node on this host
+        return Check("rendezvous", True, f"node {cfg.node_rank} joins node 0 on this host ({cfg.master_addr})")
     if is_loopback(cfg.master_addr):
         return Check(
             "rendezvous",

@@ -52,6 +52,59 @@ def test_truncation_layout_adds_no_eos_to_cut_documents(tiny_tokenizer, docs_jso
     assert result.stats["tokens"] == sum(len(r) for r in rows)
 
 
+def _packed(stream: list[int], length: int) -> list[list[int]]:
+    return [stream[i : i + length] for i in range(0, len(stream), length)]
+
+
+def test_packing_streams_batch_by_batch_and_restarts_per_block(tiny_tokenizer, tmp_path, monkeypatch):
+    """The layout carries the partial row from one map batch to the next (memory is one batch) and restarts every
+    BLOCK_DOCUMENTS documents, keeping each block's partial row."""
+    import job.data.prepare as module
+    from tests.conftest import write_jsonl
+
+    docs = DOCS * 4  # 20 documents
+    path = write_jsonl(tmp_path / "docs.jsonl", docs)
+    eos = tiny_tokenizer.eos_token_id
+    streams = [[t for d in docs[i : i + 8] for t in [*_ids(tiny_tokenizer, d), eos]] for i in range(0, 20, 8)]
+    monkeypatch.setattr(module, "MAP_BATCH", 3)  # batches that cut blocks and rows anywhere
+    monkeypatch.setattr(module, "BLOCK_DOCUMENTS", 8)
+    cfg = RunConfig.load(data=str(path), max_length=16, eval_fraction=0.0, num_proc=1)
+    result = prepare(cfg, tiny_tokenizer, str(tmp_path / "out"))
+    rows = result.load()["train"]["input_ids"][:]
+    assert rows == [r for s in streams for r in _packed(s, 16)]
+    assert result.stats["rows"] == len(rows) and result.stats["eos_tokens"] == 20 == result.stats["documents"]
+    assert result.stats["padding_tokens"] == 16 * len(rows) - sum(map(len, streams))
+
+
+def test_processes_change_nothing_but_the_time(tiny_tokenizer, tmp_path, monkeypatch):
+    """--num-proc 2 (the map in two processes) writes the rows and stats of one process, in both layouts."""
+    import job.data.prepare as module
+
+    monkeypatch.setattr(module, "MAP_BATCH", 40)  # 300 documents: several batches per process
+    for packing in (True, False):
+        results = [
+            prepare(
+                RunConfig.load(max_samples=300, max_length=48, packing=packing, num_proc=n),
+                tiny_tokenizer,
+                str(tmp_path / f"{packing}-{n}"),
+            )
+            for n in (1, 2)
+        ]
+        one, two = (r.load() for r in results)
+        assert results[0].stats == results[1].stats
+        for split in ("train", "eval"):
+            assert one[split]["input_ids"][:] == two[split]["input_ids"][:]
+
+
+def test_processes_default_to_the_usable_cpus(monkeypatch):
+    import job.data.prepare as module
+
+    monkeypatch.setattr(module, "usable_cpus", lambda: 6)
+    assert module.tokenize_processes(RunConfig.load()) == 6 == module.tokenize_processes(RunConfig.load(), 10**6)
+    assert module.tokenize_processes(RunConfig.load(num_proc=3)) == 3  # --num-proc overrides
+    assert module.tokenize_processes(RunConfig.load(), 2 * module.MAP_BATCH) == 2  # no process without a batch
+
+
 def test_eval_split_holds_out_whole_documents(tiny_tokenizer):
     cfg = RunConfig.load(max_samples=200, max_length=64, eval_fraction=0.1)
     stats = prepare(cfg, tiny_tokenizer).stats

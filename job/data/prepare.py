@@ -27,10 +27,22 @@ import numpy as np
 from job.core.config import RunConfig, cache_root
 from job.core.errors import JobError
 from job.core.files import FileLock, new_folder, share
+from job.core.topology import usable_cpus
 from job.data.corpus import TEXT, Corpus, load_corpus
 from job.data.tokenizer import tokenizer_fingerprint
 
-LAYOUT_VERSION = 1  # part of the cache key: bump when the stored layout changes
+LAYOUT_VERSION = 2  # part of the cache key: bump when the stored layout changes (2: packing restarts per block)
+MAP_BATCH = 1000  # documents per tokenizer call and per layout step: what bounds prepare's memory
+BLOCK_DOCUMENTS = 10_000  # packing restarts every N documents (see `_layout`)
+STAT_KEYS = (
+    "documents",
+    "tokens",  # eos included
+    "eos_tokens",
+    "rows",
+    "padding_tokens",  # what padding every row to max_length would add (actual padding is per batch)
+    "truncated_documents",
+    "document_tokens",  # text tokens before eos and truncation
+)
 KEY_FILE = "prepare_key.json"
 STATS_FILE = "stats.json"
 
@@ -176,64 +188,93 @@ def _encoder(tokenizer, max_length: int, packing: bool):
     return encode
 
 
+def tokenize_processes(cfg: RunConfig, documents: int | None = None) -> int:
+    """`--num-proc`, else every usable CPU; never more than the map has batches (a process for nothing costs a fork)."""
+    processes = cfg.num_proc or usable_cpus()
+    return processes if documents is None else max(1, min(processes, -(-documents // MAP_BATCH)))
+
+
 def _tokenize_and_layout(rows, cfg: RunConfig, tokenizer, workdir: Path):
     import datasets
 
     eos = tokenizer.eos_token_id
-    max_length = cfg.max_length
-    packing = cfg.packing
-    encode = _encoder(tokenizer, max_length, packing)
-
+    encode = _encoder(tokenizer, cfg.max_length, cfg.packing)
     held_out = _held_out_count(len(rows), cfg.eval_fraction)
     order = rows.train_test_split(test_size=held_out, seed=cfg.seed, shuffle=True) if held_out else {"train": rows}
-    splits, stats = {}, {"max_length": max_length, "packing": packing, "eos_token_id": eos}
+    splits, stats = {}, {"max_length": cfg.max_length, "packing": cfg.packing, "eos_token_id": eos}
     for name, part in (("train", order["train"]), ("eval", order.get("test"))):
         if part is None:
             continue
-        tokenized = part.map(
+        processes = tokenize_processes(cfg, len(part))
+        tokenized = part.map(  # documents -> token ids + eos, in `processes` contiguous pieces, to a file on disk
             encode,
             batched=True,
-            batch_size=1000,
-            num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+            batch_size=MAP_BATCH,
+            num_proc=processes if processes > 1 else None,
             remove_columns=part.column_names,
             cache_file_name=str(workdir / f"{name}-tokenized.arrow"),
-            features=datasets.Features(
-                {"input_ids": datasets.List(datasets.Value("int32")), "doc_length": datasets.Value("int64")}
-            ),
+            features=datasets.Features({"input_ids": _ids_feature(), "doc_length": datasets.Value("int64")}),
             desc=f"tokenize {name}",
         )
-        splits[name], stats[name] = _layout(tokenized, max_length, packing, eos)
+        path = workdir / f"{name}-rows.arrow"
+        stats[name] = _layout(tokenized.data.table, cfg.max_length, cfg.packing, eos, path)
+        splits[name] = datasets.Dataset.from_file(str(path))  # memory-mapped
     totals = {k: sum(s[k] for s in (stats["train"], stats.get("eval", {})) if s) for k in stats["train"]}
     stats.update(totals)
     return datasets.DatasetDict(splits), stats
 
 
-def _layout(tokenized, max_length: int, packing: bool, eos: int):
-    """Rows of at most `max_length` tokens, and the split's stats."""
+def _layout(documents, max_length: int, packing: bool, eos: int, path: Path) -> dict[str, int]:
+    """Write the rows of at most `max_length` tokens of `documents` (a memory-mapped table of token ids with their
+    eos, one document a row) to the Arrow file `path`, one map batch at a time, and return the split's stats.
+
+    Memory is one batch, whatever the corpus: packing carries only the partial row over to the next batch. The
+    stream restarts every `BLOCK_DOCUMENTS` documents (that block's last, partial row is kept), so a block's rows
+    depend on its documents alone: any contiguous run of blocks is laid out the same by whoever lays it out.
+    """
     import datasets
     import pyarrow as pa
+    from datasets.arrow_writer import ArrowWriter
 
-    column = tokenized.data.column("input_ids").combine_chunks()
-    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-    doc_lengths = tokenized.data.column("doc_length").to_numpy()
-    if packing:  # cut the joined stream into rows; the final partial row is kept
-        offsets = np.append(np.arange(0, len(flat), max_length), len(flat)).astype(np.int32)
-        rows = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
-        table = pa.table({"input_ids": rows})
-    else:
-        table = pa.table({"input_ids": column.cast(pa.list_(pa.int32()))})
-    row_lengths = np.diff(table.column("input_ids").combine_chunks().offsets.to_numpy())
-    stats = {
-        "documents": len(doc_lengths),
-        "tokens": len(flat),  # eos included
-        "eos_tokens": int(np.count_nonzero(flat == eos)),
-        "rows": len(row_lengths),
-        # padding a batch would need if every row were padded to max_length (actual padding is per batch)
-        "padding_tokens": int(len(row_lengths) * max_length - row_lengths.sum()),
-        "truncated_documents": 0 if packing else int(np.count_nonzero(doc_lengths + 1 > max_length)),
-        "document_tokens": int(doc_lengths.sum()),  # text tokens before eos and truncation
-    }
-    return datasets.Dataset(table), stats
+    stats = dict.fromkeys(STAT_KEYS, 0)
+
+    def emit(values: np.ndarray, offsets: np.ndarray) -> None:
+        rows = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))
+        writer.write_table(pa.table({"input_ids": rows}))
+        stats["rows"] += len(offsets) - 1
+        stats["padding_tokens"] += (len(offsets) - 1) * max_length - len(values)
+
+    with ArrowWriter(features=datasets.Features({"input_ids": _ids_feature()}), path=str(path)) as writer:
+        for block in range(0, documents.num_rows, BLOCK_DOCUMENTS):
+            carry = np.empty(0, np.int32)
+            for batch in documents.slice(block, BLOCK_DOCUMENTS).to_batches(max_chunksize=MAP_BATCH):
+                ids = batch.column("input_ids")
+                values = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+                lengths = batch.column("doc_length").to_numpy()
+                stats["documents"] += len(lengths)
+                stats["tokens"] += len(values)  # eos included
+                stats["eos_tokens"] += int(np.count_nonzero(values == eos))
+                stats["document_tokens"] += int(lengths.sum())  # text tokens before eos and truncation
+                if not packing:  # the encoder's rows are the layout: one (cut) document each
+                    stats["truncated_documents"] += int(np.count_nonzero(lengths + 1 > max_length))
+                    starts = ids.offsets.to_numpy()
+                    emit(values, (starts - starts[0]).astype(np.int32))
+                    continue
+                stream = np.concatenate([carry, values])
+                full = len(stream) - len(stream) % max_length
+                if full:
+                    emit(stream[:full], np.arange(0, full + 1, max_length, dtype=np.int32))
+                carry = stream[full:]
+            if len(carry):  # the block's partial row is kept
+                emit(carry, np.array([0, len(carry)], np.int32))
+        writer.finalize()
+    return stats
+
+
+def _ids_feature():
+    import datasets
+
+    return datasets.List(datasets.Value("int32"))
 
 
 def _held_out_count(documents: int, fraction: float) -> int:

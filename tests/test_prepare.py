@@ -210,3 +210,84 @@ def test_a_foreign_output_is_refused_before_anything_is_written(tiny_tokenizer, 
     with pytest.raises(JobError, match="is a file"):
         prepare(cfg, tiny_tokenizer, str(tmp_path / "file"))
     assert sorted(p.name for p in tmp_path.iterdir()) == before and [p.name for p in theirs.iterdir()] == ["notes.txt"]
+
+
+def _listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_shards_are_one_dataset_identical_to_one_process(tiny_tokenizer, tmp_path, monkeypatch):
+    """Three shards prepared in any order, the last writing the index, load as the rows, order and stats of one
+    process; and a one-process prepare of that folder is a cache hit."""
+    import job.data.prepare as module
+    from job.core.errors import JobError
+    from job.data.prepare import Shard, load_prepared, read_prepared_stats
+
+    monkeypatch.setattr(module, "BLOCK_DOCUMENTS", 40)  # 270 train documents: 7 blocks; 30 held out: 1
+    cfg = RunConfig.load(max_samples=300, max_length=48, eval_fraction=0.1, num_proc=1)
+    one = prepare(cfg, tiny_tokenizer, str(tmp_path / "one"))
+    for index in (2, 0):
+        part = prepare(cfg, tiny_tokenizer, str(tmp_path / "set"), shard=Shard(index, 3))
+        assert part.path == tmp_path / "set" / Shard(index, 3).folder and not part.cache_hit
+    with pytest.raises(JobError, match=r"lacks 1 of its 3 shards \(1/3\)"):
+        read_prepared_stats(str(tmp_path / "set"))
+    with pytest.raises(JobError, match=r"lacks 1 of its 3 shards \(1/3\)"):  # one process does not fill the gap
+        prepare(cfg, tiny_tokenizer, str(tmp_path / "set"))
+    whole = prepare(cfg, tiny_tokenizer, str(tmp_path / "set"), shard=Shard(1, 3))
+    assert whole.path == tmp_path / "set" and whole.stats == one.stats
+    assert json.loads((tmp_path / "set" / "stats.json").read_text()) == one.stats
+    mine, theirs = load_prepared(str(tmp_path / "set")), one.load()
+    for split in ("train", "eval"):
+        assert mine[split]["input_ids"][:] == theirs[split]["input_ids"][:]
+    assert one.stats["train"]["rows"] > 7 and one.stats["eval"]["documents"] == 30
+    again = prepare(cfg, tiny_tokenizer, str(tmp_path / "set"))  # the set is one prepared dataset
+    assert again.cache_hit and again.stats == one.stats
+    assert prepare(cfg, tiny_tokenizer, str(tmp_path / "set"), shard=Shard(0, 3)).cache_hit
+
+
+def test_a_missing_extra_or_foreign_shard_is_refused_and_nothing_written(tiny_tokenizer, tmp_path, monkeypatch):
+    import shutil
+
+    import job.data.prepare as module
+    from job.core.errors import JobError
+    from job.data.prepare import Shard, load_prepared
+
+    monkeypatch.setattr(module, "BLOCK_DOCUMENTS", 40)
+    cfg = RunConfig.load(max_samples=120, max_length=48, eval_fraction=0.0, num_proc=1)
+    out = tmp_path / "set"
+    prepare(cfg, tiny_tokenizer, str(out), shard=Shard(0, 2))
+    before = _listing(out)
+    cases = [
+        (RunConfig.load(max_samples=120, max_length=64, eval_fraction=0.0), Shard(1, 2), "another max_length"),
+        (RunConfig.load(max_samples=119, max_length=48, eval_fraction=0.0), Shard(1, 2), "another corpus"),
+        (cfg, Shard(1, 3), r"holds shard 0/2, which is not one of 3 shards"),
+    ]
+    for other, shard, message in cases:
+        with pytest.raises(JobError, match=message):
+            prepare(other, tiny_tokenizer, str(out), shard=shard)
+        assert _listing(out) == before
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(JobError, match=r"holds notes\.txt, which is not a shard"):
+        prepare(cfg, tiny_tokenizer, str(out), shard=Shard(1, 2))
+    (out / "notes.txt").unlink()
+
+    prepare(cfg, tiny_tokenizer, str(out), shard=Shard(1, 2))  # completes the set
+    assert len(load_prepared(str(out))["train"]) > 0
+    shutil.rmtree(out / Shard(1, 2).folder)  # a shard lost after the index was written
+    with pytest.raises(JobError, match=r"lacks 1 of its 2 shards \(1/2\)"):
+        load_prepared(str(out))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("3/3", "--shard 3/3 is out of range"), ("1", "is not I/N"), ("-1/2", "is not I/N"), ("0/0", "is not I/N")],
+)
+def test_a_bad_shard_is_one_line_exit_2_before_anything_is_read(tiny_tokenizer_dir, tmp_path, value, message):
+    from click.testing import CliRunner
+
+    from job.cli import cli
+
+    args = ["prepare", "--tokenizer", str(tiny_tokenizer_dir), "--shard", value, "--output", str(tmp_path / "p")]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 
 from job.core.config import RunConfig, cache_root
 from job.core.errors import JobError
-from job.core.files import FileLock, new_folder, share
+from job.core.files import FileLock, atomic_write_json, new_folder, share
 from job.core.topology import usable_cpus
 from job.data.corpus import TEXT, Corpus, load_corpus
 from job.data.tokenizer import tokenizer_fingerprint
@@ -45,6 +46,8 @@ STAT_KEYS = (
 )
 KEY_FILE = "prepare_key.json"
 STATS_FILE = "stats.json"
+STAGING = ".staging-"  # `.NAME.staging-XXXX`: the only folders next to a target that prepare ever deletes
+SHARDS_FILE = "shards.json"  # the index of a sharded dataset: its shard folders, in order
 
 
 @dataclass
@@ -54,13 +57,56 @@ class Prepared:
     cache_hit: bool
 
     def load(self):
-        import datasets
-
-        return datasets.load_from_disk(str(self.path))
+        return load_prepared(str(self.path))
 
 
-def prepare(cfg: RunConfig, tokenizer, output: str | None = None, corpus: Corpus | None = None) -> Prepared:
-    """Prepare `cfg.data` (or an already loaded `corpus`) with `tokenizer` into `output` (default: the cache)."""
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count`: the documents of its blocks, in every split (`--shard I/N`)."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        index, slash, count = text.partition("/")
+        if not (slash and index.strip().isdigit() and count.strip().isdigit() and int(count) >= 1):
+            raise JobError(f"--shard {text!r} is not I/N", "pass the shard's index and count, e.g. --shard 0/4")
+        shard = cls(int(index), int(count))
+        if shard.index >= shard.count:
+            raise JobError(
+                f"--shard {text} is out of range", f"shard indices run from 0 to {shard.count - 1} (0 to N-1)"
+            )
+        return shard
+
+    @property
+    def name(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    @property
+    def folder(self) -> str:
+        return f"shard-{self.index:05d}-of-{self.count:05d}"
+
+    def documents(self, documents: int) -> range:
+        """The documents of a split this shard lays out: whole blocks, so that the shards' rows in order are the
+        rows of one process."""
+        blocks = -(-documents // BLOCK_DOCUMENTS)
+        first, end = blocks * self.index // self.count, blocks * (self.index + 1) // self.count
+        return range(first * BLOCK_DOCUMENTS, min(documents, end * BLOCK_DOCUMENTS))
+
+
+_SHARD_FOLDER = re.compile(r"shard-(\d{5})-of-(\d{5})")
+
+
+def prepare(
+    cfg: RunConfig, tokenizer, output: str | None = None, corpus: Corpus | None = None, shard: Shard | None = None
+) -> Prepared:
+    """Prepare `cfg.data` (or an already loaded `corpus`) with `tokenizer` into `output` (default: the cache).
+
+    With `shard`, only that shard, into a subfolder; the one that completes the set writes the index (the whole
+    dataset's key and stats, and the shards in order), which makes the folder one prepared dataset: the rows and
+    stats of one process.
+    """
     corpus = corpus or load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
     key = {
         "layout_version": LAYOUT_VERSION,
@@ -73,9 +119,20 @@ def prepare(cfg: RunConfig, tokenizer, output: str | None = None, corpus: Corpus
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     target = Path(output) if output else cache_root() / "prepared" / f"{corpus.name}-{digest}"
-    done = _existing(target, key)  # refusals before anything is written (even the lock file)
+    done = _existing(target, key, shard)  # refusals before anything is written (even the lock file)
     if done:
         return done
+    if shard is None:
+        return _prepare_once(target, key, lambda staging: _write(staging, corpus, cfg, tokenizer, key))
+    shard_key = {**key, "shard": shard.name}
+    part = _prepare_once(
+        target / shard.folder, shard_key, lambda staging: _write(staging, corpus, cfg, tokenizer, shard_key, shard)
+    )
+    return _assemble(target, key, shard.count) or part
+
+
+def _prepare_once(target: Path, key: dict, write) -> Prepared:
+    """`write` a staging folder that then becomes `target`, unless another process did it meanwhile."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # A lock next to the target (a shared cache volume: every node sees it); several processes or nodes on one
     # key: one writes, the others wait and reuse. The kernel releases it when its holder dies.
@@ -85,12 +142,20 @@ def prepare(cfg: RunConfig, tokenizer, output: str | None = None, corpus: Corpus
             return done
         for stale in target.parent.glob(f".{target.name}{STAGING}*"):  # ours, left by a killed prepare
             shutil.rmtree(stale, ignore_errors=True)  # (its writer held this lock: it is gone)
-        stats = _write(target, corpus, cfg, tokenizer, key)
+        staging = new_folder(target.parent, f".{target.name}{STAGING}")
+        try:
+            stats = write(staging)
+            if target.exists():
+                target.rmdir()  # empty, checked above
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return Prepared(target, stats, cache_hit=False)
 
 
-def _existing(target: Path, key: dict) -> Prepared | None:
-    """The data already prepared at `target` for this key; None if there is none; refuse anything else there."""
+def _existing(target: Path, key: dict, shard: Shard | None = None) -> Prepared | None:
+    """The data already prepared at `target` for this key; None if there is none; refuse anything else there
+    (with `shard`: anything but shards of the same set)."""
     if target.exists() and not target.is_dir():
         raise JobError(f"{target} is a file", "choose a new or empty --output folder")
     if (target / KEY_FILE).exists():
@@ -100,35 +165,115 @@ def _existing(target: Path, key: dict) -> Prepared | None:
             f"{target} holds data prepared with other settings",
             "choose another --output, or delete that folder to re-prepare",
         )
-    if target.exists() and any(target.iterdir()):
+    if not target.exists() or not any(target.iterdir()):
+        return None
+    if shard is None and not any(_SHARD_FOLDER.fullmatch(p.name) for p in target.iterdir()):
         raise JobError(f"{target} exists and is not a prepared dataset", "choose an empty or new --output folder")
+    count, present = _shards(target, key, shard.count if shard else None)
+    if shard is None:  # one process on a folder of shards: it is done when they are all there, else refused
+        return _assemble(target, key, count) or _missing(target, count, present)
     return None
 
 
-STAGING = ".staging-"  # `.NAME.staging-XXXX`: the only folders next to a target that prepare ever deletes
+def _shards(target: Path, key: dict, count: int | None) -> tuple[int, set[int]]:
+    """The shard count of the set at `target` and the shards present; refuse an extra or foreign one."""
+    present = set()
+    for item in sorted(target.iterdir()):
+        if item.name.startswith(".") or item.name in (KEY_FILE, STATS_FILE, SHARDS_FILE):  # ours: locks, staging, index
+            continue
+        match = _SHARD_FOLDER.fullmatch(item.name)
+        if not match:
+            raise JobError(
+                f"{target} holds {item.name}, which is not a shard of a prepared dataset",
+                "choose an empty or new --output folder",
+            )
+        index, of = int(match[1]), int(match[2])
+        count = count or of
+        if of != count or index >= of:
+            raise JobError(
+                f"{target} holds shard {index}/{of}, which is not one of {count} shards",
+                f"prepare all {of} shards with --shard I/{of}, or delete {item} (another sharding)",
+            )
+        theirs = json.loads((item / KEY_FILE).read_text()) if (item / KEY_FILE).exists() else {}
+        ours = {**key, "shard": f"{index}/{of}"}
+        if theirs != ours:
+            differ = sorted(k for k in ours if theirs.get(k) != ours[k]) or ["everything"]
+            raise JobError(
+                f"shard {index}/{of} in {target} was prepared with another {', '.join(differ)}",
+                f"delete {item} and prepare it again with this corpus, tokenizer and layout",
+            )
+        present.add(index)
+    return count, present
 
 
-def _write(target: Path, corpus: Corpus, cfg: RunConfig, tokenizer, key: dict) -> dict:
-    """Tokenize into a staging folder, then rename it into place (a reader sees all of it or nothing)."""
-    staging = new_folder(target.parent, f".{target.name}{STAGING}")
-    try:
-        splits, stats = _tokenize_and_layout(corpus.rows, cfg, tokenizer, staging)
-        stats["corpus"] = corpus.name
-        splits.save_to_disk(str(staging / "data"), num_proc=None)
-        for name in list(staging.iterdir()):
-            if name.name != "data":  # the map's intermediate cache files
-                shutil.rmtree(name) if name.is_dir() else name.unlink()
-        for item in (staging / "data").iterdir():
-            item.rename(staging / item.name)
-        (staging / "data").rmdir()
-        (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
-        (staging / KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")  # written last: marks it complete
-        share(staging)
-        if target.exists():
-            target.rmdir()  # empty, checked above
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _missing(target: Path, count: int, present: set[int]):
+    missing = sorted(set(range(count)) - present)
+    listed = ", ".join(f"{i}/{count}" for i in missing[:8]) + (" ..." if len(missing) > 8 else "")
+    raise JobError(
+        f"{target} lacks {len(missing)} of its {count} shards ({listed})",
+        f"run prepare --shard I/{count} for each missing I (the Indexed Job does all of them)",
+    )
+
+
+def _assemble(target: Path, key: dict, count: int) -> Prepared | None:
+    """Write the index of the set at `target` once every shard is there (the stats: the shards' sums)."""
+    with FileLock(target / f".index-{count}.lock"):
+        if (target / KEY_FILE).exists():
+            return _existing(target, key)
+        _, present = _shards(target, key, count)
+        if len(present) < count:
+            return None
+        folders = [Shard(i, count).folder for i in range(count)]
+        parts = [json.loads((target / f / STATS_FILE).read_text()) for f in folders]
+        stats = {k: v for k, v in parts[0].items() if k not in STAT_KEYS and k not in ("train", "eval")}
+        for split in ("train", "eval"):
+            if any(split in p for p in parts):
+                stats[split] = {k: sum(p.get(split, {}).get(k, 0) for p in parts) for k in STAT_KEYS}
+        stats.update({k: sum(p[k] for p in parts) for k in STAT_KEYS})
+        atomic_write_json(target / SHARDS_FILE, {"shards": folders})
+        atomic_write_json(target / STATS_FILE, stats)
+        atomic_write_json(target / KEY_FILE, key)  # written last: marks it complete
+    return Prepared(target, stats, cache_hit=False)
+
+
+def load_prepared(path: str):
+    """The prepared DatasetDict at `path`, memory-mapped: one `save_to_disk` folder, or a set of shards whose splits
+    are concatenated in shard order (no copy)."""
+    import datasets
+
+    read_prepared_stats(path)
+    folder = Path(path)
+    if not (folder / SHARDS_FILE).exists():
+        return datasets.load_from_disk(str(folder))
+    key = json.loads((folder / KEY_FILE).read_text())
+    shards = json.loads((folder / SHARDS_FILE).read_text())["shards"]
+    count, present = _shards(folder, key, len(shards))
+    if len(present) < count:
+        _missing(folder, count, present)
+    parts = [datasets.load_from_disk(str(folder / name)) for name in shards]
+    return datasets.DatasetDict(
+        {
+            split: datasets.concatenate_datasets([p[split] for p in parts if split in p])
+            for split in ("train", "eval")
+            if any(split in p for p in parts)
+        }
+    )
+
+
+def _write(staging: Path, corpus: Corpus, cfg: RunConfig, tokenizer, key: dict, shard: Shard | None = None) -> dict:
+    """Tokenize and lay out into `staging` (a reader sees the renamed folder whole or nothing); its stats."""
+    splits, stats = _tokenize_and_layout(corpus.rows, cfg, tokenizer, staging, shard)
+    stats["corpus"] = corpus.name
+    splits.save_to_disk(str(staging / "data"), num_proc=None)
+    for name in list(staging.iterdir()):
+        if name.name != "data":  # the map's and the layout's intermediate files
+            shutil.rmtree(name) if name.is_dir() else name.unlink()
+    for item in (staging / "data").iterdir():
+        item.rename(staging / item.name)
+    (staging / "data").rmdir()
+    (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    (staging / KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")  # written last: marks it complete
+    share(staging)
     return stats
 
 
@@ -141,6 +286,9 @@ def read_prepared_key(path: str) -> dict[str, Any]:
 def read_prepared_stats(path: str) -> dict[str, Any]:
     folder = Path(path)
     if not (folder / KEY_FILE).exists():
+        shards = [m for p in folder.glob("shard-*") if (m := _SHARD_FOLDER.fullmatch(p.name))]
+        if shards:
+            _missing(folder, int(shards[0][2]), {int(m[1]) for m in shards})
         raise JobError(f"{folder} is not a prepared dataset", "create it with `python -m job prepare --output DIR`")
     return json.loads((folder / STATS_FILE).read_text())
 
@@ -194,7 +342,7 @@ def tokenize_processes(cfg: RunConfig, documents: int | None = None) -> int:
     return processes if documents is None else max(1, min(processes, -(-documents // MAP_BATCH)))
 
 
-def _tokenize_and_layout(rows, cfg: RunConfig, tokenizer, workdir: Path):
+def _tokenize_and_layout(rows, cfg: RunConfig, tokenizer, workdir: Path, shard: Shard | None = None):
     import datasets
 
     eos = tokenizer.eos_token_id
@@ -204,6 +352,11 @@ def _tokenize_and_layout(rows, cfg: RunConfig, tokenizer, workdir: Path):
     splits, stats = {}, {"max_length": cfg.max_length, "packing": cfg.packing, "eos_token_id": eos}
     for name, part in (("train", order["train"]), ("eval", order.get("test"))):
         if part is None:
+            continue
+        if shard is not None:
+            part = part.select(shard.documents(len(part)))
+        if len(part) == 0:  # a shard with no block of this split
+            stats[name] = dict.fromkeys(STAT_KEYS, 0)
             continue
         processes = tokenize_processes(cfg, len(part))
         tokenized = part.map(  # documents -> token ids + eos, in `processes` contiguous pieces, to a file on disk
@@ -219,7 +372,7 @@ def _tokenize_and_layout(rows, cfg: RunConfig, tokenizer, workdir: Path):
         path = workdir / f"{name}-rows.arrow"
         stats[name] = _layout(tokenized.data.table, cfg.max_length, cfg.packing, eos, path)
         splits[name] = datasets.Dataset.from_file(str(path))  # memory-mapped
-    totals = {k: sum(s[k] for s in (stats["train"], stats.get("eval", {})) if s) for k in stats["train"]}
+    totals = {k: sum(s[k] for s in (stats["train"], stats.get("eval", {})) if s) for k in STAT_KEYS}
     stats.update(totals)
     return datasets.DatasetDict(splits), stats
 

@@ -288,6 +288,13 @@ def smoke(model):
     show_default=True,
     help="--prepare: corpus sizes, as copies of the corpus (comma-separated)",
 )
+@click.option(
+    "--train-steps",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="--prepare: also train a tiny model N steps on each size (the memory of starting a run)",
+)
 @click.option("--profile-steps", type=int, default=0, help="torch-profile N steps after the warm-up: top GPU kernels")
 def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, scale, prepare_mode, copies, **values):
     """Time the real training path (or tokenization, or prepare at corpus scale); print one JSON line of figures.
@@ -297,11 +304,11 @@ def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, sca
     from job.run.bench import bench_prepare, bench_tokenize, dumps, run_bench
     from job.run.launch import single_process_env
 
-    profile_steps = values.pop("profile_steps")
+    profile_steps, train_steps = values.pop("profile_steps"), values.pop("train_steps")
     cfg = _load(config, values)
     if prepare_mode:
         sizes = _copies(copies)
-        click.echo(dumps(bench_prepare(cfg, sizes)))
+        click.echo(dumps(bench_prepare(cfg, sizes, train_steps)))
         return
     if tokenize_mode:
         click.echo(dumps(bench_tokenize(cfg, repeats, scale)))

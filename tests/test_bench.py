@@ -171,7 +171,7 @@ def test_sweep_stopped_by_sigterm_stops_its_running_step(tmp_path):
 def test_prepare_bench_measures_each_size_against_the_bare_tokenizer(tiny_tokenizer_dir):
     result = _bench(
         *("--prepare", "--copies", "2,1", "--tokenizer", str(tiny_tokenizer_dir), "--max-samples", "200"),
-        *("--num-proc", "2", "--max-length", "64"),
+        *("--num-proc", "2", "--max-length", "64", "--train-steps", "1"),
     )
     assert result["mode"] == "prepare" and result["processes"] == 2 and result["rust_tokens_per_s"] > 0
     small, large = result["sizes"]  # in order of size
@@ -182,6 +182,8 @@ def test_prepare_bench_measures_each_size_against_the_bare_tokenizer(tiny_tokeni
         assert size["tokens_per_s"] > 0 and size["one_process_tokens_per_s"] > 0 and size["speedup"] > 0
         assert 0 < size["peak_anon_gb"] <= size["peak_pss_gb"] and size["peak_rss_largest_gb"] > 0
     assert large["marginal_tokens_per_wall_s"] > 0 and large["per_process_vs_rust"] > 0 and large["cpu_vs_rust"] > 0
+    assert all(s["train_start_peak_anon_gb"] > 0 and s["train_start_s"] > 0 for s in (small, large))
+    assert "one_process_train_start_s" not in large  # one training run per size
 
 
 def test_prepare_bench_refuses_bad_sizes():

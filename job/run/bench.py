@@ -343,14 +343,15 @@ def bench_tokenize(cfg: RunConfig, repeats: int = 3, scale: int = 1) -> dict:
 
 
 # ------------------------------------------------------------------ prepare at corpus scale
-def bench_prepare(cfg: RunConfig, copies: list[int]) -> dict:
+def bench_prepare(cfg: RunConfig, copies: list[int], train_steps: int = 0) -> dict:
     """`python -m job prepare` in a child process on N copies of the corpus (a Parquet file, read as a real corpus
     is), per N: its wall time, tokens/s and peak memory; with more than one process, also one process on the same
     file (the speedup). Against the bare Rust tokenizer (`encode_batch_fast`) timed here on the same texts.
 
     Every tokenizer runs one thread (TOKENIZERS_PARALLELISM=false), so a process is a core. The marginal rate
     between two sizes leaves out the fixed costs (imports, loading the tokenizer, forking workers): what a corpus
-    of 100 GB sees. Memory: `_sample_tree`.
+    of 100 GB sees. Memory: `_sample_tree`. With `train_steps`, a tiny model also trains that many steps on each
+    size's prepared rows: the memory of starting a run (training reads the rows memory-mapped).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -384,7 +385,10 @@ def bench_prepare(cfg: RunConfig, copies: list[int]) -> dict:
                     writer.write_table(pa.table({TEXT: texts}))
             size = {"copies": n, "documents": n * len(texts), "document_tokens": n * rust_tokens}
             for label, count in runs.items():
-                run = _measured_prepare(cfg, corpus_file, str(tokenizer.name_or_path), count, folder / f"{label}{n}")
+                steps = train_steps if not label else 0  # the run's memory: once per size
+                run = _measured_prepare(
+                    cfg, corpus_file, str(tokenizer.name_or_path), count, folder / f"{label}{n}", steps
+                )
                 assert run["document_tokens"] == n * rust_tokens, "prepare and the bare tokenizer disagree"
                 size.update({f"{label}{k}": v for k, v in run.items() if k != "document_tokens"})
             if processes > 1:
@@ -416,32 +420,52 @@ def bench_prepare(cfg: RunConfig, copies: list[int]) -> dict:
     }
 
 
-def _measured_prepare(cfg: RunConfig, corpus_file: Path, tokenizer: str, processes: int, work: Path) -> dict:
-    """One `prepare` child process: its figures (a private cache: nothing is left behind)."""
+def _measured_prepare(
+    cfg: RunConfig, corpus_file: Path, tokenizer: str, processes: int, work: Path, train_steps: int = 0
+) -> dict:
+    """One `prepare` child process, then (`train_steps`) a short training run on what it wrote: their figures (a
+    private cache: nothing is left behind)."""
     work.mkdir()
-    args = [sys.executable, "-m", "job", "prepare", "--data", str(corpus_file), "--tokenizer", tokenizer]
-    args += ["--max-length", str(cfg.max_length), "--eval-fraction", str(cfg.eval_fraction), "--seed", str(cfg.seed)]
-    args += ["--packing" if cfg.packing else "--no-packing", "--num-proc", str(processes), "--output", str(work / "p")]
     env = {**os.environ, "HF_DATASETS_CACHE": str(work / "hf"), "JOB_CACHE": str(work / "job")}
+    try:
+        args = ["prepare", "--data", str(corpus_file), "--tokenizer", tokenizer, "--max-length", str(cfg.max_length)]
+        args += ["--eval-fraction", str(cfg.eval_fraction), "--seed", str(cfg.seed), "--num-proc", str(processes)]
+        args += ["--packing" if cfg.packing else "--no-packing", "--output", str(work / "p")]
+        seconds, cpu, peak, out = _measured_child(args, env, work)
+        stats = json.loads(out)
+        result = {
+            "processes": processes,
+            "tokens": stats["tokens"],
+            "document_tokens": stats["document_tokens"],
+            "wall_s": round(seconds, 2),
+            "cpu_s": round(cpu, 2),  # the whole tree's, its workers' included
+            "tokens_per_s": round(stats["document_tokens"] / seconds),
+            **{f"peak_{name}_gb": round(value / 2**30, 3) for name, value in peak.items()},
+        }
+        if train_steps:  # the start of a run on it: tiny model, one process, the prepared rows memory-mapped
+            args = ["train", "--prepared", str(work / "p"), "--tokenizer", tokenizer, "--preset", "tiny"]
+            args += ["--max-steps", str(train_steps), "--deepspeed", "none", "--report-to", "none", "--nproc", "1"]
+            args += ["--eval-batches", "1", "--per-device-batch-size", "4", "--grad-accum", "1", "--device", "cpu"]
+            args += ["--dataloader-workers", "0", "--resume", "never", "--output-dir", str(work / "run")]
+            seconds, _, peak, _ = _measured_child(args, env, work)
+            result["train_start_s"] = round(seconds, 1)
+            result.update({f"train_start_peak_{name}_gb": round(value / 2**30, 3) for name, value in peak.items()})
+        return result
+    finally:
+        shutil.rmtree(work)
+
+
+def _measured_child(args: list[str], env: dict, work: Path) -> tuple[float, float, dict[str, int], str]:
+    """`python -m job ARGS`: its wall and CPU seconds, peak memory (`_sample_tree`) and stdout."""
     start, cpu = time.perf_counter(), _children_cpu_s()
     with open(work / "out", "w+") as out, open(work / "err", "w+") as err:
-        proc = subprocess.Popen(args, stdout=out, stderr=err, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "job", *args], stdout=out, stderr=err, env=env)
         peak = _sample_tree(proc)
         seconds, cpu = time.perf_counter() - start, _children_cpu_s() - cpu
         err.seek(0)
-        assert proc.returncode == 0, f"prepare failed: {err.read()[-2000:]}"
+        assert proc.returncode == 0, f"{args[0]} failed: {err.read()[-2000:]}"
         out.seek(0)
-        stats = json.loads(out.read())
-    shutil.rmtree(work)
-    return {
-        "processes": processes,
-        "tokens": stats["tokens"],
-        "document_tokens": stats["document_tokens"],
-        "wall_s": round(seconds, 2),
-        "cpu_s": round(cpu, 2),  # the whole tree's, its workers' included
-        "tokens_per_s": round(stats["document_tokens"] / seconds),
-        **{f"peak_{name}_gb": round(value / 2**30, 3) for name, value in peak.items()},
-    }
+        return seconds, cpu, peak, out.read()
 
 
 def _children_cpu_s() -> float:

@@ -3,14 +3,21 @@
 Runs on CPUs, once, before any GPU process starts (a rank that tokenizes inside a collective makes
 the others time out). The output folder is a `DatasetDict.save_to_disk` with splits `train` and
 `eval` (column `input_ids`) plus `stats.json`; its name is a hash of everything that shapes it, so
-a second identical run tokenizes nothing.
+a second identical run tokenizes nothing. `load_prepared` reads it memory-mapped.
 
 Layouts:
 - packing (default): documents, each followed by its eos, joined and cut into rows of `max_length`;
-  the last partial row is kept. Document boundaries stay recoverable from the eos tokens, which the
-  model's attention uses to keep each token inside its own document.
+  the stream restarts every `BLOCK_DOCUMENTS` documents, whose last partial row is kept. Document
+  boundaries stay recoverable from the eos tokens, which the model's attention uses to keep each token
+  inside its own document.
 - truncation: one document per row; one that does not fit is cut to `max_length` and gets no eos
   (it never ended there).
+
+At corpus scale: the tokenizer runs in every usable CPU (`--num-proc` overrides), each process on whole
+map batches written to disk; the layout then streams those one batch at a time, so memory does not grow
+with the corpus. `--shard I/N` lays out only shard I's blocks (of every split) into a subfolder, so that
+N machines share the work on one volume; the one that completes the set writes the index (`shards.json`,
+the summed `stats.json`, the key), and the set is the rows, order and stats of one process.
 """
 
 from __future__ import annotations

@@ -180,9 +180,9 @@ def test_prepare_bench_measures_each_size_against_the_bare_tokenizer(tiny_tokeni
     for size in (small, large):
         assert size["processes"] == 2 and size["one_process_processes"] == 1
         assert size["tokens_per_s"] > 0 and size["one_process_tokens_per_s"] > 0 and size["speedup"] > 0
-        assert 0 < size["peak_anon_gb"] <= size["peak_pss_gb"] and size["peak_rss_largest_gb"] > 0
+        assert 0 < size["peak_anon_gib"] <= size["peak_pss_gib"] and size["peak_rss_largest_gib"] > 0
     assert large["marginal_tokens_per_wall_s"] > 0 and large["per_process_vs_rust"] > 0 and large["cpu_vs_rust"] > 0
-    assert all(s["train_start_peak_anon_gb"] > 0 and s["train_start_s"] > 0 for s in (small, large))
+    assert all(s["train_start_peak_anon_gib"] > 0 and s["train_start_s"] > 0 for s in (small, large))
     assert "one_process_train_start_s" not in large  # one training run per size
 
 

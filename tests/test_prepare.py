@@ -96,6 +96,20 @@ def test_processes_change_nothing_but_the_time(tiny_tokenizer, tmp_path, monkeyp
             assert one[split]["input_ids"][:] == two[split]["input_ids"][:]
 
 
+def test_a_worker_of_several_runs_one_tokenizer_thread(tiny_tokenizer, monkeypatch):
+    """N processes of N threads each would oversubscribe the cores: a worker's Rust tokenizer runs one thread."""
+    import os
+
+    from job.data.prepare import _encoder
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    encode = _encoder(tiny_tokenizer, 16, True)
+    encode({"completion": DOCS})  # one process: the tokenizer keeps its threads
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    table = encode({"completion": DOCS}, one_thread=True)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false" and table.num_rows == len(DOCS)
+
+
 def test_processes_default_to_the_usable_cpus(monkeypatch):
     import job.data.prepare as module
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -326,7 +327,9 @@ def _encoder(tokenizer, max_length: int, packing: bool):
     token_ids = token_ids_function(tokenizer)
     eos = tokenizer.eos_token_id
 
-    def encode(batch: dict[str, list]) -> pa.Table:
+    def encode(batch: dict[str, list], one_thread: bool = False) -> pa.Table:
+        if one_thread:  # one of N worker processes: one tokenizer thread, not N threads in each of N processes
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the Rust tokenizer at each call
         docs = token_ids(batch[TEXT])
         lengths = pa.array([len(d) for d in docs], pa.int64())
         if not packing:  # one row each: a document that does not fit is cut and gets no eos (it never ended there)
@@ -371,6 +374,7 @@ def _tokenize_and_layout(rows, cfg: RunConfig, tokenizer, workdir: Path, shard: 
             batched=True,
             batch_size=MAP_BATCH,
             num_proc=processes if processes > 1 else None,
+            fn_kwargs={"one_thread": processes > 1},
             remove_columns=part.column_names,
             cache_file_name=str(workdir / f"{name}-tokenized.arrow"),
             features=datasets.Features({"input_ids": _ids_feature(), "doc_length": datasets.Value("int64")}),

@@ -381,20 +381,23 @@ def _tokenize_and_layout(rows, cfg: RunConfig, tokenizer, workdir: Path, shard: 
             desc=f"tokenize {name}",
         )
         path = workdir / f"{name}-rows.arrow"
-        stats[name] = _layout(tokenized.data.table, cfg.max_length, cfg.packing, eos, path)
+        files = [f["filename"] for f in tokenized.cache_files]  # in row order
+        stats[name] = _layout(files, cfg.max_length, cfg.packing, eos, path)
         splits[name] = datasets.Dataset.from_file(str(path))  # memory-mapped
     totals = {k: sum(s[k] for s in (stats["train"], stats.get("eval", {})) if s) for k in STAT_KEYS}
     stats.update(totals)
     return datasets.DatasetDict(splits), stats
 
 
-def _layout(documents, max_length: int, packing: bool, eos: int, path: Path) -> dict[str, int]:
-    """Write the rows of at most `max_length` tokens of `documents` (a memory-mapped table of token ids with their
-    eos, one document a row) to the Arrow file `path`, one map batch at a time, and return the split's stats.
+def _layout(files: list[str], max_length: int, packing: bool, eos: int, path: Path) -> dict[str, int]:
+    """Write the rows of at most `max_length` tokens of the documents in the map's Arrow `files` (token ids with
+    their eos, one document a row, in order) to the Arrow file `path`, one batch at a time; the split's stats.
 
-    Memory is one batch, whatever the corpus: packing carries only the partial row over to the next batch. The
-    stream restarts every `BLOCK_DOCUMENTS` documents (that block's last, partial row is kept), so a block's rows
-    depend on its documents alone: any contiguous run of blocks is laid out the same by whoever lays it out.
+    Memory is one batch, whatever the corpus: the files are read, not memory-mapped (a map keeps every page it
+    touched resident: the whole tokenized split by the end), and packing carries only the partial row over to the
+    next batch. The stream restarts every `BLOCK_DOCUMENTS` documents (that block's last, partial row is kept), so
+    a block's rows depend on its documents alone: any contiguous run of blocks is laid out the same by whoever
+    lays it out.
     """
     import datasets
     import pyarrow as pa
@@ -408,10 +411,13 @@ def _layout(documents, max_length: int, packing: bool, eos: int, path: Path) -> 
         stats["rows"] += len(offsets) - 1
         stats["padding_tokens"] += (len(offsets) - 1) * max_length - len(values)
 
+    carry = np.empty(0, np.int32)
     with ArrowWriter(features=datasets.Features({"input_ids": _ids_feature()}), path=str(path)) as writer:
-        for block in range(0, documents.num_rows, BLOCK_DOCUMENTS):
-            carry = np.empty(0, np.int32)
-            for batch in documents.slice(block, BLOCK_DOCUMENTS).to_batches(max_chunksize=MAP_BATCH):
+        for whole in _record_batches(files):
+            start = 0
+            while start < whole.num_rows:  # the part of this batch up to the end of its block
+                batch = whole.slice(start, BLOCK_DOCUMENTS - stats["documents"] % BLOCK_DOCUMENTS)
+                start += batch.num_rows
                 ids = batch.column("input_ids")
                 values = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
                 lengths = batch.column("doc_length").to_numpy()
@@ -429,10 +435,22 @@ def _layout(documents, max_length: int, packing: bool, eos: int, path: Path) -> 
                 if full:
                     emit(stream[:full], np.arange(0, full + 1, max_length, dtype=np.int32))
                 carry = stream[full:]
-            if len(carry):  # the block's partial row is kept
-                emit(carry, np.array([0, len(carry)], np.int32))
+                if stats["documents"] % BLOCK_DOCUMENTS == 0 and len(carry):  # the block's partial row is kept
+                    emit(carry, np.array([0, len(carry)], np.int32))
+                    carry = carry[:0]
+        if len(carry):
+            emit(carry, np.array([0, len(carry)], np.int32))
         writer.finalize()
     return stats
+
+
+def _record_batches(files: list[str]):
+    """The record batches of Arrow stream files, in order, each read into memory when its turn comes."""
+    import pyarrow as pa
+
+    for name in files:
+        with pa.OSFile(name) as source:
+            yield from pa.ipc.open_stream(source)
 
 
 def _ids_feature():

@@ -161,21 +161,27 @@ def cli(ctx, debug: bool, log_format: str | None):
 @cli.command(cls=GroupedCommand)
 @config_options(prepare_fields())
 @click.option("--output", "output", type=click.Path(), default=None, help="folder to write (default: the cache)")
-def prepare(config, output, **values):
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/N",
+    help="write shard I of N (0 to N-1) into the same --output or cache folder; the last one to finish writes the "
+    "index that makes the N shards one prepared dataset (an Indexed Job: I = the completion index)",
+)
+def prepare(config, output, shard, **values):
     """Tokenize, add eos, pack or truncate a corpus once; print its stats.json."""
     from job.data.corpus import load_corpus
+    from job.data.prepare import Shard
     from job.data.prepare import prepare as run_prepare
     from job.data.tokenizer import resolve_tokenizer
 
+    part = Shard.parse(shard) if shard is not None else None  # before anything is read or written
     cfg = _load(config, values)
     corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
     tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
-    result = run_prepare(cfg, tokenizer, output, corpus=corpus)
-    click.echo(
-        json.dumps(
-            {"path": str(result.path), "cache_hit": result.cache_hit, **result.stats}, ensure_ascii=False, indent=2
-        )
-    )
+    result = run_prepare(cfg, tokenizer, output, corpus=corpus, shard=part)
+    shown = {"path": str(result.path), "cache_hit": result.cache_hit, **result.stats}
+    click.echo(json.dumps({**shown, **({"shard": part.name} if part else {})}, ensure_ascii=False, indent=2))
 
 
 @cli.command()
@@ -353,26 +359,55 @@ def push(model, repo_id, private, commit_message):
     help="--tokenize: rounds, the best of each counts",
 )
 @click.option("--scale", type=click.IntRange(min=1), default=1, show_default=True, help="--tokenize: corpus x N")
+@click.option("--prepare", "prepare_mode", is_flag=True, help="benchmark prepare at corpus scale (tokens/s, memory)")
+@click.option(
+    "--copies",
+    default="1,4,16",
+    show_default=True,
+    help="--prepare: corpus sizes, as copies of the corpus (comma-separated)",
+)
+@click.option(
+    "--train-steps",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="--prepare: also train a tiny model N steps on each size (the memory of starting a run)",
+)
 @click.option(
     "--profile-steps",
     type=click.IntRange(min=0),
     default=0,
     help="torch-profile N steps after the warm-up: top GPU kernels",
 )
-def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, scale, profile_steps, **values):
-    """Time the real training path (or tokenization); print one JSON line of figures.
+def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, scale, prepare_mode, copies, **values):
+    """Time the real training path (or tokenization, or prepare at corpus scale); print one JSON line of figures.
 
     With --synthetic and no --tokenizer/--model, a word-level tokenizer of --vocab-size entries stands in: no
     corpus and no BPE training needed."""
-    from job.run.bench import bench_tokenize, dumps, run_bench
+    from job.run.bench import bench_prepare, bench_tokenize, dumps, run_bench
     from job.run.launch import single_process_env
 
+    profile_steps, train_steps = values.pop("profile_steps"), values.pop("train_steps")
     cfg = _load(config, values)
+    if prepare_mode:
+        sizes = _copies(copies)
+        click.echo(dumps(bench_prepare(cfg, sizes, train_steps)))
+        return
     if tokenize_mode:
         click.echo(dumps(bench_tokenize(cfg, repeats, scale)))
         return
     single_process_env(cfg)
     click.echo(dumps(run_bench(cfg, steps, warmup, synthetic, compare, profile_steps)))
+
+
+def _copies(text: str) -> list[int]:
+    try:
+        sizes = [int(n) for n in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise JobError(f"--copies {text!r} is not a list of positive whole numbers", "pass e.g. --copies 1,4,16")
+    return sizes
 
 
 def main():

@@ -166,3 +166,29 @@ def test_sweep_stopped_by_sigterm_stops_its_running_step(tmp_path):
     assert sweep.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in out
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, alive
+
+
+def test_prepare_bench_measures_each_size_against_the_bare_tokenizer(tiny_tokenizer_dir):
+    result = _bench(
+        *("--prepare", "--copies", "2,1", "--tokenizer", str(tiny_tokenizer_dir), "--max-samples", "200"),
+        *("--num-proc", "2", "--max-length", "64", "--train-steps", "1"),
+    )
+    assert result["mode"] == "prepare" and result["processes"] == 2 and result["rust_tokens_per_s"] > 0
+    small, large = result["sizes"]  # in order of size
+    assert (small["copies"], large["copies"]) == (1, 2) and large["documents"] == 2 * small["documents"] == 400
+    assert large["document_tokens"] == 2 * small["document_tokens"]  # checked against the bare tokenizer too
+    for size in (small, large):
+        assert size["processes"] == 2 and size["one_process_processes"] == 1
+        assert size["tokens_per_s"] > 0 and size["one_process_tokens_per_s"] > 0 and size["speedup"] > 0
+        assert 0 < size["peak_anon_gib"] <= size["peak_pss_gib"] and size["peak_rss_largest_gib"] > 0
+    assert large["marginal_tokens_per_wall_s"] > 0 and large["per_process_vs_rust"] > 0 and large["cpu_vs_rust"] > 0
+    assert all(s["train_start_peak_anon_gib"] > 0 and s["train_start_s"] > 0 for s in (small, large))
+    assert "one_process_train_start_s" not in large  # one training run per size
+
+
+def test_prepare_bench_refuses_bad_sizes():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "job", "bench", "--prepare", "--copies", "1,0"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --copies '1,0' is not a list of positive")

@@ -296,6 +296,19 @@ def test_commands_parse_and_resolve_to_the_gpus_and_nodes_they_have(rendered):
     assert subcommands == {"doctor", "train", "prepare"}
 
 
+def test_the_prepare_job_writes_each_shard_once():
+    """Pod I of the Indexed prepare Job runs `--shard I/N` with N = completions = parallelism, so the pods write
+    every shard of one set, each once."""
+    from job.data.prepare import Shard
+
+    (job,) = load_docs((K8S / "prepare-job.yaml").read_text())
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] > 1
+    (c,) = containers(spec["template"]["spec"])
+    shards = [Shard.parse(parse_cli(argv(c, str(i)))[1]["shard"]) for i in range(spec["completions"])]
+    assert shards == [Shard(i, spec["completions"]) for i in range(spec["completions"])]
+
+
 def _check_rendezvous(rendered: dict, w: dict, spec: dict, cfg: RunConfig) -> None:
     """The master address is pod 0's DNS name, on the port the workload exposes."""
     name = w["metadata"]["name"]

@@ -52,6 +52,73 @@ def test_truncation_layout_adds_no_eos_to_cut_documents(tiny_tokenizer, docs_jso
     assert result.stats["tokens"] == sum(len(r) for r in rows)
 
 
+def _packed(stream: list[int], length: int) -> list[list[int]]:
+    return [stream[i : i + length] for i in range(0, len(stream), length)]
+
+
+def test_packing_streams_batch_by_batch_and_restarts_per_block(tiny_tokenizer, tmp_path, monkeypatch):
+    """The layout carries the partial row from one map batch to the next (memory is one batch) and restarts every
+    BLOCK_DOCUMENTS documents, keeping each block's partial row."""
+    import job.data.prepare as module
+    from tests.conftest import write_jsonl
+
+    docs = DOCS * 4  # 20 documents
+    path = write_jsonl(tmp_path / "docs.jsonl", docs)
+    eos = tiny_tokenizer.eos_token_id
+    streams = [[t for d in docs[i : i + 8] for t in [*_ids(tiny_tokenizer, d), eos]] for i in range(0, 20, 8)]
+    monkeypatch.setattr(module, "MAP_BATCH", 3)  # batches that cut blocks and rows anywhere
+    monkeypatch.setattr(module, "BLOCK_DOCUMENTS", 8)
+    cfg = RunConfig.load(data=str(path), max_length=16, eval_fraction=0.0, num_proc=1)
+    result = prepare(cfg, tiny_tokenizer, str(tmp_path / "out"))
+    rows = result.load()["train"]["input_ids"][:]
+    assert rows == [r for s in streams for r in _packed(s, 16)]
+    assert result.stats["rows"] == len(rows) and result.stats["eos_tokens"] == 20 == result.stats["documents"]
+    assert result.stats["padding_tokens"] == 16 * len(rows) - sum(map(len, streams))
+
+
+def test_processes_change_nothing_but_the_time(tiny_tokenizer, tmp_path, monkeypatch):
+    """--num-proc 2 (the map in two processes) writes the rows and stats of one process, in both layouts."""
+    import job.data.prepare as module
+
+    monkeypatch.setattr(module, "MAP_BATCH", 40)  # 300 documents: several batches per process
+    for packing in (True, False):
+        results = [
+            prepare(
+                RunConfig.load(max_samples=300, max_length=48, packing=packing, num_proc=n),
+                tiny_tokenizer,
+                str(tmp_path / f"{packing}-{n}"),
+            )
+            for n in (1, 2)
+        ]
+        one, two = (r.load() for r in results)
+        assert results[0].stats == results[1].stats
+        for split in ("train", "eval"):
+            assert one[split]["input_ids"][:] == two[split]["input_ids"][:]
+
+
+def test_a_worker_of_several_runs_one_tokenizer_thread(tiny_tokenizer, monkeypatch):
+    """N processes of N threads each would oversubscribe the cores: a worker's Rust tokenizer runs one thread."""
+    import os
+
+    from job.data.prepare import _encoder
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    encode = _encoder(tiny_tokenizer, 16, True)
+    encode({"completion": DOCS})  # one process: the tokenizer keeps its threads
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    table = encode({"completion": DOCS}, one_thread=True)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false" and table.num_rows == len(DOCS)
+
+
+def test_processes_default_to_the_usable_cpus(monkeypatch):
+    import job.data.prepare as module
+
+    monkeypatch.setattr(module, "usable_cpus", lambda: 6)
+    assert module.tokenize_processes(RunConfig.load()) == 6 == module.tokenize_processes(RunConfig.load(), 10**6)
+    assert module.tokenize_processes(RunConfig.load(num_proc=3)) == 3  # --num-proc overrides
+    assert module.tokenize_processes(RunConfig.load(), 2 * module.MAP_BATCH) == 2  # no process without a batch
+
+
 def test_eval_split_holds_out_whole_documents(tiny_tokenizer):
     cfg = RunConfig.load(max_samples=200, max_length=64, eval_fraction=0.1)
     stats = prepare(cfg, tiny_tokenizer).stats
@@ -157,3 +224,84 @@ def test_a_foreign_output_is_refused_before_anything_is_written(tiny_tokenizer, 
     with pytest.raises(JobError, match="is a file"):
         prepare(cfg, tiny_tokenizer, str(tmp_path / "file"))
     assert sorted(p.name for p in tmp_path.iterdir()) == before and [p.name for p in theirs.iterdir()] == ["notes.txt"]
+
+
+def _listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_shards_are_one_dataset_identical_to_one_process(tiny_tokenizer, tmp_path, monkeypatch):
+    """Three shards prepared in any order, the last writing the index, load as the rows, order and stats of one
+    process; and a one-process prepare of that folder is a cache hit."""
+    import job.data.prepare as module
+    from job.core.errors import JobError
+    from job.data.prepare import Shard, load_prepared, read_prepared_stats
+
+    monkeypatch.setattr(module, "BLOCK_DOCUMENTS", 40)  # 270 train documents: 7 blocks; 30 held out: 1
+    cfg = RunConfig.load(max_samples=300, max_length=48, eval_fraction=0.1, num_proc=1)
+    one = prepare(cfg, tiny_tokenizer, str(tmp_path / "one"))
+    for index in (2, 0):
+        part = prepare(cfg, tiny_tokenizer, str(tmp_path / "set"), shard=Shard(index, 3))
+        assert part.path == tmp_path / "set" / Shard(index, 3).folder and not part.cache_hit
+    with pytest.raises(JobError, match=r"lacks 1 of its 3 shards \(1/3\)"):
+        read_prepared_stats(str(tmp_path / "set"))
+    with pytest.raises(JobError, match=r"lacks 1 of its 3 shards \(1/3\)"):  # one process does not fill the gap
+        prepare(cfg, tiny_tokenizer, str(tmp_path / "set"))
+    whole = prepare(cfg, tiny_tokenizer, str(tmp_path / "set"), shard=Shard(1, 3))
+    assert whole.path == tmp_path / "set" and whole.stats == one.stats
+    assert json.loads((tmp_path / "set" / "stats.json").read_text()) == one.stats
+    mine, theirs = load_prepared(str(tmp_path / "set")), one.load()
+    for split in ("train", "eval"):
+        assert mine[split]["input_ids"][:] == theirs[split]["input_ids"][:]
+    assert one.stats["train"]["rows"] > 7 and one.stats["eval"]["documents"] == 30
+    again = prepare(cfg, tiny_tokenizer, str(tmp_path / "set"))  # the set is one prepared dataset
+    assert again.cache_hit and again.stats == one.stats
+    assert prepare(cfg, tiny_tokenizer, str(tmp_path / "set"), shard=Shard(0, 3)).cache_hit
+
+
+def test_a_missing_extra_or_foreign_shard_is_refused_and_nothing_written(tiny_tokenizer, tmp_path, monkeypatch):
+    import shutil
+
+    import job.data.prepare as module
+    from job.core.errors import JobError
+    from job.data.prepare import Shard, load_prepared
+
+    monkeypatch.setattr(module, "BLOCK_DOCUMENTS", 40)
+    cfg = RunConfig.load(max_samples=120, max_length=48, eval_fraction=0.0, num_proc=1)
+    out = tmp_path / "set"
+    prepare(cfg, tiny_tokenizer, str(out), shard=Shard(0, 2))
+    before = _listing(out)
+    cases = [
+        (RunConfig.load(max_samples=120, max_length=64, eval_fraction=0.0), Shard(1, 2), "another max_length"),
+        (RunConfig.load(max_samples=119, max_length=48, eval_fraction=0.0), Shard(1, 2), "another corpus"),
+        (cfg, Shard(1, 3), r"holds shard 0/2, which is not one of 3 shards"),
+    ]
+    for other, shard, message in cases:
+        with pytest.raises(JobError, match=message):
+            prepare(other, tiny_tokenizer, str(out), shard=shard)
+        assert _listing(out) == before
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(JobError, match=r"holds notes\.txt, which is not a shard"):
+        prepare(cfg, tiny_tokenizer, str(out), shard=Shard(1, 2))
+    (out / "notes.txt").unlink()
+
+    prepare(cfg, tiny_tokenizer, str(out), shard=Shard(1, 2))  # completes the set
+    assert len(load_prepared(str(out))["train"]) > 0
+    shutil.rmtree(out / Shard(1, 2).folder)  # a shard lost after the index was written
+    with pytest.raises(JobError, match=r"lacks 1 of its 2 shards \(1/2\)"):
+        load_prepared(str(out))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("3/3", "--shard 3/3 is out of range"), ("1", "is not I/N"), ("-1/2", "is not I/N"), ("0/0", "is not I/N")],
+)
+def test_a_bad_shard_is_one_line_exit_2_before_anything_is_read(tiny_tokenizer_dir, tmp_path, value, message):
+    from click.testing import CliRunner
+
+    from job.cli import cli
+
+    args = ["prepare", "--tokenizer", str(tiny_tokenizer_dir), "--shard", value, "--output", str(tmp_path / "p")]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

@@ -81,3 +81,25 @@ def test_nproc_auto_means_one_process_per_gpu():
     cfg, sources = resolve_topology(RunConfig.load(), {"PET_NPROC_PER_NODE": "auto"})
     assert sources["nproc"] == "PET_NPROC_PER_NODE"
     assert cfg.nproc is None
+
+
+def test_usable_cpus_is_the_affinity_mask_capped_by_the_cgroup_limit(tmp_path):
+    import os
+
+    from job.core.topology import usable_cpus
+
+    mask = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path) == mask  # no cgroup files: the mask
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path) == mask  # v2, no limit
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert usable_cpus(tmp_path) == 1  # half a CPU: still one process
+    (tmp_path / "cpu.max").write_text(f"{(mask + 7) * 100000} 100000\n")
+    assert usable_cpus(tmp_path) == mask  # a limit above the mask: the mask
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(tmp_path) == 1  # v1: 1.5 CPUs, rounded down
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert usable_cpus(tmp_path) == mask

@@ -174,6 +174,33 @@ def test_smoke_passes_in_a_fresh_process(trained):
     assert result["ok"] is True and all(result["checks"].values())
 
 
+def test_a_run_trains_on_a_sharded_prepared_dataset(tmp_path, tiny_tokenizer_dir):
+    """Two `prepare --shard` processes into one folder, then `train --prepared` on the set (the worker reads it
+    through `load_prepared`): it trains, and the held-out loss is logged. 300 documents are one block, so shard 1
+    is empty here; tests/test_prepare.py concatenates non-empty shards."""
+    args = ["--tokenizer", str(tiny_tokenizer_dir), "--max-samples", "300", "--max-length", "64"]
+    for shard in ("1/2", "0/2"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "job", "prepare", *args, "--shard", shard, "--output", str(tmp_path / "set")],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "set" / "shards.json").exists()
+    run = ["--prepared", str(tmp_path / "set"), "--tokenizer", str(tiny_tokenizer_dir), "--preset", "tiny"]
+    run += ["--max-steps", "2", "--deepspeed", "none", "--report-to", "none", "--eval-batches", "1", "--nproc", "1"]
+    run += ["--per-device-batch-size", "4", "--grad-accum", "1", "--dataloader-workers", "0", "--device", "cpu"]
+    run += ["--output-dir", str(tmp_path / "run")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "job", "train", *run], capture_output=True, text=True, env=_env(), timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in r for r in records)
+
+
 def test_training_batches_keep_eos_labels_mask_padding_and_count_real_tokens(tiny_tokenizer):
     """The worker's collator: right padding whatever the tokenizer's side, eos labels kept, padding masked, the real
     tokens counted on the host, and the tokenizer (left-padding, for generation) left as it was."""

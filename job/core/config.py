@@ -114,7 +114,14 @@ class RunConfig:
     packing: bool = opt(
         True, "pack documents into full rows (else one truncated document per row)", group="data", prepare=True
     )
-    num_proc: int = opt(1, "processes for tokenization", group="data", prepare=True, resumable=True, bound=at_least(1))
+    num_proc: int | None = opt(
+        None,
+        "processes for tokenization (default: every usable CPU: the affinity mask, capped by a cgroup CPU limit)",
+        group="data",
+        prepare=True,
+        resumable=True,
+        bound=at_least(1),
+    )
     prepared: str | None = opt(
         None, "a folder written by `prepare` (skips preparation)", group="data", resumable=True, path=True
     )

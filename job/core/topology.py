@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from pathlib import Path
 
 from job.core.config import CoercionError, RunConfig, coerce, field_meta, flag
 from job.core.errors import JobError
@@ -69,6 +70,29 @@ def visible_gpus() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may keep busy: its affinity mask (taskset, a container's cpuset), capped by a cgroup
+    CPU quota (a pod's CPU limit, which the mask does not show), rounded down so that no process is throttled."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpu_limit(cgroup)
+    return max(1, min(count, int(quota))) if quota else max(1, count)
+
+
+def _cgroup_cpu_limit(cgroup: Path) -> float | None:
+    """CPUs of quota per period: cgroup v2 `cpu.max` ("max 100000" = none), else v1 `cpu.cfs_quota_us` (-1 = none)."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def processes_per_node(cfg: RunConfig) -> int:

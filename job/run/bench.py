@@ -10,6 +10,8 @@ import multiprocessing
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -286,7 +288,7 @@ def bench_tokenize(cfg: RunConfig, repeats: int = 3, scale: int = 1) -> dict:
     import datasets
 
     from job.data.corpus import TEXT, Corpus, load_corpus
-    from job.data.prepare import prepare
+    from job.data.prepare import prepare, tokenize_processes
     from job.data.tokenizer import resolve_tokenizer
 
     corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
@@ -305,9 +307,10 @@ def bench_tokenize(cfg: RunConfig, repeats: int = 3, scale: int = 1) -> dict:
         best[name] = min(best[name], time.perf_counter() - start)
 
     pool = None
-    if cfg.num_proc > 1:  # one tokenizer per worker, loaded before the clock starts
-        pool = multiprocessing.get_context("spawn").Pool(cfg.num_proc, _load_bare, (tokenizer.name_or_path,))
-        pool.map(_bare_chunk, [["warm-up"]] * cfg.num_proc)
+    processes = tokenize_processes(cfg)  # what prepare uses
+    if processes > 1:  # one tokenizer per worker, loaded before the clock starts
+        pool = multiprocessing.get_context("spawn").Pool(processes, _load_bare, (tokenizer.name_or_path,))
+        pool.map(_bare_chunk, [["warm-up"]] * processes)
     else:
         _load_bare(tokenizer.name_or_path)
     try:
@@ -329,7 +332,7 @@ def bench_tokenize(cfg: RunConfig, repeats: int = 3, scale: int = 1) -> dict:
     assert counts["rust"] == counts["prepare"] == tokens, f"the tokenizations disagree: {counts}"
     return {
         "mode": "tokenize",
-        "num_proc": cfg.num_proc,
+        "num_proc": processes,
         "repeats": repeats,
         "scale": scale,
         "documents": len(texts),
@@ -340,6 +343,173 @@ def bench_tokenize(cfg: RunConfig, repeats: int = 3, scale: int = 1) -> dict:
         "prepare_vs_bare": round(best["bare"] / best["prepare"], 3),
         "prepare_vs_rust": round(best["rust"] / best["prepare"], 3),
     }
+
+
+# ------------------------------------------------------------------ prepare at corpus scale
+def bench_prepare(cfg: RunConfig, copies: list[int], train_steps: int = 0) -> dict:
+    """`python -m job prepare` in a child process on N copies of the corpus (a Parquet file, read as a real corpus
+    is), per N: its wall time, tokens/s and peak memory; with more than one process, also one process on the same
+    file (the speedup). Against the bare Rust tokenizer (`encode_batch_fast`) timed here on the same texts.
+
+    Every tokenizer runs one thread (TOKENIZERS_PARALLELISM=false), so a process is a core. The marginal rate
+    between two sizes leaves out the fixed costs (imports, loading the tokenizer, forking workers): what a corpus
+    of 100 GB sees. Memory: `_sample_tree`. With `train_steps`, a tiny model also trains that many steps on each
+    size's prepared rows: the memory of starting a run (training reads the rows memory-mapped).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from job.data.corpus import TEXT, load_corpus
+    from job.data.prepare import token_ids_function, tokenize_processes
+    from job.data.tokenizer import resolve_tokenizer
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the Rust tokenizer at each call, and by the children
+    corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
+    tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
+    texts = corpus.rows[TEXT][:]
+    token_ids = token_ids_function(tokenizer)
+    rounds = 3  # the mean, not the best: prepare's one long run meets the machine's other work as this does
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(rounds):
+        rust_tokens = sum(len(ids) for i in range(0, len(texts), 1000) for ids in token_ids(texts[i : i + 1000]))
+    rust_seconds, rust_cpu = (time.perf_counter() - start) / rounds, (time.process_time() - cpu) / rounds
+    rust_rate = rust_tokens / rust_seconds
+    processes = tokenize_processes(cfg)
+    runs = {"": processes, "one_process_": 1} if processes > 1 else {"": 1}  # label -> processes
+    labels = list(runs)
+    sizes = []
+    with tempfile.TemporaryDirectory(prefix="job-bench-prepare-") as tmp:
+        folder = Path(tmp)
+        for n in sorted(copies):
+            corpus_file = folder / f"x{n}.parquet"
+            with pq.ParquetWriter(corpus_file, pa.schema([(TEXT, pa.string())])) as writer:
+                for _ in range(n):
+                    writer.write_table(pa.table({TEXT: texts}))
+            size = {"copies": n, "documents": n * len(texts), "document_tokens": n * rust_tokens}
+            for label, count in runs.items():
+                steps = train_steps if not label else 0  # the run's memory: once per size
+                run = _measured_prepare(
+                    cfg, corpus_file, str(tokenizer.name_or_path), count, folder / f"{label}{n}", steps
+                )
+                assert run["document_tokens"] == n * rust_tokens, "prepare and the bare tokenizer disagree"
+                size.update({f"{label}{k}": v for k, v in run.items() if k != "document_tokens"})
+            if processes > 1:
+                size["speedup"] = round(size["tokens_per_s"] / size["one_process_tokens_per_s"], 3)
+            if sizes:  # the fixed costs (imports, loading the tokenizer, forking) cancel out between two sizes
+                added = size["document_tokens"] - sizes[-1]["document_tokens"]
+                for label in labels:
+                    for clock in ("wall_s", "cpu_s"):
+                        seconds = max(size[f"{label}{clock}"] - sizes[-1][f"{label}{clock}"], 1e-9)
+                        size[f"{label}marginal_tokens_per_{clock}"] = round(added / seconds)
+                size["per_process_vs_rust"] = round(size["marginal_tokens_per_wall_s"] / processes / rust_rate, 3)
+                size["cpu_vs_rust"] = round(size["marginal_tokens_per_cpu_s"] * rust_cpu / rust_tokens, 3)
+                if processes > 1:
+                    size["marginal_speedup"] = round(
+                        size["marginal_tokens_per_wall_s"] / size["one_process_marginal_tokens_per_wall_s"], 3
+                    )
+            size["load_average"] = round(os.getloadavg()[0], 2)  # other work on the machine: the figures' noise
+            sizes.append(size)
+            corpus_file.unlink()
+    return {
+        "mode": "prepare",
+        "max_length": cfg.max_length,
+        "packing": cfg.packing,
+        "processes": processes,
+        "cpus": os.cpu_count(),
+        "rust_tokens_per_s": round(rust_rate),  # one process, one thread
+        "rust_tokens_per_cpu_s": round(rust_tokens / rust_cpu),
+        "sizes": sizes,
+    }
+
+
+def _measured_prepare(
+    cfg: RunConfig, corpus_file: Path, tokenizer: str, processes: int, work: Path, train_steps: int = 0
+) -> dict:
+    """One `prepare` child process, then (`train_steps`) a short training run on what it wrote: their figures (a
+    private cache: nothing is left behind)."""
+    work.mkdir()
+    env = {**os.environ, "HF_DATASETS_CACHE": str(work / "hf"), "JOB_CACHE": str(work / "job")}
+    try:
+        args = ["prepare", "--data", str(corpus_file), "--tokenizer", tokenizer, "--max-length", str(cfg.max_length)]
+        args += ["--eval-fraction", str(cfg.eval_fraction), "--seed", str(cfg.seed), "--num-proc", str(processes)]
+        args += ["--packing" if cfg.packing else "--no-packing", "--output", str(work / "p")]
+        seconds, cpu, peak, out = _measured_child(args, env, work)
+        stats = json.loads(out)
+        result = {
+            "processes": processes,
+            "tokens": stats["tokens"],
+            "document_tokens": stats["document_tokens"],
+            "wall_s": round(seconds, 2),
+            "cpu_s": round(cpu, 2),  # the whole tree's, its workers' included
+            "tokens_per_s": round(stats["document_tokens"] / seconds),
+            **{f"peak_{name}_gib": round(value / 2**30, 3) for name, value in peak.items()},
+        }
+        if train_steps:  # the start of a run on it: tiny model, one process, the prepared rows memory-mapped
+            args = ["train", "--prepared", str(work / "p"), "--tokenizer", tokenizer, "--preset", "tiny"]
+            args += ["--max-steps", str(train_steps), "--deepspeed", "none", "--report-to", "none", "--nproc", "1"]
+            args += ["--eval-batches", "1", "--per-device-batch-size", "4", "--grad-accum", "1", "--device", "cpu"]
+            args += ["--dataloader-workers", "0", "--resume", "never", "--output-dir", str(work / "run")]
+            seconds, _, peak, _ = _measured_child(args, env, work)
+            result["train_start_s"] = round(seconds, 1)
+            result.update({f"train_start_peak_{name}_gib": round(value / 2**30, 3) for name, value in peak.items()})
+        return result
+    finally:
+        shutil.rmtree(work)
+
+
+def _measured_child(args: list[str], env: dict, work: Path) -> tuple[float, float, dict[str, int], str]:
+    """`python -m job ARGS`: its wall and CPU seconds, peak memory (`_sample_tree`) and stdout."""
+    start, cpu = time.perf_counter(), _children_cpu_s()
+    with open(work / "out", "w+") as out, open(work / "err", "w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "job", *args], stdout=out, stderr=err, env=env)
+        peak = _sample_tree(proc)
+        seconds, cpu = time.perf_counter() - start, _children_cpu_s() - cpu
+        err.seek(0)
+        assert proc.returncode == 0, f"{args[0]} failed: {err.read()[-2000:]}"
+        out.seek(0)
+        return seconds, cpu, peak, out.read()
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of every finished child process and of the children they waited for."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _sample_tree(proc: subprocess.Popen) -> dict[str, int]:
+    """Until `proc` exits, every 50 ms: the memory of it and its descendants (bytes, each the peak over time).
+
+    pss: the tree's proportional set size, each shared page counted once (forked workers share most of theirs);
+    anon: its anonymous part, what the kernel cannot reclaim (file pages of memory-mapped Arrow files it can);
+    rss_largest: the resident set of the largest single process, as `ps` shows it.
+    """
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    peak = {"pss": 0, "anon": 0, "rss_largest": 0}
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        now = {"pss": 0, "anon": 0, "rss_largest": 0}
+        for member in tree:
+            try:
+                fields = dict(
+                    line.split(":") for line in Path(f"/proc/{member.pid}/smaps_rollup").read_text().splitlines()[1:]
+                )
+            except (OSError, ValueError):
+                continue  # exited meanwhile
+            kib = {k: int(v.split()[0]) * 1024 for k, v in fields.items()}
+            now["pss"] += kib["Pss"]
+            now["anon"] += kib["Pss_Anon"]
+            now["rss_largest"] = max(now["rss_largest"], kib["Rss"])
+        peak = {k: max(peak[k], now[k]) for k in peak}
+        time.sleep(0.05)
+    proc.wait()
+    return peak
 
 
 def dumps(summary: dict) -> str:

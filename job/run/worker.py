@@ -39,7 +39,7 @@ from job.core.errors import (
 from job.core.files import atomic_write_json
 from job.core.logs import adopt_library_loggers, prints_logged
 from job.core.units import flops_per_token
-from job.data.prepare import read_prepared_stats
+from job.data.prepare import load_prepared
 from job.data.tokenizer import load_tokenizer
 from job.model.build import build_model, parameter_count
 from job.model.patches import apply_patches, model_patches
@@ -381,10 +381,7 @@ def _final_eval(trainer: Trainer) -> dict:
 
 
 def _load_prepared(cfg: RunConfig):
-    import datasets
-
-    read_prepared_stats(cfg.prepared)  # fails with a clear message if it is not one
-    data = datasets.load_from_disk(cfg.prepared)
+    data = load_prepared(cfg.prepared)  # memory-mapped; fails with a clear message if it is not one
     if "eval" in data and cfg.eval_batches:
         rows = cfg.eval_batches * cfg.per_device_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
         data["eval"] = data["eval"].select(range(min(rows, len(data["eval"]))))

@@ -39,7 +39,7 @@ from job.core.errors import (
 from job.core.files import atomic_write_json
 from job.core.logs import adopt_library_loggers, prints_logged
 from job.core.units import flops_per_token
-from job.data.prepare import load_prepared
+from job.data.prepare import load_prepared, read_prepared_stats
 from job.data.tokenizer import load_tokenizer
 from job.model.build import build_model, parameter_count
 from job.model.patches import apply_patches, model_patches

@@ -262,12 +262,14 @@ def check_data(p: Preflight) -> Check:
 
 def _load_prepared_whole(folder: str) -> None:
     """Open every split and read its last row: a truncated or damaged Arrow file fails here, in one line."""
-    import datasets
+    from job.data.prepare import load_prepared
 
     try:
-        for split in datasets.load_from_disk(folder).values():
+        for split in load_prepared(folder).values():
             if len(split):
                 split[len(split) - 1]
+    except JobError:
+        raise
     except Exception as e:  # pyarrow and datasets raise many kinds for a damaged file
         raise JobError(
             f"{folder} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]})",

@@ -305,3 +305,36 @@ def test_a_bad_shard_is_one_line_exit_2_before_anything_is_read(tiny_tokenizer_d
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_signal_while_several_processes_tokenize_stops_in_one_line(tmp_path, tiny_tokenizer_dir):
+    """SIGTERM while datasets' process pool tokenizes: exit 75 and one line, not the pool's TimeoutError traceback
+    (its clean-up used to replace the signal's exception), and nothing at --output."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from job.data.corpus import builtin_articles
+    from tests.conftest import REPO, write_jsonl
+
+    data = write_jsonl(tmp_path / "big.jsonl", builtin_articles()[:400] * 40)
+    output = tmp_path / "prepared"
+    argv = ["prepare", "--tokenizer", str(tiny_tokenizer_dir), "--data", str(data), "--output", str(output)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "job", *argv, "--num-proc", "2"], stderr=subprocess.PIPE, text=True, env=env
+    )
+    deadline = time.time() + 300
+    while len(psutil.Process(proc.pid).children()) < 2:  # the pool's workers are up: tokenizing
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timed out"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert err.strip().splitlines() == ["stopped by SIGTERM -- run the same command again"], err
+    assert not output.exists()

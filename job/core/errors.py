@@ -1,6 +1,7 @@
 """Errors a person can fix, the exit codes the whole tool (CLI, Makefile, Kubernetes) shares, how a
 SIGTERM/SIGINT unwinds outside the training loop, and how a child process ends with its parent."""
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -44,8 +45,32 @@ class Stopped(BaseException):
         super().__init__(self.signal_name)
 
 
+_RECEIVED: list[int] = []  # the stop signals this process has received
+
+
 def _raise_stopped(signum, frame):
+    _RECEIVED.append(signum)
     raise Stopped(signum)
+
+
+def raise_if_stopped() -> None:
+    """At a stage boundary: a stop signal that a library swallowed on the way (a process pool's clean-up catches
+    what it should not) still stops here, before the next stage begins."""
+    if _RECEIVED:
+        raise Stopped(_RECEIVED[-1])
+
+
+@contextlib.contextmanager
+def stops_through_pools():
+    """Around a library call that runs a process pool (datasets' `map` with `num_proc`): its clean-up replaces our
+    `Stopped` with an error of its own (multiprocess's TimeoutError); a signal that came meanwhile still stops."""
+    seen = len(_RECEIVED)
+    try:
+        yield
+    except Exception:
+        if len(_RECEIVED) > seen:
+            raise Stopped(_RECEIVED[-1]) from None
+        raise
 
 
 def stop_at_once() -> None:

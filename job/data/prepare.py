@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from job.core.config import RunConfig, cache_root
-from job.core.errors import JobError
+from job.core.errors import JobError, stops_through_pools
 from job.core.files import FileLock, atomic_write_json, new_folder, share
 from job.core.topology import usable_cpus
 from job.data.corpus import TEXT, Corpus, load_corpus
@@ -369,17 +369,18 @@ def _tokenize_and_layout(rows, cfg: RunConfig, tokenizer, workdir: Path, shard: 
             stats[name] = dict.fromkeys(STAT_KEYS, 0)
             continue
         processes = tokenize_processes(cfg, len(part))
-        tokenized = part.map(  # documents -> token ids + eos, in `processes` contiguous pieces, to a file on disk
-            encode,
-            batched=True,
-            batch_size=MAP_BATCH,
-            num_proc=processes if processes > 1 else None,
-            fn_kwargs={"one_thread": processes > 1},
-            remove_columns=part.column_names,
-            cache_file_name=str(workdir / f"{name}-tokenized.arrow"),
-            features=datasets.Features({"input_ids": _ids_feature(), "doc_length": datasets.Value("int64")}),
-            desc=f"tokenize {name}",
-        )
+        with stops_through_pools():
+            tokenized = part.map(  # documents -> token ids + eos, in `processes` contiguous pieces, to a file on disk
+                encode,
+                batched=True,
+                batch_size=MAP_BATCH,
+                num_proc=processes if processes > 1 else None,
+                fn_kwargs={"one_thread": processes > 1},
+                remove_columns=part.column_names,
+                cache_file_name=str(workdir / f"{name}-tokenized.arrow"),
+                features=datasets.Features({"input_ids": _ids_feature(), "doc_length": datasets.Value("int64")}),
+                desc=f"tokenize {name}",
+            )
         path = workdir / f"{name}-rows.arrow"
         files = [f["filename"] for f in tokenized.cache_files]  # in row order
         stats[name] = _layout(files, cfg.max_length, cfg.packing, eos, path)

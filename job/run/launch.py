@@ -25,7 +25,15 @@ from pathlib import Path
 
 from job.core import checkpoints, run_files
 from job.core.config import RunConfig
-from job.core.errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, STOP_SIGNALS, JobError, die_with_parent
+from job.core.errors import (
+    EXIT_CRASH,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    STOP_SIGNALS,
+    JobError,
+    die_with_parent,
+    raise_if_stopped,
+)
 from job.core.files import FileLock, atomic_write_json
 from job.core.topology import TOPOLOGY_DEFAULTS, processes_per_node
 from job.run.checks import Preflight
@@ -87,6 +95,7 @@ def train(cfg: RunConfig) -> int:
         lock.acquire()  # refuse a second run before preparing anything
     log.info("launch: %s", found.launch)
     cfg, _ = prepare_inputs(cfg, found)
+    raise_if_stopped()  # a signal during preparation stops here even if a library's pool swallowed it
 
     output.mkdir(parents=True, exist_ok=True)
     if lock:  # the folder is this job's (resume.check_output): its own partial saves only

@@ -32,7 +32,7 @@ train-flags = --config $(RECIPE) --output-dir $(1) $(or $(if $(MODEL),--model $(
 	$(if $(DATA),--data $(DATA)) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) $(if $(NPROC),--nproc $(NPROC)) \
 	$(if $(ZERO),--zero-stage $(ZERO)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(ARGS)
 
-.PHONY: help setup train smoke test test-fast lint bench bench-gpu
+.PHONY: help setup train smoke test test-fast test-random lint bench bench-gpu
 .PHONY: build push docker-train docker-smoke k8s-overlays k8s-render k8s-validate k8s-pvcs k8s-prepare \
 	k8s-submit k8s-multinode k8s-trainjob k8s-logs k8s-delete k8s-claims k8s-fetch
 
@@ -83,6 +83,12 @@ lint: setup ## ruff, hadolint on docker/Dockerfile, strict validation of the Kub
 
 test: setup ## Run the whole test suite (what CI runs)
 	$(PY) -m pytest -q tests
+
+# The suite in a random order (pytest-randomly; SEED=N repeats an order, the header prints the seed): no test may
+# depend on what another left behind.
+SEED ?=
+test-random: setup ## The whole suite in a random order (SEED= to repeat one; the seed is printed first)
+	$(PY) -m pytest -o addopts=-ra $(if $(SEED),--randomly-seed=$(SEED)) tests
 
 test-fast: setup ## The unit tests only, for your own loop (under two minutes; no training runs or launches)
 	$(PY) -m pytest -q -m "not slow" tests

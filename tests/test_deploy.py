@@ -127,13 +127,15 @@ def workloads(docs: list[dict]) -> list[dict]:
     """The workloads; a TrainJob carries the TrainingRuntime it names (`_runtime`): the one rendered beside it,
     else k8s/trainjob/runtime.yaml as it is (the TrainJob's file alone)."""
     runtimes = {d["metadata"]["name"]: d for d in docs if d["kind"] == "TrainingRuntime"}
-    found = [d for d in docs if d["kind"] in WORKLOADS]
-    for w in found:
-        if w["kind"] == "TrainJob":
+    found = []
+    for w in (d for d in docs if d["kind"] in WORKLOADS):
+        if w["kind"] == "TrainJob":  # a copy: the rendered documents stay as they were (other tests validate them)
             ref = w["spec"]["runtimeRef"]
             assert (ref.get("apiGroup"), ref.get("kind")) == ("trainer.kubeflow.org", "TrainingRuntime"), ref
-            w["_runtime"] = runtimes.get(ref["name"]) or load_docs((K8S / "trainjob" / "runtime.yaml").read_text())[0]
-            assert w["_runtime"]["metadata"]["name"] == ref["name"]
+            runtime = runtimes.get(ref["name"]) or load_docs((K8S / "trainjob" / "runtime.yaml").read_text())[0]
+            assert runtime["metadata"]["name"] == ref["name"]
+            w = {**w, "_runtime": runtime}
+        found.append(w)
     return found
 
 

@@ -74,9 +74,26 @@ def stops_through_pools():
 
 
 def stop_at_once() -> None:
-    """From now on SIGTERM/SIGINT raise `Stopped` (Python as PID 1 would ignore SIGTERM without a handler)."""
+    """From now on SIGTERM/SIGINT raise `Stopped` (Python as PID 1 would ignore SIGTERM without a handler).
+
+    Not in forked children (a library's process pool, DataLoader workers before their own init): they get the
+    default action back, so a pool terminated by its parent ends quietly instead of printing a `Stopped` traceback.
+    """
+    global _FORK_HOOKED
     for sig in STOP_SIGNALS:
         signal.signal(sig, _raise_stopped)
+    if not _FORK_HOOKED:
+        os.register_at_fork(after_in_child=_default_stop_signals)
+        _FORK_HOOKED = True
+
+
+_FORK_HOOKED = False
+
+
+def _default_stop_signals() -> None:
+    if signal.getsignal(signal.SIGTERM) is _raise_stopped:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def ignore_stop_signals(*args) -> None:

@@ -63,7 +63,8 @@ def raise_if_stopped() -> None:
 @contextlib.contextmanager
 def stops_through_pools():
     """Around a library call that runs a process pool (datasets' `map` with `num_proc`): its clean-up replaces our
-    `Stopped` with an error of its own (multiprocess's TimeoutError); a signal that came meanwhile still stops."""
+    `Stopped` with an error of its own (multiprocess's TimeoutError), or the signal lands in an at-fork hook where
+    Python ignores the exception; a signal that came meanwhile still stops, when the call returns."""
     seen = len(_RECEIVED)
     try:
         yield
@@ -71,6 +72,8 @@ def stops_through_pools():
         if len(_RECEIVED) > seen:
             raise Stopped(_RECEIVED[-1]) from None
         raise
+    if len(_RECEIVED) > seen:  # swallowed on the way (e.g. raised inside logging's at-fork hook: "ignored")
+        raise Stopped(_RECEIVED[-1])
 
 
 def stop_at_once() -> None:

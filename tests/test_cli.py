@@ -202,6 +202,26 @@ CASES = {
         lambda w: (w / "docs.jsonl.xz").write_bytes(b"\xfd7zXZ"),
         "docs.jsonl.xz is not .json, .jsonl, .json.gz, .jsonl.gz or .parquet",
     ),
+    "a .gz name on a plain file": (
+        ["--data", "{w}/docs.jsonl.gz"],
+        lambda w: write_jsonl(w / "docs.jsonl.gz", ["好"]),
+        "docs.jsonl.gz is named .gz but is not gzip data",
+    ),
+    "a key twice in a record": (
+        ["--data", "{w}/twice.jsonl"],
+        lambda w: (w / "twice.jsonl").write_text('{"completion": "好", "completion": "坏"}\n'),
+        "twice.jsonl line 1 has the key 'completion' twice",
+    ),
+    "every text null": (
+        ["--data", "{w}/nulls.jsonl"],
+        lambda w: (w / "nulls.jsonl").write_text('{"completion": null}\n' * 3),
+        "has a string 'completion' (it is null or missing in every one)",
+    ),
+    "a .parquet that is not Parquet": (
+        ["--data", "{w}/docs.parquet"],
+        lambda w: (w / "docs.parquet").write_text("completion\n好\n"),
+        "docs.parquet is not a readable Parquet file",
+    ),
 }
 
 

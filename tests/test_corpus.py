@@ -97,3 +97,62 @@ def test_non_text_values_name_the_file_the_line_and_the_type(tmp_path):
     datasets.Dataset.from_dict({"completion": [1, 2]}).to_parquet(str(tmp_path / "n.parquet"))
     with pytest.raises(JobError, match="make every 'completion' value a string, or pass the column holding the text"):
         load_corpus(str(tmp_path / "n.parquet"))
+
+
+def _gzip(path, data: bytes):
+    import gzip
+
+    path.write_bytes(gzip.compress(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda p: write_jsonl(p / "plain.jsonl", DOCS).rename(p / "d.jsonl.gz"),
+            r"d.jsonl.gz is named .gz but is not gzip",
+        ),
+        (
+            lambda p: (
+                (p / "d.jsonl.gz").write_bytes(_gzip(p / "x.gz", _lines(400)).read_bytes()[:2000]) and p / "d.jsonl.gz"
+            ),
+            r"d.jsonl.gz is a damaged gzip file: its data ends after line \d+",
+        ),
+        (
+            lambda p: _write(p / "d.jsonl", b'{"completion": "a"}\n{"completion": "b", "completion": "c"}\n'),
+            "d.jsonl line 2 has the key 'completion' twice",
+        ),
+        (
+            lambda p: _write(p / "d.jsonl", b'{"completion": null}\n{"other": "x"}\n'),
+            "no record of .*d.jsonl has a string 'completion'",
+        ),
+        (lambda p: _write(p / "d.parquet", b"PAR1 but not parquet"), r"d.parquet is not a readable Parquet file \("),
+    ],
+)
+def test_damaged_or_misnamed_files_are_one_line_naming_the_file(tmp_path, make, message):
+    source = make(tmp_path)
+    with pytest.raises(JobError, match=message) as raised:
+        load_corpus(str(source))
+    assert "\n" not in str(raised.value)
+
+
+def test_an_all_null_parquet_column_says_so(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"completion": [None, None]}).to_parquet(str(tmp_path / "n.parquet"))
+    with pytest.raises(JobError, match=r"'completion' of n.parquet is not text \(every value is null\)"):
+        load_corpus(str(tmp_path / "n.parquet"))
+
+
+def _lines(count: int) -> bytes:
+    import random
+
+    rng = random.Random(0)  # text that does not compress to nothing, so that a cut lands inside the data
+    texts = ("".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(40)) for _ in range(count))
+    return "".join(json.dumps({"completion": t}, ensure_ascii=False) + "\n" for t in texts).encode()
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path

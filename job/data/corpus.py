@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,10 @@ def _normalise(rows, text_column: str, name: str):
         column = rows[TEXT]
         first = next((i for i, t in enumerate(column) if t is not None and not isinstance(t, str)), None)
         value = column[first] if first is not None else None
-        where = f"record {first + 1} is {type(value).__name__} {value!r:.40}" if first is not None else str(feature)
+        if first is not None:
+            where = f"record {first + 1} is {type(value).__name__} {value!r:.40}"
+        else:
+            where = "every value is null" if getattr(feature, "dtype", None) == "null" else str(feature)
         raise JobError(
             f"column {text_column!r} of {name} is not text ({where})",
             f"make every {text_column!r} value a string, or pass the column holding the text with --text-column",
@@ -160,8 +164,19 @@ def _load_files(files: list[str], name: str, text_column: str = TEXT):
     if len(kinds) != 1:
         raise JobError(f"{name} mixes JSON and Parquet files", "pass one kind of file")
     kind = kinds.pop()
-    if kind == "json" and sum(check_json_lines(Path(f), text_column) for f in files) == 0:
-        raise JobError(f"the corpus {name} is empty (no JSON records)", "point --data at a corpus with documents")
+    if kind == "json":
+        counts = [check_json_lines(Path(f), text_column) for f in files]
+        records, texts, nulls = (sum(column) for column in zip(*counts, strict=True))
+        if records == 0:
+            raise JobError(f"the corpus {name} is empty (no JSON records)", "point --data at a corpus with documents")
+        if texts == 0 and nulls:  # (a column missing everywhere is named with the columns there are, below)
+            raise JobError(
+                f"no record of {name} has a string {text_column!r} (it is null or missing in every one)",
+                "pass the column holding the text with --text-column",
+            )
+    else:
+        for f in files:
+            check_parquet(Path(f))
     stamp = [file_digest(Path(f)) for f in files]  # by content: a copied or touched identical corpus is the same
     try:
         rows = datasets.Dataset.from_json(files) if kind == "json" else datasets.Dataset.from_parquet(files)
@@ -172,41 +187,90 @@ def _load_files(files: list[str], name: str, text_column: str = TEXT):
     return rows, f"files:{json.dumps(stamp)}", Path(name).name
 
 
-def check_json_lines(path: Path, text_column: str = TEXT) -> int:
-    """Count the records; fail on the first line that is not UTF-8, not a JSON object, or whose text is not a
-    string, naming the line (every line: datasets would turn a number deep in a file into a Json column)."""
-    records = 0
-    with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
-        head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
-        if head.startswith(b"["):  # one JSON array, not JSON Lines: let datasets read it whole
-            return 1
-        f.seek(0)
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM is read, as datasets does
-            except UnicodeDecodeError:
-                raise JobError(
-                    f"{path} line {number} is not UTF-8 text",
-                    "re-encode the file as UTF-8 (e.g. iconv -f GB18030 -t UTF-8)",
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if not isinstance(record, dict):
-                raise JobError(f"{path} line {number} is not a JSON object", "fix or remove that line")
-            text = record.get(text_column)
-            if text is not None and not isinstance(text, str):
-                kind = _JSON_TYPES.get(type(text), type(text).__name__)
-                raise JobError(
-                    f"{path} line {number}: {text_column!r} is a JSON {kind}"
-                    f" ({json.dumps(text, ensure_ascii=False)[:40]}), not a string",
-                    "make it a string (or null to skip the record), or pass the text column with --text-column",
-                )
-            records += 1
-    return records
+def check_json_lines(path: Path, text_column: str = TEXT) -> tuple[int, int, int]:
+    """(records, records whose text is a string, records whose text is null); fail on the first line that is not
+    UTF-8, not a JSON object, has a key twice, or whose text is not a string, naming the line (every line: datasets
+    would turn a number deep in a file into a Json column, and a repeated key into an error about row 0 of a chunk).
+    """
+    records = texts = nulls = number = 0
+    gzipped = path.suffix == ".gz"
+    try:
+        with gzip.open(path, "rb") if gzipped else path.open("rb") as f:
+            head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+            if head.startswith(b"["):  # one JSON array, not JSON Lines: let datasets read it whole
+                return 1, 1, 0
+            f.seek(0)
+            for number, raw in enumerate(f, start=1):
+                record = _json_record(path, number, raw)
+                if record is not None:
+                    records += 1
+                    texts += isinstance(_text(path, number, record, text_column), str)
+                    nulls += text_column in record and record[text_column] is None
+    except gzip.BadGzipFile:
+        raise JobError(f"{path} is named .gz but is not gzip data", "rename it without .gz, or gzip it") from None
+    except (EOFError, zlib.error) as e:  # cut short by a failed copy, or damaged
+        raise JobError(
+            f"{path} is a damaged gzip file: its data ends after line {number} ({e})",
+            "copy the whole file again (`gzip -t FILE` checks one)",
+        ) from None
+    return records, texts, nulls
+
+
+def _json_record(path: Path, number: int, raw: bytes) -> dict | None:
+    """Line `number` of a JSON Lines file: its record, None for a blank line."""
+    try:
+        line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM is read, as datasets does
+    except UnicodeDecodeError:
+        raise JobError(
+            f"{path} line {number} is not UTF-8 text", "re-encode the file as UTF-8 (e.g. iconv -f GB18030 -t UTF-8)"
+        ) from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line, object_pairs_hook=_unique_keys)
+    except _RepeatedKey as e:
+        raise JobError(f"{path} line {number} has the key {e.args[0]!r} twice", "keep one of them") from None
+    except json.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict):
+        raise JobError(f"{path} line {number} is not a JSON object", "fix or remove that line")
+    return record
+
+
+def _text(path: Path, number: int, record: dict, text_column: str) -> str | None:
+    text = record.get(text_column)
+    if text is not None and not isinstance(text, str):
+        kind = _JSON_TYPES.get(type(text), type(text).__name__)
+        raise JobError(
+            f"{path} line {number}: {text_column!r} is a JSON {kind}"
+            f" ({json.dumps(text, ensure_ascii=False)[:40]}), not a string",
+            "make it a string (or null to skip the record), or pass the text column with --text-column",
+        )
+    return text
+
+
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    record = {}
+    for key, value in pairs:
+        if key in record:
+            raise _RepeatedKey(key)
+        record[key] = value
+    return record
+
+
+def check_parquet(path: Path) -> None:
+    """Fail with one line on a file named .parquet that is not Parquet (its footer names its schema)."""
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+    except Exception as e:  # pyarrow: ArrowInvalid (no footer), OSError (cut short)
+        reason = str(e).split(". ")[0]
+        raise JobError(f"{path} is not a readable Parquet file ({reason})", "check or re-copy the file") from None
 
 
 # ------------------------------------------------------------------------- built-in

@@ -330,10 +330,9 @@ def test_a_signal_while_several_processes_tokenize_stops_in_one_line(tmp_path, t
         [sys.executable, "-m", "job", *argv, "--num-proc", "2"], stderr=subprocess.PIPE, text=True, env=env
     )
     deadline = time.time() + 300
-    while len(psutil.Process(proc.pid).children()) < 3:  # datasets' manager and both workers are up: tokenizing
+    while len(psutil.Process(proc.pid).children()) < 2:  # the pool is forking (the signal may land in a fork's hooks)
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timed out"
         time.sleep(0.05)
-    time.sleep(0.5)  # past the forks (a signal inside os.fork's hooks is reported by Python and swallowed: issue 20)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err

@@ -86,17 +86,49 @@ def stop_at_once() -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, _raise_stopped)
     if not _FORK_HOOKED:
-        os.register_at_fork(after_in_child=_default_stop_signals)
+        os.register_at_fork(
+            before=_hold_stop_signals, after_in_parent=_release_stop_signals, after_in_child=_default_stop_signals
+        )
         _FORK_HOOKED = True
 
 
 _FORK_HOOKED = False
 
 
+# A stop signal raised inside an at-fork hook is lost: Python prints "Exception ignored" and goes on (a child then
+# keeps the parent's handler; a pool worker raised `Stopped` and hung on its queue's lock). So the stop signals are
+# blocked from before the fork until each side has its handlers: the child takes the default action, the parent
+# gets its signal back after `os.fork` returns.
+def _hold_stop_signals() -> None:
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    except Stopped as stop:  # it came just before the block: raise it again outside the hooks
+        _send_again(stop)
+
+
+def _release_stop_signals() -> None:
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # runs the handler of one that came meanwhile
+    except Stopped as stop:
+        _send_again(stop)
+
+
+def _send_again(stop: Stopped) -> None:
+    """Deliver `stop`'s signal to this process again a moment later, from another thread, so that it is raised in
+    the main thread after the fork hooks are done (one raised inside a hook is printed and dropped). Should the hooks
+    take longer than that, it is still recorded: `raise_if_stopped` and `stops_through_pools` raise it later."""
+    import threading
+
+    resend = threading.Timer(0.1, os.kill, (os.getpid(), signal.Signals[stop.signal_name]))
+    resend.daemon = True
+    resend.start()
+
+
 def _default_stop_signals() -> None:
     if signal.getsignal(signal.SIGTERM) is _raise_stopped:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one sent to the child meanwhile now ends it
 
 
 def ignore_stop_signals(*args) -> None:

@@ -1,0 +1,55 @@
+"""Stop signals around forks: a signal that lands while a process forks is neither lost nor printed and dropped."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# A process that forks once, with a SIGTERM sent from inside the fork: in the parent (from an at-fork hook that runs
+# before the fork) or in the child (from one that runs first in the child). The test's hooks are registered before
+# the job's, so they run inside the window the job's hooks guard (before-hooks run in reverse order of registration,
+# after-hooks in order).
+FORK_WITH_A_SIGNAL = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from job.core import errors
+
+    side = sys.argv[1]
+    if side == "parent":
+        os.register_at_fork(before=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    else:
+        os.register_at_fork(after_in_child=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    errors.stop_at_once()
+    pid = None
+    try:
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(10)
+            os._exit(0)
+        time.sleep(10 if side == "parent" else 0)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+    except errors.Stopped as stop:
+        print("stopped", stop.signal_name)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("side", "expected"),
+    [
+        ("parent", "stopped SIGTERM"),  # raised in the main code right after the fork, not dropped in a hook
+        ("child", "child -15"),  # the child ends by the default action, without the parent's handler's traceback
+    ],
+)
+def test_a_stop_signal_during_a_fork_is_neither_lost_nor_printed_and_dropped(side, expected):
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_WITH_A_SIGNAL, side], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == expected, result.stdout + result.stderr
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -209,14 +209,16 @@ def _prepare_mix(cfg: RunConfig, output: str | None, part) -> None:
 @_option("vocab_size")
 @click.option("--output", required=True, type=click.Path(), help="a new or empty folder for the HF tokenizer")
 def tokenizer(data, text_column, vocab_size, output):
-    """Train a Bloom-style byte-level BPE on a corpus."""
+    """Train a Bloom-style byte-level BPE on a corpus (a mix: on every source's documents, whatever the weights)."""
     from job.data.corpus import TEXT, load_corpus
+    from job.data.mix import load_source_corpus, sources
     from job.data.tokenizer import check_new_folder, train_tokenizer
 
     cfg = RunConfig.load(data=data, text_column=text_column, vocab_size=vocab_size)  # defaults and ranges
     check_new_folder(Path(output))  # before reading the corpus: a wrong --output fails in a second
-    corpus = load_corpus(cfg.data, cfg.text_column)
-    tok = train_tokenizer((row[TEXT] for row in corpus.rows), cfg.vocab_size, Path(output))
+    mix = sources(cfg)
+    corpora = [load_source_corpus(cfg, s) for s in mix] if mix else [load_corpus(cfg.data, cfg.text_column)]
+    tok = train_tokenizer((row[TEXT] for c in corpora for row in c.rows), cfg.vocab_size, Path(output))
     click.echo(json.dumps({"output": output, "vocab_size": len(tok), "eos": tok.eos_token, "pad": tok.pad_token}))
 
 

@@ -300,3 +300,19 @@ def test_a_changed_mix_refuses_to_resume(inputs, reference):
         assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
         assert "holds a different run (changed: data)" in proc.stderr
     assert sorted(reference.rglob("*")) == before
+
+
+def test_prepare_writes_each_source_and_prints_the_prepared_mix(tmp_path, tiny_tokenizer_dir):
+    news, replay = _corpora(tmp_path)
+    args = ["prepare", "--data", f"0.8:news={news},0.2:replay={replay}", "--tokenizer", str(tiny_tokenizer_dir)]
+    refused = job(*args, "--output", str(tmp_path / "set"), "--shard", "0/2")
+    assert refused.returncode == EXIT_BAD_INPUT and "--shard takes one source" in refused.stderr
+    assert not (tmp_path / "set").exists()
+    proc = job(*args, "--max-length", "32", "--output", str(tmp_path / "set"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shown = json.loads(proc.stdout)
+    assert parse_mix(shown["prepared"]) == [
+        Source("news", 0.8, str(tmp_path / "set" / "news")),
+        Source("replay", 0.2, str(tmp_path / "set" / "replay")),
+    ]
+    assert shown["sources"]["news"]["documents"] == 200 and shown["sources"]["replay"]["max_length"] == 32

@@ -24,6 +24,7 @@ from typing import Any, Literal, Union
 
 from job.core.errors import JobError
 from job.core.files import atomic_write_json
+from job.core.mix import comparable_mix, is_mix, parse_mix
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # job/
 RECIPES_DIR = PACKAGE_DIR / "recipes"
@@ -34,6 +35,7 @@ Preset = Literal["tiny", "bloom-389m-zh"]
 Attention = Literal["auto", "eager", "sdpa", "flex"]
 Device = Literal["auto", "cuda", "cpu"]
 FlexCompileMode = Literal["default", "max-autotune-no-cudagraphs"]
+MIX_FIELDS = ("data", "prepared")  # the fields that take a weighted mix of sources (job.core.mix)
 
 
 def cache_root() -> Path:
@@ -94,7 +96,8 @@ class RunConfig:
     data: str | None = opt(
         None,
         "corpus: save_to_disk folder, .json/.jsonl(.gz)/.parquet files, folder or glob, or hub id "
-        "(default: built-in People's Daily)",
+        "(default: built-in People's Daily); or a weighted mix WEIGHT:NAME=PATH,... "
+        "(e.g. 0.8:wiki=/data/wiki.jsonl,0.2:replay=/data/replay.parquet; see the README's Data mix)",
         group="data",
         prepare=True,
         path=True,
@@ -123,8 +126,12 @@ class RunConfig:
         bound=at_least(1),
     )
     prepared: str | None = opt(
-        None, "a folder written by `prepare` (skips preparation)", group="data", resumable=True, path=True
-    )
+        None,
+        "a folder written by `prepare` (skips preparation); or a mix of them, WEIGHT:NAME=FOLDER,...",
+        group="data",
+        resumable=True,
+        path=True,
+    )  # resumable as a path: the inputs' fingerprints (with a mix's weights) are what a resume compares
     tokenizer: str | None = opt(
         None,
         "HF tokenizer folder (default: the model's, else the built-in BPE)",
@@ -389,6 +396,8 @@ class RunConfig:
             if not ok:
                 raise JobError(cause, fix)
 
+        for name in MIX_FIELDS:  # a malformed mix: refused before anything is read
+            parse_mix(getattr(self, name), flag(name))
         need(
             self.epochs > 0 or self.max_steps > 0,
             "nothing to train: --epochs is 0 and --max-steps is not set",
@@ -451,6 +460,8 @@ def resumable_fields() -> frozenset[str]:
 
 def comparable(name: str, value: Any) -> Any:
     """A field's value as two runs are compared: a path that exists is resolved (trailing slash, ./, relative)."""
+    if name in MIX_FIELDS and is_mix(value):
+        return comparable_mix(value)
     if field_meta(name)["path"] and isinstance(value, str) and value not in ("auto", "never", "none"):
         path = Path(value).expanduser()
         return str(path.resolve()) if path.exists() or path.parent.exists() else value

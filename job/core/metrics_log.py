@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -31,7 +32,8 @@ class MetricsRecord(TypedDict, total=False):
     mfu: float
     mfu_measured: float
     memory_gib: float
-    # evaluation logs, besides the Trainer's eval_loss, eval_runtime, ...
+    # evaluation logs, besides the Trainer's eval_loss, eval_runtime, ... (a mix: eval_NAME_loss, eval_NAME_perplexity,
+    # eval_NAME_runtime, ... one record per source, see `eval_losses`)
     eval_loss: float
     eval_perplexity: float
     # added by `read_metrics`, never written
@@ -40,6 +42,13 @@ class MetricsRecord(TypedDict, total=False):
 
 
 TRAIN_BEGIN = "train_begin"
+# The Trainer's held-out loss key: eval_loss for one eval set, eval_NAME_loss for eval_dataset[NAME] (a data mix).
+_EVAL_LOSS = re.compile(r"eval_(?:(?P<source>.+)_)?loss")
+
+
+def eval_losses(record: dict[str, Any]) -> dict[str, float | None]:
+    """A record's held-out losses by source: "" for a run on one source (`eval_loss`), NAME for a source of a mix."""
+    return {m["source"] or "": v for k, v in record.items() if (m := _EVAL_LOSS.fullmatch(k))}
 
 
 def json_safe(value: Any) -> Any:
@@ -100,9 +109,11 @@ def read_metrics(path: Path) -> list[MetricsRecord]:
             if warm_next:
                 record["warmup"], warm_next = True, False
         records.append(record)
+
     # an eval repeated at the resume step (eval_on_start again): keep the latest
-    seen: dict[tuple, int] = {}
-    for i, r in enumerate(records):
-        if "eval_loss" in r:
-            seen[("eval", r.get("step"))] = i
-    return [r for i, r in enumerate(records) if "eval_loss" not in r or seen[("eval", r.get("step"))] == i]
+    def eval_key(r: dict) -> tuple | None:
+        sources = tuple(sorted(eval_losses(r)))
+        return (r.get("step"), sources) if sources else None
+
+    seen = {key: i for i, r in enumerate(records) if (key := eval_key(r)) is not None}
+    return [r for i, r in enumerate(records) if (key := eval_key(r)) is None or seen[key] == i]

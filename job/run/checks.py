@@ -25,6 +25,8 @@ class Preflight:
     cfg: RunConfig  # resolved further by the checks (the launch settings), never changed in place
     corpus: Any = None  # job.data.corpus.Corpus, unless --prepared
     prepared_key: dict | None = None  # --prepared: its prepare_key.json
+    corpora: dict[str, Any] = field(default_factory=dict)  # a --data mix: each source's Corpus, by name
+    prepared_keys: dict[str, dict] = field(default_factory=dict)  # a --prepared mix: each folder's key, by name
     tokenizer: Any = None
     model_config: Any = None
     fingerprints: dict[str, Any] = field(default_factory=dict)

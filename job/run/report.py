@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from job.core.files import atomic_write_text
-from job.core.metrics_log import number, read_metrics
+from job.core.metrics_log import eval_losses, number, read_metrics
+from job.core.mix import is_mix, parse_mix, probabilities
 from job.core.run_files import LOSS_PNG, METRICS, REPORT, THROUGHPUT_PNG
 from job.core.units import clock, flops_per_token, perplexity
 from job.model.sampling import describe
@@ -57,16 +58,22 @@ def _tokens_formatter():
 
 
 def plot_loss(records: list[dict], path: Path) -> bool:
+    """Train loss and the held-out loss (a mix: one line per source: what the model learned of each)."""
     train = _series([r for r in records if "loss" in r], "tokens_seen", "loss")
-    evals = _series([r for r in records if "eval_loss" in r], "tokens_seen", "eval_loss")
-    if not train[0] and not evals[0]:
+    evals = {
+        source: _series(records, "tokens_seen", f"eval_{source}_loss" if source else "eval_loss")
+        for source in sources_evaluated(records)
+    }
+    if not train[0] and not any(xs for xs, _ in evals.values()):
         return False
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
     if train[0]:
         ax.plot(*train, color="tab:blue", linewidth=1.4, label="train loss (per logging window)")
-    if evals[0]:
-        ax.plot(*evals, color="tab:orange", marker="o", linewidth=1.4, label="held-out eval loss")
+    colors = iter(["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"] * 9)
+    for source, series in evals.items():
+        label = f"held-out eval loss, {source}" if source else "held-out eval loss"
+        ax.plot(*series, color=next(colors), marker="o", linewidth=1.4, label=label)
     ax.set_xlabel("tokens seen (real, non-padding)")
     ax.set_ylabel("cross-entropy loss (nats / token)")
     ax.set_title("Training and held-out loss")
@@ -197,6 +204,11 @@ def throughput_summary(records: list[dict]) -> dict[str, Any]:
     }
 
 
+def sources_evaluated(records: list[dict]) -> list[str]:
+    """The held-out sets in the records, in order of appearance ("" for a run on one source, NAME in a mix)."""
+    return list(dict.fromkeys(source for r in records for source in eval_losses(r)))
+
+
 def loss_pair(loss: float | None) -> str | None:
     if loss is None:
         return None
@@ -211,7 +223,12 @@ def run_summary(state: dict, final_metrics: dict, seconds: float | None) -> dict
         "tokens_seen": state.get("num_input_tokens_seen"),
         "seconds": None if seconds is None else round(seconds, 1),
         "final_eval_loss": final_metrics.get("eval_loss"),
+        **({"final_source_eval_losses": by_source} if (by_source := _named(eval_losses(final_metrics))) else {}),
     }
+
+
+def _named(losses: dict) -> dict:
+    return {source: loss for source, loss in losses.items() if source}
 
 
 def run_figures(records: list[dict], summary: dict) -> dict[str, Any]:
@@ -229,14 +246,40 @@ def run_figures(records: list[dict], summary: dict) -> dict[str, Any]:
     steps = summary.get("steps")
     if steps is None:
         steps = next((r["step"] for r in reversed(records) if number(r.get("step")) is not None), None)
+    final_by_source = summary.get("final_source_eval_losses") or {}
+    by_source = {}  # a mix: each source's held-out loss, first and final (what was learned, what was forgotten)
+    for source in [s for s in sources_evaluated(records) if s]:
+        values = [v for r in records if (v := number(eval_losses(r).get(source))) is not None]
+        final = number(final_by_source.get(source))
+        by_source[source] = (values[0] if values else None, final if final is not None else values[-1])
     return {
         "steps": steps,
         "tokens_seen": tokens,
         "first_eval_loss": evals[0] if evals else None,
         "final_eval_loss": final_eval,
+        "source_eval_losses": by_source,
         "train_losses": train_losses[:1] + train_losses[-1:],
         "seconds": summary.get("seconds"),
     }
+
+
+def source_table(figures: dict, config: dict) -> list[str]:
+    """A mix's held-out loss per source, first and final, with its share of the training rows; [] for one source."""
+    by_source = figures.get("source_eval_losses") or {}
+    if not by_source:
+        return []
+    mix_text = next((config.get(k) for k in ("prepared", "data") if is_mix(config.get(k))), None)
+    mix = parse_mix(mix_text) if mix_text else []
+    shares = {s.name: share for s, share in zip(mix, probabilities(mix), strict=True)}
+    lines = [
+        "| source | share | held-out loss, first | held-out loss, final | change |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for source, (first, final) in by_source.items():
+        change = f"{final - first:+.4f}" if first is not None and final is not None else "n/a"
+        share = f"{shares[source]:.0%}" if source in shares else "n/a"
+        lines.append(f"| {source} | {share} | {loss_pair(first) or 'n/a'} | {loss_pair(final) or 'n/a'} | {change} |")
+    return lines
 
 
 def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, samples: list[dict]) -> Path:
@@ -278,6 +321,10 @@ def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, 
         "every window." + (f" Note: {tput['note']}." if tput["note"] else ""),
         "",
     ]
+    table = source_table(figures, config)
+    if table:
+        lines += ["## Held-out loss by source", "", *table, ""]
+        lines += ["A falling loss is what the model learned of a source; a rising one, what it forgot.", ""]
     lines += ["## Loss", ""]
     lines += (
         [f"![train and held-out loss against tokens seen]({LOSS_PNG})", ""]
@@ -332,7 +379,6 @@ def report_run(cfg, state: dict, processes, final: Path, before, final_metrics, 
     after = generate(model, tokenizer, cfg.prompts, max_new_tokens=32, **READING_SAMPLES)
     by_prompt = {s["prompt"]: s["text"] for s in before}
     samples = [{"prompt": s["prompt"], "before": by_prompt.get(s["prompt"], "n/a"), "after": s["text"]} for s in after]
-    eval_loss = final_metrics.get("eval_loss")
     summary = {
         **run_summary(state, final_metrics, seconds),
         "flops_per_token": flops_per_token(model.config, cfg.max_length),
@@ -347,8 +393,11 @@ def report_run(cfg, state: dict, processes, final: Path, before, final_metrics, 
         "host": os.uname().nodename,
     }
     write_report(Path(cfg.output_dir), cfg.to_dict(), hardware, summary, samples)
-    evals = [r["eval_loss"] for r in read_metrics(Path(cfg.output_dir) / METRICS) if "eval_loss" in r]
-    if evals and eval_loss is not None:
-        log.info("held-out loss %.4f -> %.4f (%.0f%% of the start)", evals[0], eval_loss, 100 * eval_loss / evals[0])
+    figures = run_figures(read_metrics(Path(cfg.output_dir) / METRICS), summary)
+    pairs = {"": (figures["first_eval_loss"], figures["final_eval_loss"]), **figures["source_eval_losses"]}
+    for source, (first, final) in pairs.items():
+        if first is not None and final is not None:
+            name = f"held-out loss of {source}" if source else "held-out loss"
+            log.info("%s %.4f -> %.4f (%.0f%% of the start)", name, first, final, 100 * final / first)
     for sample in samples:
         log.info("sample: %s|%s", sample["prompt"], sample["after"].replace("\n", " "))

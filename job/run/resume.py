@@ -13,6 +13,7 @@ from job.core import checkpoints, run_files
 from job.core.config import RunConfig, comparable, resumable_fields
 from job.core.errors import JobError
 from job.core.files import FileLock
+from job.core.mix import probabilities
 from job.core.topology import processes_per_node
 from job.core.weights import model_fingerprint
 from job.run.checks import Check, Preflight
@@ -158,6 +159,7 @@ def _global_batch_on_resume(cfg: RunConfig, old: dict) -> Check | None:
 
 def check_inputs(p: Preflight) -> Check:
     """Fingerprint what the run trains on; `--prepared` data and a resumed run must match it."""
+    from job.data.mix import sources
     from job.data.tokenizer import tokenizer_fingerprint
 
     cfg = p.cfg
@@ -167,9 +169,21 @@ def check_inputs(p: Preflight) -> Check:
     if p.prepared_key is not None:
         check_prepared_tokenizer(cfg.prepared, p.prepared_key, tokenizer)
     key = p.prepared_key or {"corpus": p.corpus.fingerprint if p.corpus else None}
+    data = key["corpus"]
+    mix = sources(cfg)
+    if mix is not None:  # each source's corpus and its share: another mix is other inputs
+        for source in mix:
+            if source.name in p.prepared_keys:
+                check_prepared_tokenizer(source.path, p.prepared_keys[source.name], tokenizer)
+        keys = p.prepared_keys or {n: {"corpus": c.fingerprint} for n, c in p.corpora.items()}
+        key = next(iter(keys.values()), {})
+        data = {
+            s.name: {"corpus": keys[s.name]["corpus"] if s.name in keys else None, "share": round(share, 6)}
+            for s, share in zip(mix, probabilities(mix), strict=True)
+        }
     p.fingerprints = {
         "tokenizer": tokenizer,
-        "data": key["corpus"],
+        "data": data,
         "model": model_fingerprint(Path(cfg.model)) if cfg.model else None,
         "preset": None if cfg.model else cfg.preset,
         "max_length": key.get("max_length", cfg.max_length),

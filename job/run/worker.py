@@ -38,8 +38,10 @@ from job.core.errors import (
 )
 from job.core.files import atomic_write_json
 from job.core.logs import adopt_library_loggers, prints_logged
+from job.core.metrics_log import eval_losses
 from job.core.units import flops_per_token
-from job.data.prepare import load_prepared, read_prepared_stats
+from job.data.mix import load_mix, prepared_splits, sources
+from job.data.prepare import load_prepared
 from job.data.tokenizer import load_tokenizer
 from job.model.build import build_model, parameter_count
 from job.model.patches import apply_patches, model_patches
@@ -246,7 +248,7 @@ def build_trainer(
     `load_universal`: resume from the DeepSpeed universal checkpoint (another data-parallel world size)."""
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / run_files.TENSORBOARD))
-    splits = data if data is not None else read_prepared_stats(cfg.prepared)
+    splits = data if data is not None else prepared_splits(cfg)
     if cfg.eval_fraction > 0 and "eval" not in splits:
         log.warning("the data has no held-out split (too few documents, or prepared without one): no evaluation")
     with prints_logged("deepspeed"):  # DeepSpeed print()s as it builds its ops: into the log's format
@@ -371,20 +373,28 @@ def _train(cfg: RunConfig, output: Path) -> int:
 
 
 def _final_eval(trainer: Trainer) -> dict:
-    """The held-out metrics at the last step: reuse the periodic evaluation if it fell on that step."""
+    """The held-out metrics at the last step (a mix: every source's): reuse the periodic evaluation if it fell on
+    that step."""
     if trainer.eval_dataset is None:
         return {}
-    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
-    if last is not None and last.get("step") == trainer.state.global_step:
+    wanted = set(trainer.eval_dataset) if isinstance(trainer.eval_dataset, dict) else {""}
+    last: dict = {}
+    for h in trainer.state.log_history:
+        if h.get("step") == trainer.state.global_step and eval_losses(h):
+            last.update(h)
+    if set(eval_losses(last)) == wanted:
         return last
     return trainer.evaluate()
 
 
 def _load_prepared(cfg: RunConfig):
-    data = load_prepared(cfg.prepared)  # memory-mapped; fails with a clear message if it is not one
+    # memory-mapped; fails with a clear message if it is not one. A mix: its sources interleaved, an eval set each
+    data = load_mix(cfg.prepared, cfg.seed) if sources(cfg) else load_prepared(cfg.prepared)
     if "eval" in data and cfg.eval_batches:
         rows = cfg.eval_batches * cfg.per_device_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
-        data["eval"] = data["eval"].select(range(min(rows, len(data["eval"]))))
+        first = lambda split: split.select(range(min(rows, len(split))))
+        evals = data["eval"]
+        data["eval"] = {n: first(e) for n, e in evals.items()} if isinstance(evals, dict) else first(evals)
     return data
 
 

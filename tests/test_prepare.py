@@ -308,9 +308,11 @@ def test_a_bad_shard_is_one_line_exit_2_before_anything_is_read(tiny_tokenizer_d
 
 
 @pytest.mark.slow
-def test_a_signal_while_several_processes_tokenize_stops_in_one_line(tmp_path, tiny_tokenizer_dir):
-    """SIGTERM while datasets' process pool tokenizes: exit 75 and one line, not the pool's TimeoutError traceback
-    (its clean-up used to replace the signal's exception), and nothing at --output."""
+@pytest.mark.parametrize("children", [1, 3])  # its manager process has started / the manager and both workers
+def test_a_signal_while_several_processes_tokenize_stops_in_one_line(tmp_path, tiny_tokenizer_dir, children):
+    """SIGTERM while datasets' process pool starts or tokenizes: exit 75 and one line, not the pool's TimeoutError
+    traceback (its clean-up used to replace the signal's exception), nothing at --output, and no process left (a
+    signal while the manager started left it running: the exit joined it forever; its pool workers were orphans)."""
     import os
     import signal
     import subprocess
@@ -330,11 +332,13 @@ def test_a_signal_while_several_processes_tokenize_stops_in_one_line(tmp_path, t
         [sys.executable, "-m", "job", *argv, "--num-proc", "2"], stderr=subprocess.PIPE, text=True, env=env
     )
     deadline = time.time() + 300
-    while len(psutil.Process(proc.pid).children()) < 2:  # the pool is forking (the signal may land in a fork's hooks)
+    while len(started := psutil.Process(proc.pid).children(recursive=True)) < children:
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timed out"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # (it may land while a process forks)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
     assert err.strip().splitlines() == ["stopped by SIGTERM -- run the same command again"], err
     assert not output.exists()
+    time.sleep(1)  # an orphan would still be there
+    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "processes left"

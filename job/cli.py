@@ -19,6 +19,7 @@ from job.core import run_files
 from job.core.config import GROUPS, RunConfig, field_meta, flag, prepare_fields, read_config_file
 from job.core.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_PREEMPTED, JobError, Stopped, stop_at_once
 from job.core.logs import FORMATS, LOG_FORMAT_ENV, setup_logging
+from job.core.mix import is_mix
 from job.core.termination import no_termination_message, record_termination
 from job.model.sampling import READING_SAMPLES as READING
 
@@ -410,6 +411,10 @@ def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, sca
 
     profile_steps, train_steps = values.pop("profile_steps"), values.pop("train_steps")
     cfg = _load(config, values)
+    if (prepare_mode or tokenize_mode) and is_mix(cfg.data):
+        raise JobError(
+            "bench --tokenize/--prepare measures one corpus, and --data is a mix", "pass one source's path as --data"
+        )
     if prepare_mode:
         sizes = _copies(copies)
         click.echo(dumps(bench_prepare(cfg, sizes, train_steps)))

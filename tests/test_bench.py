@@ -96,7 +96,7 @@ def test_sweep_reports_a_failing_and_a_timed_out_variant_and_goes_on(tmp_path):
         [sys.executable, "-m", "tools.gpu_sweep", "--dry-run", *flags, "--no-tests", "--no-profile", "--no-end-to-end"],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)},  # its work folders stay here
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -154,7 +154,7 @@ def test_sweep_stopped_by_sigterm_stops_its_running_step(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)},  # its work folders stay here
     )
     deadline = time.monotonic() + 60
     while not (children := psutil.Process(sweep.pid).children(recursive=True)) and time.monotonic() < deadline:

@@ -316,3 +316,14 @@ def test_prepare_writes_each_source_and_prints_the_prepared_mix(tmp_path, tiny_t
         Source("replay", 0.2, str(tmp_path / "set" / "replay")),
     ]
     assert shown["sources"]["news"]["documents"] == 200 and shown["sources"]["replay"]["max_length"] == 32
+
+
+@pytest.mark.parametrize("mode", ["--tokenize", "--prepare"])
+def test_bench_of_one_corpus_refuses_a_mix_in_one_line(tmp_path, mode):
+    news, replay = _corpora(tmp_path)
+    proc = job("bench", mode, "--data", f"1:news={news},1:replay={replay}")
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: bench --tokenize/--prepare measures one corpus, and --data is a mix -- pass one source's path as --data"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["news.jsonl", "replay.jsonl"]

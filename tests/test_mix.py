@@ -129,7 +129,7 @@ def test_the_training_set_draws_by_weight_with_the_seed(prepared_mix):
     from job.data.prepare import load_prepared
 
     prepared, done = prepared_mix
-    first, again, other = load_mix(prepared, 42), load_mix(prepared, 42), load_mix(prepared, 7)
+    first, again, other = (load_mix(prepared, seed, "first_exhausted") for seed in (42, 42, 7))
     assert first["train"]["input_ids"] == again["train"]["input_ids"]  # the same seed: the same rows in order
     assert first["train"]["input_ids"] != other["train"]["input_ids"]
     sources = {name: {tuple(r) for r in load_prepared(str(p.path))["train"]["input_ids"]} for name, p in done.items()}
@@ -142,6 +142,11 @@ def test_the_training_set_draws_by_weight_with_the_seed(prepared_mix):
     assert set(first["eval"]) == {"news", "replay"}  # each source's own held-out split
     for name, split in first["eval"].items():
         assert split["input_ids"] == load_prepared(str(done[name].path))["eval"]["input_ids"]
+    # until every source has been read whole: every row of each is drawn, the smaller source's again and again
+    whole = [tuple(r) for r in load_mix(prepared, 42, "all_exhausted")["train"]["input_ids"]]
+    assert {r for r in whole if r in sources["news"]} == sources["news"]
+    assert {r for r in whole if r in sources["replay"]} == sources["replay"]
+    assert len(whole) > len(drawn) and len(whole) > len(set(whole))
 
 
 def test_a_prepared_mix_of_other_layouts_is_refused(prepared_mix, tmp_path, tiny_tokenizer):

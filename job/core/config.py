@@ -35,6 +35,7 @@ Preset = Literal["tiny", "bloom-389m-zh"]
 Attention = Literal["auto", "eager", "sdpa", "flex"]
 Device = Literal["auto", "cuda", "cpu"]
 FlexCompileMode = Literal["default", "max-autotune-no-cudagraphs"]
+MixUntil = Literal["first_exhausted", "all_exhausted"]  # datasets.interleave_datasets' stopping strategies
 MIX_FIELDS = ("data", "prepared")  # the fields that take a weighted mix of sources (job.core.mix)
 
 
@@ -132,6 +133,12 @@ class RunConfig:
         resumable=True,
         path=True,
     )  # resumable as a path: the inputs' fingerprints (with a mix's weights) are what a resume compares
+    mix_until: MixUntil = opt(
+        "first_exhausted",
+        "with a data mix, where an epoch ends: when the first source runs out (no row repeats; the rest of the "
+        "larger sources is never read), or when every source has been read whole (smaller ones repeat, by weight)",
+        group="data",
+    )
     tokenizer: str | None = opt(
         None,
         "HF tokenizer folder (default: the model's, else the built-in BPE)",

@@ -3,8 +3,9 @@
 Each source is prepared on its own by `job.data.prepare.prepare` (its own cache entry, its own held-out split); the
 training set interleaves their train splits with `datasets.interleave_datasets`, drawing a source per row by weight
 with the run's seed. The result is an ordinary map-style dataset, the same on every rank and on every restart, so
-the Trainer's shuffling, sharding and mid-epoch resume stay exact. One epoch with a mix ends when the first source
-has no rows left ("first_exhausted"): no row repeats within it, and a later epoch reshuffles the same rows.
+the Trainer's shuffling, sharding and mid-epoch resume stay exact. Where its epoch ends is `--mix-until`: when the
+first source has no rows left (`first_exhausted`, the default: no row repeats within it, and a later epoch reshuffles
+the same rows), or once every source has been read whole (`all_exhausted`: the others start over meanwhile).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from job.core.errors import JobError
 from job.core.mix import Source, format_mix, parse_mix, probabilities
 
 log = logging.getLogger("job")
-STOPPING = "first_exhausted"  # an epoch: until the first source runs out (see the module doc)
 
 
 def sources(cfg: RunConfig) -> list[Source] | None:
@@ -68,7 +68,7 @@ def prepared_splits(cfg: RunConfig) -> set[str]:
     return {split for folder in folders for split in ("train", "eval") if split in read_prepared_stats(folder)}
 
 
-def load_mix(prepared: str, seed: int) -> dict:
+def load_mix(prepared: str, seed: int, until: str) -> dict:
     """The training set of a `--prepared` mix and its held-out splits: {"train": Dataset, "eval": {name: Dataset}}
     ("eval" absent when no source holds one out)."""
     import datasets
@@ -81,7 +81,7 @@ def load_mix(prepared: str, seed: int) -> dict:
     if empty:
         raise JobError(f"source {empty[0]} has no training rows", "give it more documents")
     train = datasets.interleave_datasets(
-        [parts[s.name]["train"] for s in mix], probabilities=probabilities(mix), seed=seed, stopping_strategy=STOPPING
+        [parts[s.name]["train"] for s in mix], probabilities=probabilities(mix), seed=seed, stopping_strategy=until
     )
     evals = {name: part["eval"] for name, part in parts.items() if "eval" in part and len(part["eval"])}
     return {"train": train, **({"eval": evals} if evals else {})}

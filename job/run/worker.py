@@ -389,7 +389,7 @@ def _final_eval(trainer: Trainer) -> dict:
 
 def _load_prepared(cfg: RunConfig):
     # memory-mapped; fails with a clear message if it is not one. A mix: its sources interleaved, an eval set each
-    data = load_mix(cfg.prepared, cfg.seed) if sources(cfg) else load_prepared(cfg.prepared)
+    data = load_mix(cfg.prepared, cfg.seed, cfg.mix_until) if sources(cfg) else load_prepared(cfg.prepared)
     if "eval" in data and cfg.eval_batches:
         rows = cfg.eval_batches * cfg.per_device_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
         first = lambda split: split.select(range(min(rows, len(split))))

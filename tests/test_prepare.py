@@ -66,7 +66,7 @@ def test_packing_streams_batch_by_batch_and_restarts_per_block(tiny_tokenizer, t
     path = write_jsonl(tmp_path / "docs.jsonl", docs)
     eos = tiny_tokenizer.eos_token_id
     streams = [[t for d in docs[i : i + 8] for t in [*_ids(tiny_tokenizer, d), eos]] for i in range(0, 20, 8)]
-    monkeypatch.setattr(module, "MAP_BATCH", 3)  # batches that cut blocks and rows anywhere
+    monkeypatch.setattr(module, "TOKENIZE_BATCH", 3)  # batches that cut blocks and rows anywhere
     monkeypatch.setattr(module, "BLOCK_DOCUMENTS", 8)
     cfg = RunConfig.load(data=str(path), max_length=16, eval_fraction=0.0, num_proc=1)
     result = prepare(cfg, tiny_tokenizer, str(tmp_path / "out"))
@@ -77,10 +77,10 @@ def test_packing_streams_batch_by_batch_and_restarts_per_block(tiny_tokenizer, t
 
 
 def test_processes_change_nothing_but_the_time(tiny_tokenizer, tmp_path, monkeypatch):
-    """--num-proc 2 (the map in two processes) writes the rows and stats of one process, in both layouts."""
+    """--num-proc 2 (two tokenizer threads) writes the rows and stats of one, in both layouts."""
     import job.data.prepare as module
 
-    monkeypatch.setattr(module, "MAP_BATCH", 40)  # 300 documents: several batches per process
+    monkeypatch.setattr(module, "TOKENIZE_BATCH", 40)  # 300 documents: several batches per process
     for packing in (True, False):
         results = [
             prepare(
@@ -96,27 +96,33 @@ def test_processes_change_nothing_but_the_time(tiny_tokenizer, tmp_path, monkeyp
             assert one[split]["input_ids"][:] == two[split]["input_ids"][:]
 
 
-def test_a_worker_of_several_runs_one_tokenizer_thread(tiny_tokenizer, monkeypatch):
-    """N processes of N threads each would oversubscribe the cores: a worker's Rust tokenizer runs one thread."""
+def test_each_tokenizer_thread_runs_one_rust_thread_and_the_setting_comes_back(tiny_tokenizer, tmp_path, monkeypatch):
+    """N threads that each started a rayon pool of N would oversubscribe the cores: during prepare every tokenizer
+    call runs one Rust thread; the caller's TOKENIZERS_PARALLELISM is back afterwards."""
     import os
 
-    from job.data.prepare import _encoder
+    import job.data.prepare as module
 
+    seen = []
+    encoder = module._encoder
+
+    def spying(*args):
+        encode = encoder(*args)
+        return lambda texts: seen.append(os.environ["TOKENIZERS_PARALLELISM"]) or encode(texts)
+
+    monkeypatch.setattr(module, "_encoder", spying)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
-    encode = _encoder(tiny_tokenizer, 16, True)
-    encode({"completion": DOCS})  # one process: the tokenizer keeps its threads
-    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
-    table = encode({"completion": DOCS}, one_thread=True)
-    assert os.environ["TOKENIZERS_PARALLELISM"] == "false" and table.num_rows == len(DOCS)
+    prepare(RunConfig.load(max_samples=50, max_length=16, num_proc=2), tiny_tokenizer, str(tmp_path / "p"))
+    assert seen and set(seen) == {"false"} and os.environ["TOKENIZERS_PARALLELISM"] == "true"
 
 
 def test_processes_default_to_the_usable_cpus(monkeypatch):
     import job.data.prepare as module
 
     monkeypatch.setattr(module, "usable_cpus", lambda: 6)
-    assert module.tokenize_processes(RunConfig.load()) == 6 == module.tokenize_processes(RunConfig.load(), 10**6)
-    assert module.tokenize_processes(RunConfig.load(num_proc=3)) == 3  # --num-proc overrides
-    assert module.tokenize_processes(RunConfig.load(), 2 * module.MAP_BATCH) == 2  # no process without a batch
+    assert module.tokenizer_threads(RunConfig.load()) == 6 == module.tokenizer_threads(RunConfig.load(), 10**6)
+    assert module.tokenizer_threads(RunConfig.load(num_proc=3)) == 3  # --num-proc overrides
+    assert module.tokenizer_threads(RunConfig.load(), 2 * module.TOKENIZE_BATCH) == 2  # no thread without a batch
 
 
 def test_eval_split_holds_out_whole_documents(tiny_tokenizer):

@@ -3,7 +3,9 @@ SIGTERM/SIGINT unwinds outside the training loop, and how a child process ends w
 
 import contextlib
 import ctypes
+import errno
 import os
+import re
 import signal
 import sys
 
@@ -13,6 +15,7 @@ EXIT_BAD_INPUT = 2  # bad input or configuration: fail fast, nothing written
 EXIT_DIVERGED = 3  # loss stayed non-finite; the last good checkpoint is kept
 EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT: after a complete checkpoint, or before training began (EX_TEMPFAIL)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_ERRNO_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)
 # What each code means to whoever restarts the job (the termination message, Kubernetes' failure policies).
 EXIT_MEANINGS = {
     EXIT_OK: "success",
@@ -32,6 +35,24 @@ class JobError(Exception):
         self.cause = cause
         self.fix = fix
         super().__init__(f"{cause} -- {fix}" if fix else cause)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over a file-size limit
+
+
+def raise_if_disk_full(error: BaseException, where) -> None:
+    """Raise the one-line JobError for a full disk if `error` (or what caused it: libraries wrap it) is one;
+    pyarrow's errors carry the errno only in their text ("[errno 28] No space left on device")."""
+    seen, depth = error, 0
+    while seen is not None and depth < 20:  # a chain of causes and contexts; never a cycle, but bounded anyway
+        depth += 1
+        codes = {getattr(seen, "errno", None)} | {int(c) for c in _ERRNO_TEXT.findall(str(seen))}
+        if codes & set(_DISK_FULL):
+            code = next(c for c in _DISK_FULL if c in codes)
+            raise JobError(
+                f"no room to write {where} ({os.strerror(code)})", "free space or point JOB_CACHE/--output elsewhere"
+            ) from None
+        seen = seen.__cause__ or seen.__context__
 
 
 class Stopped(BaseException):

@@ -168,17 +168,83 @@ def test_fast_token_ids_equal_the_tokenizers_own_and_leave_it_unchanged(tiny_tok
     assert tiny_tokenizer("</s>", add_special_tokens=False)["input_ids"] == [tiny_tokenizer.eos_token_id]
 
 
-def _prepare_process(*args: str):
+def _prepare_process(*args: str, env: dict | None = None, preexec_fn=None):
     import os
     import subprocess
     import sys
 
     from tests.conftest import REPO
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(
-        [sys.executable, "-m", "job", "prepare", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        [sys.executable, "-m", "job", "prepare", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=preexec_fn,
     )
+
+
+def test_prepare_writes_nothing_into_the_home_cache_nor_the_data_folder(tiny_tokenizer_dir, tmp_path):
+    """A JSON Lines corpus (datasets builds Arrow files from it) and a save_to_disk one with an empty text (a
+    datasets filter would write a cache file next to it): everything prepare writes is under JOB_CACHE and
+    --output; nothing under HOME (~/.cache/huggingface) or the data folder."""
+    import datasets
+
+    from tests.conftest import write_jsonl
+
+    data, home = tmp_path / "data", tmp_path / "home"
+    data.mkdir()
+    home.mkdir()
+    write_jsonl(data / "docs.jsonl", [*DOCS, ""])
+    datasets.Dataset.from_dict({"completion": [*DOCS, " "]}).save_to_disk(str(data / "disk"))
+    before = _listing(data)
+    env = {"HOME": str(home), "HF_DATASETS_CACHE": str(home / "datasets"), "JOB_CACHE": str(tmp_path / "job")}
+    for source in ("docs.jsonl", "disk"):
+        args = ["--tokenizer", str(tiny_tokenizer_dir), "--data", str(data / source), "--max-length", "32"]
+        proc = _prepare_process(*args, "--output", str(tmp_path / f"out-{source}"), env=env)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        assert json.loads(out)["documents"] == len(DOCS)  # the empty text dropped
+    assert _listing(data) == before
+    assert _listing(home) == []
+    assert list((tmp_path / "job" / "datasets").rglob("*.arrow"))  # the JSON's Arrow files: in the job's cache
+
+
+def _file_size_limit(limit: int):
+    """For a child process: writing past `limit` bytes fails with EFBIG (a full disk, as a test can make one)."""
+
+    def apply():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of failing the write
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.parametrize("where", ["output", "corpus"])
+def test_a_full_disk_is_one_line_and_leaves_nothing_behind(tiny_tokenizer_dir, tmp_path, where):
+    """No room for the rows (output) or for the Arrow files datasets builds from a JSON corpus (corpus): one line,
+    exit 2, no staging folder left, and the same command with room succeeds."""
+    from job.data.corpus import builtin_articles
+    from tests.conftest import write_jsonl
+
+    args = ["--tokenizer", str(tiny_tokenizer_dir), "--max-length", "64", "--output", str(tmp_path / "p")]
+    if where == "corpus":
+        args += ["--data", str(write_jsonl(tmp_path / "big.jsonl", builtin_articles()[:300]))]
+    env = {"JOB_CACHE": str(tmp_path / "job"), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = _prepare_process(*args, env=env, preexec_fn=_file_size_limit(64 * 1024))
+    _, err = proc.communicate(timeout=600)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2, err.decode()[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: no room to write"), lines
+    assert lines[0].endswith("-- free space or point JOB_CACHE/--output elsewhere")
+    assert not (tmp_path / "p").exists() and not list(tmp_path.glob(".p.staging-*"))
+    proc = _prepare_process(*args, env=env)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode()[-2000:]
 
 
 def test_two_prepares_of_one_key_at_once_one_writes_the_other_reuses(tiny_tokenizer_dir, tmp_path):
@@ -314,16 +380,15 @@ def test_a_bad_shard_is_one_line_exit_2_before_anything_is_read(tiny_tokenizer_d
 
 
 @pytest.mark.slow
-def test_a_signal_while_several_processes_tokenize_stops_in_one_line(tmp_path, tiny_tokenizer_dir):
-    """SIGTERM while datasets' process pool tokenizes: exit 75 and one line, not the pool's TimeoutError traceback
-    (its clean-up used to replace the signal's exception), and nothing at --output."""
+@pytest.mark.parametrize("delay", [0.0, 0.3, 1.0])
+def test_a_signal_while_several_threads_tokenize_stops_at_once_in_one_line(tmp_path, tiny_tokenizer_dir, delay):
+    """SIGTERM at some moment while two threads tokenize: exit 75 within seconds, one line, nothing at --output
+    and no staging folder left."""
     import os
     import signal
     import subprocess
     import sys
     import time
-
-    import psutil
 
     from job.data.corpus import builtin_articles
     from tests.conftest import REPO, write_jsonl
@@ -336,12 +401,14 @@ def test_a_signal_while_several_processes_tokenize_stops_in_one_line(tmp_path, t
         [sys.executable, "-m", "job", *argv, "--num-proc", "2"], stderr=subprocess.PIPE, text=True, env=env
     )
     deadline = time.time() + 300
-    while len(psutil.Process(proc.pid).children()) < 3:  # datasets' manager and both workers are up: tokenizing
+    while not list(tmp_path.glob(".prepared.staging-*/train.arrow")):  # the layout has begun: tokenizing
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timed out"
-        time.sleep(0.05)
-    time.sleep(0.5)  # past the forks (a signal inside os.fork's hooks is reported by Python and swallowed: issue 20)
+        time.sleep(0.02)
+    time.sleep(delay)
     proc.send_signal(signal.SIGTERM)
+    signalled = time.time()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
+    assert time.time() - signalled < 10, "the stop took too long"
     assert err.strip().splitlines() == ["stopped by SIGTERM -- run the same command again"], err
-    assert not output.exists()
+    assert not output.exists() and not list(tmp_path.glob(".prepared.staging-*"))

@@ -210,6 +210,7 @@ def _kind(path: Path) -> str | None:
 
 def _load_files(files: list[str], name: str, text_column: str = TEXT):
     import datasets
+    import pyarrow.dataset
 
     kinds = {_kind(Path(f)) for f in files}
     odd = [Path(f).name for f in files if _kind(Path(f)) is None][:3]
@@ -225,8 +226,11 @@ def _load_files(files: list[str], name: str, text_column: str = TEXT):
         raise JobError(f"the corpus {name} is empty (no JSON records)", "point --data at a corpus with documents")
     stamp = [file_digest(Path(f)) for f in files]  # by content: a copied or touched identical corpus is the same
     try:
-        read = datasets.Dataset.from_json if kind == "json" else datasets.Dataset.from_parquet
-        rows = read(files, cache_dir=_datasets_cache())
+        if kind == "json":
+            rows = datasets.Dataset.from_json(files, cache_dir=_datasets_cache())
+        else:  # pyarrow pre-buffers every row group it is asked for: the whole file in memory (0.45 GB at 160M tokens)
+            scan = pyarrow.dataset.ParquetFragmentScanOptions(pre_buffer=False)
+            rows = datasets.Dataset.from_parquet(files, cache_dir=_datasets_cache(), fragment_scan_options=scan)
     except Exception as e:
         raise_if_disk_full(e, _datasets_cache())
         raise JobError(

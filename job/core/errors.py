@@ -1,7 +1,6 @@
 """Errors a person can fix, the exit codes the whole tool (CLI, Makefile, Kubernetes) shares, how a
 SIGTERM/SIGINT unwinds outside the training loop, and how a child process ends with its parent."""
 
-import contextlib
 import ctypes
 import errno
 import os
@@ -78,22 +77,6 @@ def raise_if_stopped() -> None:
     """At a stage boundary: a stop signal that a library swallowed on the way (a process pool's clean-up catches
     what it should not) still stops here, before the next stage begins."""
     if _RECEIVED:
-        raise Stopped(_RECEIVED[-1])
-
-
-@contextlib.contextmanager
-def stops_through_pools():
-    """Around a library call that runs a process pool (datasets' `map` with `num_proc`): its clean-up replaces our
-    `Stopped` with an error of its own (multiprocess's TimeoutError), or the signal lands in an at-fork hook where
-    Python ignores the exception; a signal that came meanwhile still stops, when the call returns."""
-    seen = len(_RECEIVED)
-    try:
-        yield
-    except Exception:
-        if len(_RECEIVED) > seen:
-            raise Stopped(_RECEIVED[-1]) from None
-        raise
-    if len(_RECEIVED) > seen:  # swallowed on the way (e.g. raised inside logging's at-fork hook: "ignored")
         raise Stopped(_RECEIVED[-1])
 
 

@@ -60,7 +60,8 @@ class Corpus:
     def text_batches(self, size: int = 1000) -> Iterator[list[str]]:
         """The documents (non-empty texts), in order, from `size` rows of the source at a time."""
         left = len(self.source)
-        for batch in _record_batches(self.files) if self.files else self.source.data.to_batches():
+        batches = _record_batches(self.files) if self.files else self.source.with_format("arrow").iter(size)
+        for batch in batches:
             for start in range(0, min(batch.num_rows, left), size):
                 column = batch.column(self.text_column).slice(start, min(size, left - start))
                 yield [t for t in column.to_pylist() if _has_text(t)]

@@ -351,10 +351,11 @@ def bench_prepare(cfg: RunConfig, copies: list[int], train_steps: int = 0) -> di
     is), per N: its wall time, tokens/s and peak memory; with more than one process, also one process on the same
     file (the speedup). Against the bare Rust tokenizer (`encode_batch_fast`) timed here on the same texts.
 
-    Every tokenizer runs one thread (TOKENIZERS_PARALLELISM=false), so a process is a core. The marginal rate
-    between two sizes leaves out the fixed costs (imports, loading the tokenizer, forking workers): what a corpus
-    of 100 GB sees. Memory: `_sample_tree`. With `train_steps`, a tiny model also trains that many steps on each
-    size's prepared rows: the memory of starting a run (training reads the rows memory-mapped).
+    Every tokenizer call runs one Rust thread (TOKENIZERS_PARALLELISM=false), so prepare's N threads (reported as
+    "processes", --num-proc) are N cores. The marginal rate between two sizes leaves out the fixed costs (imports,
+    loading the tokenizer): what a corpus of 100 GB sees. Memory: `_sample_tree`. With `train_steps`, a tiny model
+    also trains that many steps on each size's prepared rows: the memory of starting a run (training reads the rows
+    memory-mapped).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -158,6 +158,18 @@ def test_output_with_other_settings_is_refused(tiny_tokenizer, docs_jsonl, tmp_p
         prepare(RunConfig.load(data=str(docs_jsonl), max_length=64), tiny_tokenizer, str(tmp_path / "out"))
 
 
+def test_a_folder_of_another_layout_is_refused_in_one_line(tiny_tokenizer, docs_jsonl, tmp_path):
+    from job.core.errors import JobError
+    from job.data.prepare import LAYOUT_VERSION, load_prepared
+
+    out = tmp_path / "out"
+    prepare(RunConfig.load(data=str(docs_jsonl), max_length=32), tiny_tokenizer, str(out))
+    key = json.loads((out / "prepare_key.json").read_text())
+    (out / "prepare_key.json").write_text(json.dumps({**key, "layout_version": LAYOUT_VERSION - 1}))
+    with pytest.raises(JobError, match=rf"prepared in layout {LAYOUT_VERSION - 1}; this version reads layout"):
+        load_prepared(str(out))
+
+
 def test_fast_token_ids_equal_the_tokenizers_own_and_leave_it_unchanged(tiny_tokenizer):
     """prepare calls a private copy of the Rust tokenizer: the same ids, and "</s>" in the caller's tokenizer
     still means eos afterwards."""

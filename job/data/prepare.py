@@ -260,7 +260,12 @@ def load_prepared(path: str):
     memory-mapped: one folder, or a set of shards whose splits are concatenated in shard order (no copy)."""
     import datasets
 
-    read_prepared_stats(path)
+    layout = read_prepared_key(path).get("layout_version")
+    if layout != LAYOUT_VERSION:  # an older job's folder: its files are not where this one reads
+        raise JobError(
+            f"{path} was prepared in layout {layout}; this version reads layout {LAYOUT_VERSION}",
+            "prepare it again (python -m job prepare --output DIR) and pass that folder",
+        )
     folder = Path(path)
     if not (folder / SHARDS_FILE).exists():
         return datasets.DatasetDict(_splits(folder))

@@ -66,7 +66,7 @@ def test_packing_streams_batch_by_batch_and_restarts_per_block(tiny_tokenizer, t
     path = write_jsonl(tmp_path / "docs.jsonl", docs)
     eos = tiny_tokenizer.eos_token_id
     streams = [[t for d in docs[i : i + 8] for t in [*_ids(tiny_tokenizer, d), eos]] for i in range(0, 20, 8)]
-    monkeypatch.setattr(module, "MAP_BATCH", 3)  # batches that cut blocks and rows anywhere
+    monkeypatch.setattr(module, "TOKENIZE_BATCH", 3)  # batches that cut blocks and rows anywhere
     monkeypatch.setattr(module, "BLOCK_DOCUMENTS", 8)
     cfg = RunConfig.load(data=str(path), max_length=16, eval_fraction=0.0, num_proc=1)
     result = prepare(cfg, tiny_tokenizer, str(tmp_path / "out"))
@@ -77,10 +77,10 @@ def test_packing_streams_batch_by_batch_and_restarts_per_block(tiny_tokenizer, t
 
 
 def test_processes_change_nothing_but_the_time(tiny_tokenizer, tmp_path, monkeypatch):
-    """--num-proc 2 (the map in two processes) writes the rows and stats of one process, in both layouts."""
+    """--num-proc 2 (two tokenizer threads) writes the rows and stats of one, in both layouts."""
     import job.data.prepare as module
 
-    monkeypatch.setattr(module, "MAP_BATCH", 40)  # 300 documents: several batches per process
+    monkeypatch.setattr(module, "TOKENIZE_BATCH", 40)  # 300 documents: several batches per process
     for packing in (True, False):
         results = [
             prepare(
@@ -96,27 +96,33 @@ def test_processes_change_nothing_but_the_time(tiny_tokenizer, tmp_path, monkeyp
             assert one[split]["input_ids"][:] == two[split]["input_ids"][:]
 
 
-def test_a_worker_of_several_runs_one_tokenizer_thread(tiny_tokenizer, monkeypatch):
-    """N processes of N threads each would oversubscribe the cores: a worker's Rust tokenizer runs one thread."""
+def test_each_tokenizer_thread_runs_one_rust_thread_and_the_setting_comes_back(tiny_tokenizer, tmp_path, monkeypatch):
+    """N threads that each started a rayon pool of N would oversubscribe the cores: during prepare every tokenizer
+    call runs one Rust thread; the caller's TOKENIZERS_PARALLELISM is back afterwards."""
     import os
 
-    from job.data.prepare import _encoder
+    import job.data.prepare as module
 
+    seen = []
+    encoder = module._encoder
+
+    def spying(*args):
+        encode = encoder(*args)
+        return lambda texts: seen.append(os.environ["TOKENIZERS_PARALLELISM"]) or encode(texts)
+
+    monkeypatch.setattr(module, "_encoder", spying)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
-    encode = _encoder(tiny_tokenizer, 16, True)
-    encode({"completion": DOCS})  # one process: the tokenizer keeps its threads
-    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
-    table = encode({"completion": DOCS}, one_thread=True)
-    assert os.environ["TOKENIZERS_PARALLELISM"] == "false" and table.num_rows == len(DOCS)
+    prepare(RunConfig.load(max_samples=50, max_length=16, num_proc=2), tiny_tokenizer, str(tmp_path / "p"))
+    assert seen and set(seen) == {"false"} and os.environ["TOKENIZERS_PARALLELISM"] == "true"
 
 
 def test_processes_default_to_the_usable_cpus(monkeypatch):
     import job.data.prepare as module
 
     monkeypatch.setattr(module, "usable_cpus", lambda: 6)
-    assert module.tokenize_processes(RunConfig.load()) == 6 == module.tokenize_processes(RunConfig.load(), 10**6)
-    assert module.tokenize_processes(RunConfig.load(num_proc=3)) == 3  # --num-proc overrides
-    assert module.tokenize_processes(RunConfig.load(), 2 * module.MAP_BATCH) == 2  # no process without a batch
+    assert module.tokenizer_threads(RunConfig.load()) == 6 == module.tokenizer_threads(RunConfig.load(), 10**6)
+    assert module.tokenizer_threads(RunConfig.load(num_proc=3)) == 3  # --num-proc overrides
+    assert module.tokenizer_threads(RunConfig.load(), 2 * module.TOKENIZE_BATCH) == 2  # no thread without a batch
 
 
 def test_eval_split_holds_out_whole_documents(tiny_tokenizer):
@@ -152,6 +158,18 @@ def test_output_with_other_settings_is_refused(tiny_tokenizer, docs_jsonl, tmp_p
         prepare(RunConfig.load(data=str(docs_jsonl), max_length=64), tiny_tokenizer, str(tmp_path / "out"))
 
 
+def test_a_folder_of_another_layout_is_refused_in_one_line(tiny_tokenizer, docs_jsonl, tmp_path):
+    from job.core.errors import JobError
+    from job.data.prepare import LAYOUT_VERSION, load_prepared
+
+    out = tmp_path / "out"
+    prepare(RunConfig.load(data=str(docs_jsonl), max_length=32), tiny_tokenizer, str(out))
+    key = json.loads((out / "prepare_key.json").read_text())
+    (out / "prepare_key.json").write_text(json.dumps({**key, "layout_version": LAYOUT_VERSION - 1}))
+    with pytest.raises(JobError, match=rf"prepared in layout {LAYOUT_VERSION - 1}; this version reads layout"):
+        load_prepared(str(out))
+
+
 def test_fast_token_ids_equal_the_tokenizers_own_and_leave_it_unchanged(tiny_tokenizer):
     """prepare calls a private copy of the Rust tokenizer: the same ids, and "</s>" in the caller's tokenizer
     still means eos afterwards."""
@@ -162,17 +180,83 @@ def test_fast_token_ids_equal_the_tokenizers_own_and_leave_it_unchanged(tiny_tok
     assert tiny_tokenizer("</s>", add_special_tokens=False)["input_ids"] == [tiny_tokenizer.eos_token_id]
 
 
-def _prepare_process(*args: str):
+def _prepare_process(*args: str, env: dict | None = None, preexec_fn=None):
     import os
     import subprocess
     import sys
 
     from tests.conftest import REPO
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(
-        [sys.executable, "-m", "job", "prepare", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        [sys.executable, "-m", "job", "prepare", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=preexec_fn,
     )
+
+
+def test_prepare_writes_nothing_into_the_home_cache_nor_the_data_folder(tiny_tokenizer_dir, tmp_path):
+    """A JSON Lines corpus (datasets builds Arrow files from it) and a save_to_disk one with an empty text (a
+    datasets filter would write a cache file next to it): everything prepare writes is under JOB_CACHE and
+    --output; nothing under HOME (~/.cache/huggingface) or the data folder."""
+    import datasets
+
+    from tests.conftest import write_jsonl
+
+    data, home = tmp_path / "data", tmp_path / "home"
+    data.mkdir()
+    home.mkdir()
+    write_jsonl(data / "docs.jsonl", [*DOCS, ""])
+    datasets.Dataset.from_dict({"completion": [*DOCS, " "]}).save_to_disk(str(data / "disk"))
+    before = _listing(data)
+    env = {"HOME": str(home), "HF_DATASETS_CACHE": str(home / "datasets"), "JOB_CACHE": str(tmp_path / "job")}
+    for source in ("docs.jsonl", "disk"):
+        args = ["--tokenizer", str(tiny_tokenizer_dir), "--data", str(data / source), "--max-length", "32"]
+        proc = _prepare_process(*args, "--output", str(tmp_path / f"out-{source}"), env=env)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        assert json.loads(out)["documents"] == len(DOCS)  # the empty text dropped
+    assert _listing(data) == before
+    assert _listing(home) == []
+    assert list((tmp_path / "job" / "datasets").rglob("*.arrow"))  # the JSON's Arrow files: in the job's cache
+
+
+def _file_size_limit(limit: int):
+    """For a child process: writing past `limit` bytes fails with EFBIG (a full disk, as a test can make one)."""
+
+    def apply():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of failing the write
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.parametrize("where", ["output", "corpus"])
+def test_a_full_disk_is_one_line_and_leaves_nothing_behind(tiny_tokenizer_dir, tmp_path, where):
+    """No room for the rows (output) or for the Arrow files datasets builds from a JSON corpus (corpus): one line,
+    exit 2, no staging folder left, and the same command with room succeeds."""
+    from job.data.corpus import builtin_articles
+    from tests.conftest import write_jsonl
+
+    args = ["--tokenizer", str(tiny_tokenizer_dir), "--max-length", "64", "--output", str(tmp_path / "p")]
+    if where == "corpus":
+        args += ["--data", str(write_jsonl(tmp_path / "big.jsonl", builtin_articles()[:300]))]
+    env = {"JOB_CACHE": str(tmp_path / "job"), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = _prepare_process(*args, env=env, preexec_fn=_file_size_limit(64 * 1024))
+    _, err = proc.communicate(timeout=600)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2, err.decode()[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: no room to write"), lines
+    assert lines[0].endswith("-- free space or point JOB_CACHE/--output elsewhere")
+    assert not (tmp_path / "p").exists() and not list(tmp_path.glob(".p.staging-*"))
+    proc = _prepare_process(*args, env=env)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode()[-2000:]
 
 
 def test_two_prepares_of_one_key_at_once_one_writes_the_other_reuses(tiny_tokenizer_dir, tmp_path):
@@ -308,18 +392,15 @@ def test_a_bad_shard_is_one_line_exit_2_before_anything_is_read(tiny_tokenizer_d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("children", [1, 3])  # its manager process has started / the manager and both workers
-def test_a_signal_while_several_processes_tokenize_stops_in_one_line(tmp_path, tiny_tokenizer_dir, children):
-    """SIGTERM while datasets' process pool starts or tokenizes: exit 75 and one line, not the pool's TimeoutError
-    traceback (its clean-up used to replace the signal's exception), nothing at --output, and no process left (a
-    signal while the manager started left it running: the exit joined it forever; its pool workers were orphans)."""
+@pytest.mark.parametrize("delay", [0.0, 0.3, 1.0])
+def test_a_signal_while_several_threads_tokenize_stops_at_once_in_one_line(tmp_path, tiny_tokenizer_dir, delay):
+    """SIGTERM at some moment while two threads tokenize: exit 75 within seconds, one line, nothing at --output
+    and no staging folder left."""
     import os
     import signal
     import subprocess
     import sys
     import time
-
-    import psutil
 
     from job.data.corpus import builtin_articles
     from tests.conftest import REPO, write_jsonl
@@ -332,13 +413,14 @@ def test_a_signal_while_several_processes_tokenize_stops_in_one_line(tmp_path, t
         [sys.executable, "-m", "job", *argv, "--num-proc", "2"], stderr=subprocess.PIPE, text=True, env=env
     )
     deadline = time.time() + 300
-    while len(started := psutil.Process(proc.pid).children(recursive=True)) < children:
+    while not list(tmp_path.glob(".prepared.staging-*/train.arrow")):  # the layout has begun: tokenizing
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timed out"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)  # (it may land while a process forks)
+        time.sleep(0.02)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.time()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
+    assert time.time() - signalled < 10, "the stop took too long"
     assert err.strip().splitlines() == ["stopped by SIGTERM -- run the same command again"], err
-    assert not output.exists()
-    time.sleep(1)  # an orphan would still be there
-    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "processes left"
+    assert not output.exists() and not list(tmp_path.glob(".prepared.staging-*"))

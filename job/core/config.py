@@ -120,7 +120,7 @@ class RunConfig:
     )
     num_proc: int | None = opt(
         None,
-        "processes for tokenization (default: every usable CPU: the affinity mask, capped by a cgroup CPU limit)",
+        "tokenizer threads (default: one per usable CPU: the affinity mask, capped by a cgroup CPU limit)",
         group="data",
         prepare=True,
         resumable=True,

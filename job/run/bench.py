@@ -288,13 +288,13 @@ def bench_tokenize(cfg: RunConfig, repeats: int = 3, scale: int = 1) -> dict:
     import datasets
 
     from job.data.corpus import TEXT, Corpus, load_corpus
-    from job.data.prepare import prepare, tokenize_processes
+    from job.data.prepare import prepare, tokenizer_threads
     from job.data.tokenizer import resolve_tokenizer
 
     corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
     if scale > 1:
         rows = datasets.concatenate_datasets([corpus.rows] * scale)
-        corpus = Corpus(rows, f"{corpus.fingerprint}x{scale}", corpus.name)
+        corpus = Corpus.of(rows, f"{corpus.fingerprint}x{scale}", corpus.name)
     tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
     texts = corpus.rows[TEXT][:]
     chunks = [texts[i : i + 1000] for i in range(0, len(texts), 1000)]  # prepare's map batch size
@@ -307,7 +307,7 @@ def bench_tokenize(cfg: RunConfig, repeats: int = 3, scale: int = 1) -> dict:
         best[name] = min(best[name], time.perf_counter() - start)
 
     pool = None
-    processes = tokenize_processes(cfg)  # what prepare uses
+    processes = tokenizer_threads(cfg)  # what prepare uses
     if processes > 1:  # one tokenizer per worker, loaded before the clock starts
         pool = multiprocessing.get_context("spawn").Pool(processes, _load_bare, (tokenizer.name_or_path,))
         pool.map(_bare_chunk, [["warm-up"]] * processes)
@@ -351,16 +351,17 @@ def bench_prepare(cfg: RunConfig, copies: list[int], train_steps: int = 0) -> di
     is), per N: its wall time, tokens/s and peak memory; with more than one process, also one process on the same
     file (the speedup). Against the bare Rust tokenizer (`encode_batch_fast`) timed here on the same texts.
 
-    Every tokenizer runs one thread (TOKENIZERS_PARALLELISM=false), so a process is a core. The marginal rate
-    between two sizes leaves out the fixed costs (imports, loading the tokenizer, forking workers): what a corpus
-    of 100 GB sees. Memory: `_sample_tree`. With `train_steps`, a tiny model also trains that many steps on each
-    size's prepared rows: the memory of starting a run (training reads the rows memory-mapped).
+    Every tokenizer call runs one Rust thread (TOKENIZERS_PARALLELISM=false), so prepare's N threads (reported as
+    "processes", --num-proc) are N cores. The marginal rate between two sizes leaves out the fixed costs (imports,
+    loading the tokenizer): what a corpus of 100 GB sees. Memory: `_sample_tree`. With `train_steps`, a tiny model
+    also trains that many steps on each size's prepared rows: the memory of starting a run (training reads the rows
+    memory-mapped).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from job.data.corpus import TEXT, load_corpus
-    from job.data.prepare import token_ids_function, tokenize_processes
+    from job.data.prepare import token_ids_function, tokenizer_threads
     from job.data.tokenizer import resolve_tokenizer
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the Rust tokenizer at each call, and by the children
@@ -374,7 +375,7 @@ def bench_prepare(cfg: RunConfig, copies: list[int], train_steps: int = 0) -> di
         rust_tokens = sum(len(ids) for i in range(0, len(texts), 1000) for ids in token_ids(texts[i : i + 1000]))
     rust_seconds, rust_cpu = (time.perf_counter() - start) / rounds, (time.process_time() - cpu) / rounds
     rust_rate = rust_tokens / rust_seconds
-    processes = tokenize_processes(cfg)
+    processes = tokenizer_threads(cfg)
     runs = {"": processes, "one_process_": 1} if processes > 1 else {"": 1}  # label -> processes
     labels = list(runs)
     sizes = []

@@ -262,7 +262,7 @@ def check_data(p: Preflight) -> Check:
         _load_prepared_whole(cfg.prepared)
         return Check("data", True, f"prepared: {stats['rows']} rows of <= {stats['max_length']} tokens")
     p.corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
-    return Check("data", True, f"{p.corpus.name}: {len(p.corpus.rows)} documents, column {cfg.text_column!r}")
+    return Check("data", True, f"{p.corpus.name}: {p.corpus.documents} documents, column {cfg.text_column!r}")
 
 
 def _check_mix(p: Preflight, mix: list) -> Check:

@@ -18,6 +18,17 @@ FORK_WITH_A_SIGNAL = textwrap.dedent(
     from job.core import errors
 
     side = sys.argv[1]
+    if side == "parent-threaded":  # another thread takes the signal, and the main thread runs its handler inside
+        import threading  # another library's hook (one that runs Python code after the fork, as logging's does)
+
+        def busy():  # long enough for the other thread to take the signal meanwhile
+            end = time.monotonic() + 0.3
+            while time.monotonic() < end:
+                pass
+
+        threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+        os.register_at_fork(after_in_parent=busy)
+        side = "parent"
     if side == "parent":
         os.register_at_fork(before=lambda: os.kill(os.getpid(), signal.SIGTERM))
     else:
@@ -44,6 +55,7 @@ FORK_WITH_A_SIGNAL = textwrap.dedent(
     ("side", "expected"),
     [
         ("parent", "stopped SIGTERM"),  # raised in the main code right after the fork, not dropped in a hook
+        ("parent-threaded", "stopped SIGTERM"),
         ("child", "child -15"),  # the child ends by the default action, without the parent's handler's traceback
     ],
 )

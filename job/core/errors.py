@@ -70,6 +70,9 @@ _RECEIVED: list[int] = []  # the stop signals this process has received
 
 def _raise_stopped(signum, frame):
     _RECEIVED.append(signum)
+    if _FORKING:  # inside os.fork's hooks, where a raised exception is printed and dropped: raised after them
+        _DEFERRED.append(signum)
+        return
     raise Stopped(signum)
 
 
@@ -100,39 +103,48 @@ _FORK_HOOKED = False
 
 
 # A stop signal raised inside an at-fork hook is lost: Python prints "Exception ignored" and goes on (a child then
-# keeps the parent's handler; a pool worker raised `Stopped` and hung on its queue's lock). So the stop signals are
-# blocked from before the fork until each side has its handlers: the child takes the default action, the parent
-# gets its signal back after `os.fork` returns.
+# keeps the parent's handler; a pool worker raised `Stopped` and hung on its queue's lock). So while a process forks
+# (from the job's `before` hook, which runs first, to its `after` hooks, which run last) the handler only records
+# a signal, and the stop signals are blocked: the child then takes the default action, and the parent raises its
+# signal once `os.fork` has returned.
+_FORKING = False
+_DEFERRED: list[int] = []
+
+
 def _hold_stop_signals() -> None:
-    try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    except Stopped as stop:  # it came just before the block: raise it again outside the hooks
-        _send_again(stop)
+    global _FORKING
+    _FORKING = True
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 def _release_stop_signals() -> None:
-    try:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # runs the handler of one that came meanwhile
-    except Stopped as stop:
-        _send_again(stop)
+    global _FORKING
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # runs the handler of one that came meanwhile
+    _FORKING = False
+    if _DEFERRED:
+        _send_again(_DEFERRED.pop())
+        _DEFERRED.clear()
 
 
-def _send_again(stop: Stopped) -> None:
-    """Deliver `stop`'s signal to this process again a moment later, from another thread, so that it is raised in
-    the main thread after the fork hooks are done (one raised inside a hook is printed and dropped). Should the hooks
-    take longer than that, it is still recorded: `raise_if_stopped` raises it at the next stage boundary."""
+def _send_again(signum: int) -> None:
+    """Deliver `signum` to this process again a moment later, from another thread, so that it is raised in the main
+    thread after the fork hooks are done. Should they take longer than that, it is still recorded:
+    `raise_if_stopped` raises it at the next stage boundary."""
     import threading
 
-    resend = threading.Timer(0.1, os.kill, (os.getpid(), signal.Signals[stop.signal_name]))
+    resend = threading.Timer(0.1, os.kill, (os.getpid(), signum))
     resend.daemon = True
     resend.start()
 
 
 def _default_stop_signals() -> None:
+    global _FORKING
     if signal.getsignal(signal.SIGTERM) is _raise_stopped:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         die_with_parent(signal.SIGTERM)  # a pool worker whose parent died without stopping it (measured: orphans)
+    _FORKING = False
+    _DEFERRED.clear()  # the parent's, recorded here as well before the fork: the parent raises it
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one sent to the child meanwhile now ends it
 
 

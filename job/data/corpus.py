@@ -99,10 +99,7 @@ def load_corpus(source: str | None, text_column: str = TEXT, max_samples: int | 
     else:
         rows, fingerprint, name = _load_source(source, text_column)
     if text_column not in rows.column_names:
-        raise JobError(
-            f"column {text_column!r} is not in {name}; its columns are: {', '.join(rows.column_names)}",
-            "pass the text column with --text-column",
-        )
+        raise _no_column(text_column, name, rows.column_names)
     if len(rows) == 0:
         raise JobError(f"the corpus {name} is empty (0 rows)", "point --data at a corpus with documents")
     # straight from a loader, a Dataset is its Arrow files, in order (save_to_disk stores no indices)
@@ -113,11 +110,22 @@ def load_corpus(source: str | None, text_column: str = TEXT, max_samples: int | 
     key = json.dumps([fingerprint, text_column, max_samples])
     corpus = Corpus(rows, hashlib.sha256(key.encode()).hexdigest()[:16], name, text_column, files)
     if corpus.documents == 0:
-        raise JobError(
-            f"every text in column {text_column!r} of {name} is empty",
-            "check --text-column: it must name the column holding the documents",
-        )
+        raise _no_text(text_column, name)
     return corpus
+
+
+def _no_column(text_column: str, name: str, columns) -> JobError:
+    return JobError(
+        f"column {text_column!r} is not in {name}; its columns are: {', '.join(columns)}",
+        "pass the text column with --text-column",
+    )
+
+
+def _no_text(text_column: str, name: str) -> JobError:
+    return JobError(
+        f"every text in column {text_column!r} of {name} is empty",
+        "check --text-column: it must name the column holding the documents",
+    )
 
 
 def _check_text(rows, text_column: str, name: str) -> None:
@@ -228,15 +236,18 @@ def _load_files(files: list[str], name: str, text_column: str = TEXT):
         raise JobError(f"{name} mixes JSON and Parquet files", "pass one kind of file")
     kind = kinds.pop()
     if kind == "json":
+        # refused before datasets converts anything (its Arrow files would be written for nothing)
         counts = [check_json_lines(Path(f), text_column) for f in files]
-        records, texts, nulls = (sum(column) for column in zip(*counts, strict=True))
-        if records == 0:
+        if sum(c.records for c in counts) == 0:
             raise JobError(f"the corpus {name} is empty (no JSON records)", "point --data at a corpus with documents")
-        if texts == 0 and nulls:  # (a column missing everywhere is named with the columns there are, below)
-            raise JobError(
-                f"no record of {name} has a string {text_column!r} (it is null or missing in every one)",
-                "pass the column holding the text with --text-column",
-            )
+        if not any(c.texts for c in counts):
+            columns = sorted(set().union(*(c.columns for c in counts)))
+            if any(c.nulls for c in counts):
+                raise JobError(
+                    f"no record of {name} has a string {text_column!r} (it is null or missing in every one)",
+                    "pass the column holding the text with --text-column",
+                )
+            raise _no_column(text_column, name, columns) if text_column not in columns else _no_text(text_column, name)
     else:
         for f in files:
             check_parquet(Path(f))
@@ -260,25 +271,33 @@ def _datasets_cache() -> str:
     return str(cache_root() / "datasets")
 
 
-def check_json_lines(path: Path, text_column: str = TEXT) -> tuple[int, int, int]:
-    """(records, records whose text is a string, records whose text is null); fail on the first line that is not
-    UTF-8, not a JSON object, has a key twice, or whose text is not a string, naming the line (every line: datasets
-    would turn a number deep in a file into a Json column, and a repeated key into an error about row 0 of a chunk).
-    """
-    records = texts = nulls = number = 0
+@dataclass
+class JsonLinesCount:
+    records: int = 0
+    texts: int = 0  # records with a non-empty text
+    nulls: int = 0  # records whose text is null
+    columns: set[str] = field(default_factory=set)
+
+
+def check_json_lines(path: Path, text_column: str = TEXT) -> JsonLinesCount:
+    """Count the records, their texts and columns; fail on the first line that is not UTF-8, not a JSON object, has
+    a key twice, or whose text is not a string, naming the line (every line: datasets would turn a number deep in a
+    file into a Json column, and a repeated key into an error about row 0 of a chunk)."""
+    count, number = JsonLinesCount(), 0
     gzipped = path.suffix == ".gz"
     try:
         with gzip.open(path, "rb") if gzipped else path.open("rb") as f:
             head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
             if head.startswith(b"["):  # one JSON array, not JSON Lines: let datasets read it whole
-                return 1, 1, 0
+                return JsonLinesCount(1, 1, 0, {text_column})
             f.seek(0)
             for number, raw in enumerate(f, start=1):
                 record = _json_record(path, number, raw)
                 if record is not None:
-                    records += 1
-                    texts += isinstance(_text(path, number, record, text_column), str)
-                    nulls += text_column in record and record[text_column] is None
+                    count.records += 1
+                    count.texts += _has_text(_text(path, number, record, text_column))
+                    count.nulls += text_column in record and record[text_column] is None
+                    count.columns.update(record)
     except gzip.BadGzipFile:
         raise JobError(f"{path} is named .gz but is not gzip data", "rename it without .gz, or gzip it") from None
     except (EOFError, zlib.error) as e:  # cut short by a failed copy, or damaged
@@ -286,7 +305,7 @@ def check_json_lines(path: Path, text_column: str = TEXT) -> tuple[int, int, int
             f"{path} is a damaged gzip file: its data ends after line {number} ({e})",
             "copy the whole file again (`gzip -t FILE` checks one)",
         ) from None
-    return records, texts, nulls
+    return count
 
 
 def _json_record(path: Path, number: int, raw: bytes) -> dict | None:

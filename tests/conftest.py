@@ -42,6 +42,18 @@ def session_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def restore_environ():
+    """The job sets process-wide environment variables for what it starts (TensorBoard's folder, the log format,
+    torchrun's rank variables): set by a test that runs it in-process, they must not reach the runs of the tests
+    after it (a later run's TensorBoard events went to an earlier test's folder: make test-random, seed
+    1452127507)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def job_cache(tmp_path_factory, session_cache, monkeypatch):
     """A cache private to each test: no test sees a prepared entry another test left, whatever the order (beside
     `tmp_path`, which stays the test's own)."""

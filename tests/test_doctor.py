@@ -145,6 +145,9 @@ def test_doctor_says_a_folder_whose_run_is_going_is_in_use(tmp_path):
         assert holder.stdout.readline().strip() == "held"
         result = check_output(Preflight(RunConfig.load(output_dir=str(run))))
         assert not result.ok and f"in use by a running job (pid {holder.pid}" in result.detail
+        # node 1 of a multi-node run that starts after node 0 has taken the lock: its own run holds it
+        other_node = check_output(Preflight(RunConfig.load(output_dir=str(run), nnodes=2, node_rank=1)))
+        assert other_node.ok, other_node.detail
     finally:
         holder.kill()
         holder.wait()

@@ -53,8 +53,10 @@ def check_output(p: Preflight) -> Check:
                 "choose a new or empty --output-dir",
             )
         return Check("output", True, f"{output} (new)")
-    running = FileLock(output / run_files.LOCK).held_elsewhere()
-    if running:  # (`train` takes the lock itself; this is what `doctor` says of a folder whose run is going)
+    # (`train` takes the lock itself; this is what `doctor` says of a folder whose run is going). Node 0 holds it
+    # for the whole run: another node of that run finds it held, by its own run, whenever it starts after node 0
+    running = FileLock(output / run_files.LOCK).held_elsewhere() if not cfg.node_rank else None
+    if running:
         return Check(
             "output", False, f"{output} is in use by a running job ({running})", "wait for it to end, or stop it"
         )

@@ -98,6 +98,26 @@ def tiny_bloom(vocab: int, seed: int = 0, **overrides):
     return BloomForCausalLM(tiny_bloom_config(vocab, **overrides))
 
 
+# ------------------------------------------------------------------- training runs started by the tests
+# A tiny run the training tests share: 32-token rows, 4 x 2 examples a step, a learning rate that moves a tiny model
+# visibly in a dozen steps, a loss every step, batches built in the training process (no DataLoader workers).
+TINY_RUN = dict(
+    max_length=32,
+    per_device_batch_size=4,
+    grad_accum=2,
+    logging_steps=1,
+    learning_rate="3e-3",
+    warmup_steps=0,
+    dataloader_workers=0,
+)
+
+
+def train_args(**options) -> list[str]:
+    """`train` and a `--name value` flag per keyword (underscores become dashes), TINY_RUN's first: later ones win."""
+    flags = {**TINY_RUN, **options}
+    return ["train", *(part for name, value in flags.items() for part in (f"--{name.replace('_', '-')}", str(value)))]
+
+
 def complete_checkpoint(output: Path, step: int) -> Path:
     """`output/checkpoint-<step>` as a finished save of this job leaves it: Trainer state, then its COMPLETE marker."""
     from job.core import checkpoints

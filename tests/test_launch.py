@@ -22,6 +22,7 @@ from job.core.errors import EXIT_PREEMPTED
 from job.core.topology import resolve_topology
 from job.run.launch import RENDEZVOUS_JOIN_TIMEOUT_S, torchrun_command
 from tests.conftest import KUBEFLOW_ENV, REPO, tiny_bloom
+from tests.conftest import train_args as shared_train_args
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -36,44 +37,21 @@ def job_command(*args: str) -> list[str]:
 
 
 def train_args(model: Path, tokenizer: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    """A tiny 2-process run of STEPS steps with a checkpoint every 4; EXTRA flags come last and win."""
     return [
-        "train",
-        "--model",
-        str(model),
-        "--tokenizer",
-        str(tokenizer),
-        "--data",
-        str(data),
-        "--output-dir",
-        str(output),
-        "--nproc",
-        "2",
-        "--max-length",
-        "32",
-        "--per-device-batch-size",
-        "4",
-        "--grad-accum",
-        "2",
-        "--max-steps",
-        str(STEPS),
-        "--logging-steps",
-        "1",
-        "--save-steps",
-        "4",
-        "--learning-rate",
-        "3e-3",
-        "--warmup-steps",
-        "0",
-        "--eval-fraction",
-        "0.05",
-        "--eval-steps",
-        "0",
-        "--eval-batches",
-        "1",
-        "--dataloader-workers",
-        "0",
-        "--report-to",
-        "none",
+        *shared_train_args(
+            model=model,
+            tokenizer=tokenizer,
+            data=data,
+            output_dir=output,
+            nproc=2,
+            max_steps=STEPS,
+            save_steps=4,
+            eval_fraction=0.05,
+            eval_steps=0,
+            eval_batches=1,
+            report_to="none",
+        ),
         *extra,
     ]
 

@@ -19,7 +19,7 @@ import pytest
 from job.core.config import RunConfig, comparable
 from job.core.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, JobError
 from job.core.mix import Source, format_mix, parse_mix, probabilities
-from tests.conftest import REPO, tiny_bloom, write_jsonl
+from tests.conftest import REPO, tiny_bloom, train_args, write_jsonl
 
 
 def _env() -> dict[str, str]:
@@ -175,48 +175,23 @@ STEPS = 12
 
 
 def _train_args(inputs: dict, output: Path, mix: str = "0.8:news={news},0.2:replay={replay}", *extra: str):
+    """A tiny one-process run of STEPS steps on MIX, held-out loss every 6 steps, TensorBoard on; EXTRA flags last."""
     return [
-        "train",
-        "--model",
-        str(inputs["model"]),
-        "--tokenizer",
-        str(inputs["tokenizer"]),
-        "--data",
-        mix.format(**inputs),
-        "--output-dir",
-        str(output),
-        "--nproc",
-        "1",
-        "--deepspeed",
-        "none",
-        "--device",
-        "cpu",
-        "--max-length",
-        "32",
-        "--per-device-batch-size",
-        "4",
-        "--grad-accum",
-        "2",
-        "--max-steps",
-        str(STEPS),
-        "--logging-steps",
-        "1",
-        "--save-steps",
-        "100",
-        "--warmup-steps",
-        "0",
-        "--learning-rate",
-        "3e-3",
-        "--eval-fraction",
-        "0.1",
-        "--eval-steps",
-        "6",
-        "--eval-batches",
-        "2",
-        "--dataloader-workers",
-        "0",
-        "--report-to",
-        "tensorboard",
+        *train_args(
+            model=inputs["model"],
+            tokenizer=inputs["tokenizer"],
+            data=mix.format(**inputs),
+            output_dir=output,
+            nproc=1,
+            deepspeed="none",
+            device="cpu",
+            max_steps=STEPS,
+            save_steps=100,
+            eval_fraction=0.1,
+            eval_steps=6,
+            eval_batches=2,
+            report_to="tensorboard",
+        ),
         *extra,
     ]
 

@@ -81,17 +81,24 @@ lint: setup ## ruff, hadolint on docker/Dockerfile, strict validation of the Kub
 	$(VENV)/bin/hadolint docker/Dockerfile
 	@$(MAKE) --no-print-directory k8s-validate
 
-test: setup ## Run the whole test suite (what CI runs)
-	$(PY) -m pytest -q tests
+# Two test files at a time (pytest-xdist): the suite waits on process start-ups as much as it computes, so on 2 cores two
+# workers ran it 1.7x faster than one (measured: 15 min 14 s -> 9 min 02 s, the same 443 tests). --dist loadfile keeps
+# each file whole on one worker, in its written order: a failure repeats with `pytest tests/test_<file>.py`.
+# TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
+test: setup ## Run the whole test suite (what CI runs; TEST_WORKERS=2 files at a time)
+	$(PY) -m pytest -q $(XDIST) tests
 
 # The suite in a random order (pytest-randomly; SEED=N repeats an order, the header prints the seed): no test may
-# depend on what another left behind.
+# depend on what another left behind. Files are shuffled and so are the tests inside each; with TEST_WORKERS=0 one
+# process runs them in exactly the seed's order.
 SEED ?=
 test-random: setup ## The whole suite in a random order (SEED= to repeat one; the seed is printed first)
-	$(PY) -m pytest -o addopts=-ra $(if $(SEED),--randomly-seed=$(SEED)) tests
+	$(PY) -m pytest -o addopts=-ra $(XDIST) $(if $(SEED),--randomly-seed=$(SEED)) tests
 
-test-fast: setup ## The unit tests only, for your own loop (under two minutes; no training runs or launches)
-	$(PY) -m pytest -q -m "not slow" tests
+test-fast: setup ## The unit tests only, for your own loop (about a minute; no training runs or launches)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 # ------------------------------------------------------------------ container image and Kubernetes
 # k8s/README.md explains these. IMAGE:TAG names the image for build, push, docker-* and k8s-*; it is never `latest`.

@@ -163,7 +163,7 @@ def test_sweep_stopped_by_sigterm_stops_its_running_step(tmp_path):
     time.sleep(1)
     sweep.send_signal(signal.SIGTERM)
     out, _ = sweep.communicate(timeout=30)
-    assert sweep.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in out
+    assert sweep.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in out, out[-3000:]
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, alive
 
@@ -191,4 +191,6 @@ def test_prepare_bench_refuses_bad_sizes():
     proc = subprocess.run(
         [sys.executable, "-m", "job", "bench", "--prepare", "--copies", "1,0"], capture_output=True, text=True, env=env
     )
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --copies '1,0' is not a list of positive")
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --copies '1,0' is not a list of positive"), (
+        proc.stderr[-3000:]
+    )

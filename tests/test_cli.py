@@ -452,7 +452,7 @@ def test_generate_command_prints_one_continuation_per_prompt(world, tiny_tokeniz
     assert [o["prompt"] for o in outs] == ["下面是", "北京", "中国的经济"]
     assert all(0 < o["new_tokens"] <= 5 for o in outs)
     refused = run_cli("generate", "--model", str(folder), "--prompt", "x", "--temperature", "0")
-    assert refused.exit_code == 2 and "'--temperature': 0.0 is not in the range 0<x" in refused.stderr
+    assert refused.exit_code == 2 and "'--temperature': 0.0 is not in the range 0<x" in refused.stderr, refused.output
 
 
 def test_generate_without_flags_draws_as_the_report_does(world, tiny_tokenizer):

@@ -243,8 +243,9 @@ def test_misspelled_field_fails_strict_validation(tmp_path):
     bad = tmp_path / "job.yaml"
     bad.write_text((K8S / "job.yaml").read_text().replace("backoffLimit:", "backofLimit:"))
     strict = validate([bad], "1.37.0")
-    assert strict.returncode != 0 and "backofLimit" in strict.stdout + strict.stderr
-    assert validate([bad], "1.37.0", strict=False).returncode == 0  # why --strict is on
+    assert strict.returncode != 0 and "backofLimit" in strict.stdout + strict.stderr, strict.stdout + strict.stderr
+    loose = validate([bad], "1.37.0", strict=False)
+    assert loose.returncode == 0, loose.stdout + loose.stderr  # why --strict is on
 
 
 @pytest.mark.parametrize(
@@ -268,7 +269,8 @@ def test_custom_resources_are_checked_against_their_crds(tmp_path, file, edit, m
     out = crd_validate([bad])
     assert out.returncode != 0 and message in out.stderr, out.stdout + out.stderr
     # kubernetes-validate alone lets every one of these through.
-    assert validate([bad], "1.37.0").returncode == 0
+    alone = validate([bad], "1.37.0")
+    assert alone.returncode == 0, alone.stdout + alone.stderr
 
 
 # ------------------------------------------------------------------------- what each container runs
@@ -610,10 +612,10 @@ def test_make_renders_a_tag_the_release_publishes_for_this_commit(tmp_path):
 def test_make_tag_follows_the_release_scheme(tmp_path, git_tag):
     """In a fresh repository: sha-<7> for an untagged commit, X.Y.Z for one tagged vX.Y.Z."""
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"]
-    assert run(["git", "init", "-q"], cwd=tmp_path).returncode == 0
-    assert run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=tmp_path).returncode == 0
-    if git_tag:
-        assert run([*git, "tag", git_tag], cwd=tmp_path).returncode == 0
+    steps = [["git", "init", "-q"], [*git, "commit", "-q", "--allow-empty", "-m", "x"]]
+    for step in steps + ([[*git, "tag", git_tag]] if git_tag else []):
+        done = run(step, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
     commit = run(["git", "rev-parse", "HEAD"], cwd=tmp_path).stdout.strip()
     out = run(
         ["make", "-s", "-f", str(REPO / "Makefile"), "--eval", "print-var: ; @echo $(TAG)", "print-var"],
@@ -918,7 +920,8 @@ def test_ci_builds_and_runs_the_image_after_the_tests():
     steps = re.findall(r"\bmake ([a-z-]+)", (REPO / ".ci" / "run").read_text())
     assert steps.index("image-test") > steps.index("test") > steps.index("lint"), steps
     assert "docker/image-test.sh" in make_dry("image-test")
-    assert run(["bash", "-n", str(IMAGE_TEST)]).returncode == 0
+    syntax = run(["bash", "-n", str(IMAGE_TEST)])
+    assert syntax.returncode == 0, syntax.stderr
 
 
 def test_image_test_runs_the_image_as_a_cluster_would():

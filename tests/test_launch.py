@@ -566,7 +566,7 @@ def test_a_failing_one_process_run_with_dataloader_workers_exits(inputs):
             root / "fails-prepare.log",
         )
         == 0
-    )
+    ), (root / "fails-prepare.log").read_text()[-3000:]
     args = train_args(
         model,
         tok,

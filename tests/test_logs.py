@@ -127,7 +127,7 @@ def test_library_loggers_are_adopted_after_import(fresh_logging, capsys):
 
 def test_an_unknown_log_format_is_one_line_exit_2(fresh_logging):
     result = CliRunner().invoke(cli, ["doctor", "--help"], env={logs.LOG_FORMAT_ENV: "yaml"})
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines() == [
         "error: JOB_LOG_FORMAT='yaml' is not a log format -- use one of: text, json"
     ]

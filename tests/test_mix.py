@@ -288,7 +288,7 @@ def test_prepare_writes_each_source_and_prints_the_prepared_mix(tmp_path, tiny_t
     news, replay = _corpora(tmp_path)
     args = ["prepare", "--data", f"0.8:news={news},0.2:replay={replay}", "--tokenizer", str(tiny_tokenizer_dir)]
     refused = job(*args, "--output", str(tmp_path / "set"), "--shard", "0/2")
-    assert refused.returncode == EXIT_BAD_INPUT and "--shard takes one source" in refused.stderr
+    assert refused.returncode == EXIT_BAD_INPUT and "--shard takes one source" in refused.stderr, refused.stderr
     assert not (tmp_path / "set").exists()
     proc = job(*args, "--max-length", "32", "--output", str(tmp_path / "set"))
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -387,7 +387,7 @@ def test_a_bad_shard_is_one_line_exit_2_before_anything_is_read(tiny_tokenizer_d
 
     args = ["prepare", "--tokenizer", str(tiny_tokenizer_dir), "--shard", value, "--output", str(tmp_path / "p")]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
-    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1, result.output
     assert list(tmp_path.iterdir()) == []
 
 

@@ -81,7 +81,7 @@ def test_train_writes_the_verdict_it_exits_with(tmp_path, message_file, monkeypa
     _fake_launch(monkeypatch, output, code, status)
     checkpoint = _run_folder(output, 12, final=code == EXIT_OK)
     result = CliRunner().invoke(cli_module.cli, ["train", "--output-dir", str(output)])
-    assert result.exit_code == code
+    assert result.exit_code == code, result.output
     lines = message_file.read_text().splitlines()
     assert lines[0].startswith(first) and f"checkpoint: {checkpoint}" in lines and "last step: 12" in lines
     assert lines[1] == (status or f"train ended with exit code {code}")
@@ -93,7 +93,7 @@ def test_bad_input_and_a_failed_doctor_write_their_one_line(tmp_path, message_fi
 
     monkeypatch.setattr("job.run.launch.train", refuse)
     result = CliRunner().invoke(cli_module.cli, ["train", "--output-dir", str(tmp_path / "out")])
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert message_file.read_text().splitlines() == [
         "exit 2 (bad input or configuration: a retry fails the same way until it is fixed)",
         "error: data path x.jsonl does not exist -- check the path",
@@ -102,7 +102,7 @@ def test_bad_input_and_a_failed_doctor_write_their_one_line(tmp_path, message_fi
     message_file.unlink()
     args = ["--output-dir", str(tmp_path / "out"), "--data", "x", "--tokenizer", str(tiny_tokenizer_dir)]
     result = CliRunner().invoke(cli_module.cli, ["doctor", *args])
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     lines = message_file.read_text().splitlines()
     assert lines[0].startswith("exit 2 (bad input") and all(line.startswith("FAIL") for line in lines[1:])
     assert any("PET_NNODES='1:4'" in line for line in lines) and any(" data " in line for line in lines)

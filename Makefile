@@ -97,7 +97,7 @@ SEED ?=
 test-random: setup ## The whole suite in a random order (SEED= to repeat one; the seed is printed first)
 	$(PY) -m pytest -o addopts=-ra $(XDIST) $(if $(SEED),--randomly-seed=$(SEED)) tests
 
-test-fast: setup ## The unit tests only, for your own loop (about a minute; no training runs or launches)
+test-fast: setup ## The unit tests only, for your own loop (under two minutes; no training runs or launches)
 	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 # ------------------------------------------------------------------ container image and Kubernetes

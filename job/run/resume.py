@@ -53,8 +53,9 @@ def check_output(p: Preflight) -> Check:
                 "choose a new or empty --output-dir",
             )
         return Check("output", True, f"{output} (new)")
-    # (`train` takes the lock itself; this is what `doctor` says of a folder whose run is going). Node 0 holds it
-    # for the whole run: another node of that run finds it held, by its own run, whenever it starts after node 0
+    # What `doctor` says of a folder whose run is going (`train` takes the lock itself). Only node 0 (or an unset rank,
+    # which means node 0) asks: node 0 holds the lock for the whole run, so another node of that same run that starts
+    # after it finds the lock held by its own run.
     running = FileLock(output / run_files.LOCK).held_elsewhere() if not cfg.node_rank else None
     if running:
         return Check(

@@ -16,6 +16,7 @@ Stdlib only at import time: the launcher imports this module without torch.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import re
 import shutil
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 from job.core import run_files
-from job.core.files import atomic_write_json, share
+from job.core.files import atomic_write_json, atomic_write_text, share
 
 MARKER = "COMPLETE"
 WRITING = ".job-writing"  # this job is writing the checkpoint (it may delete it if the save never completes)
@@ -192,10 +193,36 @@ def export_final(
         (staging / name).write_text(text, encoding="utf-8")
     share(staging)  # copies keep the checkpoint's modes; the export is for others to read
     verify_export(staging, expected_parameters)
+    record_hashes(staging)  # of what was verified: `push` uploads only these bytes
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)
     return final
+
+
+def record_hashes(folder: Path) -> Path:
+    """Write `SHA256SUMS` (the format `sha256sum -c` reads) over every file of the export."""
+    lines = [f"{_sha256(p)}  {p.name}\n" for p in sorted(folder.iterdir()) if p.is_file() and p.name != run_files.HASHES]
+    return atomic_write_text(folder / run_files.HASHES, "".join(lines))
+
+
+def changed_files(folder: Path) -> str | None:
+    """What in the export no longer matches the hashes recorded when it was verified (None: every file does)."""
+    try:
+        recorded = (folder / run_files.HASHES).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return f"it has no readable {run_files.HASHES} (an export of an older release, or not this job's)"
+    expected = dict(reversed(line.split("  ", 1)) for line in recorded if "  " in line)
+    present = {p.name for p in folder.iterdir() if p.is_file() and p.name != run_files.HASHES}
+    if present != set(expected):
+        return f"its files differ from those verified ({', '.join(sorted(present ^ set(expected)))})"
+    changed = [name for name in sorted(expected) if _sha256(folder / name) != expected[name]]
+    return f"{', '.join(changed)} changed since it was verified" if changed else None
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify_export(folder: Path, expected_parameters: int | None = None) -> int:

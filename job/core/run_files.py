@@ -9,7 +9,7 @@
 | `metrics.jsonl` | worker | every log record (`job.core.metrics_log`) |
 | `tensorboard/` | worker | TensorBoard events |
 | `samples_before.json` | worker | generations of the untrained model, for the report |
-| `final/` | publish | the verified HF export, with its model card `README.md` |
+| `final/` | publish | the verified HF export, with its model card `README.md` and `SHA256SUMS` |
 | `report.md`, `loss.png`, `throughput.png` | publish | the run's report |
 | `exit_status.json` | worker / publish | the verdict: exit code and message |
 """
@@ -29,6 +29,7 @@ TENSORBOARD = "tensorboard"
 SAMPLES_BEFORE = "samples_before.json"
 FINAL = "final"
 MODEL_CARD = "README.md"  # in final/
+HASHES = "SHA256SUMS"  # in final/: the content hash of every file the export verified (`sha256sum -c` reads it)
 REPORT = "report.md"
 LOSS_PNG = "loss.png"
 THROUGHPUT_PNG = "throughput.png"

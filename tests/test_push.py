@@ -109,7 +109,7 @@ def _flip_bytes(path: Path, count: int = 1000) -> None:
         (lambda mp, export: (export / "README.md").unlink(), "has no model card"),
         (lambda mp, export: (export / "model.safetensors").write_bytes(b"\x00\x01"), "no valid header"),
         (lambda mp, export: (export / "config.json").unlink(), "no config.json"),
-        (lambda mp, export: _flip_bytes(export / "model.safetensors"), "model.safetensors changed since it was verified"),
+        (lambda mp, export: _flip_bytes(export / "model.safetensors"), "model.safetensors changed since"),
         (lambda mp, export: (export / "extra.bin").write_bytes(b"x"), "files differ from those verified (extra.bin)"),
         (lambda mp, export: (export / "SHA256SUMS").unlink(), "has no readable SHA256SUMS"),
     ],

@@ -202,7 +202,8 @@ def export_final(
 
 def record_hashes(folder: Path) -> Path:
     """Write `SHA256SUMS` (the format `sha256sum -c` reads) over every file of the export."""
-    lines = [f"{_sha256(p)}  {p.name}\n" for p in sorted(folder.iterdir()) if p.is_file() and p.name != run_files.HASHES]
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != run_files.HASHES]
+    lines = [f"{_sha256(p)}  {p.name}\n" for p in files]
     return atomic_write_text(folder / run_files.HASHES, "".join(lines))
 
 

@@ -23,7 +23,6 @@ from job.core.errors import JobError
 from job.core.logs import adopt_library_loggers
 from job.core.weights import check_weights
 
-
 TIMEOUT_ENV = "JOB_HUB_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from job.core import run_files
-from job.core.files import atomic_write_json, atomic_write_text, share
+from job.core.files import atomic_write_json, atomic_write_text, refuse_link, share
 
 MARKER = "COMPLETE"
 WRITING = ".job-writing"  # this job is writing the checkpoint (it may delete it if the save never completes)
@@ -47,10 +47,23 @@ def _step(path: Path) -> int:
 
 
 def all_checkpoints(output_dir: Path) -> list[Path]:
-    """Every `checkpoint-N` folder, oldest first."""
+    """Every `checkpoint-N` folder, oldest first (never a symbolic link: the job neither follows nor deletes one)."""
     if not output_dir.is_dir():
         return []
-    return sorted((p for p in output_dir.iterdir() if p.is_dir() and _step(p) >= 0), key=_step)
+    return sorted((p for p in output_dir.iterdir() if _step(p) >= 0 and p.is_dir() and not p.is_symlink()), key=_step)
+
+
+def linked_entries(output_dir: Path) -> list[Path]:
+    """The names the job writes in a run folder (checkpoints, the export, its staging, run files) that are symbolic
+    links: writing or deleting there would reach outside the folder."""
+    if not output_dir.is_dir():
+        return []
+    own = {run_files.FINAL, _staging_name(), *run_files.NAMES}
+    return sorted(p for p in output_dir.iterdir() if p.is_symlink() and (p.name in own or _step(p) >= 0))
+
+
+def _staging_name() -> str:
+    return f"{run_files.FINAL}.partial"
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -71,6 +84,7 @@ def latest_complete(output_dir: Path) -> Path | None:
 def begin(output_dir: Path, step: int) -> None:
     """Before the Trainer writes checkpoint-`step`: claim the folder as this job's."""
     folder = output_dir / f"checkpoint-{step}"
+    refuse_link(folder, output_dir)  # the Trainer would save through it
     folder.mkdir(parents=True, exist_ok=True)
     (folder / WRITING).touch()
 
@@ -111,20 +125,22 @@ def distrust(checkpoint: Path) -> str | None:
 
 def remove_incomplete(output_dir: Path) -> list[Path]:
     """Delete the checkpoint folders this job began and never completed (a crash mid-save; call only when no save
-    is in progress). Folders without its `WRITING` claim are not its own: they stay."""
+    is in progress); those it removed. Folders without its `WRITING` claim are not its own: they stay."""
     partial = [p for p in all_checkpoints(output_dir) if not (p / MARKER).exists() and (p / WRITING).exists()]
-    for path in partial:
-        shutil.rmtree(path, ignore_errors=True)
-    return partial
+    return [path for path in partial if _removed(path)]
+
+
+def _removed(folder: Path) -> bool:
+    """Delete `folder` (a real one, never a link); whether it is gone."""
+    shutil.rmtree(folder, ignore_errors=True)
+    return not folder.exists()
 
 
 def rotate(output_dir: Path, keep: int) -> list[Path]:
     """Keep the newest `keep` complete checkpoints (never fewer than one); drop older and partial ones."""
     removed = remove_incomplete(output_dir)
     done = complete_checkpoints(output_dir)
-    for path in done[: max(0, len(done) - max(1, keep))]:
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
+    removed += [path for path in done[: max(0, len(done) - max(1, keep))] if _removed(path)]
     return removed
 
 
@@ -182,7 +198,9 @@ def export_final(
 ) -> Path:
     """Publish OUTPUT/final from `checkpoint`'s model and tokenizer files, plus `texts` ({file name: content}, e.g.
     the model card), verified before the rename: `final/` appears whole or not at all."""
-    final, staging = output_dir / run_files.FINAL, output_dir / f"{run_files.FINAL}.partial"
+    final, staging = output_dir / run_files.FINAL, output_dir / _staging_name()
+    for path in (final, staging):
+        refuse_link(path, output_dir)
     if staging.exists():
         shutil.rmtree(staging)  # an export a signal or a kill interrupted
     staging.mkdir()

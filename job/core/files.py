@@ -40,6 +40,18 @@ def share(path: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
+def refuse_link(path: Path, root: Path) -> None:
+    """One line for a path the job would write or delete that is a symbolic link: through it the job would reach
+    outside its folder `root` (and a link is nothing the job made, so it is not its to remove either)."""
+    from job.core.errors import JobError
+
+    if Path(path).is_symlink():
+        raise JobError(
+            f"{path} is a symbolic link (to {os.readlink(path)}): the job writes only inside {root}",
+            f"remove the link {path} (what it points to stays), or use another folder",
+        )
+
+
 def new_folder(parent: Path, prefix: str) -> Path:
     """A new, uniquely named folder in `parent` with the umask's permissions (unlike `tempfile.mkdtemp`'s 0700)."""
     parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,19 @@ REPORT = "report.md"
 LOSS_PNG = "loss.png"
 THROUGHPUT_PNG = "throughput.png"
 STATUS = "exit_status.json"
+NAMES = (
+    RUN_CONFIG,
+    INPUTS,
+    LOCK,
+    METRICS,
+    TENSORBOARD,
+    SAMPLES_BEFORE,
+    FINAL,
+    REPORT,
+    LOSS_PNG,
+    THROUGHPUT_PNG,
+    STATUS,
+)
 
 
 def write_status(output: Path, code: int, message: str) -> None:

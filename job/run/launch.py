@@ -65,7 +65,7 @@ def prepare_inputs(cfg: RunConfig, found: Preflight | None = None) -> tuple[RunC
     """
     from job.data.corpus import load_corpus
     from job.data.mix import prepare_mix, sources
-    from job.data.prepare import prepare, read_prepared_key, read_prepared_stats
+    from job.data.prepare import check_contents, prepare, read_prepared_key, read_prepared_stats
     from job.data.tokenizer import resolve_tokenizer, tokenizer_fingerprint
 
     found = found or Preflight(cfg)
@@ -79,6 +79,7 @@ def prepare_inputs(cfg: RunConfig, found: Preflight | None = None) -> tuple[RunC
         )
         for path, key in keys.items():
             check_prepared_tokenizer(path, key or read_prepared_key(path), tokenizer_fingerprint(tokenizer))
+            check_contents(path)  # whole, before any worker maps it
         cfg = dataclasses.replace(cfg, max_length=read_prepared_stats(next(iter(keys)))["max_length"])
     elif mix is not None:  # each source prepared as a run on it alone would be; the workers read the mix
         cfg = dataclasses.replace(cfg, prepared=prepare_mix(cfg, tokenizer, found.corpora)[0])

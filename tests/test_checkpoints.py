@@ -130,7 +130,7 @@ def test_a_linked_checkpoint_is_neither_written_nor_deleted_nor_reported_removed
     (run / "checkpoint-7").symlink_to(outside, target_is_directory=True)
     assert checkpoints.remove_incomplete(run) == []  # nothing removed, so nothing reported removed
     assert checkpoints.rotate(run, keep=0) == []
-    with pytest.raises(JobError, match="checkpoint-7 is a symbolic link .*remove the link"):
+    with pytest.raises(JobError, match=r"checkpoint-7 is a symbolic link .*remove the link"):
         checkpoints.begin(run, 7)  # where the Trainer would save through it
     assert sorted((p.name, p.read_bytes()) for p in outside.iterdir()) == before
     assert [p.name for p in checkpoints.all_checkpoints(run)] == ["checkpoint-5"]

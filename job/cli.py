@@ -6,18 +6,29 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import sys
 import types
 import typing
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
 from job.core import run_files
 from job.core.config import GROUPS, RunConfig, field_meta, flag, prepare_fields, read_config_file
-from job.core.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_PREEMPTED, JobError, Stopped, stop_at_once
+from job.core.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CRASH,
+    EXIT_PREEMPTED,
+    JobError,
+    Stopped,
+    crash_summary,
+    raise_if_disk_full,
+    stop_at_once,
+)
 from job.core.logs import FORMATS, LOG_FORMAT_ENV, setup_logging
 from job.core.mix import is_mix
 from job.core.termination import no_termination_message, record_termination
@@ -137,9 +148,17 @@ class JobGroup(click.Group):
         except JobError as e:
             if os.environ.get("JOB_DEBUG") == "1":
                 raise
-            click.echo(f"error: {e}", err=True)
-            record_termination(e.exit_code, f"error: {e}")
+            say_error(f"error: {e}")
+            record_termination(e.exit_code, f"error: {e}", _INVOKED.get("output_dir"))
             sys.exit(e.exit_code)
+
+
+def say_error(message: str) -> None:
+    """A refusal's one line on stderr: as it is, or as a JSON record under --log-format json."""
+    if os.environ.get(LOG_FORMAT_ENV) == "json":
+        logging.getLogger("job").error(message)
+    else:
+        click.echo(message, err=True)
 
 
 @click.group(cls=JobGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -230,6 +249,7 @@ def train(config, **values):
     from job.run.launch import train as launch_train
 
     cfg = _load(config, values)
+    _INVOKED["output_dir"] = cfg.output_dir  # where a crash's verdict goes
     code = launch_train(cfg)
     output = Path(cfg.output_dir)
     status = run_files.recorded_status(output) if output.is_dir() else None
@@ -442,7 +462,9 @@ def main():
         code = cli.main(prog_name="python -m job", standalone_mode=False)
     except click.UsageError as e:  # Click's own four lines (usage, hint, blank, error) as one, like every refusal
         command = e.ctx.command_path if e.ctx else "python -m job"
-        click.echo(f"error: {e.format_message()} -- see `{command} --help`", err=True)
+        message = f"error: {e.format_message()} -- see `{command} --help`"
+        say_error(message)
+        record_termination(EXIT_BAD_INPUT, message)  # no stale verdict of an earlier run stays in the file
         sys.exit(EXIT_BAD_INPUT)
     except click.Abort as e:  # Click turns an EOFError (a truncated compressed file, say) into Abort
         if isinstance(e.__cause__, EOFError):
@@ -456,7 +478,34 @@ def main():
         click.echo(message, err=True)
         record_termination(EXIT_PREEMPTED, message)
         sys.exit(EXIT_PREEMPTED)
-    except Exception as e:  # a crash: the traceback follows as ever, the termination message names it
-        record_termination(EXIT_CRASH, f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}")
-        raise
+    except Exception as e:
+        _crashed(e)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _crashed(error: Exception) -> NoReturn:
+    """A verdict for an error no refusal caught: a write the disk refused (full, over quota, over a file-size limit)
+    is one line, exit 2, as for `prepare`; anything else is a crash, exit 1, with its traceback (a JSON record under
+    --log-format json, not raw lines). Either way the termination message, and a run's exit_status.json, say so."""
+    output = _INVOKED.get("output_dir")
+    try:
+        raise_if_disk_full(error, getattr(error, "filename", None) or "a file")
+    except JobError as full:
+        if os.environ.get("JOB_DEBUG") == "1":
+            raise error from None
+        message = f"error: {full}"
+        say_error(message)
+        _record_verdict(full.exit_code, message, output)
+        sys.exit(full.exit_code)
+    _record_verdict(EXIT_CRASH, f"crash: {crash_summary(error)}", output)
+    if os.environ.get(LOG_FORMAT_ENV) == "json" and os.environ.get("JOB_DEBUG") != "1":
+        logging.getLogger("job").error("crash: %s", crash_summary(error), exc_info=error)
+        sys.exit(EXIT_CRASH)
+    raise error
+
+
+def _record_verdict(code: int, message: str, output_dir: str | None) -> None:
+    """The termination message, and for a run (`train`) its exit_status.json, if the folder takes it."""
+    if output_dir:
+        run_files.write_status_if_possible(Path(output_dir), code, message)
+    record_termination(code, message, output_dir)

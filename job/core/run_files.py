@@ -54,6 +54,18 @@ def write_status(output: Path, code: int, message: str) -> None:
     atomic_write_json(output / STATUS, {"code": code, "message": message})
 
 
+def write_status_if_possible(output: Path, code: int, message: str) -> bool:
+    """`write_status` where the run may have failed for want of room (a full disk, a file-size limit): the verdict
+    is recorded if it can be; whether it was."""
+    if not output.is_dir():
+        return False
+    try:
+        write_status(output, code, message)
+    except OSError:
+        return False
+    return True
+
+
 def recorded_status(output: Path) -> dict | None:
     """Rank 0's verdict, {"code", "message"}, if one was recorded."""
     path = output / STATUS

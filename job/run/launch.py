@@ -284,10 +284,15 @@ def _run_torchrun(cfg: RunConfig, nproc: int, output: Path, lock: OutputLock | N
     if code is not None:
         return code
     if received:
-        log.error("stopped by %s before the workers recorded a verdict", signal.Signals(received[0]).name)
-        return EXIT_PREEMPTED
-    log.error("the workers ended without a verdict (torchrun exit %s); see the log above", returncode)
-    return returncode or EXIT_CRASH
+        verdict = f"stopped by {signal.Signals(received[0]).name} before the workers recorded a verdict"
+        code = EXIT_PREEMPTED
+    else:  # a worker killed (the OOM killer) or crashed before it could record one
+        verdict = f"the workers ended without a verdict (torchrun exit {returncode}); see the log above"
+        code = returncode or EXIT_CRASH
+    log.error(verdict)
+    if lock:  # node 0's launcher records the run's verdict
+        run_files.write_status_if_possible(output, code, verdict)
+    return code
 
 
 def _quiet_torchrun() -> int:

@@ -19,6 +19,7 @@ import signal
 import time
 import weakref
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, set_seed
@@ -27,13 +28,17 @@ from transformers.trainer_callback import PrinterCallback
 from job.core import checkpoints, run_files
 from job.core.config import RunConfig
 from job.core.errors import (
+    EXIT_CRASH,
     EXIT_DIVERGED,
     EXIT_OK,
     EXIT_PREEMPTED,
     STOP_SIGNALS,
+    JobError,
     Stopped,
+    crash_summary,
     die_with_parent,
     ignore_stop_signals,
+    raise_if_disk_full,
     stop_at_once,
 )
 from job.core.files import atomic_write_json
@@ -315,9 +320,28 @@ def run_worker(cfg: RunConfig) -> int:
         else:
             message = f"before training resumed; complete checkpoint {last}. Run again with --resume auto to continue"
         return finish(output, rank0, EXIT_PREEMPTED, f"stopped by {e.signal_name} {message}")
+    except Exception as e:
+        _crashed(output, rank0, e)
     finally:
         stop_dataloader_workers()
         _leave_process_group()
+
+
+def _crashed(output: Path, rank0: bool, error: Exception) -> NoReturn:
+    """Every ending has a verdict: bad input found in a worker and a write the disk refused (full, over quota, over
+    a file-size limit) are raised as their one-line JobError; any other error is recorded as a crash, then raised
+    (its traceback in the log). Either way the process fails, and torchrun stops the other ranks."""
+    try:
+        raise_if_disk_full(error, output)
+        if isinstance(error, JobError):
+            raise error
+    except JobError as refusal:
+        if rank0:
+            run_files.write_status_if_possible(output, refusal.exit_code, f"error: {refusal}")
+        raise refusal from None  # the CLI prints its one line and exits with its code
+    if rank0:
+        run_files.write_status_if_possible(output, EXIT_CRASH, f"crash: {crash_summary(error)}")
+    raise error
 
 
 def _leave_process_group() -> None:

@@ -378,7 +378,13 @@ def test_a_missing_extra_or_foreign_shard_is_refused_and_nothing_written(tiny_to
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [("3/3", "--shard 3/3 is out of range"), ("1", "is not I/N"), ("-1/2", "is not I/N"), ("0/0", "is not I/N")],
+    [
+        ("3/3", "--shard 3/3 is out of range"),
+        ("1", "is not I/N"),
+        ("-1/2", "is not I/N"),
+        ("0/0", "is not I/N"),
+        ("0/100000", "100000 shards are more than 99,999"),  # a shard folder's name holds five digits
+    ],
 )
 def test_a_bad_shard_is_one_line_exit_2_before_anything_is_read(tiny_tokenizer_dir, tmp_path, value, message):
     from click.testing import CliRunner
@@ -487,3 +493,10 @@ def test_a_cache_entry_that_is_a_link_out_of_the_cache_is_refused(tiny_tokenizer
     with pytest.raises(JobError, match=f"{entry} is a symbolic link"):
         prepare(cfg, tiny_tokenizer)
     assert sorted((p.name, p.stat().st_size) for p in outside.iterdir()) == before
+
+
+def test_the_largest_shard_count_names_a_folder_its_own_pattern_reads():
+    from job.data.prepare import _SHARD_FOLDER, MAX_SHARDS, Shard
+
+    last = Shard.parse(f"{MAX_SHARDS - 1}/{MAX_SHARDS}")
+    assert _SHARD_FOLDER.fullmatch(last.folder)[2] == str(MAX_SHARDS)

@@ -82,6 +82,10 @@ class Prepared:
         return load_prepared(str(self.path))
 
 
+SHARD_DIGITS = 5  # of a shard folder's index and count: the one source of the folder name, its pattern and the bound
+MAX_SHARDS = 10**SHARD_DIGITS - 1
+
+
 @dataclass(frozen=True)
 class Shard:
     """Shard `index` of `count`: the documents of its blocks, in every split (`--shard I/N`)."""
@@ -95,6 +99,11 @@ class Shard:
         if not (slash and index.strip().isdigit() and count.strip().isdigit() and int(count) >= 1):
             raise JobError(f"--shard {text!r} is not I/N", "pass the shard's index and count, e.g. --shard 0/4")
         shard = cls(int(index), int(count))
+        if shard.count > MAX_SHARDS:
+            raise JobError(
+                f"--shard {text}: {shard.count} shards are more than {MAX_SHARDS:,}",
+                f"use at most {MAX_SHARDS:,} shards",
+            )
         if shard.index >= shard.count:
             raise JobError(
                 f"--shard {text} is out of range", f"shard indices run from 0 to {shard.count - 1} (0 to N-1)"
@@ -107,7 +116,7 @@ class Shard:
 
     @property
     def folder(self) -> str:
-        return f"shard-{self.index:05d}-of-{self.count:05d}"
+        return f"shard-{self.index:0{SHARD_DIGITS}d}-of-{self.count:0{SHARD_DIGITS}d}"
 
     def documents(self, documents: int) -> range:
         """The documents of a split this shard lays out: whole blocks, so that the shards' rows in order are the
@@ -117,7 +126,7 @@ class Shard:
         return range(first * BLOCK_DOCUMENTS, min(documents, end * BLOCK_DOCUMENTS))
 
 
-_SHARD_FOLDER = re.compile(r"shard-(\d{5})-of-(\d{5})")
+_SHARD_FOLDER = re.compile(rf"shard-(\d{{{SHARD_DIGITS}}})-of-(\d{{{SHARD_DIGITS}}})")
 
 
 def prepare(

@@ -28,7 +28,7 @@ from job.core.topology import (
     resolve_topology,
     visible_gpus,
 )
-from job.core.units import config_parameter_count
+from job.core.units import config_parameter_count, size_text
 from job.core.weights import check_weights
 from job.run.checks import Check, Preflight, require
 from job.run.resume import check_inputs, check_output, check_resume
@@ -341,8 +341,8 @@ def check_memory(p: Preflight) -> Check:
         return Check(
             "memory",
             False,
-            f"batch {cfg.per_device_batch_size} x {cfg.max_length} tokens needs at least {need / 2**30:.1f} GiB of "
-            f"activations per process, the {where} has {have / 2**30:.1f} GiB",
+            f"batch {cfg.per_device_batch_size} x {cfg.max_length} tokens needs at least {size_text(need)} of "
+            f"activations per process, the {where} has {size_text(have)}",
             "lower --max-length or --per-device-batch-size (raise --grad-accum to keep the global batch)",
         )
     return Check("memory", True, f"activations >= {need / 2**30:.2f} GiB of {have / 2**30:.1f} GiB ({where})")
@@ -379,16 +379,16 @@ def check_disk(p: Preflight) -> Check:
     existing = next(q for q in [output, *output.parents] if q.exists())
     free = shutil.disk_usage(existing).free
     if p.model_config is None:
-        return Check("disk", True, f"{free / 2**30:.1f} GiB free (model size unknown)")
+        return Check("disk", True, f"{size_text(free)} free (model size unknown)")
     need = config_parameter_count(p.model_config) * BYTES_PER_PARAMETER_CHECKPOINT * 2  # new + last checkpoint
     if free < need:
         return Check(
             "disk",
             False,
-            f"{free / 2**30:.1f} GiB free at {existing}, a checkpoint needs about {need / 2**30:.1f} GiB",
+            f"{size_text(free)} free at {existing}, a checkpoint and the one before it need about {size_text(need)}",
             "free space or choose another --output-dir",
         )
-    return Check("disk", True, f"{free / 2**30:.1f} GiB free, ~{need / 2**30:.1f} GiB needed per checkpoint pair")
+    return Check("disk", True, f"{size_text(free)} free, ~{size_text(need)} needed per checkpoint pair")
 
 
 # In order: later checks read what earlier ones found. `train` stops at the first failure; `doctor` runs all.

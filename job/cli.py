@@ -211,12 +211,12 @@ def prepare(config, output, shard, **values):
 def _prepare_mix(cfg: RunConfig, output: str | None, part) -> None:
     """`prepare` of a --data mix: each source on its own, into OUTPUT/NAME (default: the cache); prints the
     `--prepared` mix that trains on them."""
-    from job.data.mix import load_source_corpus, prepare_mix, sources
+    from job.data.mix import load_source_corpora, prepare_mix, sources
     from job.data.tokenizer import resolve_tokenizer
 
     if part is not None:
         raise JobError("--shard takes one source, not a --data mix", "prepare each source of the mix on its own")
-    corpora = {s.name: load_source_corpus(cfg, s) for s in sources(cfg)}  # all readable before anything is written
+    corpora = load_source_corpora(cfg, sources(cfg))  # all readable before anything is written
     tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
     prepared, done = prepare_mix(cfg, tokenizer, corpora, output)
     shown = {n: {"path": str(r.path), "cache_hit": r.cache_hit, **r.stats} for n, r in done.items()}
@@ -231,13 +231,13 @@ def _prepare_mix(cfg: RunConfig, output: str | None, part) -> None:
 def tokenizer(data, text_column, vocab_size, output):
     """Train a Bloom-style byte-level BPE on a corpus (a mix: on every source's documents, whatever the weights)."""
     from job.data.corpus import TEXT, load_corpus
-    from job.data.mix import load_source_corpus, sources
+    from job.data.mix import load_source_corpora, sources
     from job.data.tokenizer import check_new_folder, train_tokenizer
 
     cfg = RunConfig.load(data=data, text_column=text_column, vocab_size=vocab_size)  # defaults and ranges
     check_new_folder(Path(output))  # before reading the corpus: a wrong --output fails in a second
     mix = sources(cfg)
-    corpora = [load_source_corpus(cfg, s) for s in mix] if mix else [load_corpus(cfg.data, cfg.text_column)]
+    corpora = list(load_source_corpora(cfg, mix).values()) if mix else [load_corpus(cfg.data, cfg.text_column)]
     tok = train_tokenizer((row[TEXT] for c in corpora for row in c.rows), cfg.vocab_size, Path(output))
     click.echo(json.dumps({"output": output, "vocab_size": len(tok), "eos": tok.eos_token, "pad": tok.pad_token}))
 

@@ -96,8 +96,8 @@ def test_bad_mix_input_exits_2_in_one_line_and_writes_nothing(tmp_path, tiny_tok
     assert "Traceback" not in proc.stderr
     if "blank" in mix:
         assert "source blank:" in lines[0]
-    # nothing but datasets' Arrow conversion of a good source read before the bad one (a cache a rerun reuses)
-    assert not output.exists() and [p for p in sorted(job_cache.rglob("*")) if "datasets" not in p.parts] == before
+    # nothing at all: not even datasets' Arrow conversion of the good source read before the bad one
+    assert not output.exists() and sorted(job_cache.rglob("*")) == before
 
 
 # ------------------------------------------------------------------------------------------- interleaving

@@ -268,7 +268,7 @@ def check_data(p: Preflight) -> Check:
 def _check_mix(p: Preflight, mix: list) -> Check:
     """Each source of a mix as one source is checked (a --prepared mix: one max length and layout); the row shows
     every source with its share."""
-    from job.data.mix import load_source_corpus
+    from job.data.mix import load_source_corpora
     from job.data.prepare import read_prepared_key, read_prepared_stats
 
     shares = [f"{s.name} {share:.0%}" for s, share in zip(mix, probabilities(mix), strict=True)]
@@ -286,8 +286,7 @@ def _check_mix(p: Preflight, mix: list) -> Check:
                 "prepare every source with the same --max-length and --packing",
             )
     else:
-        for source in mix:
-            p.corpora[source.name] = load_source_corpus(p.cfg, source)
+        p.corpora.update(load_source_corpora(p.cfg, mix))
         rows = [f"{len(p.corpora[s.name].rows)} documents" for s in mix]
     shown = "; ".join(f"{share}: {s.path} ({n})" for share, s, n in zip(shares, mix, rows, strict=True))
     return Check("data", True, f"mix of {len(mix)} sources: {shown}")

@@ -423,12 +423,38 @@ def _final_eval(trainer: Trainer) -> dict:
 def _load_prepared(cfg: RunConfig):
     # memory-mapped; fails with a clear message if it is not one. A mix: its sources interleaved, an eval set each
     data = load_mix(cfg.prepared, cfg.seed, cfg.mix_until) if sources(cfg) else load_prepared(cfg.prepared)
+    if "eval" in data:
+        data["eval"] = _predictable(data["eval"])
     if "eval" in data and cfg.eval_batches:
         rows = cfg.eval_batches * cfg.per_device_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
         first = lambda split: split.select(range(min(rows, len(split))))
         evals = data["eval"]
         data["eval"] = {n: first(e) for n, e in evals.items()} if isinstance(evals, dict) else first(evals)
     return data
+
+
+def _predictable(evals):
+    """The held-out rows that hold something to predict (a mix: per source). A row of one token has no next token:
+    a batch of such rows (a held-out document of exactly max_length tokens leaves its eos alone in a row) gave a
+    held-out loss of 0/0 = NaN at every evaluation. Dropping them changes no loss: they hold no target."""
+    import pyarrow.compute as pc
+
+    def keep(split):
+        lengths = pc.list_value_length(split.with_format("arrow")["input_ids"]).to_numpy(zero_copy_only=False)
+        rows = (lengths > 1).nonzero()[0]
+        return split if len(rows) == len(split) else split.select(rows)  # an in-memory index: nothing written
+
+    kept = {name: keep(split) for name, split in evals.items()} if isinstance(evals, dict) else {"": keep(evals)}
+    empty = sorted(name for name, split in kept.items() if len(split) == 0)
+    if len(empty) == len(kept):
+        raise JobError(
+            "no held-out row has a token to predict (each is a lone token)",
+            "raise --eval-fraction, or use --eval-fraction 0",
+        )
+    for name in empty:
+        log.warning("source %s: no held-out row has a token to predict; it is not evaluated", name)
+        del kept[name]
+    return kept if isinstance(evals, dict) else kept[""]
 
 
 def _monitor_callbacks(cfg: RunConfig, model, use_cpu: bool) -> list[TrainerCallback]:

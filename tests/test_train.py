@@ -373,7 +373,7 @@ def test_held_out_rows_without_a_target_are_left_out_of_the_evaluation(caplog, t
     from job.run.worker import _predictable, training_collator
     from tests.conftest import tiny_bloom
 
-    rows = lambda *r: datasets.Dataset.from_dict({"input_ids": [list(x) for x in r]})  # noqa: E731
+    rows = lambda *r: datasets.Dataset.from_dict({"input_ids": [list(x) for x in r]})
     lone_eos = rows([2])
     model = tiny_bloom(len(tiny_tokenizer)).eval()
     with torch.no_grad():  # what the held-out loss of such a batch is
@@ -385,4 +385,3 @@ def test_held_out_rows_without_a_target_are_left_out_of_the_evaluation(caplog, t
     assert _predictable(rows([5, 6], [7, 2]))["input_ids"] == [[5, 6], [7, 2]]  # one source, nothing dropped
     with pytest.raises(JobError, match="no held-out row has a token to predict"):
         _predictable({"lone": lone_eos})
-

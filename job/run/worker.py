@@ -232,7 +232,17 @@ class JobTrainer(Trainer):
         return _workers_ignore_signals(super().get_train_dataloader())
 
     def get_eval_dataloader(self, eval_dataset=None):
-        return _workers_ignore_signals(super().get_eval_dataloader(eval_dataset))
+        if not (isinstance(self.eval_dataset, dict) and len(self.eval_dataset) > 1):
+            return _workers_ignore_signals(super().get_eval_dataloader(eval_dataset))
+        # A mix: one held-out set per source. Persistent loaders would keep `dataloader_workers` idle processes per
+        # source for the whole run (100 for 50 sources); each source's workers end with its evaluation instead, so
+        # at most one set is alive per process, whatever the number of sources.
+        persistent = self.args.dataloader_persistent_workers
+        self.args.dataloader_persistent_workers = False
+        try:
+            return _workers_ignore_signals(super().get_eval_dataloader(eval_dataset))
+        finally:
+            self.args.dataloader_persistent_workers = persistent
 
 
 def training_collator(tokenizer, count_tokens: bool, pad_to_multiple_of: int | None = None):

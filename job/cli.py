@@ -148,17 +148,9 @@ class JobGroup(click.Group):
         except JobError as e:
             if os.environ.get("JOB_DEBUG") == "1":
                 raise
-            say_error(f"error: {e}")
+            click.echo(f"error: {e}", err=True)
             record_termination(e.exit_code, f"error: {e}", _INVOKED.get("output_dir"))
             sys.exit(e.exit_code)
-
-
-def say_error(message: str) -> None:
-    """A refusal's one line on stderr: as it is, or as a JSON record under --log-format json."""
-    if os.environ.get(LOG_FORMAT_ENV) == "json":
-        logging.getLogger("job").error(message)
-    else:
-        click.echo(message, err=True)
 
 
 @click.group(cls=JobGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -463,7 +455,7 @@ def main():
     except click.UsageError as e:  # Click's own four lines (usage, hint, blank, error) as one, like every refusal
         command = e.ctx.command_path if e.ctx else "python -m job"
         message = f"error: {e.format_message()} -- see `{command} --help`"
-        say_error(message)
+        click.echo(message, err=True)
         record_termination(EXIT_BAD_INPUT, message)  # no stale verdict of an earlier run stays in the file
         sys.exit(EXIT_BAD_INPUT)
     except click.Abort as e:  # Click turns an EOFError (a truncated compressed file, say) into Abort
@@ -494,7 +486,7 @@ def _crashed(error: Exception) -> NoReturn:
         if os.environ.get("JOB_DEBUG") == "1":
             raise error from None
         message = f"error: {full}"
-        say_error(message)
+        click.echo(message, err=True)
         _record_verdict(full.exit_code, message, output)
         sys.exit(full.exit_code)
     _record_verdict(EXIT_CRASH, f"crash: {crash_summary(error)}", output)

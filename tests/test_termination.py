@@ -161,8 +161,7 @@ def test_a_usage_error_replaces_a_stale_message_with_its_own(tmp_path, message_f
     message_file.write_text("exit 0 (success)\nmodel saved to an earlier run\n")
     proc = _job(["train", "--max-steps", "abc"], tmp_path, message_file, JOB_LOG_FORMAT=log_format)
     assert proc.returncode == 2, proc.stderr
-    (line,) = proc.stderr.strip().splitlines()
-    shown = json.loads(line)["message"] if log_format == "json" else line
+    (shown,) = proc.stderr.strip().splitlines()  # a command's own refusal: its line, in either log format
     assert shown.startswith("error: Invalid value for '--max-steps'") and "--help" in shown
     assert message_file.read_text().splitlines() == [
         "exit 2 (bad input or configuration: a retry fails the same way until it is fixed)",
@@ -211,9 +210,10 @@ def test_a_file_size_limit_hit_while_saving_a_checkpoint_is_one_line_with_a_verd
     # 400 KiB: the prepared data and the run's small files fit, a checkpoint's weights do not (EFBIG)
     proc = _job(argv, tmp_path, message_file, limit_kib=400, JOB_LOG_FORMAT="json")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    records = [json.loads(line) for line in proc.stderr.strip().splitlines()]  # JSON to the end
-    errors = [r["message"] for r in records if r["level"] == "ERROR"]
-    assert len(errors) == 1 and errors[0].startswith("error: no room to write") and "File too large" in errors[0]
+    *logged, refusal = proc.stderr.strip().splitlines()
+    assert all(json.loads(line)["level"] != "ERROR" for line in logged)  # JSON records, no traceback lines
+    errors = [refusal]  # the command's own one line, as every refusal
+    assert refusal.startswith("error: no room to write") and "File too large" in refusal
     assert run_files.recorded_status(tmp_path / "out") == {"code": 2, "message": errors[0]}
     assert message_file.read_text().splitlines()[:2] == [
         "exit 2 (bad input or configuration: a retry fails the same way until it is fixed)",

@@ -182,3 +182,24 @@ def test_a_preempted_and_resumed_run_is_one_tracking_run_with_every_step_once(
     # and the resumed run's evaluation at its first step, a step without one before
     evaluated = [m.step for m in client.get_metric_history(record["mlflow_run_id"], "eval_loss")]
     assert evaluated == sorted({restart, *eval_steps})
+
+
+def test_the_release_publishes_a_tracking_variant_of_every_tag():
+    import yaml
+
+    release = yaml.safe_load((REPO / ".github" / "workflows" / "release.yml").read_text())
+    (job,) = release["jobs"].values()
+    variants = job["strategy"]["matrix"]["include"]
+    assert {"suffix": "-tracking", "tracking": "wandb,mlflow"} in variants and {
+        "suffix": "",
+        "tracking": "",
+    } in variants
+    (meta,) = [s for s in job["steps"] if "metadata-action" in s.get("uses", "")]
+    assert "suffix=${{ matrix.suffix }}" in meta["with"]["flavor"].splitlines()
+    (build,) = [s for s in job["steps"] if "build-push-action" in s.get("uses", "")]
+    assert "TRACKING=${{ matrix.tracking }}" in build["with"]["build-args"].splitlines()
+    assert build["with"]["tags"] == "${{ steps.meta.outputs.tags }}"
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert 'ARG TRACKING=""' in dockerfile and '-r "requirements-$extra.txt"' in dockerfile
+    for extra in variants[-1]["tracking"].split(","):
+        assert (REPO / f"requirements-{extra}.txt").is_file() and f"requirements-{extra}.txt" in dockerfile

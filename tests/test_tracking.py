@@ -203,3 +203,28 @@ def test_the_release_publishes_a_tracking_variant_of_every_tag():
     assert 'ARG TRACKING=""' in dockerfile and '-r "requirements-$extra.txt"' in dockerfile
     for extra in variants[-1]["tracking"].split(","):
         assert (REPO / f"requirements-{extra}.txt").is_file() and f"requirements-{extra}.txt" in dockerfile
+
+
+def _containers(node):
+    if isinstance(node, dict):
+        yield from node.get("containers", [])
+        for value in node.values():
+            yield from _containers(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _containers(value)
+
+
+@pytest.mark.parametrize("manifest", ["job.yaml", "indexed/job.yaml", "jobset/jobset.yaml", "trainjob/runtime.yaml"])
+def test_training_pods_take_the_tracking_keys_from_the_documented_secret(manifest):
+    import yaml
+
+    (secret,) = re.findall(
+        r"kubectl create secret generic (\S+) --from-literal=WANDB_API_KEY", (REPO / "k8s" / "README.md").read_text()
+    )
+    text = (REPO / "k8s" / manifest).read_text()
+    containers = [c for doc in yaml.safe_load_all(text) for c in _containers(doc) if c.get("envFrom")]
+    assert containers, f"no container of {manifest} reads a Secret"
+    for container in containers:
+        assert {"secretRef": {"name": secret, "optional": True}} in container["envFrom"]
+    assert not re.search(r"WANDB_API_KEY|MLFLOW_TRACKING_(PASSWORD|TOKEN)", text)  # never a value in a manifest

@@ -44,7 +44,10 @@ def test_the_environment_points_into_the_run_folder_unless_the_user_chose(tmp_pa
     assert "MLFLOW_RUN_ID" not in environ  # MLflow names its run: known after the first start
     record.values["mlflow_run_id"] = "abc"
     server = {"MLFLOW_TRACKING_URI": "https://mlflow.internal"}
-    assert tracking_environment(output, ["mlflow"], record, server) == {"MLFLOW_RUN_ID": "abc"}
+    assert tracking_environment(output, ["mlflow"], record, server) == {
+        "MLFLOW_RUN_ID": "abc",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
     assert tracking_environment(output, ["tensorboard"], record, {}) == {}
 
 
@@ -163,6 +166,9 @@ def test_a_preempted_and_resumed_run_is_one_tracking_run_with_every_step_once(
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
+    # nothing outside the run folder: a pod's home and working directory are read-only or lost with it
+    assert [p for p in (tmp_path / "home").rglob("*") if re.search("wandb|mlflow", p.name)] == []
+    assert not (tmp_path / "wandb").exists() and not (tmp_path / "mlruns").exists()
     record = json.loads((output / run_files.TRACKING).read_text())
     train_steps, eval_steps = list(range(1, steps + 1)), [0, 10, 20, 30]
     # W&B: every session's run file under the run folder, one run id, each metric at each step once

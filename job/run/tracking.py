@@ -97,6 +97,8 @@ def tracking_environment(
         if "MLFLOW_TRACKING_URI" not in environ:
             # MLflow 3 refuses a file store unless asked; it needs no database package and suits a volume
             defaults |= {"MLFLOW_TRACKING_URI": (folder / "mlruns").as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true"}
+        # MLflow's usage telemetry writes under $HOME and calls out: neither belongs in a batch job's pod
+        defaults["MLFLOW_DISABLE_TELEMETRY"] = "true"
         if record.values.get("mlflow_run_id"):
             defaults["MLFLOW_RUN_ID"] = record.values["mlflow_run_id"]
     chosen = {k: v for k, v in defaults.items() if not environ.get(k)}

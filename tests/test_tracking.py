@@ -42,12 +42,14 @@ def test_the_environment_points_into_the_run_folder_unless_the_user_chose(tmp_pa
     assert Path(environ["WANDB_CACHE_DIR"]).is_dir() and Path(environ["WANDB_CACHE_DIR"]).is_relative_to(output)
     assert environ["MLFLOW_TRACKING_URI"] == (output / "tracking" / "mlruns").as_uri()
     assert "MLFLOW_RUN_ID" not in environ  # MLflow names its run: known after the first start
-    record.values["mlflow_run_id"] = "abc"
+    record.values |= {"mlflow_run_id": "abc", "mlflow_tracking_uri": "https://mlflow.internal"}
     server = {"MLFLOW_TRACKING_URI": "https://mlflow.internal"}
     assert tracking_environment(output, ["mlflow"], record, server) == {
         "MLFLOW_RUN_ID": "abc",
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
+    other = {"MLFLOW_TRACKING_URI": "https://other.internal"}  # a server that never saw the run: a new one there
+    assert "MLFLOW_RUN_ID" not in tracking_environment(output, ["mlflow"], record, other)
     assert tracking_environment(output, ["tensorboard"], record, {}) == {}
 
 
@@ -121,12 +123,9 @@ def _logged_losses(output: Path) -> int:
 def test_a_preempted_and_resumed_run_is_one_tracking_run_with_every_step_once(
     tmp_path, tiny_tokenizer_dir, monkeypatch
 ):
-    pytest.importorskip(
-        "wandb", reason="W&B is an optional extra: pip install -c constraints.txt -r requirements-wandb.txt"
-    )
-    pytest.importorskip(
-        "mlflow", reason="MLflow is an optional extra: pip install -c constraints.txt -r requirements-mlflow.txt"
-    )
+    for extra in ("wandb", "mlflow"):  # make setup installs both (requirements-dev.txt)
+        reason = f"{extra} is an optional extra: pip install -c constraints.txt -r requirements-{extra}.txt"
+        pytest.importorskip(extra, reason=reason)
     from mlflow.tracking import MlflowClient
 
     from job.data.corpus import builtin_articles

@@ -43,7 +43,8 @@ def tracking_run_id(output: Path) -> str:
 
 
 class TrackingRecord:
-    """`OUTPUT/tracking.json`: {"run_id", "mlflow_run_id", "sent": {backend: {metric: last step sent}}}."""
+    """`OUTPUT/tracking.json`: {"run_id", "mlflow_run_id", "mlflow_tracking_uri" (where that run is),
+    "sent": {backend: {metric: last step sent}}}."""
 
     def __init__(self, output: Path):
         self.path = output / run_files.TRACKING
@@ -94,13 +95,14 @@ def tracking_environment(
             "WANDB_DATA_DIR": str(folder / "wandb-data"),
         }
     if "mlflow" in reporters:
-        if "MLFLOW_TRACKING_URI" not in environ:
+        if not environ.get("MLFLOW_TRACKING_URI"):
             # MLflow 3 refuses a file store unless asked; it needs no database package and suits a volume
             defaults |= {"MLFLOW_TRACKING_URI": (folder / "mlruns").as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true"}
         # MLflow's usage telemetry writes under $HOME and calls out: neither belongs in a batch job's pod
         defaults["MLFLOW_DISABLE_TELEMETRY"] = "true"
-        if record.values.get("mlflow_run_id"):
-            defaults["MLFLOW_RUN_ID"] = record.values["mlflow_run_id"]
+        uri = environ.get("MLFLOW_TRACKING_URI") or defaults["MLFLOW_TRACKING_URI"]
+        if record.values.get("mlflow_run_id") and record.values.get("mlflow_tracking_uri") == uri:
+            defaults["MLFLOW_RUN_ID"] = record.values["mlflow_run_id"]  # (another server has no such run)
     chosen = {k: v for k, v in defaults.items() if not environ.get(k)}
     for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         if name in chosen:
@@ -146,7 +148,12 @@ def resumed_callbacks(record: TrackingRecord) -> dict[type, type[TrainerCallback
             super().setup(args, state, model)
             run = self._ml_flow.active_run() if state.is_world_process_zero else None
             if run is not None and record.values.get("mlflow_run_id") != run.info.run_id:
-                record.values["mlflow_run_id"] = run.info.run_id  # the id a resumed run continues
+                # the id a resumed run continues, on the server that knows it
+                record.values.setdefault("sent", {}).pop("mlflow", None)  # a new MLflow run has nothing yet
+                record.values |= {
+                    "mlflow_run_id": run.info.run_id,
+                    "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),
+                }
                 record.save()
 
         def on_log(self, args, state, control, logs, model=None, **kwargs):

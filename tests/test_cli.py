@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from job.cli import cli
+from job.model.build import PRESET_SHAPES
 from tests.conftest import DOCS, REPO, complete_checkpoint, write_jsonl
 
 
@@ -513,7 +514,7 @@ def test_every_option_has_help():
     text = " ".join(command.get_help(ctx).split())
     assert "--learning-rate FLOAT peak learning rate [default: 0.002]" in text, text
     preset = next(p for p in command.params if p.name == "preset")
-    assert list(preset.type.choices) == ["tiny", "bloom-389m-zh"]
+    assert list(preset.type.choices) == list(PRESET_SHAPES)
 
 
 def test_doctor_refuses_flex_attention_on_a_cpu_as_train_does(world):

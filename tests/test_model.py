@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
+from transformers import AutoModelForCausalLM, BloomForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from job.core.config import RunConfig
@@ -16,7 +16,7 @@ from job.core.errors import JobError
 from job.core.units import config_parameter_count, flops_per_token
 from job.model import build
 from job.model.attention import install_attention
-from job.model.build import PRESET_SHAPES, model_config, parameter_count
+from job.model.build import model_config, parameter_count
 from job.model.loss import chunked_causal_lm_loss, install_chunked_loss
 from job.model.patches import FusedGeluPatch, apply_patches, model_patches, undo_patches
 from tests.conftest import tiny_bloom as shared_tiny_bloom
@@ -202,13 +202,38 @@ def test_build_tiny_preset(tiny_tokenizer):
     assert model.job_attention == "sdpa"  # auto on CPU
 
 
+@pytest.mark.parametrize(
+    ("preset", "vocab", "parameters"),
+    [  # the Bloom-zh family's config.json files and model cards (tied embeddings)
+        ("bloom-389m-zh", 42437, 345.8e6),
+        ("bloom-800m-zh", 46145, 750.8e6),
+        ("bloom-1b4-zh", 46145, 1.303e9),
+        ("bloom-2b5-zh", 46145, 2.478e9),
+        ("bloom-6b4-zh", 46145, 6.230e9),
+    ],
+)
+def test_bloom_zh_presets_match_the_family(preset, vocab, parameters):
+    config = model_config(RunConfig(preset=preset), 8000)  # the built-in tokenizer fits: the family's vocabulary
+    assert config.vocab_size == vocab
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id, config.unk_token_id) == (1, 2, 3, 0)
+    assert (config.offset_alibi, config.seq_length) == (100, 2048)
+    with torch.device("meta"):  # shapes only: no memory
+        model = BloomForCausalLM(config)
+    assert parameter_count(model) == config_parameter_count(config)
+    assert parameter_count(model) / parameters == pytest.approx(1, abs=5e-4)  # the table's 4 significant figures
+
+
 def test_bloom_389m_zh_shape():
-    assert model_config(RunConfig(preset="bloom-389m-zh"), 42437).vocab_size == 42496  # rounded up to 64
-    config = BloomConfig(vocab_size=42437, **PRESET_SHAPES["bloom-389m-zh"])
+    config = model_config(RunConfig(preset="bloom-389m-zh"), 42437)
     with torch.device("meta"):
         model = BloomForCausalLM(config)
     assert parameter_count(model) == 345_768_960  # Langboat/bloom-389m-zh: 345.8M, tied embeddings
     assert flops_per_token(config, 1024) == pytest.approx(2.377e9, rel=1e-3)  # field notes: 2.38 GFLOP at seq 1024
+
+
+def test_a_tokenizer_larger_than_the_presets_vocabulary_is_refused():
+    with pytest.raises(JobError, match="len\\(tokenizer\\)=50000 > preset bloom-389m-zh's vocabulary 42437"):
+        model_config(RunConfig(preset="bloom-389m-zh"), 50000)
 
 
 def test_flops_per_token_counts_the_tied_head_once():

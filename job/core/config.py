@@ -31,7 +31,7 @@ RECIPES_DIR = PACKAGE_DIR / "recipes"
 DEFAULT_DS_CONFIG = PACKAGE_DIR / "ds_config.json"  # `--deepspeed default`
 # The names of job.model.build.PRESET_SHAPES and auto + job.model.attention.KINDS (tests/test_config.py holds them
 # equal); here so that the CLI lists them without importing torch.
-Preset = Literal["tiny", "bloom-389m-zh"]
+Preset = Literal["tiny", "bloom-389m-zh", "bloom-800m-zh", "bloom-1b4-zh", "bloom-2b5-zh", "bloom-6b4-zh"]
 Attention = Literal["auto", "eager", "sdpa", "flex"]
 Device = Literal["auto", "cuda", "cpu"]
 FlexCompileMode = Literal["default", "max-autotune-no-cudagraphs"]

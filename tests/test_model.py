@@ -19,6 +19,7 @@ from job.model.attention import install_attention
 from job.model.build import model_config, parameter_count
 from job.model.loss import chunked_causal_lm_loss, install_chunked_loss
 from job.model.patches import FusedGeluPatch, apply_patches, model_patches, undo_patches
+from job.run.training_args import run_training_arguments
 from tests.conftest import tiny_bloom as shared_tiny_bloom
 
 EOS, PAD = 2, 3
@@ -180,6 +181,44 @@ def test_trainer_with_gradient_accumulation_equals_stock(tmp_path):
         trainer.train()
     for (name, p), q in zip(model.state_dict().items(), stock.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "eager"])
+def test_gradient_checkpointing_is_exact_with_the_job_patches(kind):
+    """`--gradient-checkpointing` (the Trainer's activation checkpointing, non-reentrant) over the job's attention,
+    GELU and chunked-loss patches: every block runs again in the backward, and three AdamW steps give the same
+    losses and weights, bit for bit, as without it."""
+    cfg = RunConfig(preset="tiny", attention=kind, gradient_checkpointing=True)
+    args = run_training_arguments(cfg, use_cpu=True)
+    assert args["activation_checkpointing"] is True
+    plain = tiny_bloom().train()
+    apply_patches(plain, model_patches(cfg, "cpu"))
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.activation_checkpointing_enable(
+        activation_checkpointing_kwargs=args["activation_checkpointing_kwargs"]
+    )
+    attention_calls = []
+    for block in checkpointed.transformer.h:
+        block.self_attention.register_forward_pre_hook(lambda *_: attention_calls.append(1))
+    ids = torch.randint(4, 96, (2, 24))
+    ids[0, 10] = 2  # an eos: two documents in the first row
+    mask = torch.ones_like(ids)
+    mask[1, 18:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    losses = {}
+    for name, model in (("plain", plain), ("checkpointed", checkpointed)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses[name] = []
+        for _ in range(3):
+            loss = model(ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[name].append(loss.item())
+    assert len(attention_calls) == 3 * 2 * len(checkpointed.transformer.h)  # each step: forward + recompute
+    assert losses["checkpointed"] == losses["plain"]
+    for (name, p), q in zip(checkpointed.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p, q), name
 
 
 # ------------------------------------------------------------------------------------------------- build_model

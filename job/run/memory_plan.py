@@ -20,8 +20,9 @@ memory, which then needs DeepSpeed's figures times its 1.5 buffer factor.
 Activations (what the backward keeps; measured on CPU through torch's MemTracker over fake tensors, the real model
 step with the job's patches, tests/test_memory_plan.py): per block 16 tensors of [micro-batch, tokens, hidden] in the
 compute dtype, or with checkpointing one (the block's input) plus one block's 16 during its recompute; eager
-attention adds its fp32 [batch, heads, tokens, tokens] probabilities per block; sdpa one additive bias of that shape
-per step (flex none). The chunked loss holds three fp32 [chunk, vocab] logits at a time (temporary).
+attention adds its fp32 [batch, heads, tokens, tokens] probabilities per block (and their bf16 copy); sdpa one
+additive bias of that shape per step (flex none). The chunked loss holds three fp32 [chunk, vocab] tensors at a time (temporary). Gradients
+count whole throughout: with gradient accumulation they live through every later micro-step's forward.
 """
 
 from __future__ import annotations
@@ -194,21 +195,32 @@ def model_states(shape: ModelShape, s: RunSettings, m: Machine) -> tuple[int, in
 
 
 def activation_bytes(shape: ModelShape, s: RunSettings) -> tuple[int, int]:
-    """(activations the backward keeps, temporary buffers of the step) per GPU, in bytes (module docstring)."""
+    """(activations the backward keeps, temporary buffers of the step) per GPU, in bytes (module docstring).
+
+    Without checkpointing the peak is the end of the forward: every block's tensors and the loss chunks at once.
+    With it the blocks keep their inputs only, and the peak is the larger of the loss chunks and one block's
+    recompute."""
     e = 2 if s.bf16 and s.zero_stage is not None else 4  # DeepSpeed's bf16 is a bf16 model; DDP's an fp32 one
     bsh = s.micro_batch * s.seq_len * shape.hidden
     scores = s.micro_batch * shape.heads * s.seq_len * s.seq_len
-    kept = (shape.layers if s.checkpointing else 0) + BLOCK_TENSORS * (1 if s.checkpointing else shape.layers)
-    activations = e * (kept + OUTSIDE_BLOCKS) * bsh
-    if s.attention == "eager":  # the fp32 softmax of each block, kept for its backward
-        activations += 4 * scores * (1 if s.checkpointing else shape.layers)
+    # eager keeps its fp32 softmax (and in bf16 the bf16 copy the next matmul reads); its backward holds 14 bytes a
+    # score at once (scores, softmax and their gradients, some freed early; measured)
+    eager = s.attention == "eager"
+    block = e * BLOCK_TENSORS * bsh + ((4 + (e if e < 4 else 0)) * scores if eager else 0)
     chunk = min(s.loss_chunk_tokens, s.micro_batch * s.seq_len)
-    buffers = LOSS_CHUNK_TENSORS * chunk * shape.vocab * 4
+    loss = LOSS_CHUNK_TENSORS * chunk * shape.vocab * 4
+    if s.checkpointing:
+        recompute = e * BLOCK_TENSORS * bsh + (14 * scores if eager else 0)
+        activations, transient = e * (shape.layers + OUTSIDE_BLOCKS) * bsh, max(loss, recompute)
+    else:
+        activations, transient = shape.layers * block + e * OUTSIDE_BLOCKS * bsh, loss
     if s.attention == "sdpa":  # one additive ALiBi + mask bias per step, shared by the blocks
-        buffers += e * scores
-    if s.zero_stage is not None:
-        buffers += e * s.bucket_elements if s.zero_stage else 0
-    return activations, buffers
+        activations += e * scores
+    if eager:  # the stock forward's causal mask and ALiBi, one each per step
+        activations += s.micro_batch * s.seq_len * s.seq_len + 4 * s.micro_batch * shape.heads * s.seq_len
+    if s.zero_stage:
+        transient += e * s.bucket_elements
+    return activations, transient
 
 
 def plan(shape: ModelShape, s: RunSettings, m: Machine) -> Plan:

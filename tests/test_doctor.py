@@ -96,7 +96,7 @@ def test_memory_preflight_is_the_plan_and_counts_the_attention_scores_unless_fle
     flex = sum(activation_bytes(shape, settings_of(RunConfig.load(max_length=100_000, attention="flex"), "cuda")))
     assert flex < need / 40  # flex never builds the scores
     result = doctor.check_memory(Preflight(cfg, model_config=config))
-    assert not result.ok and "the memory plan does not fit" in result.detail and "--per-device-batch-size" in result.fix
+    assert not result.ok and "the memory plan does not fit" in result.detail and "--max-length" in result.fix
     assert doctor.check_memory(Preflight(RunConfig.load(), model_config=config)).ok
     assert "--plan off" in doctor.check_memory(Preflight(RunConfig.load(plan="off"), model_config=config)).detail
 

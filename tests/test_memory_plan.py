@@ -181,7 +181,7 @@ def test_plan_command_exits_0_when_it_fits_and_2_naming_what_would():
     auto = run_cli(*big, "--gpus", "1", "--gpu-memory", "80", "--cpu-memory", "512", "--plan", "auto")
     assert auto.exit_code == 0 and "--plan auto: " in auto.output, auto.output
     nothing = run_cli(*big, "--gpus", "1", "--gpu-memory", "8", "--cpu-memory", "16")
-    assert nothing.exit_code == 2 and "no ZeRO stage, offload" in nothing.output, nothing.output
+    assert nothing.exit_code == 2 and "no stage, offload" in nothing.output, nothing.output
 
 
 def test_settings_of_reads_the_rendered_deepspeed_file():

@@ -21,8 +21,9 @@ Activations (what the backward keeps; measured on CPU through torch's MemTracker
 step with the job's patches, tests/test_memory_plan.py): per block 16 tensors of [micro-batch, tokens, hidden] in the
 compute dtype, or with checkpointing one (the block's input) plus one block's 16 during its recompute; eager
 attention adds its fp32 [batch, heads, tokens, tokens] probabilities per block (and their bf16 copy); sdpa one
-additive bias of that shape per step (flex none). The chunked loss holds three fp32 [chunk, vocab] tensors at a time (temporary). Gradients
-count whole throughout: with gradient accumulation they live through every later micro-step's forward.
+additive bias of that shape per step (flex none). The chunked loss holds three fp32 [chunk, vocab] tensors at a time
+(temporary). Gradients count whole throughout: with gradient accumulation they live through every later micro-step's
+forward.
 """
 
 from __future__ import annotations
@@ -357,11 +358,14 @@ def refusal(mine: Plan, best: Plan | None):
 
     m = mine.machine
     short = (
-        f"needs {gib(mine.total)} per GPU, {gib(m.gpu_memory)} there"
+        f"needs {gib(mine.total)} per {'GPU' if m.device == 'cuda' else 'process'}, {gib(m.gpu_memory)} there"
         if not mine.fits_gpu
         else f"needs {gib(mine.cpu_need)} of CPU memory per node, {gib(m.cpu_memory)} there"
     )
     cause = f"the memory plan does not fit: {short}"
     if best is None:
-        return JobError(cause, "no ZeRO stage, offload, micro-batch or checkpointing fits: more GPUs, a smaller model")
+        return JobError(
+            cause,
+            "no stage, offload, micro-batch or checkpointing fits: lower --max-length, more GPUs or a smaller model",
+        )
     return JobError(cause, f"use {settings_flags(best.settings)} (or --plan auto)")

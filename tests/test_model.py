@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import inspect
 import json
+import os
 
 import pytest
 import torch
@@ -472,6 +474,32 @@ def test_compiled_blocks_save_a_plain_hf_bloom(tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_compiled_blocks_train_like_uncompiled_ones_with_inductor_on_cpu():
+    """--compile-blocks on a CPU: inductor compiles each BloomBlock (C++ through the system compiler), with
+    --gradient-checkpointing too; three AdamW steps give the uncompiled model's losses and weights (fp32)."""
+    tokenizer = StandInTokenizer(100)
+    plain = build_model(RunConfig(preset="tiny"), tokenizer)
+    compiled = build_model(RunConfig(preset="tiny", compile_blocks=True), tokenizer)
+    compiled.load_state_dict(plain.state_dict())
+    compiled.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(4, 100, (2, 32))
+    losses = {}
+    for name, model in (("plain", plain), ("compiled", compiled)):
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[name] = []
+        for _ in range(3):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[name].append(loss.item())
+    assert losses["compiled"] == pytest.approx(losses["plain"], rel=1e-5)
+    for (name, p), q in zip(compiled.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+    assert all(block._compiled_call_impl is not None for block in compiled.transformer.h)
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
@@ -482,6 +510,45 @@ def test_compiled_blocks_save_a_plain_hf_bloom(tmp_path):
 def test_flex_settings_are_checked_before_anything_runs(field, value, message):
     with pytest.raises(JobError, match=message):
         RunConfig.load(**{field: value})
+
+
+LIGER_UNDER_THE_INTERPRETER = """
+import copy, torch
+from job.model.loss import install_chunked_loss
+from tests.conftest import tiny_bloom
+chunked = tiny_bloom(vocab=300).train()
+liger = copy.deepcopy(chunked)
+install_chunked_loss(chunked, chunk_tokens=16)
+install_chunked_loss(liger, loss="liger")
+ids = torch.randint(4, 300, (2, 24))
+labels = ids.masked_fill(torch.rand(ids.shape) < 0.2, -100)
+losses = [m(ids, labels=labels).loss for m in (chunked, liger)]
+torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+for loss in losses:
+    loss.backward()
+for (name, p), q in zip(liger.named_parameters(), chunked.parameters(), strict=True):
+    torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+print("liger equals chunked")
+"""
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("liger_kernel", "triton")), reason="liger-kernel and triton"
+)
+def test_liger_loss_equals_chunked_loss_under_the_triton_interpreter():
+    """liger's Triton kernels on a CPU through Triton's interpreter (TRITON_INTERPRET=1, read when triton is
+    imported: a fresh process): the job's liger path gives the chunked loss and its gradients."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    pythonpath = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": pythonpath}
+    done = subprocess.run(
+        [sys.executable, "-c", LIGER_UNDER_THE_INTERPRETER], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and "liger equals chunked" in done.stdout, done.stderr[-3000:]
 
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

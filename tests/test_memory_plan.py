@@ -25,6 +25,7 @@ from job.run.memory_plan import (
     model_states,
     plan,
     settings_of,
+    with_settings,
 )
 
 ZH = [name for name in PRESET_SHAPES if name != "tiny"]
@@ -188,6 +189,10 @@ def test_settings_of_reads_the_rendered_deepspeed_file():
     s = settings_of(RunConfig.load(zero_stage=3, offload="all", gradient_checkpointing=True), "cuda")
     assert (s.zero_stage, s.offload, s.checkpointing, s.attention) == (3, "all", True, "flex")
     assert settings_of(RunConfig.load(deepspeed="none"), "cpu").zero_stage is None
+    chosen = dataclasses.replace(s, zero_stage=2, offload="optimizer", micro_batch=4, grad_accum=4, checkpointing=False)
+    cfg = with_settings(RunConfig.load(zero_stage=3, offload="all", gradient_checkpointing=True), chosen)
+    assert (cfg.zero_stage, cfg.offload, cfg.per_device_batch_size, cfg.grad_accum) == (2, "optimizer", 4, 4)
+    assert not cfg.gradient_checkpointing
 
 
 def test_train_refuses_a_run_that_does_not_fit_before_any_process_starts(tmp_path, tiny_tokenizer_dir):
@@ -201,3 +206,12 @@ def test_train_refuses_a_run_that_does_not_fit_before_any_process_starts(tmp_pat
     assert result.exit_code == 2, result.output
     assert "the memory plan does not fit" in result.output, result.output
     assert not out.exists()
+
+
+def test_benchmarks_holds_the_plan_table_of_every_size():
+    from pathlib import Path
+
+    from tools.plan_table import rows
+
+    text = (Path(__file__).resolve().parent.parent / "BENCHMARKS.md").read_text(encoding="utf-8")
+    assert "\n".join(rows()) in text

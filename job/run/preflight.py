@@ -339,7 +339,10 @@ def check_memory(p: Preflight) -> Check:
         return Check("memory", True, "not checked: needs the model's config")
     if cfg.plan == "off":
         return Check("memory", True, "not planned (--plan off)")
-    mine, best = plan_run(cfg, p.model_config, machine_here(cfg))
+    try:
+        mine, best = plan_run(cfg, p.model_config, machine_here(cfg))
+    except JobError as e:  # a DeepSpeed file or attention kind that cannot work: its own row (deepspeed, devices)
+        return Check("memory", True, f"not planned: {e.cause}")
     if cfg.plan == "auto" and best is not None:
         p.cfg = with_settings(cfg, best.settings)
         return Check("memory", True, f"--plan auto: {why(best.settings, mine.settings)}; " + _plan_summary(best))

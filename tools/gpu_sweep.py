@@ -210,14 +210,16 @@ def run_tests(sweep: Sweep, dry_run: bool) -> None:
 def run_plan_check(sweep: Sweep, dry_run: bool) -> None:
     """The memory plan's activations against the measured peak, 389m and 800m (tools/plan_check.py): on a GPU only."""
     if dry_run:
-        sweep.record({"step": "plan check", "status": "skipped", "why": "dry run: no GPU"})
+        sweep.record({"step": "plan check", "status": "skipped", "seconds": 0.0, "error": "dry run: no GPU"})
         return
     out = sweep.run("plan check", [sys.executable, "-m", "tools.plan_check"], 90, reserve_s=TAIL_RESERVE_S)
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    for row in rows:
-        sweep.record(row)
-    if out.status != "ok" or not rows:
-        sweep.record({"step": "plan check", "status": out.status, "error": _tail(out.stderr, 12)})
+    for row in rows:  # one per preset and checkpointing; planned against measured
+        status = "ok" if row.get("ok") else row.get("status", "off by more than 10%")
+        sweep.record({**row, "status": status, "seconds": round(out.seconds, 1)})
+    if out.status != "ok" and not rows:
+        error = _tail(out.stderr, 12)
+        sweep.record({"step": "plan check", "status": out.status, "seconds": round(out.seconds, 1), "error": error})
 
 
 def bench_row(name: str, out: Outcome, result: dict | None) -> dict:

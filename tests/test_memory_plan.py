@@ -195,6 +195,7 @@ def test_settings_of_reads_the_rendered_deepspeed_file():
     assert not cfg.gradient_checkpointing
 
 
+@pytest.mark.slow  # reads the built-in corpus before the memory check
 def test_train_refuses_a_run_that_does_not_fit_before_any_process_starts(tmp_path, tiny_tokenizer_dir):
     """6b4 in fp32 on this machine's CPU memory: exit 2, one line with the settings that would fit (or none),
     nothing written."""

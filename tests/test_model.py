@@ -474,6 +474,7 @@ def test_compiled_blocks_save_a_plain_hf_bloom(tmp_path):
         assert torch.equal(p, q), name
 
 
+@pytest.mark.slow  # inductor's C++ compile: a minute and more on a small CPU
 def test_compiled_blocks_train_like_uncompiled_ones_with_inductor_on_cpu():
     """--compile-blocks on a CPU: inductor compiles each BloomBlock (C++ through the system compiler), with
     --gradient-checkpointing too; three AdamW steps give the uncompiled model's losses and weights (fp32)."""

@@ -216,9 +216,9 @@ docker-smoke: ## GPU check of the image: short DeepSpeed run, resume from its ch
 	$(CHECK_TAG)
 	@mkdir -p $(OUTPUT_DIR) $(CACHE_DIR)
 	rm -rf $(OUTPUT_DIR)/docker-smoke
-	$(DOCKER_RUN) $(IMAGE):$(TAG) train --config quickstart --output-dir /output/docker-smoke --deepspeed /app/job/ds_config.json \
+	$(DOCKER_RUN) $(IMAGE):$(TAG) train --config quickstart --output-dir /output/docker-smoke --deepspeed default \
 		--zero-stage 2 --bf16 --max-steps 20 --save-steps 10 --resume auto $(ARGS)
-	$(DOCKER_RUN) $(IMAGE):$(TAG) train --config quickstart --output-dir /output/docker-smoke --deepspeed /app/job/ds_config.json \
+	$(DOCKER_RUN) $(IMAGE):$(TAG) train --config quickstart --output-dir /output/docker-smoke --deepspeed default \
 		--zero-stage 2 --bf16 --max-steps 30 --save-steps 10 --resume auto $(ARGS)
 	$(DOCKER_RUN) $(IMAGE):$(TAG) smoke --model /output/docker-smoke/final
 

@@ -808,8 +808,23 @@ def dockerignore_keeps(path: str) -> bool:
     return keep
 
 
+def test_the_default_deepspeed_file_is_one_file_at_the_top_level():
+    """`--deepspeed default` is ds_config.json at the repository root (the design's top level), and the image
+    copies that very file to /app, beside the package (PYTHONPATH=/app): no second copy anywhere."""
+    from job.core.config import DEFAULT_DS_CONFIG
+
+    assert DEFAULT_DS_CONFIG == REPO / "ds_config.json" and json.loads(DEFAULT_DS_CONFIG.read_text())["zero_optimization"]
+    assert [p for p in tracked_files() if p.name == "ds_config.json"] == [DEFAULT_DS_CONFIG]
+    steps = instructions(DOCKERFILE.read_text())
+    (workdir,) = [v for k, v in steps if k == "WORKDIR"]
+    copied = [v.split() for k, v in steps if k == "COPY" and "ds_config.json" in v.split()]
+    assert copied and copied[0][-1] in ("./", workdir, workdir + "/"), copied
+    assert f"PYTHONPATH={workdir}" in " ".join(v for k, v in steps if k == "ENV")
+    assert [v for k, v in steps if k == "COPY" and v.split()[-1] == "./job/"], "the package lands beside it"
+
+
 def test_dockerignore_sends_only_the_project():
-    for path in ("job/cli.py", "job/recipes/h100.json", "requirements.txt", "constraints.txt", "job/ds_config.json"):
+    for path in ("job/cli.py", "job/recipes/h100.json", "requirements.txt", "constraints.txt", "ds_config.json"):
         assert dockerignore_keeps(path), path
     for path in (".venv/bin/python", ".git/HEAD", "output/run/checkpoint-1/x", "job/__pycache__/cli.pyc", "tests/x"):
         assert not dockerignore_keeps(path), path
@@ -898,7 +913,7 @@ def test_make_docker_smoke_runs_train_resume_and_smoke(tmp_path):
     dry = make_dry("docker-smoke", "IMAGE=registry.example.com/ml/bloom", "TAG=v1", f"OUTPUT_DIR={tmp_path}/o")
     smoke = [parse_cli(c) for c in image_commands(dry, image)]
     assert [s for s, _ in smoke] == ["train", "train", "smoke"]
-    assert all(p["deepspeed"].endswith("ds_config.json") and p["bf16"] for _, p in smoke[:2])
+    assert all(p["deepspeed"] == "default" and p["bf16"] for _, p in smoke[:2])  # the image's ds_config.json
     assert smoke[1][1]["max_steps"] > smoke[0][1]["max_steps"] and smoke[1][1]["resume"] == "auto"
 
 

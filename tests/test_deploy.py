@@ -813,7 +813,8 @@ def test_the_default_deepspeed_file_is_one_file_at_the_top_level():
     copies that very file to /app, beside the package (PYTHONPATH=/app): no second copy anywhere."""
     from job.core.config import DEFAULT_DS_CONFIG
 
-    assert DEFAULT_DS_CONFIG == REPO / "ds_config.json" and json.loads(DEFAULT_DS_CONFIG.read_text())["zero_optimization"]
+    assert DEFAULT_DS_CONFIG == REPO / "ds_config.json"
+    assert json.loads(DEFAULT_DS_CONFIG.read_text())["zero_optimization"]["stage"] == 2
     assert [p for p in tracked_files() if p.name == "ds_config.json"] == [DEFAULT_DS_CONFIG]
     steps = instructions(DOCKERFILE.read_text())
     (workdir,) = [v for k, v in steps if k == "WORKDIR"]

@@ -102,14 +102,14 @@ test-fast: setup ## The unit tests only, for your own loop (under two minutes; n
 
 # ------------------------------------------------------------------ container image and Kubernetes
 # k8s/README.md explains these. IMAGE:TAG names the image for build, push, docker-* and k8s-*; it is never `latest`.
-# IMAGE: the one name, set in k8s/components/image/kustomization.yaml (newName), which every k8s/ kustomization
-# includes; .github/workflows/release.yml publishes ghcr.io/<owner>/<repo> and warns when the two differ.
-# TAG: the tag scheme of the release workflow, and nothing else, so `make k8s-submit` never names an image that
-# was not published: a commit tagged vX.Y.Z -> X.Y.Z (the workflow also publishes X.Y), any other commit ->
-# sha-<first 7 hex digits> (published for every push to main; the workflow also moves `main` to it).
-IMAGE ?= $(shell sed -n 's/^ *newName: *//p' k8s/components/image/kustomization.yaml)
-TAG ?= $(shell v=$$(git describe --tags --exact-match --match 'v[0-9]*' 2>/dev/null) && echo "$${v#v}" || \
-	{ s=$$(git rev-parse HEAD 2>/dev/null) && echo "sha-$${s:0:7}"; } || sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# The default is the reference every k8s/ manifest names, RELEASE_IMAGE = ghcr.io/<owner>/<repo>:VERSION, VERSION
+# being pyproject.toml's: the image .github/workflows/release.yml publishes for the git tag vVERSION (it refuses a
+# tag that differs from pyproject.toml). tests/test_release.py holds the manifests, this and the workflow equal.
+# Any commit pushed to main is published as sha-<first 7 hex digits> too: TAG=sha-... runs that commit's image.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+RELEASE_IMAGE := $(shell sed -n 's/^ *image: *\([^ ]*\).*/\1/p' k8s/job.yaml | head -1)
+IMAGE ?= $(patsubst %:$(VERSION),%,$(RELEASE_IMAGE))
+TAG ?= $(VERSION)
 # The engine of build and push: podman or docker, whichever is installed (podman first).
 ENGINE ?= $(or $(notdir $(shell command -v podman 2>/dev/null)),docker)
 # Build arguments of docker/Dockerfile, passed only when set here (TORCH_INDEX_URL= empty means: torch from the
@@ -225,6 +225,7 @@ docker-smoke: ## GPU check of the image: short DeepSpeed run, resume from its ch
 k8s-overlays: ## Write the kustomize overlays (IMAGE, TAG, GPUS, ..., K8S_QUEUE, ...) into K8S_BUILD
 	$(CHECK_TAG)
 	@$(foreach o,$(K8S_OVERLAYS),$(PYTHON) k8s/overlay.py $(K8S_BUILD)/$(o) $(firstword $(k8s-base.$(o))) $(IMAGE):$(TAG) \
+		--released $(RELEASE_IMAGE) \
 		$(foreach t,$(wordlist 2,9,$(k8s-base.$(o))),--transformer $(t)) $(K8S_SETTINGS) &&) true
 
 k8s-render: k8s-overlays $(if $(filter $(VENV)/bin/kubectl,$(KUBECTL)),setup) ## Render every job to K8S_BUILD/NAME.yaml (offline)

@@ -9,10 +9,10 @@ kustomize) for properties, not for their exact text:
   rendezvous address names pod 0; /dev/shm is in memory; the grace period holds --shutdown-timeout-s plus a step;
   the failure policies use job/errors.py's exit codes; make's settings and components reach the fields they set;
 - the image: hadolint clean, base pinned by digest, an init as PID 1 in front of the CLI, the OCI labels;
-- every deployment fact written once: the image name (k8s/components/image), its tag scheme (the release
-  workflow's, which make's TAG follows), torch's version (docker/Dockerfile), the container's environment (the
+- every deployment fact written once: torch's version (docker/Dockerfile), the container's environment (the
   Dockerfile's ENV, never repeated in a manifest), the CLI's defaults (never repeated as flags).
-The image itself is built and run by `make image-test` (docker/image-test.sh), not here.
+The image reference and the release workflow: tests/test_release.py. The image itself is built and run by
+`make image-test` (docker/image-test.sh), not here.
 """
 
 from __future__ import annotations
@@ -38,9 +38,6 @@ BIN = Path(sys.executable).parent
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 K8S = REPO / "k8s"
 KUSTOMIZATIONS = [K8S, K8S / "jobset", K8S / "indexed", K8S / "trainjob"]
-IMAGE_COMPONENT = K8S / "components" / "image" / "kustomization.yaml"
-PLACEHOLDER = "bloom-zh-job"  # the image the manifests name; k8s/components/image sets the real one
-RELEASE = REPO / ".github" / "workflows" / "release.yml"
 CLI = ["python", "-m", "job"]
 UID = 1000
 GRACE_MARGIN_S = 60  # one h100 optimizer step and the exit, after --shutdown-timeout-s allowed for the save
@@ -80,7 +77,6 @@ def make_var(name: str) -> str:
     return out.stdout.strip()
 
 
-PUBLISHED_IMAGE = make_var("IMAGE")
 MANIFESTS = [REPO / p for p in make_var("K8S_MANIFESTS").split()]
 
 
@@ -513,125 +509,8 @@ def test_make_components_queue_and_place_the_workloads(rendered):
                 assert "nvidia.com/gpu" in keys and (MAKE_SETTINGS["K8S_TOLERATE"] in keys) == on, name
 
 
-def image_component() -> dict:
-    (entry,) = yaml.safe_load(IMAGE_COMPONENT.read_text())["images"]
-    return entry
-
-
-def test_the_manifests_name_the_published_image(rendered):
-    """One place names the image: k8s/components/image, which every kustomization includes and the Makefile's
-    IMAGE reads; the manifests name only the placeholder. Kustomize renders the published name and a version,
-    make's IMAGE:TAG in every rendering."""
-    entry = image_component()
-    assert entry["name"] == PLACEHOLDER and entry["newName"] == PUBLISHED_IMAGE
-    assert re.fullmatch(r"ghcr\.io/[a-z0-9-]+/[a-z0-9-]+", PUBLISHED_IMAGE)
-    steps = [s for job in yaml.safe_load(RELEASE.read_text())["jobs"].values() for s in job["steps"]]
-    assert any("ghcr.io/${GITHUB_REPOSITORY,,}" in s.get("run", "") for s in steps)
-    assert any(IMAGE_COMPONENT.relative_to(REPO).as_posix() in s.get("run", "") for s in steps)
-    images = {}
-    for name, docs in rendered.items():
-        for w in workloads(docs):
-            for spec, _ in pods(w):
-                images[name] = {c["image"] for c in containers(spec)} | images.get(name, set())
-    for name, found in images.items():
-        if name.startswith("make"):
-            assert found == {f"{MAKE_SETTINGS['IMAGE']}:{MAKE_SETTINGS['TAG']}"}, name
-        elif name.startswith("kustomize"):
-            assert found == {f"{PUBLISHED_IMAGE}:{entry['newTag']}"}, name
-        else:
-            assert found == {PLACEHOLDER}, f"{name} names {found}: only the placeholder, the component sets it"
-    for root in KUSTOMIZATIONS:
-        kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
-        assert "images" not in kustomization, root
-        included = {(root / c).resolve() for c in kustomization["components"]}
-        assert IMAGE_COMPONENT.parent.resolve() in included, root
-
-
 def tracked_files() -> list[Path]:
     return [REPO / f for f in run(["git", "ls-files"]).stdout.split()]
-
-
-def test_the_image_name_is_written_once():
-    """Outside the docs, the published name appears in k8s/components/image alone."""
-    for path in tracked_files():
-        if path.suffix != ".md" and path != IMAGE_COMPONENT and path.is_file():
-            assert PUBLISHED_IMAGE not in path.read_text(errors="replace"), path
-
-
-# ----------------------------------------------------------------------------------------- tag scheme
-def released_tags(commit: str, git_tags: list[str], branch: str | None = "main") -> set[str]:
-    """The tags .github/workflows/release.yml publishes for a commit, from its docker/metadata-action rules."""
-    release = yaml.safe_load(RELEASE.read_text())
-    triggers = release.get("on", release.get(True))
-    assert "paths-ignore" not in triggers["push"] and "paths" not in triggers["push"], "a commit of main unpublished"
-    (meta,) = [s for j in release["jobs"].values() for s in j["steps"] if "metadata-action" in s.get("uses", "")]
-    assert "latest=false" in meta["with"]["flavor"]
-    published = set()
-    for rule in meta["with"]["tags"].split():
-        kind, *params = rule.split(",")
-        params = dict(p.split("=", 1) for p in params)
-        kind = kind.removeprefix("type=")
-        if kind == "sha":
-            assert params.get("format", "short") == "short"
-            published.add(params.get("prefix", "sha-") + commit[:7])
-        elif kind == "ref" and params["event"] == "branch" and branch in triggers["push"]["branches"]:
-            published.add(branch)
-        elif kind == "semver":
-            for tag in git_tags:
-                m = re.fullmatch(r"v(\d+)\.(\d+)\.(\d+)", tag)
-                if m:
-                    major, minor, patch = m.groups()
-                    published.add(
-                        params["pattern"]
-                        .replace("{{version}}", f"{major}.{minor}.{patch}")
-                        .replace("{{major}}", major)
-                        .replace("{{minor}}", minor)
-                    )
-        else:
-            raise AssertionError(f"unknown metadata-action rule {rule}")
-    return published
-
-
-def test_make_renders_a_tag_the_release_publishes_for_this_commit(tmp_path):
-    """`make k8s-render` with no IMAGE or TAG (what `make k8s-submit` applies) names IMAGE:TAG, and TAG is one
-    of the tags the release workflow publishes for HEAD (were HEAD pushed to main)."""
-    commit = run(["git", "rev-parse", "HEAD"]).stdout.strip()
-    tags = run(["git", "tag", "--points-at", "HEAD"]).stdout.split()
-    published = released_tags(commit, tags)
-    tag = make_var("TAG")
-    assert tag in published, (tag, published)
-    out = run(["make", "-s", "k8s-render", f"K8S_BUILD={tmp_path}"])
-    assert out.returncode == 0, out.stderr
-    for name in make_var("K8S_OVERLAYS").split():
-        for w in workloads(load_docs((tmp_path / f"{name}.yaml").read_text())):
-            for spec, _ in pods(w):
-                assert {c["image"] for c in containers(spec)} == {f"{PUBLISHED_IMAGE}:{tag}"}, name
-
-
-@pytest.mark.parametrize("git_tag", [None, "v1.2.3"])
-def test_make_tag_follows_the_release_scheme(tmp_path, git_tag):
-    """In a fresh repository: sha-<7> for an untagged commit, X.Y.Z for one tagged vX.Y.Z."""
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"]
-    steps = [["git", "init", "-q"], [*git, "commit", "-q", "--allow-empty", "-m", "x"]]
-    for step in steps + ([[*git, "tag", git_tag]] if git_tag else []):
-        done = run(step, cwd=tmp_path)
-        assert done.returncode == 0, done.stdout + done.stderr
-    commit = run(["git", "rev-parse", "HEAD"], cwd=tmp_path).stdout.strip()
-    out = run(
-        ["make", "-s", "-f", str(REPO / "Makefile"), "--eval", "print-var: ; @echo $(TAG)", "print-var"],
-        cwd=tmp_path,
-    )
-    tag = out.stdout.strip()
-    assert tag == (git_tag[1:] if git_tag else f"sha-{commit[:7]}")
-    assert tag in released_tags(commit, [git_tag] if git_tag else [])
-
-
-def test_the_manifests_default_tag_is_a_release():
-    """`kubectl apply -k k8s` without make: the component's tag is the version the release tag v<version> of
-    pyproject.toml publishes."""
-    version = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
-    assert image_component()["newTag"] == version
-    assert version in released_tags("0" * 40, [f"v{version}"])
 
 
 # --------------------------------------------------------------------------- facts written once

@@ -248,11 +248,12 @@ def test_misspelled_field_fails_strict_validation(tmp_path):
     "file, edit, message",
     [
         ("jobset/jobset.yaml", ("backoffLimit: 0", "backofLimit: 0"), "'backofLimit' was unexpected"),
-        ("jobset/jobset.yaml", ("maxRestarts: 3", "maxRestarts: three"), "is not of type 'integer'"),
+        ("jobset/jobset.yaml", ("maxRestarts: 6", "maxRestarts: six"), "is not of type 'integer'"),
         ("jobset/jobset.yaml", ("action: FailJobSet", "action: Fail"), "is not one of"),
         ("trainjob/trainjob.yaml", ("numProcPerNode:", "numProcsPerNode:"), "'numProcsPerNode' was unexpected"),
         ("trainjob/trainjob.yaml", ("kind: TrainJob", "kind: TrainingJob"), "no schema for"),
-        ("trainjob/runtime.yaml", ("maxRestarts: 3", "maxRestart: 3"), "'maxRestart' was unexpected"),
+        ("trainjob/runtime.yaml", ("maxRestarts: 6", "maxRestart: 6"), "'maxRestart' was unexpected"),
+        ("trainjob/trainjob.yaml", ("activeDeadlineSeconds:", "activeDeadline:"), "'activeDeadline' was unexpected"),
         ("trainjob/runtime.yaml", ("numNodes: 1", "numNode: 1"), "'numNode' was unexpected"),
         ("trainjob/runtime.yaml", ("backoffLimit: 0", "backoffLimit: none"), "is not of type 'integer'"),
     ],
@@ -425,8 +426,8 @@ def _jobset_action(jobset: dict, job_failure_message: str) -> str:
 
 def test_a_jobset_restarts_every_node_and_fails_fast_on_bad_input(rendered):
     """A failed pod fails its Job at once (backoffLimit 0); the Job controller's failure message names the
-    podFailurePolicy rule, and the JobSet's rules turn it into: fail (2, 3), restart without counting (75,
-    DisruptionTarget), or a counted restart of the whole group (a crash)."""
+    podFailurePolicy rule, and the JobSet's rules turn it into: fail (2, 3), or a counted restart of the whole
+    group (75, DisruptionTarget, a crash)."""
     seen = 0
     for name, docs in rendered.items():
         # A TrainJob runs the JobSet its runtime describes: the project's runtime has the JobSet's contract.
@@ -452,14 +453,44 @@ def test_a_jobset_restarts_every_node_and_fails_fast_on_bad_input(rendered):
                 expect = {
                     errors.EXIT_BAD_INPUT: "FailJobSet",
                     errors.EXIT_DIVERGED: "FailJobSet",
-                    errors.EXIT_PREEMPTED: "RestartJobSetAndIgnoreMaxRestarts",
-                    "DisruptionTarget": "RestartJobSetAndIgnoreMaxRestarts",
+                    errors.EXIT_PREEMPTED: "RestartJobSet",
+                    "DisruptionTarget": "RestartJobSet",
                 }
                 assert set(messages) == set(expect), name
                 for cause, action in expect.items():
                     assert _jobset_action(jobset, messages[cause]) == action, (name, cause)
                 assert _jobset_action(jobset, "Job has reached the specified backoff limit") == "RestartJobSet"
     assert seen >= 6  # JobSets and the TrainJob's runtime, as files and rendered
+
+
+def test_restarts_and_the_whole_run_are_bounded(rendered):
+    """A run preempted forever ends. JobSet (and the TrainJob's runtime): no rule restarts without counting, so at
+    most maxRestarts + 1 attempts, each ending at its Job's activeDeadlineSeconds; the TrainJob's own deadline is
+    that product. k8s/README.md states these very numbers."""
+    readme = (K8S / "README.md").read_text()
+    bounds = set()
+    for name, docs in rendered.items():
+        for w in workloads(docs):
+            if w["kind"] == "Job":
+                assert 0 < w["spec"]["activeDeadlineSeconds"] <= 172800, name  # the whole Job, retries included
+                continue
+            group = w["spec"] if w["kind"] == "JobSet" else w["_runtime"]["spec"]["template"]["spec"]
+            policy = group["failurePolicy"]
+            assert {r["action"] for r in policy["rules"]} <= {"FailJobSet", "RestartJobSet"}, name
+            ((job),) = [r["template"]["spec"] for r in group["replicatedJobs"]]
+            attempts, per_attempt = policy["maxRestarts"] + 1, job["activeDeadlineSeconds"]
+            if w["kind"] == "TrainJob":
+                assert w["spec"]["activeDeadlineSeconds"] == attempts * per_attempt, name
+            bounds.add((policy["maxRestarts"], per_attempt))
+    ((max_restarts, per_attempt),) = bounds
+    whole_days = (max_restarts + 1) * per_attempt // 86400
+    for promise in (
+        f"`maxRestarts: {max_restarts}`",
+        f"`activeDeadlineSeconds: {per_attempt}` ({per_attempt // 3600} h)",
+        f"{max_restarts + 1} x {per_attempt // 3600} h = {whole_days} days",
+        f"`activeDeadlineSeconds: {whole_days * 86400}`",
+    ):
+        assert promise in readme, promise
 
 
 # ------------------------------------------------------------------------ settings, components, images

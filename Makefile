@@ -169,6 +169,9 @@ MULTINODE ?= jobset
 # mode. Several nodes mount every claim: multi-node targets refuse claims that are not ReadWriteMany.
 K8S_STORAGE_CLASS ?=
 K8S_ACCESS_MODE ?= ReadWriteOnce
+# Prepare pods at once: all of them (completions) on ReadWriteMany claims, else one at a time (pods on two nodes
+# cannot share a ReadWriteOnce claim). `make k8s-prepare` checks the claims against it before applying anything.
+K8S_PREPARE_PARALLELISM ?= $(if $(filter ReadWriteMany,$(K8S_ACCESS_MODE)),$(shell sed -n 's/^  completions: *//p' k8s/prepare-job.yaml),1)
 K8S_RUN ?= run
 K8S_NAMESPACE ?=
 K8S_SELECTOR ?= batch.kubernetes.io/job-name=bloom-zh-pretrain
@@ -181,14 +184,14 @@ K8S_MANIFESTS := $(filter-out %/kustomization.yaml %/kustomizeconfig.yaml,$(wild
 	k8s/trainjob/*.yaml))
 K8S_SETTINGS = 'GPUS=$(GPUS)' 'CPUS=$(CPUS)' 'MEMORY=$(MEMORY)' 'NNODES=$(NNODES)' 'QUEUE=$(K8S_QUEUE)' \
 	'KUEUE_PRIORITY=$(K8S_KUEUE_PRIORITY)' 'PRIORITY_CLASS=$(K8S_PRIORITY_CLASS)' 'GPU_PRODUCT=$(K8S_GPU_PRODUCT)' \
-	'TOLERATE=$(K8S_TOLERATE)'
+	'TOLERATE=$(K8S_TOLERATE)' 'PARALLELISM=$(K8S_PREPARE_PARALLELISM)'
 # The overlays: NAME = base [settings transformers re-run after the merge]
 K8S_OVERLAYS := train jobset indexed trainjob prepare
 k8s-base.train := k8s k8s/settings
 k8s-base.jobset := k8s/jobset k8s/jobset/settings
 k8s-base.indexed := k8s/indexed k8s/settings k8s/indexed/settings
 k8s-base.trainjob := k8s/trainjob k8s/trainjob/settings
-k8s-base.prepare := k8s/prepare-job.yaml
+k8s-base.prepare := k8s/prepare-job.yaml k8s/prepare-settings
 K8S_RENDERED = $(foreach o,$(K8S_OVERLAYS),$(K8S_BUILD)/$(o).yaml)
 # `make lint` also renders with every component on, into this folder, and validates that too.
 K8S_ALL_COMPONENTS = K8S_BUILD=$(K8S_BUILD)/components K8S_QUEUE=team-a K8S_KUEUE_PRIORITY=high \
@@ -254,7 +257,9 @@ K8S_CHECK_CLAIMS = $(K8S) get pvc -l app.kubernetes.io/part-of=bloom-zh -o json 
 k8s-pvcs: k8s-claims ## Create the data, models, output and cache claims (never deleted by make)
 	$(K8S) apply -f $(K8S_BUILD)/pvcs.yaml
 
-k8s-prepare: k8s-render k8s-pvcs ## Run the CPU prepare Job (k8s/prepare-job.yaml) and wait for it
+k8s-prepare: k8s-render k8s-claims ## Run the CPU prepare Job (k8s/prepare-job.yaml; K8S_PREPARE_PARALLELISM pods at once) and wait
+	@$(call K8S_CHECK_CLAIMS,$(K8S_PREPARE_PARALLELISM))
+	$(K8S) apply -f $(K8S_BUILD)/pvcs.yaml
 	$(K8S) delete job bloom-zh-prepare --ignore-not-found
 	$(K8S) apply -f $(K8S_BUILD)/prepare.yaml
 	@end=$$((SECONDS + $(K8S_WAIT))); while :; do \

@@ -298,13 +298,16 @@ def test_commands_parse_and_resolve_to_the_gpus_and_nodes_they_have(rendered):
 
 
 def test_the_prepare_job_writes_each_shard_once():
-    """Pod I of the Indexed prepare Job runs `--shard I/N` with N = completions = parallelism, so the pods write
-    every shard of one set, each once."""
+    """Pod I of the Indexed prepare Job runs `--shard I/N` with N = completions, so the pods write every shard of
+    one set, each once; one pod at a time on the default (ReadWriteOnce) claims (make k8s-prepare: more on
+    ReadWriteMany ones, tests/test_k8s_claims.py)."""
     from job.data.prepare import Shard
 
     (job,) = load_docs((K8S / "prepare-job.yaml").read_text())
     spec = job["spec"]
-    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] > 1
+    assert spec["completionMode"] == "Indexed" and spec["completions"] > 1
+    claims = load_docs((K8S / "pvcs.yaml").read_text())
+    assert {m for c in claims for m in c["spec"]["accessModes"]} == {"ReadWriteOnce"} and spec["parallelism"] == 1
     (c,) = containers(spec["template"]["spec"])
     shards = [Shard.parse(parse_cli(argv(c, str(i)))[1]["shard"]) for i in range(spec["completions"])]
     assert shards == [Shard(i, spec["completions"]) for i in range(spec["completions"])]

@@ -34,7 +34,7 @@ train-flags = --config $(RECIPE) --output-dir $(1) $(or $(if $(MODEL),--model $(
 
 .PHONY: help setup train smoke test test-fast test-random lint bench bench-gpu
 .PHONY: build push docker-train docker-smoke k8s-overlays k8s-render k8s-validate k8s-pvcs k8s-prepare \
-	k8s-submit k8s-multinode k8s-trainjob k8s-logs k8s-delete k8s-claims k8s-fetch
+	k8s-submit k8s-multinode k8s-trainjob k8s-logs k8s-delete k8s-claims k8s-fetch k8s-volume-permissions
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -193,6 +193,8 @@ k8s-base.indexed := k8s/indexed k8s/settings k8s/indexed/settings
 k8s-base.trainjob := k8s/trainjob k8s/trainjob/settings
 k8s-base.prepare := k8s/prepare-job.yaml k8s/prepare-settings
 K8S_RENDERED = $(foreach o,$(K8S_OVERLAYS),$(K8S_BUILD)/$(o).yaml)
+# Tools applied once, not workloads of the job (validated with them).
+K8S_ONCE := k8s/volume-permissions/job.yaml
 # `make lint` also renders with every component on, into this folder, and validates that too.
 K8S_ALL_COMPONENTS = K8S_BUILD=$(K8S_BUILD)/components K8S_QUEUE=team-a K8S_KUEUE_PRIORITY=high \
 	K8S_PRIORITY_CLASS=training K8S_GPU_PRODUCT=NVIDIA-H100-80GB-HBM3 K8S_TOLERATE=dedicated
@@ -240,7 +242,7 @@ k8s-validate: setup ## Strict validation of k8s/ and its renderings (K8S_VERSION
 	@$(MAKE) --no-print-directory k8s-render > /dev/null
 	@$(MAKE) --no-print-directory k8s-render $(K8S_ALL_COMPONENTS) > /dev/null
 	@for v in $(K8S_VERSIONS); do \
-	  $(VENV)/bin/kubernetes-validate --strict --quiet -k $$v $(K8S_MANIFESTS) $(K8S_RENDERED) \
+	  $(VENV)/bin/kubernetes-validate --strict --quiet -k $$v $(K8S_MANIFESTS) $(K8S_ONCE) $(K8S_RENDERED) \
 	    $(subst $(K8S_BUILD)/,$(K8S_BUILD)/components/,$(K8S_RENDERED)) 2>&1 | grep -v "Couldn't find schema for kind \(JobSet\|TrainJob\|TrainingRuntime\)"; \
 	  [ $${PIPESTATUS[0]} -eq 0 ] || exit 1; echo "k8s manifests and renderings: valid (strict) for Kubernetes $$v"; done
 	$(PY) k8s/crd_validate.py $(K8S_MANIFESTS) $(K8S_RENDERED) $(subst $(K8S_BUILD)/,$(K8S_BUILD)/components/,$(K8S_RENDERED))
@@ -267,6 +269,15 @@ k8s-prepare: k8s-render k8s-claims ## Run the CPU prepare Job (k8s/prepare-job.y
 	  case "$$s" in *Complete*) echo "prepare: complete"; break;; \
 	    *Failed*) $(K8S) logs job/bloom-zh-prepare --tail=30; echo "prepare: failed" >&2; exit 1;; esac; \
 	  [ $$SECONDS -lt $$end ] || { echo "prepare: still running after $(K8S_WAIT) s" >&2; exit 1; }; sleep 10; done
+
+k8s-volume-permissions: $(if $(filter $(VENV)/bin/kubectl,$(KUBECTL)),setup) ## Once, where RWX volumes ignore fsGroup: claims' roots to uid 1000
+	$(CHECK_TAG)
+	@$(PYTHON) k8s/overlay.py $(K8S_BUILD)/volume-permissions $(K8S_ONCE) $(IMAGE):$(TAG) --released $(RELEASE_IMAGE)
+	$(KUBECTL) kustomize --load-restrictor LoadRestrictionsNone $(K8S_BUILD)/volume-permissions > $(K8S_BUILD)/volume-permissions.yaml
+	$(K8S) delete job bloom-zh-volume-permissions --ignore-not-found
+	$(K8S) apply -f $(K8S_BUILD)/volume-permissions.yaml
+	@$(K8S) wait --for=condition=complete --timeout=300s job/bloom-zh-volume-permissions > /dev/null; rc=$$?; \
+	  $(K8S) logs job/bloom-zh-volume-permissions; exit $$rc
 
 k8s-submit: k8s-render k8s-pvcs ## Submit the single-node training Job (IMAGE, TAG, GPUS, CPUS, MEMORY, K8S_QUEUE, ...)
 	$(K8S) apply -f $(K8S_BUILD)/train.yaml

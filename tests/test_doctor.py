@@ -334,3 +334,38 @@ def test_doctor_names_a_folder_the_pod_user_cannot_write_and_the_fix(shared_root
     assert not [p for p in shared_root.rglob(".job-write-test-*")], "the probe files are removed"
     as_pod_user(folders[locked])
     assert check_writable_as_pod_user(folders)["ok"]
+
+
+def test_the_volume_permissions_job_makes_root_owned_volumes_writable_for_the_pods(shared_root):
+    """k8s/volume-permissions/job.yaml's very command, run here as root (its pod's user) on folders laid out as
+    fresh ReadWriteMany volumes (root's, mode 755): before it the pods' uid cannot write, after it the check
+    passes, and the mount points are 1000:1000, mode 775."""
+    import os
+    import subprocess
+
+    import yaml
+
+    if os.getuid() != 0:
+        pytest.skip("the Job runs as root (chown to another uid); this test needs root too")
+    (job,) = [d for d in yaml.safe_load_all((REPO / "k8s" / "volume-permissions" / "job.yaml").read_text()) if d]
+    spec = job["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert spec["securityContext"]["runAsUser"] == 0
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
+    folders = pod_folders(shared_root)
+    for sub in ("job", "huggingface", "home"):  # the pods make these themselves, on the volume
+        folders[sub].rmdir()
+    host = {"/data": shared_root / "data", "/output": folders["output"], "/cache": folders["cache"]}
+    host["/data"].mkdir()
+    for path in host.values():
+        lock(path)
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert set(container["command"][4:]) == mounts == set(host)
+    assert not check_writable_as_pod_user(folders)["ok"]
+    command = [str(host[arg]) if arg in host else arg for arg in container["command"]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("owner 1000:1000, mode 775") == len(host), done.stdout
+    assert check_writable_as_pod_user(folders)["ok"]
+    for path in host.values():
+        assert (path.stat().st_uid, path.stat().st_gid, path.stat().st_mode & 0o777) == (1000, 1000, 0o775)

@@ -75,10 +75,14 @@ elif args[:2] == ["get", "job"]:
 elif args[0] == "apply":
     path = args[args.index("-f") + 1]
     shutil.copy(path, os.path.join(os.environ["FAKE_APPLIED"], os.path.basename(path)))
+elif args[0] == "wait":
+    sys.exit(int(os.environ.get("FAKE_WAIT_RC", "0")))
+elif args[0] == "logs":
+    print("/data: owner 1000:1000, mode 775")
 """
 
 
-def _make_prepare(tmp_path, access_mode: str, existing_mode: str | None):
+def _make_target(tmp_path, access_mode: str, existing_mode: str | None, target="k8s-prepare", **extra_env):
     kubectl = tmp_path / "kubectl"
     kubectl.write_text(FAKE_KUBECTL.format(python=sys.executable))
     kubectl.chmod(0o755)
@@ -93,12 +97,13 @@ def _make_prepare(tmp_path, access_mode: str, existing_mode: str | None):
         "FAKE_CLAIMS": str(claims),
         "FAKE_APPLIED": str(applied),
         "REAL_KUBECTL": str(REPO / ".venv" / "bin" / "kubectl"),
+        **extra_env,
     }
     done = subprocess.run(
         [
             "make",
             "-s",
-            "k8s-prepare",
+            target,
             f"KUBECTL={kubectl}",
             f"K8S_BUILD={tmp_path / 'build'}",
             f"K8S_ACCESS_MODE={access_mode}",
@@ -119,7 +124,7 @@ def _parallelism(applied) -> tuple[int, int]:
 
 
 def test_make_prepare_runs_one_pod_at_a_time_on_read_write_once_claims(tmp_path):
-    done, applies, applied = _make_prepare(tmp_path, "ReadWriteOnce", None)
+    done, applies, applied = _make_target(tmp_path, "ReadWriteOnce", None)
     assert done.returncode == 0, done.stdout + done.stderr
     assert [a[-1].rsplit("/", 1)[-1] for a in applies] == ["pvcs.yaml", "prepare.yaml"]
     parallelism, completions = _parallelism(applied)
@@ -128,7 +133,7 @@ def test_make_prepare_runs_one_pod_at_a_time_on_read_write_once_claims(tmp_path)
 
 
 def test_make_prepare_runs_every_pod_at_once_on_read_write_many_claims(tmp_path):
-    done, _, applied = _make_prepare(tmp_path, "ReadWriteMany", "ReadWriteMany")
+    done, _, applied = _make_target(tmp_path, "ReadWriteMany", "ReadWriteMany")
     assert done.returncode == 0, done.stdout + done.stderr
     parallelism, completions = _parallelism(applied)
     assert parallelism == completions == 4
@@ -137,7 +142,20 @@ def test_make_prepare_runs_every_pod_at_once_on_read_write_many_claims(tmp_path)
 def test_make_prepare_refuses_parallel_pods_on_an_existing_read_write_once_claim(tmp_path):
     """K8S_ACCESS_MODE=ReadWriteMany, but the data claim exists as ReadWriteOnce (its mode cannot change): refused in
     one line before anything is applied."""
-    done, applies, _ = _make_prepare(tmp_path, "ReadWriteMany", "ReadWriteOnce")
+    done, applies, _ = _make_target(tmp_path, "ReadWriteMany", "ReadWriteOnce")
     assert done.returncode != 0 and applies == []
     (line,) = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
     assert "bloom-zh-data (ReadWriteOnce)" in line and "K8S_PREPARE_PARALLELISM=1" in line
+
+
+@pytest.mark.parametrize("wait_rc", [0, 1])
+def test_make_volume_permissions_applies_the_job_with_make_image_and_shows_its_log(tmp_path, wait_rc):
+    done, applies, applied = _make_target(
+        tmp_path, "ReadWriteMany", None, target="k8s-volume-permissions", FAKE_WAIT_RC=str(wait_rc)
+    )
+    assert (done.returncode == 0) == (wait_rc == 0), done.stdout + done.stderr
+    assert [a[-1].rsplit("/", 1)[-1] for a in applies] == ["volume-permissions.yaml"]
+    (job,) = [d for d in yaml.safe_load_all((applied / "volume-permissions.yaml").read_text()) if d]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == (REPO / "k8s" / "job.yaml").read_text().split("image: ")[1].split()[0]
+    assert "owner 1000:1000" in done.stdout  # the Job's log, whether it completed or not

@@ -27,6 +27,7 @@ COMPONENTS = {
     "PRIORITY_CLASS": "priority-class",
     "GPU_PRODUCT": "gpu-product",
     "TOLERATE": "tolerations",
+    "PULL_SECRET": "pull-secret",
 }
 COMPONENTS_DIR = Path(__file__).resolve().parent / "components"
 

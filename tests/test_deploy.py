@@ -56,6 +56,7 @@ MAKE_SETTINGS = {
     "K8S_PRIORITY_CLASS": "training",
     "K8S_GPU_PRODUCT": "NVIDIA-H100-80GB-HBM3",
     "K8S_TOLERATE": "dedicated",
+    "K8S_PULL_SECRET": "ghcr-pull",
 }
 
 
@@ -522,8 +523,8 @@ def without_images(docs: list[dict]) -> list[dict]:
 
 
 def test_make_components_queue_and_place_the_workloads(rendered):
-    """K8S_QUEUE and friends: Kueue's labels and suspend on every workload, the pods' priority class, the GPU
-    model and the extra toleration on every training pod; and none of it without the settings."""
+    """K8S_QUEUE and friends: Kueue's labels and suspend on every workload, the pods' priority class and pull
+    secret, the GPU model and the extra toleration on every training pod; and none of it without the settings."""
     for name, docs in rendered.items():
         on = name.startswith("make")
         for w in workloads(docs):
@@ -535,6 +536,8 @@ def test_make_components_queue_and_place_the_workloads(rendered):
                 assert "suspend" not in job or w["kind"] == "Job", f"{name}: only the top-level object is queued"
                 if w["kind"] != "TrainJob":  # a runtime patch cannot set it
                     assert (spec.get("priorityClassName") == MAKE_SETTINGS["K8S_PRIORITY_CLASS"]) == on, name
+                pull = [{"name": MAKE_SETTINGS["K8S_PULL_SECRET"]}] if on else None
+                assert spec.get("imagePullSecrets") == pull, name  # every pod, the prepare Job's too
                 if component(w) != "train":
                     continue
                 product = spec.get("nodeSelector", {}).get("nvidia.com/gpu.product")

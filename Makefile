@@ -154,7 +154,7 @@ DOCKER_RUN = $(DOCKER) run --rm --gpus $(DOCKER_GPUS) --shm-size $(SHM_SIZE) --u
 
 # Kubernetes. The sizes live in the kustomization.yaml of k8s/, k8s/jobset/, k8s/indexed/ and k8s/trainjob/; any
 # of these set here overrides them through an overlay that k8s/overlay.py writes into K8S_BUILD, never by editing
-# a tracked file. The K8S_QUEUE ... K8S_PULL_SECRET settings each switch on a component of k8s/components/.
+# a tracked file. The K8S_QUEUE ... K8S_RDMA settings each switch on a component of k8s/components/.
 GPUS ?=
 CPUS ?=
 MEMORY ?=
@@ -165,6 +165,7 @@ K8S_PRIORITY_CLASS ?=
 K8S_GPU_PRODUCT ?=
 K8S_TOLERATE ?=
 K8S_PULL_SECRET ?=
+K8S_RDMA ?=
 MULTINODE ?= jobset
 # The claims (k8s/pvcs.yaml) as this cluster needs them: its storage class (empty: the default class) and access
 # mode. Several nodes mount every claim: multi-node targets refuse claims that are not ReadWriteMany.
@@ -185,7 +186,7 @@ K8S_MANIFESTS := $(filter-out %/kustomization.yaml %/kustomizeconfig.yaml,$(wild
 	k8s/trainjob/*.yaml))
 K8S_SETTINGS = 'GPUS=$(GPUS)' 'CPUS=$(CPUS)' 'MEMORY=$(MEMORY)' 'NNODES=$(NNODES)' 'QUEUE=$(K8S_QUEUE)' \
 	'KUEUE_PRIORITY=$(K8S_KUEUE_PRIORITY)' 'PRIORITY_CLASS=$(K8S_PRIORITY_CLASS)' 'GPU_PRODUCT=$(K8S_GPU_PRODUCT)' \
-	'TOLERATE=$(K8S_TOLERATE)' 'PULL_SECRET=$(K8S_PULL_SECRET)' 'PARALLELISM=$(K8S_PREPARE_PARALLELISM)'
+	'TOLERATE=$(K8S_TOLERATE)' 'PULL_SECRET=$(K8S_PULL_SECRET)' 'RDMA=$(K8S_RDMA)' 'PARALLELISM=$(K8S_PREPARE_PARALLELISM)'
 # The overlays: NAME = base [settings transformers re-run after the merge]
 K8S_OVERLAYS := train jobset indexed trainjob prepare
 k8s-base.train := k8s k8s/settings
@@ -198,7 +199,8 @@ K8S_RENDERED = $(foreach o,$(K8S_OVERLAYS),$(K8S_BUILD)/$(o).yaml)
 K8S_ONCE := k8s/volume-permissions/job.yaml
 # `make lint` also renders with every component on, into this folder, and validates that too.
 K8S_ALL_COMPONENTS = K8S_BUILD=$(K8S_BUILD)/components K8S_QUEUE=team-a K8S_KUEUE_PRIORITY=high \
-	K8S_PRIORITY_CLASS=training K8S_GPU_PRODUCT=NVIDIA-H100-80GB-HBM3 K8S_TOLERATE=dedicated K8S_PULL_SECRET=ghcr-pull
+	K8S_PRIORITY_CLASS=training K8S_GPU_PRODUCT=NVIDIA-H100-80GB-HBM3 K8S_TOLERATE=dedicated K8S_PULL_SECRET=ghcr-pull \
+	K8S_RDMA=1
 
 build: ## Build IMAGE:TAG from docker/Dockerfile with ENGINE (podman|docker; BASE_IMAGE=, TORCH_INDEX_URL=, ...)
 	$(CHECK_TAG)

@@ -28,6 +28,7 @@ COMPONENTS = {
     "GPU_PRODUCT": "gpu-product",
     "TOLERATE": "tolerations",
     "PULL_SECRET": "pull-secret",
+    "RDMA": "rdma",
 }
 COMPONENTS_DIR = Path(__file__).resolve().parent / "components"
 

@@ -57,6 +57,7 @@ MAKE_SETTINGS = {
     "K8S_GPU_PRODUCT": "NVIDIA-H100-80GB-HBM3",
     "K8S_TOLERATE": "dedicated",
     "K8S_PULL_SECRET": "ghcr-pull",
+    "K8S_RDMA": "1",
 }
 
 
@@ -372,6 +373,38 @@ def test_volumes_claims_and_shm(rendered):
                         assert v["persistentVolumeClaim"]["claimName"] in claims, f"{name}: no PVC manifest"
 
 
+def quantity(text: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    return float(text[:-2]) * units[text[-2:]] if text[-2:] in units else float(text)
+
+
+def test_nccl_settings_and_shm(rendered):
+    """k8s/README.md's multi-node networking: the image sets NCCL_DEBUG=WARN and TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+    for every pod; no manifest pins NCCL_SOCKET_IFNAME or any NCCL_IB_* (only the rdma component sets
+    NCCL_IB_DISABLE); /dev/shm is memory-backed and sized, at most half the train container's memory."""
+    env = image_env()
+    assert env["NCCL_DEBUG"] == "WARN" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    readme = (K8S / "README.md").read_text()
+    assert "`NCCL_DEBUG=WARN`" in readme and "`TORCH_NCCL_ASYNC_ERROR_HANDLING=1`" in readme
+    from transformers import TrainingArguments
+
+    ddp_timeout = TrainingArguments.__dataclass_fields__["ddp_timeout"].default
+    assert f"`ddp_timeout` (TrainingArguments' default, {ddp_timeout} s)" in readme
+    for name, docs in rendered.items():
+        for w in workloads(docs):
+            for spec, _ in pods(w):
+                volumes = {v["name"]: v for v in spec["volumes"]}
+                for c in containers(spec):
+                    nccl = {k for k in env_of(c) if k.startswith("NCCL_")}
+                    assert nccl <= ({"NCCL_IB_DISABLE"} if name.startswith("make") else set()), (name, nccl)
+                if component(w) != "train":
+                    continue
+                (train,) = spec["containers"]
+                (shm,) = [volumes[m["name"]] for m in train["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+                size = quantity(shm["emptyDir"]["sizeLimit"])
+                assert 2**30 <= size <= quantity(train["resources"]["limits"]["memory"]) / 2, name
+
+
 def test_the_grace_period_holds_the_shutdown_timeout_and_a_step(rendered):
     for name, docs in rendered.items():
         for w in workloads(docs):
@@ -544,6 +577,14 @@ def test_make_components_queue_and_place_the_workloads(rendered):
                 assert (product == MAKE_SETTINGS["K8S_GPU_PRODUCT"]) == on, name
                 keys = {t["key"] for t in spec["tolerations"]}
                 assert "nvidia.com/gpu" in keys and (MAKE_SETTINGS["K8S_TOLERATE"] in keys) == on, name
+                # RDMA: the device and IPC_LOCK on the train container, NCCL_IB_DISABLE=0 in both; nothing else added.
+                (train,) = spec["containers"]
+                assert train["securityContext"]["capabilities"].get("add") == (["IPC_LOCK"] if on else None), name
+                assert (train["resources"]["limits"].get("rdma/ib") == MAKE_SETTINGS["K8S_RDMA"]) == on, name
+                for c in containers(spec):
+                    assert (env_of(c).get("NCCL_IB_DISABLE") == "0") == on, (name, c["name"])
+                    if c is not train:
+                        assert "add" not in c["securityContext"]["capabilities"], name
 
 
 def tracked_files() -> list[Path]:

@@ -273,3 +273,22 @@ def test_sigterm_and_ctrl_c_delete_the_pod(stand_in, monkeypatch, signum, during
     (line,) = err.strip().splitlines()
     assert line.startswith(f"stopped by {signal.Signals(signum).name}: pod bloom-zh-fetch-") and "is deleted" in line
     _deleted_its_pod(stand_in)
+
+
+def test_make_k8s_fetch_passes_the_pull_secret():
+    for secret, expect in (("ghcr-pull", ["--pull-secret", "ghcr-pull"]), ("", [])):
+        out = subprocess.run(
+            ["make", "-n", "k8s-fetch", f"K8S_PULL_SECRET={secret}"], cwd=REPO, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        (line,) = [ln for ln in out.stdout.replace("\\\n", " ").splitlines() if "tools.k8s_fetch" in ln]
+        words = line.split()
+        assert words[words.index("--image") + 1] == f"{_make_var('IMAGE')}:{_make_var('TAG')}"
+        assert [w for w in words if w == "--pull-secret"] == expect[:1] and all(w in words for w in expect)
+
+
+def _make_var(name: str) -> str:
+    out = subprocess.run(
+        ["make", "-s", "--eval", f"p: ; @echo $({name})", "p"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()

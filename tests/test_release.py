@@ -39,6 +39,8 @@ from tests.test_deploy import (
 RELEASE = REPO / ".github" / "workflows" / "release.yml"
 CI = REPO / ".github" / "workflows" / "ci.yml"
 IMAGE_TEST = REPO / "docker" / "image-test.sh"
+# Every file that names the image: the workloads and the tools applied once (make's K8S_ONCE).
+IMAGE_FILES = [*MANIFESTS, *(REPO / p for p in make_var("K8S_ONCE").split())]
 VERSION = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
 
 
@@ -63,7 +65,7 @@ def test_every_manifest_names_the_release_of_pyproject_version(rendered):  # noq
     image = release_image()
     assert re.fullmatch(rf"ghcr\.io/[a-z0-9-]+/[a-z0-9-]+:{re.escape(VERSION)}", image), image
     assert f"{make_var('IMAGE')}:{make_var('TAG')}" == image  # make's default
-    for path in MANIFESTS:
+    for path in IMAGE_FILES:
         found = images_of(load_docs(path.read_text()))
         assert found in (set(), {image}), f"{path.relative_to(REPO)} names {found}, not {image}"
     for root in KUSTOMIZATIONS:
@@ -76,7 +78,7 @@ def test_every_manifest_names_the_release_of_pyproject_version(rendered):  # noq
     named = {
         p for p in tracked_files() if p.suffix == ".yaml" and p.is_relative_to(K8S) and image_line.search(p.read_text())
     }
-    assert named <= set(MANIFESTS), named - set(MANIFESTS)
+    assert named <= set(IMAGE_FILES), named - set(IMAGE_FILES)
 
 
 def test_make_k8s_render_defaults_to_that_reference(tmp_path):
@@ -231,7 +233,7 @@ def test_the_readme_bump_changes_every_reference(tmp_path):
     copy = tmp_path / "repo"
     subprocess.run(["git", "init", "-q", str(copy)], check=True)
     (copy / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
-    for path in MANIFESTS:
+    for path in IMAGE_FILES:
         (copy / path.relative_to(REPO)).parent.mkdir(parents=True, exist_ok=True)
         (copy / path.relative_to(REPO)).write_text(path.read_text())
     subprocess.run(["git", "add", "-A"], cwd=copy, check=True)
@@ -239,6 +241,6 @@ def test_the_readme_bump_changes_every_reference(tmp_path):
     assert done.returncode == 0, done.stderr
     new = re.search(r"new=(\S+)", lines[0]).group(1)
     assert f'version = "{new}"' in (copy / "pyproject.toml").read_text()
-    for path in MANIFESTS:
+    for path in IMAGE_FILES:
         found = set(re.findall(r"^[\s-]*image:\s*(\S+)", (copy / path.relative_to(REPO)).read_text(), re.M))
         assert found in (set(), {release_image().replace(f":{VERSION}", f":{new}")}), path

@@ -255,21 +255,30 @@ def check_writable(p: Preflight) -> Check:
     root whatever the mode, and a volume can refuse what the mode bits allow (a read-only mount, a squashed uid on
     NFS)."""
     uid, gid = os.getuid(), os.getgid()
-    folders = written_folders(p.cfg)
+
+    def refused(what: str, folder: Path | str, why: str) -> Check:
+        return Check(
+            "writable",
+            False,
+            f"{what} is not writable by uid {uid} gid {gid} ({why})",
+            f"give uid {uid} write access to {folder}: on Kubernetes the pod's fsGroup does it on most volumes; "
+            "a ReadWriteMany volume whose driver ignores fsGroup (NFS and the like) needs "
+            "`make k8s-volume-permissions` once (k8s/README.md)",
+        )
+
+    try:
+        folders = written_folders(p.cfg)
+    except FileNotFoundError as e:  # tempfile found no writable candidate (TMPDIR, /tmp, /var/tmp, ...)
+        return refused("no temporary folder", "TMPDIR or /tmp", str(e))
     for name, path in folders:
         existing = next(q for q in [path, *path.parents] if q.exists())
+        if not existing.is_dir():
+            continue  # a file in the way: check_output and cache_root name that
         try:
             with tempfile.NamedTemporaryFile(dir=existing, prefix=".job-write-test-"):
                 pass
         except OSError as e:
-            return Check(
-                "writable",
-                False,
-                f"{name} {path}: {existing} is not writable by uid {uid} gid {gid} ({e.strerror})",
-                f"give uid {uid} write access to {existing}: on Kubernetes the pod's fsGroup does it on most "
-                "volumes; a ReadWriteMany volume whose driver ignores fsGroup (NFS and the like) needs "
-                "`make k8s-volume-permissions` once (k8s/README.md)",
-            )
+            return refused(f"{name} {path}: {existing}", existing, e.strerror)
     return Check("writable", True, f"{len(folders)} folders take files from uid {uid} (JOB_CACHE={cache_root()})")
 
 

@@ -154,7 +154,8 @@ def test_the_pod_passes_pod_security_restricted():
 
 # ------------------------------------------------------------------- it ends on its own, and cleans up
 # A stand-in `kubectl` on PATH for the tool run as its own process: FAKE_HANG=<verb> makes that call hang (it logs
-# its pid first), FAKE_STALL=1 makes `exec` send the start of the tar stream and then nothing.
+# its pid first), FAKE_STALL=1 makes `exec` send the start of the tar stream and then nothing, FAKE_GARBAGE=1 makes
+# it send random bytes and exit 0.
 HANGING_KUBECTL = """\
 #!{python}
 import io, json, os, subprocess, sys, tarfile, time
@@ -166,6 +167,8 @@ if verb == os.environ.get("FAKE_HANG"):
     time.sleep(3600)
 if verb == "apply":
     open(os.environ["FAKE_MANIFEST"], "w").write(sys.stdin.read())
+elif verb == "exec" and os.environ.get("FAKE_GARBAGE"):
+    sys.stdout.buffer.write(os.urandom(4096))  # not a tar stream, and kubectl says all went well
 elif verb == "exec" and os.environ.get("FAKE_STALL"):
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
@@ -252,6 +255,16 @@ def test_a_stalled_tar_stream_ends_it_in_one_line_exit_2(stand_in, monkeypatch):
     assert proc.returncode == 2, out + err
     (line,) = err.strip().splitlines()
     assert "the tar stream stalled: no data for 2 s" in line
+    _deleted_its_pod(stand_in)
+
+
+def test_a_damaged_tar_stream_ends_it_in_one_line_exit_2(stand_in, monkeypatch):
+    monkeypatch.setenv("FAKE_GARBAGE", "1")
+    proc = _start(stand_in)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out + err
+    (line,) = err.strip().splitlines()
+    assert "the tar stream is damaged" in line
     _deleted_its_pod(stand_in)
 
 

@@ -15,15 +15,18 @@ after the job ended, or use ReadWriteMany claims.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import select
 import shlex
 import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 RESULTS = [
@@ -99,67 +102,110 @@ def pod_manifest(name: str, claim: str, image: str, pull_secret: str | None = No
     }
 
 
-def kubectl_run(command: list[str], timeout_s: float, **kw) -> None:
-    """One kubectl call that must succeed within `timeout_s` (the process is killed past it)."""
+# SIGTERM/SIGINT raise Interrupted, but are held while a child starts and while it is stopped: raised inside
+# Popen() after the fork, the child would run on with no handle to stop it.
+_holding = False
+_pending: list[int] = []
+
+
+def _interrupt(signum: int, _frame) -> None:
+    if _holding:
+        _pending.append(signum)
+        return
+    raise Interrupted(signum)
+
+
+def _raise_pending() -> None:
+    if _pending:
+        raise Interrupted(_pending.pop())
+
+
+@contextlib.contextmanager
+def child(command: list[str], **kw) -> Iterator[subprocess.Popen]:
+    """Popen whose process is killed, if still running, and reaped however the block ends (what subprocess.run
+    does for one call, for a process read while it runs)."""
+    global _holding
+    _holding = True
+    proc = None
     try:
-        subprocess.run(command, check=True, timeout=timeout_s, **kw)
-    except subprocess.TimeoutExpired:
-        raise FetchError(f"`kubectl {' '.join(command[1:4])}` did not answer within {timeout_s:g} s") from None
-    except subprocess.CalledProcessError as e:
-        raise FetchError(f"`kubectl {' '.join(command[1:4])}` failed (exit {e.returncode})") from None
+        proc = subprocess.Popen(command, **kw)
+        _holding = False
+        _raise_pending()
+        yield proc
+    finally:
+        _holding = True
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe:
+                    pipe.close()
+        _holding = False
+    _raise_pending()  # a signal during the cleanup of a block that ended well
 
 
-class StallWatch:
-    """Counts the bytes read through it, and kills `proc` when none came for `stall_s` (a stalled `kubectl exec`
-    would otherwise block the read for ever). What it adds to tarfile's stream reading: a time limit per byte."""
+def kubectl_run(command: list[str], timeout_s: float, stdin_text: str | None = None) -> None:
+    """One kubectl call that must succeed within `timeout_s` (the process is killed past it, or on a signal)."""
+    what = f"`kubectl {' '.join(command[1:4])}`"
+    stdin = subprocess.PIPE if stdin_text is not None else None
+    with child(command, stdin=stdin, stdout=subprocess.DEVNULL, text=True) as proc:
+        try:
+            proc.communicate(stdin_text, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise FetchError(f"{what} did not answer within {timeout_s:g} s") from None
+    if proc.returncode != 0:
+        raise FetchError(f"{what} failed (exit {proc.returncode})")
 
-    def __init__(self, stream, proc: subprocess.Popen, stall_s: float):
-        self.stream, self.proc, self.stall_s = stream, proc, stall_s
-        self.last = time.monotonic()
+
+class StallGuard:
+    """The pipe of `kubectl exec ... tar`, as tarfile reads it, cut when it brings no byte for `stall_s`. What it adds
+    to tarfile's stream reading: a time limit per byte (a stalled stream would block the read for ever), and a wait
+    for data that wakes up twice a second, so that a signal landing just before a blocking read still runs its
+    handler at once."""
+
+    def __init__(self, proc: subprocess.Popen, stall_s: float):
+        self.proc, self.fd, self.stall_s = proc, proc.stdout.fileno(), stall_s
         self.stalled = False
-        self.done = threading.Event()
-        threading.Thread(target=self._watch, daemon=True).start()
 
     def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        self.last = time.monotonic()
-        return data
-
-    def _watch(self) -> None:
-        while not self.done.wait(min(1.0, self.stall_s / 4)):
-            if time.monotonic() - self.last > self.stall_s:
+        """What the pipe holds, up to `size`; b"" at its end, or once it stalled (the process is then killed)."""
+        end = time.monotonic() + self.stall_s
+        while not select.select([self.fd], [], [], 0.5)[0]:
+            if time.monotonic() > end:
                 self.stalled = True
                 self.proc.kill()
-                return
+                return b""
+        return os.read(self.fd, size if size > 0 else 1 << 16)
 
 
 def stream_results(command: list[str], dest: Path, stall_s: float) -> list[str]:
     """Run `kubectl exec ... tar cf -` and unpack what it sends into `dest`; the members' names."""
     fetched: list[str] = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE) as proc:
-        watch = StallWatch(proc.stdout, proc, stall_s)
+    with child(command, stdout=subprocess.PIPE) as proc:
+        guard = StallGuard(proc, stall_s)
+        damaged = False
         try:
-            try:
-                with tarfile.open(fileobj=watch, mode="r|") as tar:
-                    for member in tar:
-                        tar.extract(member, dest, filter="data")  # no absolute paths, no links out of dest
-                        fetched.append(member.name)
-            except tarfile.TarError:
-                if proc.wait() == 0 and not watch.stalled:
-                    raise FetchError("the tar stream is damaged") from None
-            while watch.read(1 << 16):  # the archive's end padding, until kubectl exits (still watched)
-                pass
-            proc.wait()
-        finally:
-            watch.done.set()
-            if proc.poll() is None:
-                proc.kill()
-        if watch.stalled:
-            raise FetchError(f"the tar stream stalled: no data for {stall_s:g} s (after {len(fetched)} files)")
-        if proc.wait() == 3:
-            raise FetchError("no results there")
-        if proc.returncode != 0:  # the pod's tar failed, or kubectl exec did
-            raise FetchError(f"`kubectl exec ... tar` failed (exit {proc.returncode})")
+            with tarfile.open(fileobj=guard, mode="r|") as tar:
+                for member in tar:
+                    tar.extract(member, dest, filter="data")  # no absolute paths, no links out of dest
+                    fetched.append(member.name)
+        except tarfile.TarError:
+            damaged = True  # a stall or kubectl's failure, below, says why; else the stream itself
+        while guard.read(1 << 16):  # the archive's end padding (or the rest), until kubectl closes the pipe
+            pass
+        try:
+            proc.wait(timeout=stall_s)
+        except subprocess.TimeoutExpired:
+            guard.stalled = True  # the pipe closed, the process hangs on (killed by child())
+    if guard.stalled:
+        raise FetchError(f"the tar stream stalled: no data for {stall_s:g} s (after {len(fetched)} files)")
+    if proc.returncode == 3:
+        raise FetchError("no results there")
+    if proc.returncode != 0:  # the pod's tar failed, or kubectl exec did
+        raise FetchError(f"`kubectl exec ... tar` failed (exit {proc.returncode})")
+    if damaged:
+        raise FetchError("the tar stream is damaged")
     return fetched
 
 
@@ -168,13 +214,7 @@ def fetch(
 ) -> list[str]:
     """Start the pod, stream the results into `dest`, delete the pod (also on SIGTERM/SIGINT); the names fetched."""
     try:
-        kubectl_run(
-            [*kubectl, "apply", "-f", "-"],
-            limits.kubectl_timeout_s,
-            input=json.dumps(manifest),
-            text=True,
-            stdout=subprocess.DEVNULL,
-        )
+        kubectl_run([*kubectl, "apply", "-f", "-"], limits.kubectl_timeout_s, stdin_text=json.dumps(manifest))
         wait = [*kubectl, "wait", "--for=condition=Ready", f"pod/{pod}", f"--timeout={limits.ready_timeout_s:g}s"]
         kubectl_run(wait, limits.ready_timeout_s + limits.kubectl_timeout_s)
         names = RESULTS + (["tensorboard"] if tensorboard else [])
@@ -196,10 +236,6 @@ def fetch(
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-
-
-def _interrupt(signum: int, _frame) -> None:
-    raise Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> int:

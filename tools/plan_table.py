@@ -12,7 +12,7 @@ from job.run.memory_plan import GiB, Machine, ModelShape, RunSettings, choose, g
 
 ASKED = RunSettings(
     zero_stage=2, offload="none", micro_batch=8, seq_len=2048, grad_accum=4, checkpointing=False, attention="flex",
-    bf16=True, bucket_elements=400_000_000,  # job/ds_config.json's reduce + allgather buckets
+    bf16=True, bucket_elements=400_000_000,  # ds_config.json's reduce + allgather buckets
 )  # fmt: skip
 MACHINES = [(8, 80, 1000), (1, 80, 240), (1, 141, 240)]  # GPUs, GiB each, CPU GiB per node
 

@@ -17,9 +17,10 @@ import click
 
 from job.core import run_files
 from job.core.config import GROUPS, RunConfig, field_meta, flag, prepare_fields, read_config_file
-from job.core.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_PREEMPTED, JobError, Stopped, stop_at_once
+from job.core.data_spec import is_mix
+from job.core.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_PREEMPTED, JobError
 from job.core.logs import FORMATS, LOG_FORMAT_ENV, setup_logging
-from job.core.mix import is_mix
+from job.core.signals import Stopped, stop_at_once
 from job.core.termination import no_termination_message, record_termination
 from job.model.sampling import READING_SAMPLES as READING
 

@@ -1,4 +1,4 @@
-"""A weighted data mix (job/core/mix.py, job/data/mix.py): the `--data`/`--prepared` syntax and its refusals, the
+"""A weighted data mix (job/core/data_spec.py, job/data/mix.py): the `--data`/`--prepared` syntax and its refusals, the
 interleaving by weight and seed, and whole CPU runs on a mix: per-source held-out metrics in metrics.jsonl, the report
 and the model card, a SIGTERM mid-epoch that resumes to the very same curve, and a changed mix that refuses to
 resume."""
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from job.core.config import RunConfig, comparable
+from job.core.data_spec import Source, format_mix, parse_mix, probabilities
 from job.core.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, JobError
-from job.core.mix import Source, format_mix, parse_mix, probabilities
 from tests.conftest import REPO, tiny_bloom, train_args, write_jsonl
 
 
@@ -153,7 +153,7 @@ def test_the_training_set_draws_by_weight_with_the_seed(prepared_mix):
 
 def test_a_prepared_mix_of_other_layouts_is_refused(prepared_mix, tmp_path, tiny_tokenizer):
     from job.data.prepare import prepare
-    from job.run.checks import Preflight
+    from job.run.check_results import Preflight
     from job.run.preflight import check_data
 
     prepared, _ = prepared_mix

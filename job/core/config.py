@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from job.core.data_spec import comparable_mix, is_mix, parse_mix
 from job.core.errors import JobError
 from job.core.files import atomic_write_json
-from job.core.mix import comparable_mix, is_mix, parse_mix
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # job/
 RECIPES_DIR = PACKAGE_DIR / "recipes"
@@ -36,7 +36,7 @@ Attention = Literal["auto", "eager", "sdpa", "flex"]
 Device = Literal["auto", "cuda", "cpu"]
 FlexCompileMode = Literal["default", "max-autotune-no-cudagraphs"]
 MixUntil = Literal["first_exhausted", "all_exhausted"]  # datasets.interleave_datasets' stopping strategies
-MIX_FIELDS = ("data", "prepared")  # the fields that take a weighted mix of sources (job.core.mix)
+MIX_FIELDS = ("data", "prepared")  # the fields that take a weighted mix of sources (job.core.data_spec)
 
 
 def cache_root() -> Path:

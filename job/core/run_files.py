@@ -9,9 +9,9 @@
 | `metrics.jsonl` | worker | every log record (`job.core.metrics_log`) |
 | `tensorboard/` | worker | TensorBoard events |
 | `samples_before.json` | worker | generations of the untrained model, for the report |
-| `final/` | publish | the verified HF export, with its model card `README.md` |
-| `report.md`, `loss.png`, `throughput.png` | publish | the run's report |
-| `exit_status.json` | worker / publish | the verdict: exit code and message |
+| `final/` | finish | the verified HF export, with its model card `README.md` |
+| `report.md`, `loss.png`, `throughput.png` | finish | the run's report |
+| `exit_status.json` | worker / finish | the verdict: exit code and message |
 """
 
 from __future__ import annotations
@@ -32,17 +32,17 @@ MODEL_CARD = "README.md"  # in final/
 REPORT = "report.md"
 LOSS_PNG = "loss.png"
 THROUGHPUT_PNG = "throughput.png"
-STATUS = "exit_status.json"
+EXIT_STATUS = "exit_status.json"
 
 
 def write_status(output: Path, code: int, message: str) -> None:
     """Rank 0's verdict, which the launcher returns as its exit code (torchrun itself only exits 0 or 1)."""
-    atomic_write_json(output / STATUS, {"code": code, "message": message})
+    atomic_write_json(output / EXIT_STATUS, {"code": code, "message": message})
 
 
 def recorded_status(output: Path) -> dict | None:
     """Rank 0's verdict, {"code", "message"}, if one was recorded."""
-    path = output / STATUS
+    path = output / EXIT_STATUS
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 

@@ -1,4 +1,4 @@
-"""A weighted mix of sources (`job.core.mix`), prepared and read.
+"""A weighted mix of sources (`job.core.data_spec`), prepared and read.
 
 Each source is prepared on its own by `job.data.prepare.prepare` (its own cache entry, its own held-out split); the
 training set interleaves their train splits with `datasets.interleave_datasets`, drawing a source per row by weight
@@ -15,8 +15,8 @@ import logging
 from pathlib import Path
 
 from job.core.config import RunConfig
+from job.core.data_spec import Source, format_mix, parse_mix, probabilities
 from job.core.errors import JobError
-from job.core.mix import Source, format_mix, parse_mix, probabilities
 
 log = logging.getLogger("job")
 

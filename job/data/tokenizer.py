@@ -14,7 +14,7 @@ from pathlib import Path
 
 from job.core.config import cache_root
 from job.core.errors import JobError
-from job.core.files import FileLock, new_folder, share
+from job.core.files import FileLock, apply_umask, new_folder
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0-3, as in Bloom
 # Bloom's split: runs of non-space, non-punctuation characters keep one leading space.
@@ -133,7 +133,7 @@ def _save_atomically(tokenizer, output: Path) -> None:
     staging = new_folder(output.parent, f".{output.name}.")
     try:
         tokenizer.save_pretrained(str(staging))
-        share(staging)
+        apply_umask(staging)
         if output.exists():
             output.rmdir()  # empty (check_new_folder)
         staging.rename(output)

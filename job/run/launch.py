@@ -25,20 +25,13 @@ from pathlib import Path
 
 from job.core import checkpoints, run_files
 from job.core.config import RunConfig
-from job.core.errors import (
-    EXIT_CRASH,
-    EXIT_OK,
-    EXIT_PREEMPTED,
-    STOP_SIGNALS,
-    JobError,
-    die_with_parent,
-    raise_if_stopped,
-)
+from job.core.errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, JobError
 from job.core.files import FileLock, atomic_write_json
+from job.core.signals import STOP_SIGNALS, die_with_parent, raise_if_stopped
 from job.core.topology import TOPOLOGY_DEFAULTS, processes_per_node
-from job.run.checks import Preflight
+from job.run.check_results import Preflight
+from job.run.finish import finish_run
 from job.run.preflight import preflight
-from job.run.publish import publish
 from job.run.resume import check_prepared_tokenizer
 
 log = logging.getLogger("job")
@@ -123,8 +116,8 @@ def train(cfg: RunConfig) -> int:
         if cfg.node_rank != 0:
             return EXIT_OK
         log.info("%s trained to step %d; exporting it (the export was interrupted)", last, checkpoints.step_of(last))
-        return publish(cfg, last, processes=world)
-    (output / run_files.STATUS).unlink(missing_ok=True)
+        return finish_run(cfg, last, processes=world)
+    (output / run_files.EXIT_STATUS).unlink(missing_ok=True)
     cfg.write(output / run_files.RUN_CONFIG)  # first: from here on other nodes see a folder of this job
     atomic_write_json(output / run_files.INPUTS, found.fingerprints)
 
@@ -294,7 +287,7 @@ def _quiet_torchrun() -> int:
 
     Plain torchrun restarts its shutdown on every further signal (a signal to all processes, then ours
     forwarded), which cuts short its wait for the workers' checkpoint, and ends a clean signalled shutdown
-    with a SignalException traceback. The workers' verdict is in STATUS_FILE either way.
+    with a SignalException traceback. The workers' verdict is in run_files.EXIT_STATUS either way.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from job.core.config import RunConfig
-from job.core.mix import parse_mix, probabilities
+from job.core.data_spec import parse_mix, probabilities
 from job.core.units import perplexity
 from job.run.report import duration, fmt, loss_pair
 

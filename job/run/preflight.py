@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from job.core.config import RunConfig, cache_root
+from job.core.data_spec import probabilities
 from job.core.errors import JobError
-from job.core.mix import probabilities
 from job.core.topology import (
     TOPOLOGY_DEFAULTS,
     device_type,
@@ -30,7 +30,7 @@ from job.core.topology import (
 )
 from job.core.units import config_parameter_count
 from job.core.weights import check_weights
-from job.run.checks import Check, Preflight, require
+from job.run.check_results import Check, Preflight, require
 from job.run.resume import check_inputs, check_output, check_resume
 
 BYTES_PER_PARAMETER_CHECKPOINT = 16  # 16-bit weights + fp32 master, Adam m and v (ZeRO layout, with margin)

@@ -15,9 +15,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from job.core.data_spec import is_mix, parse_mix, probabilities
 from job.core.files import atomic_write_text
 from job.core.metrics_log import eval_losses, number, read_metrics
-from job.core.mix import is_mix, parse_mix, probabilities
 from job.core.run_files import LOSS_PNG, METRICS, REPORT, THROUGHPUT_PNG
 from job.core.units import clock, flops_per_token, perplexity
 from job.model.sampling import describe

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from job.core import checkpoints, run_files
 from job.core.config import RunConfig, comparable, resumable_fields
+from job.core.data_spec import probabilities
 from job.core.errors import JobError
 from job.core.files import FileLock
-from job.core.mix import probabilities
 from job.core.topology import processes_per_node
 from job.core.weights import model_fingerprint
-from job.run.checks import Check, Preflight
+from job.run.check_results import Check, Preflight
 
 
 def has_run_state(output: Path) -> bool:
@@ -250,7 +250,7 @@ def check_resume(p: Preflight) -> Check:
             f"--resume {folder} is not a complete checkpoint (no {checkpoints.MARKER}: its save never finished)",
             "pass a complete checkpoint-N folder, or --resume auto",
         )
-    why = checkpoints.distrust(folder)
+    why = checkpoints.untrusted_reason(folder)
     if why:
         raise JobError(f"--resume {folder} is damaged ({why})", "pass another complete checkpoint, or --resume auto")
     old = read_record(folder.parent / run_files.RUN_CONFIG)

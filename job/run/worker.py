@@ -3,10 +3,10 @@
 Trainer + DeepSpeed as configured; callbacks for checkpoint completion and rotation, signals,
 non-finite losses and live throughput; at the end a verified HF export in `OUTPUT/final` and a report.
 
-Signals: until the Trainer is built a SIGTERM/SIGINT stops at once (`errors.Stopped`, nothing to keep); in
+Signals: until the Trainer is built a SIGTERM/SIGINT stops at once (`signals.Stopped`, nothing to keep); in
 training and evaluation it stops every rank at the next step boundary after a complete checkpoint; after the
 last step it stops at once again, because the last checkpoint already holds everything and a rerun redoes
-the export from it (`publish`).
+the export from it (`finish_run`).
 """
 
 from __future__ import annotations
@@ -26,27 +26,19 @@ from transformers.trainer_callback import PrinterCallback
 
 from job.core import checkpoints, run_files
 from job.core.config import RunConfig
-from job.core.errors import (
-    EXIT_DIVERGED,
-    EXIT_OK,
-    EXIT_PREEMPTED,
-    STOP_SIGNALS,
-    Stopped,
-    die_with_parent,
-    ignore_stop_signals,
-    stop_at_once,
-)
+from job.core.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
 from job.core.files import atomic_write_json
 from job.core.logs import adopt_library_loggers, prints_logged
 from job.core.metrics_log import eval_losses
+from job.core.signals import STOP_SIGNALS, Stopped, die_with_parent, ignore_stop_signals, stop_at_once
 from job.core.units import flops_per_token
 from job.data.mix import load_mix, prepared_splits, sources
 from job.data.prepare import load_prepared
 from job.data.tokenizer import load_tokenizer
 from job.model.build import build_model, parameter_count
 from job.model.patches import apply_patches, model_patches
+from job.run.finish import finish_run, record_verdict
 from job.run.metrics import REAL_TOKENS_KEY, CountingCollator, extra_log_values
-from job.run.publish import finish, publish
 from job.run.training_args import training_arguments
 
 log = logging.getLogger("job")
@@ -298,7 +290,7 @@ def build_trainer(
 
 
 def run_worker(cfg: RunConfig) -> int:
-    """Train as configured; return the exit code (rank 0 also records it in STATUS_FILE)."""
+    """Train as configured; return the exit code (rank 0 also records it in run_files.EXIT_STATUS)."""
     output = Path(cfg.output_dir)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     stop_at_once()  # also when started by torchrun: the CLI's handlers are the launcher's, not ours
@@ -314,7 +306,7 @@ def run_worker(cfg: RunConfig) -> int:
             message = f"after the last step; complete checkpoint {last}. Run again with --resume auto to export it"
         else:
             message = f"before training resumed; complete checkpoint {last}. Run again with --resume auto to continue"
-        return finish(output, rank0, EXIT_PREEMPTED, f"stopped by {e.signal_name} {message}")
+        return record_verdict(output, rank0, EXIT_PREEMPTED, f"stopped by {e.signal_name} {message}")
     finally:
         stop_dataloader_workers()
         _leave_process_group()
@@ -351,14 +343,14 @@ def _train(cfg: RunConfig, output: Path) -> int:
             f"{trainer.state.global_step}; stopped. Last good checkpoint: {last or 'none'}. "
             "Lower --learning-rate or check the data, then resume with --resume auto"
         )
-        return finish(output, rank0, EXIT_DIVERGED, message)
+        return record_verdict(output, rank0, EXIT_DIVERGED, message)
     if stop_guard.reason == "signal":
         last = checkpoints.latest_complete(output)
         message = (
             f"stopped by {stop_guard.signal_name} at step {trainer.state.global_step}; complete checkpoint "
             f"{last}. Run again with --resume auto to continue"
         )
-        return finish(output, rank0, EXIT_PREEMPTED, message)
+        return record_verdict(output, rank0, EXIT_PREEMPTED, message)
 
     final_metrics = _final_eval(trainer)  # every rank; a signal during it is only noted, then agreed on below
     last = checkpoints.latest_complete(output)
@@ -367,10 +359,10 @@ def _train(cfg: RunConfig, output: Path) -> int:
             f"stopped by {stop_guard.signal_name} after the last step; complete checkpoint {last}. "
             "Run again with --resume auto to export it"
         )
-        return finish(output, rank0, EXIT_PREEMPTED, message)
+        return record_verdict(output, rank0, EXIT_PREEMPTED, message)
     if last is None or checkpoints.step_of(last) != trainer.state.global_step:
         message = f"the last step ({trainer.state.global_step}) left no checkpoint (its loss was not finite)"
-        return finish(output, rank0, EXIT_DIVERGED, f"{message}; nothing exported. Resume with --resume auto")
+        return record_verdict(output, rank0, EXIT_DIVERGED, f"{message}; nothing exported. Resume with --resume auto")
     if not rank0:
         return EXIT_OK  # the export is rank 0's alone: no collective follows
     stop_at_once()  # the last checkpoint holds everything: a rerun redoes what follows from it
@@ -378,7 +370,7 @@ def _train(cfg: RunConfig, output: Path) -> int:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # else from_pretrained would partition (zero.Init) on rank 0 alone
-    return publish(cfg, last, parameter_count(model), final_metrics, time.time() - started, trainer.args.world_size)
+    return finish_run(cfg, last, parameter_count(model), final_metrics, time.time() - started, trainer.args.world_size)
 
 
 def _final_eval(trainer: Trainer) -> dict:

@@ -17,7 +17,7 @@ from job.core.metrics_log import eval_losses, read_metrics
 log = logging.getLogger("job")
 
 
-def finish(output: Path, rank0: bool, code: int, message: str) -> int:
+def record_verdict(output: Path, rank0: bool, code: int, message: str) -> int:
     """Record the verdict (rank 0) and log it; returns the exit code."""
     if rank0:
         run_files.write_status(output, code, message)
@@ -25,7 +25,7 @@ def finish(output: Path, rank0: bool, code: int, message: str) -> int:
     return code
 
 
-def publish(
+def finish_run(
     cfg: RunConfig,
     checkpoint: Path,
     expected_parameters: int | None = None,
@@ -50,4 +50,4 @@ def publish(
     before_path = output / run_files.SAMPLES_BEFORE
     before = json.loads(before_path.read_text(encoding="utf-8")) if before_path.exists() else []
     report_run(cfg, state, processes, final, before, final_metrics, seconds)
-    return finish(output, True, EXIT_OK, f"model saved to {final}")
+    return record_verdict(output, True, EXIT_OK, f"model saved to {final}")

@@ -118,6 +118,17 @@ def train_args(**options) -> list[str]:
     return ["train", *(part for name, value in flags.items() for part in (f"--{name.replace('_', '-')}", str(value)))]
 
 
+def launch_of(cfg, **launch_settings):
+    """The launch `train` would resolve for `cfg` with these launch settings (nproc, nnodes, ...) and no
+    environment."""
+    import dataclasses
+
+    from job.core.topology import resolve_topology
+    from job.run.launch_record import resolve_launch
+
+    return resolve_launch(resolve_topology(dataclasses.replace(cfg, **launch_settings), {})[0])
+
+
 def complete_checkpoint(output: Path, step: int) -> Path:
     """`output/checkpoint-<step>` as a finished save of this job leaves it: Trainer state, then its COMPLETE marker."""
     from job.core import checkpoints

@@ -9,6 +9,7 @@ import pytest
 from job.core.config import RECIPES_DIR, RunConfig
 from job.core.errors import JobError
 from job.run.deepspeed_config import check_batch_arithmetic, deepspeed_config
+from tests.conftest import launch_of
 
 
 def test_precedence_defaults_recipe_flags():
@@ -55,8 +56,10 @@ def test_bad_deepspeed_files(tmp_path):
         deepspeed_config(RunConfig.load(deepspeed=str(broken)))
     broken.write_text(json.dumps({"train_batch_size": 100, "zero_optimization": {"stage": 2}}))
     with pytest.raises(JobError, match=r"train_batch_size=100 but batch 16 x accumulation 4 x 2 processes = 128"):
-        check_batch_arithmetic(RunConfig.load(deepspeed=str(broken)), world_size=2)
-    check_batch_arithmetic(RunConfig.load(deepspeed=str(broken), grad_accum=25, per_device_batch_size=2), 2)
+        cfg = RunConfig.load(deepspeed=str(broken))
+        check_batch_arithmetic(cfg, launch_of(cfg, nproc=2))
+    cfg = RunConfig.load(deepspeed=str(broken), grad_accum=25, per_device_batch_size=2)
+    check_batch_arithmetic(cfg, launch_of(cfg, nproc=2))
 
 
 def test_training_arguments_follow_the_config(tmp_path):

@@ -15,7 +15,7 @@ from job.core.weights import check_weights
 from job.run import preflight as doctor
 from job.run.check_results import Check, Preflight
 from job.run.resume import check_output
-from tests.conftest import REPO, complete_checkpoint, tiny_bloom
+from tests.conftest import REPO, complete_checkpoint, launch_of, tiny_bloom
 
 
 def _run(output: Path, config: dict, complete: bool) -> None:
@@ -89,14 +89,15 @@ def test_memory_preflight_counts_the_attention_scores_unless_flex(monkeypatch):
 
     cfg = RunConfig.load(max_length=100_000, per_device_batch_size=16)
     config = model_config(cfg, 600)
-    need = doctor.activation_bytes(cfg, config, "cpu")  # sdpa on a CPU: [B, H, T, T] fp32 per layer
+    need = doctor.activation_bytes(cfg, config, "sdpa")  # sdpa on a CPU: [B, H, T, T] fp32 per layer
     assert need >= 16 * config.n_head * 100_000**2 * 4 * config.n_layer
-    flex = doctor.activation_bytes(RunConfig.load(max_length=100_000, attention="flex"), config, "cuda")
+    flex = doctor.activation_bytes(RunConfig.load(max_length=100_000, attention="flex"), config, "flex")
     assert flex < need / 500  # flex never builds the scores
-    found = Preflight(cfg, model_config=config)
+    found = Preflight(cfg, model_config=config, launch=launch_of(cfg))
     result = doctor.check_memory(found)
     assert not result.ok and "lower --max-length" in result.fix
-    assert doctor.check_memory(Preflight(RunConfig.load(), model_config=config)).ok
+    small = RunConfig.load()
+    assert doctor.check_memory(Preflight(small, model_config=config, launch=launch_of(small))).ok
 
 
 def test_a_folder_of_someone_else_is_refused_a_volume_root_is_not(tmp_path):

@@ -13,7 +13,7 @@ from job.core import checkpoints, run_files
 from job.core.config import RunConfig
 from job.run.model_card import card_datasets, render_model_card
 from job.run.report import run_figures, run_summary
-from tests.conftest import tiny_bloom
+from tests.conftest import launch_of, tiny_bloom
 
 RECORDS = [
     {"step": 0, "eval_loss": 7.65, "tokens_seen": 0},
@@ -33,7 +33,9 @@ def test_the_card_has_hub_metadata_and_the_runs_figures(tmp_path):
     )
     figures = run_figures(RECORDS, run_summary({"global_step": 20, "num_input_tokens_seen": 81_920}, {}, 754.0))
     card_path = tmp_path / "README.md"
-    card_path.write_text(render_model_card(cfg, figures, parameters=345_800_000, processes=8), encoding="utf-8")
+    card_path.write_text(
+        render_model_card(cfg, figures, parameters=345_800_000, launch=launch_of(cfg, nproc=8)), encoding="utf-8"
+    )
     card = ModelCard.load(card_path)  # what the hub parses
     assert card.data.language == ["zh"] and card.data.license == "bigscience-bloom-rail-1.0"
     assert card.data.base_model == "Langboat/bloom-389m-zh"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from job.core.config import RunConfig
-from tests.conftest import REPO
+from tests.conftest import REPO, launch_of
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_everything_the_run_wrote_is_readable_by_other_users(trained):
 
     output, _ = trained
     cfg = RunConfig.load(str(output / "run_config.json"))
-    written = [output, *output.rglob("*"), Path(cfg.prepared), *Path(cfg.prepared).rglob("*")]
+    written = [output, *output.rglob("*"), Path(cfg.prepared.path), *Path(cfg.prepared.path).rglob("*")]
     unreadable = [
         str(p)
         for p in written
@@ -243,7 +243,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_
         prompts=[],
     )
     cfg = dataclasses.replace(cfg, prepared=str(prepare(cfg, tiny_tokenizer).path))
-    trainer = build_trainer(cfg, callbacks=[])
+    trainer = build_trainer(cfg, launch_of(cfg), callbacks=[])
     real_compute_loss = trainer.compute_loss
 
     def poisoned(model, inputs, **kwargs):  # the loss turns NaN from step 5 on, as after a blow-up

@@ -21,9 +21,13 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from job.core import run_files
 from job.core.files import apply_umask, atomic_write_json
+
+if TYPE_CHECKING:
+    from job.core.config import ResumeFrom
 
 MARKER = "COMPLETE"
 WRITING = ".job-writing"  # this job is writing the checkpoint (it may delete it if the save never completes)
@@ -137,12 +141,12 @@ def step_of(checkpoint: Path) -> int:
     return trainer_state(checkpoint)["global_step"]
 
 
-def resume_point(resume: str, output_dir: Path) -> Path | None:
+def resume_point(resume: ResumeFrom, output_dir: Path) -> Path | None:
     """The checkpoint `--resume` names: auto = the newest complete one (None: start from scratch)."""
-    if resume == "never":
+    if resume.mode == "never":
         return None
-    if resume != "auto":
-        return Path(resume)
+    if resume.mode == "folder":
+        return resume.folder
     return latest_complete(output_dir)
 
 

@@ -3,6 +3,7 @@
 | name | written by | what it is |
 | --- | --- | --- |
 | `run_config.json` | launch | the effective run config every worker reads |
+| `launch.json` | launch | the launch as node 0 resolved it (`job.run.launch_record.Launch`) |
 | `inputs.json` | launch | fingerprints of tokenizer, data and model, compared when the run resumes |
 | `job.lock` | launch | held by the running job (node 0's launcher): one run per folder |
 | `checkpoint-N/` | worker | Trainer checkpoints; only those with `COMPLETE` count |
@@ -23,6 +24,7 @@ from job.core.files import atomic_write_json
 
 RUN_CONFIG = "run_config.json"
 INPUTS = "inputs.json"
+LAUNCH = "launch.json"
 LOCK = "job.lock"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"

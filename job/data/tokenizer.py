@@ -101,6 +101,11 @@ def check_specials(tokenizer, where: str) -> None:
         )
 
 
+def run_tokenizer(cfg):
+    """The tokenizer a run's config names (`resolve_tokenizer` of its fields)."""
+    return resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
+
+
 def resolve_tokenizer(tokenizer: str | None, model: str | None, vocab_size: int, trust_remote_code: bool = False):
     """`--tokenizer`, else the model's own, else the built-in BPE."""
     if tokenizer:

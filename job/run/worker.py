@@ -32,12 +32,13 @@ from job.core.logs import adopt_library_loggers, prints_logged
 from job.core.metrics_log import eval_losses
 from job.core.signals import STOP_SIGNALS, Stopped, die_with_parent, ignore_stop_signals, stop_at_once
 from job.core.units import flops_per_token
-from job.data.mix import load_mix, prepared_splits, sources
+from job.data.mix import load_mix, prepared_splits
 from job.data.prepare import load_prepared
 from job.data.tokenizer import load_tokenizer
 from job.model.build import build_model, parameter_count
 from job.model.patches import apply_patches, model_patches
 from job.run.finish import finish_run, record_verdict
+from job.run.launch_record import Launch, read_launch
 from job.run.metrics import REAL_TOKENS_KEY, CountingCollator, extra_log_values
 from job.run.training_args import training_arguments
 
@@ -234,11 +235,15 @@ def training_collator(tokenizer, count_tokens: bool, pad_to_multiple_of: int | N
 
 
 def build_trainer(
-    cfg: RunConfig, data=None, callbacks: list[TrainerCallback] | None = None, load_universal: bool = False
+    cfg: RunConfig,
+    launch: Launch,
+    data=None,
+    callbacks: list[TrainerCallback] | None = None,
+    load_universal: bool = False,
 ):
-    """The Trainer for `cfg` (model, data, collator, guards); `data` overrides the prepared dataset (bench);
-    `load_universal`: resume from the DeepSpeed universal checkpoint (another data-parallel world size)."""
-    use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    """The Trainer for `cfg` as `launch` resolved it (model, data, collator, guards); `data` overrides the prepared
+    dataset (bench); `load_universal`: resume from the DeepSpeed universal checkpoint (another world size)."""
+    use_cpu = launch.device == "cpu"
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / run_files.TENSORBOARD))
     splits = data if data is not None else prepared_splits(cfg)
     if cfg.eval_fraction > 0 and "eval" not in splits:
@@ -263,8 +268,9 @@ def build_trainer(
     # The fast paths, each named in the log (or why it is not installed and which stock path runs instead).
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    apply_patches(model, model_patches(cfg, "cpu" if use_cpu else "cuda", zero3=is_deepspeed_zero3_enabled()))
-    data = data if data is not None else _load_prepared(cfg)
+    patches = model_patches(cfg, launch.device, zero3=is_deepspeed_zero3_enabled(), attention=launch.attention)
+    apply_patches(model, patches)
+    data = data if data is not None else _load_prepared(cfg, launch)
     collator = training_collator(
         tokenizer, count_tokens=cfg.avoid_host_syncs, pad_to_multiple_of=None if use_cpu else 8
     )
@@ -289,15 +295,17 @@ def build_trainer(
     return trainer
 
 
-def run_worker(cfg: RunConfig) -> int:
-    """Train as configured; return the exit code (rank 0 also records it in run_files.EXIT_STATUS)."""
+def run_worker(cfg: RunConfig, launch: Launch | None = None) -> int:
+    """Train as configured and launched (default: the launch its launcher handed on); return the exit code (rank 0
+    also records it in run_files.EXIT_STATUS)."""
     output = Path(cfg.output_dir)
+    launch = launch or read_launch(output)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     stop_at_once()  # also when started by torchrun: the CLI's handlers are the launcher's, not ours
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun: a SIGKILLed torchrun stops this rank (checkpoint)
         die_with_parent(signal.SIGTERM)
     try:
-        return _train(cfg, output)
+        return _train(cfg, launch, output)
     except Stopped as e:
         last = checkpoints.latest_complete(output)
         if last is None:
@@ -320,14 +328,11 @@ def _leave_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _train(cfg: RunConfig, output: Path) -> int:
+def _train(cfg: RunConfig, launch: Launch, output: Path) -> int:
     resume = checkpoints.resume_point(cfg.resume, output)
-    # written by another number of processes: the launcher made the universal checkpoint beside it
-    universal = resume is not None and checkpoints.zero_world_size(resume) not in (
-        None,
-        int(os.environ.get("WORLD_SIZE", "1")),
-    )
-    trainer = build_trainer(cfg, load_universal=universal)  # from here on a signal stops at the next step boundary
+    # written by another number of processes: the launcher made the universal checkpoint beside it. From here on a
+    # signal stops at the next step boundary.
+    trainer = build_trainer(cfg, launch, load_universal=launch.loads_universal(resume))
     model, tokenizer, stop_guard = trainer.model, trainer.processing_class, trainer.stop_guard
     rank0 = trainer.args.process_index == 0
     if rank0:
@@ -370,7 +375,7 @@ def _train(cfg: RunConfig, output: Path) -> int:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # else from_pretrained would partition (zero.Init) on rank 0 alone
-    return finish_run(cfg, last, parameter_count(model), final_metrics, time.time() - started, trainer.args.world_size)
+    return finish_run(cfg, launch, last, parameter_count(model), final_metrics, time.time() - started)
 
 
 def _final_eval(trainer: Trainer) -> dict:
@@ -388,11 +393,12 @@ def _final_eval(trainer: Trainer) -> dict:
     return trainer.evaluate()
 
 
-def _load_prepared(cfg: RunConfig):
+def _load_prepared(cfg: RunConfig, launch: Launch):
     # memory-mapped; fails with a clear message if it is not one. A mix: its sources interleaved, an eval set each
-    data = load_mix(cfg.prepared, cfg.seed, cfg.mix_until) if sources(cfg) else load_prepared(cfg.prepared)
+    spec = cfg.prepared
+    data = load_mix(spec, cfg.seed, cfg.mix_until) if spec.mixed else load_prepared(spec.path)
     if "eval" in data and cfg.eval_batches:
-        rows = cfg.eval_batches * cfg.per_device_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
+        rows = cfg.eval_batches * cfg.per_device_batch_size * launch.world_size
         first = lambda split: split.select(range(min(rows, len(split))))
         evals = data["eval"]
         data["eval"] = {n: first(e) for n, e in evals.items()} if isinstance(evals, dict) else first(evals)

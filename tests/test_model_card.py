@@ -13,7 +13,7 @@ from job.core import checkpoints, run_files
 from job.core.config import RunConfig
 from job.run.model_card import card_datasets, render_model_card
 from job.run.report import run_figures, run_summary
-from tests.conftest import launch_of, tiny_bloom
+from tests.conftest import launch_of, tiny_bloom, write_jsonl
 
 RECORDS = [
     {"step": 0, "eval_loss": 7.65, "tokens_seen": 0},
@@ -80,3 +80,40 @@ def test_the_export_carries_the_card_and_appears_only_verified(tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - safetensors' own error for a broken file
         checkpoints.export_final(checkpoint, output, texts={run_files.MODEL_CARD: card})
     assert not (final / run_files.MODEL_CARD).exists()  # the old final/ stays as it was: nothing half-new
+
+
+@pytest.mark.parametrize("given_as", ["data", "prepared"])
+def test_card_report_and_preflight_agree_on_a_mix_given_as_data_or_prepared(tmp_path, tiny_tokenizer, given_as):
+    """The three readers of the mix show the same sources and shares, whichever flag named it; the card of a run
+    given --prepared (the Kubernetes way) names those folders and their shares, not the built-in corpus."""
+    from job.data.corpus import builtin_articles
+    from job.data.mix import prepare_mix
+    from job.run.check_results import Preflight
+    from job.run.launch import prepare_inputs
+    from job.run.preflight import check_data
+    from job.run.report import source_table
+
+    articles = builtin_articles()
+    news = write_jsonl(tmp_path / "news.jsonl", articles[:120])
+    replay = write_jsonl(tmp_path / "replay.jsonl", articles[120:240])
+    layout = dict(max_length=32, eval_fraction=0.1, output_dir=str(tmp_path / "run"))
+    data_mix = f"0.8:news={news},0.2:replay={replay}"
+    if given_as == "data":
+        asked = RunConfig.load(data=data_mix, **layout)
+        paths = {"news": str(news), "replay": str(replay)}
+    else:
+        prepared, done = prepare_mix(RunConfig.load(data=data_mix, **layout), tiny_tokenizer)
+        asked = RunConfig.load(prepared=str(prepared), tokenizer=tiny_tokenizer.name_or_path, **layout)
+        paths = {name: str(result.path) for name, result in done.items()}
+    found = Preflight(asked, tokenizer=tiny_tokenizer, launch=launch_of(asked))
+    row = check_data(found)  # what doctor shows
+    launched, _ = prepare_inputs(asked, found)  # the config every worker and the export read
+    figures = {"source_eval_losses": {"news": (6.0, 5.0), "replay": (6.0, 6.1)}}
+    report = "\n".join(source_table(figures, launched.source_data))
+    card = ModelCard(render_model_card(launched, run_figures([], {}), launch=found.launch)).text
+
+    assert "news 80%" in row.detail and "replay 20%" in row.detail
+    assert "| news | 80% |" in report and "| replay | 20% |" in report
+    data_row = next(line for line in card.splitlines() if line.startswith("| data |"))
+    assert f"80% news (`{paths['news']}`), 20% replay (`{paths['replay']}`)" in data_row, data_row
+    assert "built-in" not in data_row

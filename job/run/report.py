@@ -269,7 +269,7 @@ def source_table(figures: dict, data: DataSpec | None) -> list[str]:
     by_source = figures.get("source_eval_losses") or {}
     if not by_source:
         return []
-    shares = dict(source_shares(data))
+    shares = {source.name: share for source, share in source_shares(data)}
     lines = [
         "| source | share | held-out loss, first | held-out loss, final | change |",
         "| --- | --- | --- | --- | --- |",

@@ -88,6 +88,13 @@ def _install_hint(reporter: str) -> str:
     return f"install the package {reporter} needs, or leave it out of --report-to"
 
 
+def check_releases(p: Preflight) -> Check:
+    """The installed transformers and torch are releases the worker's private-API overrides were written for."""
+    from job.run.private_apis import require_private_apis
+
+    return Check("releases", True, f"private Trainer/DataLoader APIs written for {require_private_apis()}")
+
+
 # ------------------------------------------------------------------------------------------------- devices
 def check_devices(p: Preflight) -> Check:
     from job.model.attention import resolve_attention
@@ -395,6 +402,7 @@ def check_disk(p: Preflight) -> Check:
 CHECKS: list[Callable[[Preflight], Check]] = [
     check_launch,
     check_settings,
+    check_releases,
     check_devices,
     check_deepspeed,
     check_output,

@@ -40,6 +40,7 @@ from job.model.patches import apply_patches, model_patches
 from job.run.finish import finish_run, record_verdict
 from job.run.launch_record import Launch, read_launch
 from job.run.metrics import REAL_TOKENS_KEY, CountingCollator, extra_log_values
+from job.run.private_apis import require_private_apis
 from job.run.training_args import training_arguments
 
 log = logging.getLogger("job")
@@ -204,6 +205,7 @@ class JobTrainer(Trainer):
         logs.update(extra_log_values(self.callback_handler.callbacks, self.args, self.state, logs))
         super().log(logs, start_time)
 
+    # Private Trainer methods (job.run.private_apis: the transformers releases they were written for).
     def _prepare_inputs(self, inputs):
         # The host count must not reach the model (training and evaluation batches both pass here).
         self._host_tokens = inputs.pop(REAL_TOKENS_KEY, None)
@@ -243,6 +245,7 @@ def build_trainer(
 ):
     """The Trainer for `cfg` as `launch` resolved it (model, data, collator, guards); `data` overrides the prepared
     dataset (bench); `load_universal`: resume from the DeepSpeed universal checkpoint (another world size)."""
+    require_private_apis()  # JobTrainer's overrides: also where no preflight ran (bench)
     use_cpu = launch.device == "cpu"
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / run_files.TENSORBOARD))
     splits = data if data is not None else prepared_splits(cfg)

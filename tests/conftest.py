@@ -112,9 +112,10 @@ TINY_RUN = dict(
 )
 
 
-def train_args(**options) -> list[str]:
-    """`train` and a `--name value` flag per keyword (underscores become dashes), TINY_RUN's first: later ones win."""
-    flags = {**TINY_RUN, **options}
+def train_args(tiny: bool = True, **options) -> list[str]:
+    """`train` and a `--name value` flag per keyword (underscores become dashes), TINY_RUN's first unless `tiny` is
+    False (a run as a recipe sets it): later ones win."""
+    flags = {**(TINY_RUN if tiny else {}), **options}
     return ["train", *(part for name, value in flags.items() for part in (f"--{name.replace('_', '-')}", str(value)))]
 
 

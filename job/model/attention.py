@@ -167,7 +167,7 @@ def flex_block_mask(docs: torch.Tensor, valid: torch.Tensor | None, fold: bool =
     """The same mask as `allowed_mask`, as a FlexAttention `BlockMask` (blocks outside every document skipped).
 
     `fold` (the default) folds padding into the document ids, so `mask_mod` is the plain document-causal one;
-    without it `mask_mod` also reads `valid` (the path measured at 814ef2d, kept as a bench variant).
+    without it `mask_mod` also reads `valid` (kept as a bench variant: `--no-fold-padding` measures what folding saves).
     """
     from torch.nn.attention.flex_attention import create_block_mask
 

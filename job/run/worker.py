@@ -325,8 +325,8 @@ def run_worker(cfg: RunConfig, launch: Launch | None = None) -> int:
 
 def _leave_process_group() -> None:
     """Destroy the process group before the interpreter exits, as torch asks: left to the exit-time destructors,
-    gloo's worker threads were still running and a rank that had finished aborted (std::terminate, SIGABRT), which
-    torchrun reported as a failed run (seen once in make test-random, after `done`)."""
+    gloo's worker threads may still run, and a rank that had finished can abort (std::terminate, SIGABRT), which
+    torchrun reports as a failed run."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard
 
 from job.core import checkpoints, run_files
 from job.core.config import RunConfig
+from job.model.sampling import READING_SAMPLES
 from job.run.model_card import card_datasets, render_model_card
 from job.run.report import run_figures, run_summary
 from tests.conftest import launch_of, tiny_bloom, write_jsonl
@@ -47,7 +48,9 @@ def test_the_card_has_hub_metadata_and_the_runs_figures(tmp_path):
     assert f"| held-out loss after training | 5.1000 (perplexity {math.exp(5.10):,.2f}) |" in text
     assert "16 x 4 accumulation x 8 process(es) = 512 rows" in text and "| precision | bf16 |" in text
     assert "| parameters | 345,800,000 |" in text and "0:12:34" in text
-    assert "repetition_penalty" in text  # how to get readable samples
+    # how to get readable samples: drawn as the report's (the one set of sampling defaults)
+    assert f"temperature={READING_SAMPLES['temperature']}" in text
+    assert f"repetition_penalty={READING_SAMPLES['repetition_penalty']}" in text
 
 
 def test_datasets_come_from_the_flag_or_a_hub_id_never_a_local_path(tmp_path):

@@ -4,16 +4,36 @@ model repeats one phrase ("北京北京北京…") even when the held-out loss f
 makes each sample repeat exactly (same prompts, batch and device). The smoke test keeps its own, deterministic,
 greedy checks (`job.model.generate.smoke`).
 
-No torch import: the CLI reads these for its option defaults."""
+Every default of a generation setting is written here once: `Sampling`'s fields (what `generate` does when asked
+for nothing) and `READING_SAMPLES` (the samples people read); the CLI's option defaults, the report and the model
+card's usage snippet read them. No torch import: the CLI reads these for its option defaults."""
 
-READING_SAMPLES = {
-    "greedy": False,
-    "top_k": 50,
-    "top_p": 0.95,
-    "temperature": 0.8,
-    "repetition_penalty": 1.3,
-    "seed": 0,
-}
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How `job.model.generate.generate` draws tokens."""
+
+    greedy: bool = True
+    top_k: int = 50
+    top_p: float = 0.95
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0  # 1.0: none
+    seed: int = 0
+
+
+READING_SAMPLES = asdict(Sampling(greedy=False, temperature=0.8, repetition_penalty=1.3))
+
+
+def hf_generate_arguments(settings: dict = READING_SAMPLES) -> str:
+    """The same draw as `model.generate(...)` keyword arguments, for a snippet people copy (the model card)."""
+    if settings["greedy"]:
+        return f"do_sample=False, repetition_penalty={settings['repetition_penalty']}"
+    return (
+        f"do_sample=True, top_k={settings['top_k']}, top_p={settings['top_p']}, "
+        f"temperature={settings['temperature']}, repetition_penalty={settings['repetition_penalty']}"
+    )
 
 
 def describe(settings: dict = READING_SAMPLES) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from job.core.config import RunConfig
 from job.core.data_spec import DataSpec
 from job.core.units import perplexity
+from job.model.sampling import hf_generate_arguments
 from job.run.launch_record import Launch
 from job.run.report import duration, fmt, loss_pair, source_shares
 
@@ -122,8 +123,7 @@ def render_model_card(
         'tokenizer = AutoTokenizer.from_pretrained("MODEL")  # this repository, or the folder',
         'model = AutoModelForCausalLM.from_pretrained("MODEL")',
         'inputs = tokenizer("下面是一则新闻，", return_tensors="pt")',
-        "out = model.generate(**inputs, max_new_tokens=64, do_sample=True, top_k=50, top_p=0.95,",
-        "                     repetition_penalty=1.3)",
+        f"out = model.generate(**inputs, max_new_tokens=64, {hf_generate_arguments()})",
         "print(tokenizer.decode(out[0], skip_special_tokens=True))",
         "```",
         "",

@@ -192,22 +192,8 @@ def test_two_nodes_rendezvous_and_follow_the_same_curve(inputs, reference):
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
-        args = two_process_run(
-            model,
-            tok,
-            data,
-            output,
-            "--nproc",
-            "1",
-            "--nnodes",
-            "2",
-            "--node-rank",
-            str(rank),
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            port,
-        )  # click keeps the last value
+        node = ["--nproc", "1", "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1"]
+        args = two_process_run(model, tok, data, output, *node, "--master-port", port)  # click keeps the last value
         log = (root / f"node{rank}.log").open("w")
         procs.append((subprocess.Popen(job_command(*args), stdout=log, stderr=subprocess.STDOUT, env=_env()), log))
     deadline = time.time() + 600
@@ -223,6 +209,9 @@ def test_two_nodes_rendezvous_and_follow_the_same_curve(inputs, reference):
     for rank, (proc, log) in enumerate(procs):
         assert proc.returncode == 0, (root / f"node{rank}.log").read_text()[-3000:]
         log.close()
+    # the node rank came from a flag (no launch variable): node 1's launcher names itself node1
+    launch_lines = [line for line in (root / "node1.log").read_text().splitlines() if " launch: " in line]
+    assert launch_lines and all(" node1 " in line for line in launch_lines), launch_lines
     ours, ref = losses(output), losses(reference)
     assert sorted(ours) == sorted(ref)
     for step in ref:
@@ -567,20 +556,8 @@ def test_a_failing_one_process_run_with_dataloader_workers_exits(inputs):
         )
         == 0
     ), (root / "fails-prepare.log").read_text()[-3000:]
-    args = two_process_run(
-        model,
-        tok,
-        data,
-        output,
-        "--nproc",
-        "1",
-        "--deepspeed",
-        "none",
-        "--dataloader-workers",
-        "2",
-        "--prepared",
-        str(prepared),
-    )
+    one_process = ["--nproc", "1", "--deepspeed", "none", "--dataloader-workers", "2"]
+    args = two_process_run(model, tok, data, output, *one_process, "--prepared", str(prepared))
     limit = 64 * 1024  # the logs fit, a checkpoint of the model does not
 
     def small_files():

@@ -583,7 +583,8 @@ def comparable(name: str, value: Any) -> Any:
         spec = DataSpec.parse(value, flag(name))
         if spec.mixed:
             return spec.comparable()
-    if field_meta(name)["path"] and isinstance(value, str) and value not in ("auto", "never", "none", "default"):
+    words = {"resume": ("auto", "never"), "deepspeed": ("default", "none")}.get(name, ())  # values that name no path
+    if field_meta(name)["path"] and isinstance(value, str) and value not in words:
         path = Path(value).expanduser()
         return str(path.resolve()) if path.exists() or path.parent.exists() else value
     return value

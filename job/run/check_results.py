@@ -33,7 +33,7 @@ class Preflight:
     fingerprints: dict[str, Any] = field(default_factory=dict)
     launch: Launch | None = None  # the launch, resolved once (check_launch): every later check reads it
     launch_row: str = ""  # the launch settings and their sources (check_launch)
-    sources: dict[str, str] = field(default_factory=dict)  # where each launch setting came from (check_launch)
+    setting_sources: dict[str, str] = field(default_factory=dict)  # where each launch setting came from (check_launch)
 
 
 def require(check: Check) -> None:

@@ -144,7 +144,7 @@ def check_launch(p: Preflight) -> Check:
         p.cfg = _unresolved_fallback(p.cfg)  # doctor goes on with its other rows; train stops at this one
         p.launch = resolve_launch(dataclasses.replace(p.cfg, attention="auto"))
         raise
-    p.sources = sources
+    p.setting_sources = sources
     try:
         p.launch = resolve_launch(p.cfg)
     except JobError:  # an attention kind the device cannot train: the devices row refuses it
@@ -206,7 +206,8 @@ def check_rendezvous(p: Preflight) -> Check:
         return Check("rendezvous", True, "one node: nothing to join")
     if cfg.node_rank == 0:
         return Check("rendezvous", True, f"node 0 hosts it at {cfg.master_addr}:{cfg.master_port}")
-    if is_loopback(cfg.master_addr) and p.sources.get("master_addr") == "flag":  # said so: every node on this host
+    # an explicit loopback address: every node on this host, as it says
+    if is_loopback(cfg.master_addr) and p.setting_sources.get("master_addr") == "flag":
         return Check("rendezvous", True, f"node {cfg.node_rank} joins node 0 on this host ({cfg.master_addr})")
     if is_loopback(cfg.master_addr):
         return Check(

@@ -26,21 +26,21 @@ class Sampling:
 READING_SAMPLES = asdict(Sampling(greedy=False, temperature=0.8, repetition_penalty=1.3))
 
 
+SPOKEN = {"top_k": "top-k", "top_p": "top-p", "repetition_penalty": "repetition penalty"}  # names in a report
+
+
+def _drawn_by(settings: dict) -> list[str]:
+    """The settings that decide a draw, by name: greedy reads only the repetition penalty."""
+    return ["repetition_penalty"] if settings["greedy"] else ["temperature", "top_k", "top_p", "repetition_penalty"]
+
+
 def hf_generate_arguments(settings: dict = READING_SAMPLES) -> str:
     """The same draw as `model.generate(...)` keyword arguments, for a snippet people copy (the model card)."""
-    if settings["greedy"]:
-        return f"do_sample=False, repetition_penalty={settings['repetition_penalty']}"
-    return (
-        f"do_sample=True, top_k={settings['top_k']}, top_p={settings['top_p']}, "
-        f"temperature={settings['temperature']}, repetition_penalty={settings['repetition_penalty']}"
-    )
+    shown = [f"do_sample={not settings['greedy']}", *(f"{name}={settings[name]}" for name in _drawn_by(settings))]
+    return ", ".join(shown)
 
 
 def describe(settings: dict = READING_SAMPLES) -> str:
     """One line for a report: how its samples were drawn."""
-    if settings["greedy"]:
-        return f"greedy, repetition penalty {settings['repetition_penalty']}"
-    return (
-        f"sampled with seed {settings['seed']}: temperature {settings['temperature']}, top-k {settings['top_k']}, "
-        f"top-p {settings['top_p']}, repetition penalty {settings['repetition_penalty']}"
-    )
+    shown = ", ".join(f"{SPOKEN.get(name, name)} {settings[name]}" for name in _drawn_by(settings))
+    return f"greedy, {shown}" if settings["greedy"] else f"sampled with seed {settings['seed']}: {shown}"

@@ -247,15 +247,51 @@ def check_shm(p: Preflight) -> Check:
     )
 
 
-def check_cache(p: Preflight) -> Check:
-    for name, path in (
+# Variables naming folders the run writes, when set (the image puts each on the /cache volume).
+WRITTEN_FOLDER_VARIABLES = ("TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "MPLCONFIGDIR", "HOME")
+
+
+def written_folders(cfg: RunConfig) -> list[tuple[str, Path]]:
+    """(what names it, folder) of every folder the run writes: the output, the caches, the temporary folder."""
+    return [
+        ("--output-dir", Path(cfg.output_dir)),
         ("JOB_CACHE", cache_root()),
         ("HF_HOME", Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()),
-    ):
+        *((name, Path(os.environ[name])) for name in WRITTEN_FOLDER_VARIABLES if os.environ.get(name)),
+        ("the temporary folder", Path(tempfile.gettempdir())),
+    ]
+
+
+def check_writable(p: Preflight) -> Check:
+    """Every folder the run writes takes a file from this uid. A real file, not os.access: access() answers yes to
+    root whatever the mode, and a volume can refuse what the mode bits allow (a read-only mount, a squashed uid on
+    NFS)."""
+    uid, gid = os.getuid(), os.getgid()
+
+    def refused(what: str, folder: Path | str, why: str) -> Check:
+        return Check(
+            "writable",
+            False,
+            f"{what} is not writable by uid {uid} gid {gid} ({why})",
+            f"give uid {uid} write access to {folder}: on Kubernetes the pod's fsGroup does it on most volumes; "
+            "a ReadWriteMany volume whose driver ignores fsGroup (NFS and the like) needs "
+            "`make k8s-volume-permissions` once (k8s/README.md)",
+        )
+
+    try:
+        folders = written_folders(p.cfg)
+    except FileNotFoundError as e:  # tempfile found no writable candidate (TMPDIR, /tmp, /var/tmp, ...)
+        return refused("no temporary folder", "TMPDIR or /tmp", str(e))
+    for name, path in folders:
         existing = next(q for q in [path, *path.parents] if q.exists())
-        if not os.access(existing, os.W_OK):
-            return Check("caches", False, f"{name}={path} is not writable", f"set {name} to a writable folder")
-    return Check("caches", True, f"JOB_CACHE={cache_root()}")
+        if not existing.is_dir():
+            continue  # a file in the way: check_output and cache_root name that
+        try:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".job-write-test-"):
+                pass
+        except OSError as e:
+            return refused(f"{name} {path}: {existing}", existing, e.strerror)
+    return Check("writable", True, f"{len(folders)} folders take files from uid {uid} (JOB_CACHE={cache_root()})")
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -342,44 +378,37 @@ def check_model(p: Preflight) -> Check:
 
 
 def check_memory(p: Preflight) -> Check:
-    """A lower bound of one process's activation memory for sequence length x batch, against the device's."""
+    """The memory plan (`python -m job plan`) on this machine: refused with the settings that would fit; with
+    `--plan auto` those settings become the run's."""
+    from job.run.memory_plan import machine_here, plan_run, refusal, why, with_settings
+
+    cfg = p.cfg
     if p.model_config is None:
         return Check("memory", True, "not checked: needs the model's config")
-    cfg, config = p.cfg, p.model_config
-    where = p.launch.device
-    need = activation_bytes(cfg, config, p.launch.attention)
-    have = device_memory(where) // (1 if where == "cuda" else p.launch.nproc_per_node)
-    if need > have:
-        return Check(
-            "memory",
-            False,
-            f"batch {cfg.per_device_batch_size} x {cfg.max_length} tokens needs at least {need / 2**30:.1f} GiB of "
-            f"activations per process, the {where} has {have / 2**30:.1f} GiB",
-            "lower --max-length or --per-device-batch-size (raise --grad-accum to keep the global batch)",
-        )
-    return Check("memory", True, f"activations >= {need / 2**30:.2f} GiB of {have / 2**30:.1f} GiB ({where})")
+    if cfg.plan == "off":
+        return Check("memory", True, "not planned (--plan off)")
+    try:
+        mine, best = plan_run(cfg, p.model_config, machine_here(cfg))
+    except JobError as e:  # a DeepSpeed file or attention kind that cannot work: its own row (deepspeed, devices)
+        return Check("memory", True, f"not planned: {e.cause}")
+    if cfg.plan == "auto" and best is not None:
+        p.cfg = with_settings(cfg, best.settings)
+        return Check("memory", True, f"--plan auto: {why(best.settings, mine.settings)}; " + _plan_summary(best))
+    if not mine.fits:
+        error = refusal(mine, best)
+        return Check("memory", False, error.cause, error.fix or "")
+    return Check("memory", True, _plan_summary(mine))
 
 
-def activation_bytes(cfg: RunConfig, config, attention: str) -> int:
-    """Never more than a step needs (a lower bound): per layer, 4 fp32 [B, T, d] tensors kept for the backward, and
-    unless flex attention runs (`attention`, the launch's kind: it never builds them), the fp32 [B, H, T, T]
-    attention scores."""
-    flex = attention == "flex"
-    batch, length = cfg.per_device_batch_size, cfg.max_length
-    per_layer = 4 * batch * length * config.hidden_size * 4
-    if not flex:
-        per_layer += batch * config.n_head * length * length * 4
-    return per_layer * config.n_layer
+def _plan_summary(plan) -> str:
+    from job.run.memory_plan import gib
 
-
-def device_memory(where: str) -> int:
-    if where == "cuda":
-        import torch
-
-        return torch.cuda.get_device_properties(0).total_memory
-    import psutil
-
-    return psutil.virtual_memory().available
+    where = "GPU" if plan.machine.device == "cuda" else "process"
+    return (
+        f"{gib(plan.total)} per {where} of {gib(plan.machine.gpu_memory)} (parameters {gib(plan.parameters)}, "
+        f"gradients {gib(plan.gradients)}, optimizer {gib(plan.optimizer)}, activations {gib(plan.activations)}, "
+        f"buffers {gib(plan.buffers)}); CPU {gib(plan.cpu_need)} of {gib(plan.machine.cpu_memory)}"
+    )
 
 
 def check_disk(p: Preflight) -> Check:
@@ -406,17 +435,17 @@ CHECKS: list[Callable[[Preflight], Check]] = [
     check_releases,
     check_devices,
     check_deepspeed,
+    check_writable,
     check_output,
     check_port,
     check_rendezvous,
     check_shm,
-    check_cache,
     check_data,
     check_tokenizer,
     check_model,
+    check_memory,  # before the resume checks: --plan auto may change settings a resumed run must keep
     check_inputs,
     check_resume,
-    check_memory,
     check_disk,
 ]
 

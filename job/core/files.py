@@ -26,7 +26,7 @@ def umask() -> int:
     return mask
 
 
-def share(path: Path) -> None:
+def apply_umask(path: Path) -> None:
     """Give `path` (and everything below a folder) the permissions a plain `open`/`mkdir` would have had.
 
     Libraries write through `tempfile.mkstemp`/`mkdtemp` then rename (0600 files, 0700 folders); this undoes that,

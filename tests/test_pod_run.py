@@ -6,6 +6,7 @@ the containers)."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from pathlib import Path
 
@@ -35,11 +36,11 @@ def _args(pod: Pod, container: dict, tmp_path: Path, network: str | None = None)
 
 
 def _pairs(args: list[str]) -> list[tuple[str, str]]:
-    return list(zip(args, args[1:]))
+    return list(itertools.pairwise(args))
 
 
 def test_every_field_of_the_single_node_job_is_a_flag(tmp_path):
-    (pod,) = (_no_gpus(_load("job.yaml")["bloom-zh-pretrain"]["pods"][0]),)
+    pod = _no_gpus(_load("job.yaml")["bloom-zh-pretrain"]["pods"][0])
     train = pod.spec["containers"][0]
     args = _args(pod, train, tmp_path)
     pairs = _pairs(args)
@@ -109,7 +110,8 @@ def _refusal(tmp_path, change) -> str:
         (lambda s, c: s["volumes"][0].update(hostPath={"path": "/"}), "spec.volumes.data.hostPath"),
         (lambda s, c: s["volumes"][4]["emptyDir"].update(medium="HugePages"), "medium"),
         (lambda s, c: c["env"].append({"name": "X", "valueFrom": {"secretKeyRef": {}}}), "train.env.X.secretKeyRef"),
-        (lambda s, c: c["env"].append({"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}), "status.podIP"),
+        (lambda s, c: c["env"].append({"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
+         "status.podIP"),
         (lambda s, c: c["envFrom"][0]["secretRef"].pop("optional"), "train.envFrom"),
         (lambda s, c: c["envFrom"].append({"configMapRef": {"name": "x"}}), "train.envFrom.configMapRef"),
     ],
@@ -125,12 +127,15 @@ def test_scheduling_fields_have_no_effect_on_one_host(tmp_path):
     assert _args(pod, pod.spec["containers"][0], tmp_path) == plain
 
 
-def test_host_folders_are_prepared_as_the_kubelet_does(tmp_path):
+def test_host_folders_are_prepared_as_the_kubelet_does(tmp_path, monkeypatch):
     pod = _load("job.yaml")["bloom-zh-pretrain"]["pods"][0]
+    owners = {}  # (changing a folder's group needs root: recorded here, done by make cluster-test)
+    monkeypatch.setattr("tools.pod_run.os.chown", lambda path, uid, gid: owners.update({Path(path).name: (uid, gid)}))
     made = host_folders(pod, tmp_path / "claims", tmp_path / "pod")
     assert {p.name for p in made} == {"bloom-zh-data", "bloom-zh-models", "bloom-zh-output", "bloom-zh-cache", "tmp"}
+    assert owners == {c: (-1, 1000) for c in ("bloom-zh-data", "bloom-zh-models", "bloom-zh-output", "bloom-zh-cache")}
     output = tmp_path / "claims" / "bloom-zh-output"
-    assert output.stat().st_gid == 1000 and output.stat().st_mode & 0o7777 == 0o2775  # fsGroup, setgid
+    assert output.stat().st_mode & 0o7777 == 0o2775  # fsGroup: group-writable, new files in its group (setgid)
     assert (tmp_path / "pod" / "tmp").stat().st_mode & 0o777 == 0o777  # an emptyDir: writable by any uid
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,7 +251,7 @@ def run_args(pod: Pod, container: dict, *, image: str, claims: Path, scratch: Pa
         if name not in LIMITS:
             raise Refused(f"{where}.resources.limits.{name}: no such device on this host (the CI overlay removes it)")
         args += ["--cpus", _cpus(value)] if name == "cpu" else ["--memory", _quantity(value)]
-    args += _mounts(spec, container, claims, scratch, pod_security.get("fsGroup"))
+    args += _mounts(spec, container, claims, scratch)
     if "workingDir" in container:
         args += ["--workdir", container["workingDir"]]
     env = container_env(pod, container)
@@ -261,7 +262,7 @@ def run_args(pod: Pod, container: dict, *, image: str, claims: Path, scratch: Pa
     return [*args, image, *[_expand(a, env) for a in container.get("args", [])]]
 
 
-def _mounts(spec: dict, container: dict, claims: Path, scratch: Path, fs_group: int | None) -> list[str]:
+def _mounts(spec: dict, container: dict, claims: Path, scratch: Path) -> list[str]:
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     args = []
     for mount in container.get("volumeMounts", []):
@@ -302,8 +303,6 @@ def host_folders(pod: Pod, claims: Path, scratch: Path) -> list[Path]:
             continue
         path.mkdir(parents=True, exist_ok=True)
         if fs_group is not None and "persistentVolumeClaim" in volume:
-            import os
-
             os.chown(path, -1, int(fs_group))
         path.chmod(mode)
         made.append(path)

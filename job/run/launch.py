@@ -219,7 +219,7 @@ def torchrun_command(cfg: RunConfig, nproc: int, config_path: Path) -> list[str]
 
     One node without a port: `--standalone`, torchrun binds a free port itself (no probe-then-bind race).
     Otherwise a c10d rendezvous at master_addr:master_port: the ranks are assigned when every node has
-    joined, and a failed worker or node restarts all of them (a replacement pod joins the new round).
+    joined; a failed worker or node ends torchrun on every node, and Kubernetes starts every pod anew.
     """
     if cfg.nnodes == 1 and cfg.master_port is None:
         rendezvous = ["--standalone"]

@@ -14,7 +14,8 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_PIN = $(if $(HAS_GPU)$(filter-out Linux,$(shell uname -s)),torch==$(TORCH_VERSION),\
 	--extra-index-url $(TORCH_CPU_INDEX) torch==$(TORCH_VERSION)+cpu)
 # Set-up is redone only when one of these changes.
-SETUP_STAMP := $(VENV)/.setup-$(shell cat requirements.txt requirements-dev.txt constraints.txt 2>/dev/null | cksum | cut -d' ' -f1)
+SETUP_REQUIREMENTS := requirements.txt requirements-dev.txt requirements-wandb.txt requirements-mlflow.txt constraints.txt
+SETUP_STAMP := $(VENV)/.setup-$(shell cat $(SETUP_REQUIREMENTS) 2>/dev/null | cksum | cut -d' ' -f1)
 
 # Training settings (all optional). Without a GPU the default is the quick CPU recipe.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
@@ -41,7 +42,7 @@ help: ## List the targets
 
 setup: $(SETUP_STAMP) ## Make .venv with the pinned dependencies (idempotent)
 
-$(SETUP_STAMP): requirements.txt requirements-dev.txt constraints.txt
+$(SETUP_STAMP): $(SETUP_REQUIREMENTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# A bare `torch` requirement would pull a multi-GB CUDA build: pin it, first (TORCH_PIN, below).

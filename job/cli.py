@@ -347,11 +347,13 @@ def smoke(model):
 @click.option("--repo", "repo_id", required=True, help="hub repository id, OWNER/NAME (created if missing)")
 @click.option("--private/--public", default=True, show_default=True, help="visibility of a repository it creates")
 @click.option("--message", "commit_message", default=None, help="commit message (default: names the export)")
-def push(model, repo_id, private, commit_message):
-    """Upload a verified export with its model card to the hub ($HF_ENDPOINT, token from $HF_TOKEN)."""
+@click.option("--revision", default=None, help="branch to push to (created from main if missing; default main)")
+def push(model, repo_id, private, commit_message, revision):
+    """Upload a verified export with its model card to the hub ($HF_ENDPOINT, token from $HF_TOKEN); run again
+    after an interruption, it sends only what the hub does not have yet."""
     from job.run.push import push as run_push
 
-    click.echo(run_push(model, repo_id, private, commit_message))
+    click.echo(run_push(model, repo_id, private, commit_message, revision))
 
 
 @cli.command(cls=GroupedCommand)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
@@ -78,3 +79,109 @@ def test_the_export_carries_the_card_and_appears_only_verified(tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - safetensors' own error for a broken file
         checkpoints.export_final(checkpoint, output, texts={run_files.MODEL_CARD: card})
     assert not (final / run_files.MODEL_CARD).exists()  # the old final/ stays as it was: nothing half-new
+
+
+# --------------------------------------------------------------- hub metadata: base model, license, results
+MIX_FIGURES = {
+    "steps": 20,
+    "first_eval_loss": 7.6,
+    "final_eval_loss": 5.0,
+    "source_eval_losses": {"news": (7.5, 4.9), "wiki": (7.7, 5.2)},
+}
+
+
+def _hub_validated(text: str):
+    """The card as the hub reads it: huggingface_hub's parser, and its model-index checks (both ways)."""
+    from huggingface_hub import ModelCardData
+    from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+
+    card = ModelCard(text)  # parses and checks the front matter
+    meta = card.data.to_dict()
+    name, results = model_index_to_eval_results(meta["model-index"])
+    assert eval_results_to_model_index(name, results) == meta["model-index"]  # a round trip keeps everything
+    again = ModelCardData(**meta)  # what huggingface_hub rebuilds from the metadata alone
+    assert again.to_dict() == meta
+    return card, name, results
+
+
+def test_the_model_index_holds_the_held_out_loss_and_perplexity_overall_and_per_source(tmp_path):
+    from huggingface_hub import metadata_eval_result
+
+    cfg = RunConfig.load(output_dir=str(tmp_path / "news-run"), dataset_ids="team/news")
+    card, name, results = _hub_validated(render_model_card(cfg, MIX_FIGURES))
+    assert name == "news-run"
+    found = {(r.dataset_config, r.metric_type): r.metric_value for r in results}
+    assert found == {
+        (None, "loss"): 5.0,
+        (None, "perplexity"): round(math.exp(5.0), 4),
+        ("news", "loss"): 4.9,
+        ("news", "perplexity"): round(math.exp(4.9), 4),
+        ("wiki", "loss"): 5.2,
+        ("wiki", "perplexity"): round(math.exp(5.2), 4),
+    }
+    assert {r.dataset_type for r in results} == {"team/news"} and {r.dataset_split for r in results} == {"held-out"}
+    # the same entry huggingface_hub's own helper writes for one result
+    expected = metadata_eval_result(
+        model_pretty_name="news-run",
+        task_pretty_name="Causal language modeling",
+        task_id="text-generation",
+        metrics_pretty_name="loss",
+        metrics_id="loss",
+        metrics_value=5.0,
+        dataset_pretty_name="held-out documents",
+        dataset_id="team/news",
+        dataset_split="held-out",
+    )["model-index"][0]["results"][0]
+    overall = card.data.to_dict()["model-index"][0]["results"][0]
+    assert (overall["task"], overall["dataset"]) == (expected["task"], expected["dataset"])
+    (metric,) = expected["metrics"]
+    assert {**metric, "verified": False} == {"verified": False, **overall["metrics"][0]}
+    no_eval = ModelCard(render_model_card(cfg, {"steps": 20}))
+    assert "model-index" not in no_eval.data.to_dict()  # nothing measured: no results, no empty index
+
+
+def _model_folder(folder: Path, card: str | None = None, config: dict | None = None) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "bloom", **(config or {})}))
+    if card is not None:
+        (folder / "README.md").write_text(card, encoding="utf-8")
+    return folder
+
+
+def test_base_model_and_license_come_from_what_the_model_folder_names(tmp_path):
+    def card_of(model: Path, **flags):
+        card, _, _ = _hub_validated(render_model_card(RunConfig.load(model=str(model), **flags), MIX_FIGURES))
+        return card
+
+    cached = _model_folder(tmp_path / "hub" / "models--Langboat--bloom-389m-zh" / "snapshots" / "a1b2c3")
+    card = card_of(cached)  # a hub download: the cache's folder names it; its family's license
+    assert card.data.base_model == "Langboat/bloom-389m-zh" and card.data.license == "bigscience-bloom-rail-1.0"
+    assert "pre-trained further from [Langboat/bloom-389m-zh]" in card.text
+    v4_config = _model_folder(tmp_path / "m1", config={"_name_or_path": "Langboat/bloom-1b4-zh"})
+    assert card_of(v4_config).data.base_model == "Langboat/bloom-1b4-zh"
+    own_card = _model_folder(
+        tmp_path / "m2", card="---\nlicense: apache-2.0\nmodel-index:\n- name: team/base\n  results: []\n---\n"
+    )
+    card = card_of(own_card)
+    assert (card.data.base_model, card.data.license) == ("team/base", "apache-2.0")
+    assert card_of(own_card, license="mit", base_model="a/b").data.license == "mit"  # the flags win
+    other = _model_folder(
+        tmp_path / "m3", card="---\nlicense: other\nlicense_name: team-license\nlicense_link: LICENSE\n---\n"
+    )
+    meta = card_of(other).data.to_dict()
+    assert (meta["license"], meta["license_name"], meta["license_link"]) == ("other", "team-license", "LICENSE")
+    meta = card_of(tmp_path / "missing", license="other", license_name="x", license_link="https://x.org/l").data
+    assert (meta.license_name, meta.license_link) == ("x", "https://x.org/l")
+    local = _model_folder(tmp_path / "m4", config={"_name_or_path": str(tmp_path / "m1")})  # a path, not a hub id
+    meta = card_of(local).data.to_dict()
+    assert "base_model" not in meta and (meta["license"], meta["license_name"]) == ("other", "unspecified")
+
+
+def test_push_writes_the_repository_into_the_usage_snippet_and_the_model_index(tmp_path):
+    from job.run.model_card import USAGE_REPO, card_for_repo
+
+    text = render_model_card(RunConfig.load(output_dir=str(tmp_path / "run")), MIX_FIGURES)
+    assert f'from_pretrained("{USAGE_REPO}")' in text
+    pushed, name, _ = _hub_validated(card_for_repo(text, "team/bloom-zh-news"))
+    assert name == "team/bloom-zh-news" and USAGE_REPO not in pushed.text
+    assert 'AutoModelForCausalLM.from_pretrained("team/bloom-zh-news")' in pushed.text

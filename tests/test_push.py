@@ -3,12 +3,16 @@ one line, exit 2, and the token is never written anywhere."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 from huggingface_hub import HfApi
+from huggingface_hub.errors import RevisionNotFoundError
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils.sha import git_hash
 
 from job.cli import cli
 from job.core import checkpoints, run_files
@@ -35,22 +39,78 @@ def online(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
 
 
+class StandInHub:
+    """The hub's side of the four HfApi calls push makes (create_repo, create_branch, list_repo_tree,
+    create_commit), kept in memory: no hub server can run here (none is published to run locally).
+    huggingface_hub's own code up to those calls runs as it is (CommitOperationAdd hashes each file)."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.branches: dict[tuple[str, str], dict[str, bytes]] = {}
+        self.fail_commits: list[Exception] = []  # raised by the next create_commit calls, in order
+
+    def install(self, monkeypatch) -> StandInHub:
+        hub = self
+
+        def create_repo(api, repo_id, **kwargs):
+            hub.calls.append(("create_repo", api.endpoint, api.token, repo_id, kwargs))
+            hub.branches.setdefault((repo_id, "main"), {})
+            return SimpleNamespace(repo_id=repo_id)
+
+        def create_branch(api, repo_id, *, branch, **kwargs):
+            hub.calls.append(("create_branch", api.endpoint, api.token, repo_id, {"branch": branch, **kwargs}))
+            hub.branches.setdefault((repo_id, branch), dict(hub.branches[repo_id, "main"]))
+
+        def list_repo_tree(api, repo_id, *, revision=None, recursive=False, **kwargs):
+            files = hub.branches.get((repo_id, revision or "main"))
+            if files is None:
+                raise RevisionNotFoundError(f"{revision} not found", response=_response(api, 404))
+            for path, data in files.items():
+                lfs = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                yield RepoFile(path=path, size=len(data), oid=git_hash(data), lfs=lfs if _is_lfs(path) else None)
+
+        def create_commit(api, repo_id, operations, *, commit_message, revision=None, **kwargs):
+            hub.calls.append(("create_commit", api.endpoint, api.token, repo_id, {"revision": revision}))
+            if hub.fail_commits:
+                raise hub.fail_commits.pop(0)
+            files = hub.branches[repo_id, revision or "main"]
+            for op in operations:
+                with op.as_file() as f:
+                    files[op.path_in_repo] = f.read()
+            hub.calls[-1][-1].update(message=commit_message, paths=[op.path_in_repo for op in operations])
+            return SimpleNamespace(commit_url=f"{api.endpoint}/{repo_id}/commit/c{len(hub.calls)}")
+
+        for name, fn in [
+            ("create_repo", create_repo),
+            ("create_branch", create_branch),
+            ("list_repo_tree", list_repo_tree),
+            ("create_commit", create_commit),
+        ]:
+            monkeypatch.setattr(HfApi, name, fn)
+        return self
+
+    def commits(self) -> list[dict]:
+        return [kwargs for name, *_, kwargs in self.calls if name == "create_commit" and "paths" in kwargs]
+
+
+def _is_lfs(path: str) -> bool:
+    return path.endswith(".safetensors")
+
+
+def _response(api, status: int):
+    import httpx2
+
+    return httpx2.Response(status, request=httpx2.Request("POST", f"{api.endpoint}/api/models/x/commit/main"))
+
+
 @pytest.fixture
-def hub(monkeypatch):
-    """HfApi's two network calls, recorded (no network here): the rest of huggingface_hub runs as it is."""
-    calls = []
+def stand_in(monkeypatch) -> StandInHub:
+    return StandInHub().install(monkeypatch)
 
-    def create_repo(self, repo_id, **kwargs):
-        calls.append(("create_repo", self.endpoint, self.token, repo_id, kwargs))
-        return SimpleNamespace(repo_id=repo_id)
 
-    def upload_folder(self, **kwargs):
-        calls.append(("upload_folder", self.endpoint, self.token, kwargs["repo_id"], kwargs))
-        return SimpleNamespace(commit_url=f"{self.endpoint}/{kwargs['repo_id']}/commit/abc123")
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    return calls
+@pytest.fixture
+def hub(stand_in):
+    return stand_in.calls
 
 
 def _push(*args: str):
@@ -63,16 +123,19 @@ def _one_line_refusal(result, words: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr
 
 
-def test_the_export_is_uploaded_to_the_endpoint_with_the_env_token(export, online, hub, tmp_path):
+def test_the_export_is_uploaded_to_the_endpoint_with_the_env_token(export, online, stand_in, tmp_path):
     result = _push("--model", str(export), "--repo", "team/bloom-zh-news")
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() == "http://hub.mirror.internal:8080/team/bloom-zh-news/commit/abc123"
-    (create, _, _, _, create_args), (upload, endpoint, token, repo, upload_args) = hub
-    assert (create, upload) == ("create_repo", "upload_folder")
+    assert result.stdout.strip() == "http://hub.mirror.internal:8080/team/bloom-zh-news/commit/c2"
+    (create, _, _, _, create_args), (commit, endpoint, token, repo, commit_args) = stand_in.calls
+    assert (create, commit) == ("create_repo", "create_commit")
     assert create_args["private"] is True and create_args["exist_ok"] is True  # private unless --public
     assert (endpoint, token, repo) == ("http://hub.mirror.internal:8080", TOKEN, "team/bloom-zh-news")
-    assert Path(upload_args["folder_path"]) == export and (export / "README.md").is_file()
-    assert "verified export" in upload_args["commit_message"]
+    assert "verified export" in commit_args["message"]
+    files = stand_in.branches["team/bloom-zh-news", "main"]
+    assert set(files) == {p.name for p in export.iterdir()}  # small files: one commit
+    assert files["model.safetensors"] == (export / "model.safetensors").read_bytes()
+    assert b'from_pretrained("team/bloom-zh-news")' in files["README.md"]  # the repository in the usage snippet
     written = [p for p in tmp_path.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
     assert written == []  # not in the export, not in HF_HOME (no login, no stored token)
 
@@ -107,10 +170,109 @@ def test_a_refusal_by_the_hub_is_one_line(export, online, hub, monkeypatch):
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError
 
-    def unauthorized(self, **kwargs):
+    def unauthorized(self, *args, **kwargs):
         request = httpx2.Request("POST", f"{self.endpoint}/api/models/team/x/commit/main")
         response = httpx2.Response(401, request=request)
         raise HfHubHTTPError("401 Client Error: Unauthorized for url", response=response)
 
-    monkeypatch.setattr(HfApi, "upload_folder", unauthorized)
+    monkeypatch.setattr(HfApi, "create_commit", unauthorized)
     _one_line_refusal(_push("--model", str(export), "--repo", "team/x"), "refused the upload to team/x: 401")
+
+
+# ------------------------------------------------------------------------------- big exports: resumable
+@pytest.fixture
+def sharded_export(tmp_path, monkeypatch) -> Path:
+    """An export whose weights are safetensors shards, each above the size that gets a commit of its own."""
+    from job.run import push
+    from tests.conftest import tiny_bloom
+
+    output = tmp_path / "big"
+    checkpoint = output / "checkpoint-20"
+    tiny_bloom(64).save_pretrained(checkpoint, max_shard_size="40KB")
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 20, "max_steps": 20}')
+    card = render_model_card(RunConfig.load(), run_figures([], {}))
+    final = checkpoints.export_final(checkpoint, output, texts={run_files.MODEL_CARD: card})
+    shards = sorted(p.name for p in final.glob("*.safetensors"))
+    assert len(shards) >= 3, shards
+    monkeypatch.setattr(push, "SMALL_FILE_BYTES", min((final / s).stat().st_size for s in shards) - 1)
+    monkeypatch.setattr(push, "RETRY_WAIT_S", 0.01)
+    return final
+
+
+def test_each_shard_is_a_commit_of_its_own_and_the_small_files_come_last(sharded_export, online, stand_in):
+    result = _push("--model", str(sharded_export), "--repo", "team/big")
+    assert result.exit_code == 0, result.output
+    shards = sorted(p.name for p in sharded_export.glob("*.safetensors"))
+    commits = stand_in.commits()
+    assert [c["paths"] for c in commits[:-1]] == [[s] for s in shards]
+    assert "model.safetensors.index.json" in commits[-1]["paths"] and "README.md" in commits[-1]["paths"]
+    assert {p.name: p.read_bytes() for p in sharded_export.iterdir() if p.name != "README.md"}.items() <= (
+        stand_in.branches["team/big", "main"].items()
+    )
+
+
+def test_an_interrupted_push_run_again_sends_only_what_is_missing(sharded_export, online, stand_in):
+    import httpx2
+
+    shards = sorted(p.name for p in sharded_export.glob("*.safetensors"))
+    # the connection drops during the second shard's commit, every attempt of it
+    real = HfApi.create_commit
+    sent = []
+
+    def dropping(api, repo_id, operations, **kwargs):
+        if len(sent) == 1:
+            stand_in.calls.append(("create_commit", api.endpoint, api.token, repo_id, {}))
+            raise httpx2.ConnectError("connection reset by peer")
+        sent.append(operations[0].path_in_repo)
+        return real(api, repo_id, operations, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(HfApi, "create_commit", dropping)
+        failed = _push("--model", str(sharded_export), "--repo", "team/big")
+    assert failed.exit_code == 2 and "Traceback" not in failed.output, failed.output
+    last = failed.stderr.strip().splitlines()[-1]  # after a line per attempt
+    assert last.startswith("error: ") and f"{shards[1]} to team/big failed 4 times" in last and "push again" in last
+    assert set(stand_in.branches["team/big", "main"]) == {shards[0]}
+    before = len(stand_in.commits())
+    result = _push("--model", str(sharded_export), "--repo", "team/big")  # run again
+    assert result.exit_code == 0, result.output
+    again = [p for c in stand_in.commits()[before:] for p in c["paths"]]
+    assert shards[0] not in again and set(shards[1:]) <= set(again)  # the first shard is not sent again
+    assert set(stand_in.branches["team/big", "main"]) == {p.name for p in sharded_export.iterdir()}
+    before = len(stand_in.commits())
+    third = _push("--model", str(sharded_export), "--repo", "team/big")  # everything there: nothing sent
+    assert third.exit_code == 0 and third.stdout.strip().endswith("/team/big/tree/main"), third.output
+    assert len(stand_in.commits()) == before
+
+
+def test_a_transient_failure_is_retried_and_a_refusal_is_not(sharded_export, online, stand_in):
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(endpoint="http://hub.mirror.internal:8080")
+    stand_in.fail_commits = [
+        httpx2.ReadTimeout("timed out"),
+        HfHubHTTPError("503 Service Unavailable", response=_response(api, 503)),
+    ]
+    assert _push("--model", str(sharded_export), "--repo", "team/big").exit_code == 0
+    assert set(stand_in.branches["team/big", "main"]) == {p.name for p in sharded_export.iterdir()}
+    stand_in.fail_commits = [HfHubHTTPError("403 Forbidden", response=_response(api, 403))]
+    (sharded_export / "config.json").write_text((sharded_export / "config.json").read_text() + " ")
+    tries = len(stand_in.calls)
+    _one_line_refusal(
+        _push("--model", str(sharded_export), "--repo", "team/big"), "refused the upload to team/big: 403"
+    )
+    assert [c[0] for c in stand_in.calls[tries:]] == ["create_repo", "create_commit"]  # not tried again
+
+
+def test_revision_pushes_to_a_branch_made_from_main(sharded_export, online, stand_in):
+    assert _push("--model", str(sharded_export), "--repo", "team/big").exit_code == 0
+    main = dict(stand_in.branches["team/big", "main"])
+    (sharded_export / "config.json").write_text((sharded_export / "config.json").read_text() + " ")
+    result = _push("--model", str(sharded_export), "--repo", "team/big", "--revision", "v2")
+    assert result.exit_code == 0, result.output
+    assert stand_in.branches["team/big", "main"] == main  # main untouched
+    branch = stand_in.branches["team/big", "v2"]
+    assert branch["config.json"] == (sharded_export / "config.json").read_bytes()
+    (last,) = stand_in.commits()[-1:]
+    assert last["revision"] == "v2" and last["paths"] == ["config.json"]  # the branch had the rest from main

@@ -283,9 +283,19 @@ class RunConfig:
         600, "seconds a signalled run gets to checkpoint", group="checkpoints", resumable=True, bound=at_least(1)
     )
     # the model card final/ carries (README.md, Hugging Face format): what a hub page shows after `push`
-    license: str = opt(
-        "other",
-        "license id in final/'s model card (e.g. apache-2.0; bigscience-bloom-rail-1.0 for a Bloom base)",
+    license: str | None = opt(
+        None,
+        "license id in final/'s model card, e.g. apache-2.0 (default: the base model's, from its card or hub id; "
+        "else other)",
+        group="checkpoints",
+        resumable=True,
+    )
+    license_name: str | None = opt(
+        None, "with --license other: the license's short name in the model card", group="checkpoints", resumable=True
+    )
+    license_link: str | None = opt(
+        None,
+        "with --license other: a URL (or a file of the pushed repository) of the license text",
         group="checkpoints",
         resumable=True,
     )

@@ -11,6 +11,8 @@
 | `samples_before.json` | worker | generations of the untrained model, for the report |
 | `final/` | publish | the verified HF export, with its model card `README.md` |
 | `report.md`, `loss.png`, `throughput.png` | publish | the run's report |
+| `tracking.json` | worker | the W&B / MLflow run this folder continues, and the last step each was sent |
+| `tracking/` | worker | W&B's run files and caches, MLflow's file store, where the user set none |
 | `exit_status.json` | worker / publish | the verdict: exit code and message |
 """
 
@@ -33,6 +35,7 @@ REPORT = "report.md"
 LOSS_PNG = "loss.png"
 THROUGHPUT_PNG = "throughput.png"
 STATUS = "exit_status.json"
+TRACKING = "tracking.json"
 
 
 def write_status(output: Path, code: int, message: str) -> None:

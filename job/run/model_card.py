@@ -4,6 +4,8 @@ run's config and the figures of its report (`job.run.report.run_figures`); the p
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from job.run.report import duration, fmt, loss_pair
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 TAGS = ["bloom", "chinese", "causal-lm", "continued-pretraining"]
+# The repository id in the card's usage snippet until `push` writes the real one (`card_for_repo`).
+USAGE_REPO = "OWNER/NAME"
 
 
 def card_datasets(cfg: RunConfig) -> list[str]:
@@ -46,16 +50,20 @@ def render_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     datasets = card_datasets(cfg)
+    base_model = card_base_model(cfg)
+    model_name = Path(cfg.output_dir).resolve().name  # `push` names the repository instead
     data = ModelCardData(
         language=["zh"],
-        license=cfg.license,
+        **card_license(cfg, base_model),
         library_name="transformers",
         pipeline_tag="text-generation",
-        base_model=cfg.base_model,  # None: left out
+        base_model=base_model,  # None: left out
         datasets=datasets or None,
         tags=TAGS,
+        model_name=model_name,
+        eval_results=held_out_results(figures, datasets) or None,
     )
-    start = f"[{cfg.base_model}](https://huggingface.co/{cfg.base_model})" if cfg.base_model else None
+    start = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else None
     if start is None:
         start = f"the weights in `{Path(cfg.model).name}`" if cfg.model else f"a random initialisation ({cfg.preset})"
     first, final = figures.get("first_eval_loss"), figures.get("final_eval_loss")
@@ -106,8 +114,8 @@ def render_model_card(
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        'tokenizer = AutoTokenizer.from_pretrained("MODEL")  # this repository, or the folder',
-        'model = AutoModelForCausalLM.from_pretrained("MODEL")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{USAGE_REPO}")  # this repository, or the folder',
+        f'model = AutoModelForCausalLM.from_pretrained("{USAGE_REPO}")',
         'inputs = tokenizer("下面是一则新闻，", return_tensors="pt")',
         "out = model.generate(**inputs, max_new_tokens=64, do_sample=True, top_k=50, top_p=0.95,",
         "                     repetition_penalty=1.3)",
@@ -124,3 +132,106 @@ def render_model_card(
         "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+# --------------------------------------------------------------- hub metadata: base model, license, results
+# A base model family's license where its card is not at hand: every Langboat Bloom-zh (bloom-389m-zh to
+# bloom-6b4-zh) is published under BigScience's RAIL license, as Bloom itself.
+FAMILY_LICENSES = {re.compile(r"Langboat/bloom-[\w.-]+-zh", re.IGNORECASE): "bigscience-bloom-rail-1.0"}
+# The hub cache's folder of a downloaded model: .../models--OWNER--NAME/snapshots/<revision>
+HUB_CACHE_FOLDER = re.compile(r"models--([\w.-]+?)--([\w.-]+)")
+
+
+def _hub_id(value) -> str | None:
+    return value if isinstance(value, str) and HUB_ID.fullmatch(value) and not Path(value).exists() else None
+
+
+def model_folder_card(model: str | None) -> dict:
+    """The metadata of the `--model` folder's own card (README.md front matter), {} without one."""
+    from huggingface_hub import ModelCard
+
+    path = Path(model) / "README.md" if model else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return ModelCard.load(path).data.to_dict()
+    except (ValueError, OSError, UnicodeDecodeError):  # a card without valid front matter names nothing
+        return {}
+
+
+def model_folder_hub_id(model: str | None) -> str | None:
+    """The hub id the `--model` folder names for itself: the hub cache's folder it lies in, its card's
+    model-index name, or its config's `_name_or_path` (transformers 4 wrote it)."""
+    if not model:
+        return None
+    cached = HUB_CACHE_FOLDER.search(Path(model).resolve().as_posix())
+    if cached:
+        return f"{cached[1]}/{cached[2]}"
+    index = model_folder_card(model).get("model-index") or [{}]
+    config_path = Path(model) / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    except (ValueError, OSError):
+        config = {}
+    return _hub_id(index[0].get("name")) or _hub_id(config.get("_name_or_path") if isinstance(config, dict) else None)
+
+
+def card_base_model(cfg: RunConfig) -> str | None:
+    """`--base-model`, else the hub id the `--model` folder names."""
+    return cfg.base_model or model_folder_hub_id(cfg.model)
+
+
+def card_license(cfg: RunConfig, base_model: str | None) -> dict[str, str]:
+    """`license` (with `license_name` and `license_link` for `other`, as the hub asks): `--license`, else the base
+    model's card's, else its family's (FAMILY_LICENSES), else other."""
+    base_card = model_folder_card(cfg.model)
+    family = next(
+        (lic for pattern, lic in FAMILY_LICENSES.items() if base_model and pattern.fullmatch(base_model)), None
+    )
+    license = cfg.license or base_card.get("license") or family or "other"
+    if license != "other":
+        return {"license": license}
+    inherited = base_card if not cfg.license and base_card.get("license") == "other" else {}
+    name = cfg.license_name or inherited.get("license_name") or "unspecified"
+    link = cfg.license_link or inherited.get("license_link")
+    return {"license": "other", "license_name": name, **({"license_link": link} if link else {})}
+
+
+def held_out_results(figures: dict, datasets: list[str]):
+    """The model-index results: the final held-out loss and perplexity, overall and per source of a mix."""
+    from huggingface_hub import EvalResult
+
+    dataset = datasets[0] if len(datasets) == 1 else "held-out"
+    # a source of a mix is a subset of the held-out data: the hub groups results by dataset type and config
+    measured = [(None, dataset, figures.get("final_eval_loss"))]
+    measured += [
+        (source, source if source in datasets else dataset, after)
+        for source, (_, after) in (figures.get("source_eval_losses") or {}).items()
+    ]
+    return [
+        EvalResult(
+            task_type="text-generation",
+            task_name="Causal language modeling",
+            dataset_type=dataset_type,
+            dataset_name=f"held-out documents of {source}" if source else "held-out documents",
+            dataset_config=source,
+            dataset_split="held-out",
+            metric_type=metric,
+            metric_name=metric,
+            metric_value=round(value, 4),
+        )
+        for source, dataset_type, loss in measured
+        if loss is not None and math.isfinite(perplexity(loss) or math.inf)  # YAML and the hub take finite numbers
+        for metric, value in (("loss", loss), ("perplexity", perplexity(loss)))
+    ]
+
+
+def card_for_repo(card_text: str, repo_id: str) -> str:
+    """The card as pushed to `repo_id`: the repository id in the usage snippet and as the model-index name."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(card_text)
+    if card.data.eval_results:
+        card.data.model_name = repo_id
+    card.text = card.text.replace(f'"{USAGE_REPO}"', f'"{repo_id}"')
+    return str(card)

@@ -9,7 +9,10 @@ the push is refused in one line, before anything is read.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import time
 from pathlib import Path
 
 from job.core import run_files
@@ -17,6 +20,8 @@ from job.core.checkpoints import verify_export
 from job.core.errors import JobError
 from job.core.logs import adopt_library_loggers
 from job.core.weights import check_weights
+
+log = logging.getLogger("job")
 
 
 def check_online(environ: dict[str, str] | None = None) -> None:
@@ -55,8 +60,15 @@ def check_export(folder: Path) -> int:
         raise JobError(f"{folder} does not reload: {str(e).splitlines()[0][:300]}", "push a verified export") from None
 
 
-def push(model: str | Path, repo_id: str, private: bool = True, commit_message: str | None = None) -> str:
-    """Upload the export at `model` to `repo_id` (created if missing, private unless asked); the commit's URL."""
+def push(
+    model: str | Path,
+    repo_id: str,
+    private: bool = True,
+    commit_message: str | None = None,
+    revision: str | None = None,
+) -> str:
+    """Upload the export at `model` to `repo_id` (created if missing, private unless asked), on the branch
+    `revision` (created from main if missing; default main); the last commit's URL."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -75,15 +87,115 @@ def push(model: str | Path, repo_id: str, private: bool = True, commit_message: 
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)  # read now, not at import
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            repo_type="model",
-            folder_path=str(folder),
-            commit_message=commit_message or f"Upload {folder.name}: {parameters:,} parameters, verified export",
+        if revision:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        return upload_resumably(
+            api,
+            folder,
+            repo_id,
+            revision,
+            commit_message or f"Upload {folder.name}: {parameters:,} parameters, verified export",
         )
     except HfHubHTTPError as e:
         raise JobError(
             f"{api.endpoint} refused the upload to {repo_id}: {str(e).splitlines()[0][:300]}",
             "check that HF_TOKEN may write to that repository (and HF_ENDPOINT, if set)",
         ) from None
+
+
+# ---------------------------------------------------------------------------------- resumable upload
+# huggingface_hub's upload_folder sends a whole export in one commit: a dropped connection 20 GB into a 25 GB export
+# starts it over. Here each large file (a safetensors shard) is its own commit, retried on a transient failure, and
+# a file the branch already holds with the same content is not sent again: a push run again after an interruption
+# sends only what is missing. The small files (config, tokenizer, the card) go last, in one commit, so the branch
+# shows a loadable model only once every shard is there.
+SMALL_FILE_BYTES = 10 * 1024**2  # the hub stores larger files in LFS
+COMMIT_ATTEMPTS = 4
+RETRY_WAIT_S = 2.0  # doubled after each failed attempt
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+def upload_files(folder: Path, repo_id: str) -> dict[str, Path | bytes]:
+    """What the repository gets: every file of the export (none through a link), the card with `repo_id` filled."""
+    from job.run.model_card import card_for_repo
+
+    files: dict[str, Path | bytes] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            files[path.relative_to(folder).as_posix()] = path
+    card = (folder / run_files.MODEL_CARD).read_text(encoding="utf-8")
+    files[run_files.MODEL_CARD] = card_for_repo(card, repo_id).encode("utf-8")
+    return files
+
+
+def remote_files(api, repo_id: str, revision: str | None) -> dict:
+    """The branch's files by path (huggingface_hub `RepoFile`: size, git blob id, LFS sha256)."""
+    from huggingface_hub.errors import RemoteEntryNotFoundError, RevisionNotFoundError
+
+    try:
+        return {f.path: f for f in api.list_repo_tree(repo_id, revision=revision, recursive=True) if hasattr(f, "size")}
+    except (RevisionNotFoundError, RemoteEntryNotFoundError):  # an empty repository
+        return {}
+
+
+def already_there(content: Path | bytes, remote) -> bool:
+    """Whether the hub's file has this content: its LFS sha256, or the git blob id of a small file."""
+    from huggingface_hub.utils.sha import git_hash, sha_fileobj
+
+    size = len(content) if isinstance(content, bytes) else content.stat().st_size
+    if remote is None or remote.size != size:
+        return False
+    if remote.lfs is not None:
+        if isinstance(content, bytes):
+            return hashlib.sha256(content).hexdigest() == remote.lfs.sha256
+        with content.open("rb") as f:
+            return sha_fileobj(f).hex() == remote.lfs.sha256
+    data = content if isinstance(content, bytes) else content.read_bytes()  # small: a regular git file
+    return git_hash(data) == remote.blob_id
+
+
+def commit_with_retries(api, repo_id: str, revision: str | None, operations: list, message: str):
+    """One commit, tried again after a transient failure (connection, timeout, 429, 5xx)."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            return api.create_commit(repo_id, operations, commit_message=message, repo_type="model", revision=revision)
+        except (httpx2.TransportError, HfHubHTTPError) as e:
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            transient = isinstance(e, httpx2.TransportError) or status in TRANSIENT_STATUS
+            if not transient:
+                raise
+            if attempt == COMMIT_ATTEMPTS:
+                names = ", ".join(op.path_in_repo for op in operations)
+                raise JobError(
+                    f"the upload of {names} to {repo_id} failed {attempt} times: {str(e).splitlines()[0][:200]}",
+                    "run the same push again: it sends only what the hub does not have yet",
+                ) from None
+            log.warning("upload of %s failed (%s); trying again", operations[0].path_in_repo, e)
+            time.sleep(RETRY_WAIT_S * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def upload_resumably(api, folder: Path, repo_id: str, revision: str | None, message: str) -> str:
+    """Send what the branch lacks: each large file in a commit of its own, then the small ones together. Returns
+    the last commit's URL, or the branch's URL when it already held everything."""
+    from huggingface_hub import CommitOperationAdd
+
+    remote = remote_files(api, repo_id, revision)
+    missing = {p: c for p, c in upload_files(folder, repo_id).items() if not already_there(c, remote.get(p))}
+    size = lambda content: len(content) if isinstance(content, bytes) else content.stat().st_size
+    large = [p for p, c in missing.items() if size(c) > SMALL_FILE_BYTES]
+    small = [p for p in missing if p not in large]
+    batches = [[p] for p in large] + ([small] if small else [])
+    commit = None
+    for i, paths in enumerate(batches, 1):
+        operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=missing[p]) for p in paths]
+        note = f" ({i}/{len(batches)}: {paths[0]})" if len(batches) > 1 and len(paths) == 1 else ""
+        commit = commit_with_retries(api, repo_id, revision, operations, message + note)
+        log.info("uploaded %s", ", ".join(paths))
+    if commit is None:
+        log.info("%s already holds this export: nothing to upload", repo_id)
+        return f"{api.endpoint}/{repo_id}/tree/{revision or 'main'}"
     return commit.commit_url

@@ -47,6 +47,7 @@ from job.model.build import build_model, parameter_count
 from job.model.patches import apply_patches, model_patches
 from job.run.metrics import REAL_TOKENS_KEY, CountingCollator, extra_log_values
 from job.run.publish import finish, publish
+from job.run.tracking import continue_tracking, prepare_tracking
 from job.run.training_args import training_arguments
 
 log = logging.getLogger("job")
@@ -277,6 +278,8 @@ def build_trainer(
         tokenizer, count_tokens=cfg.avoid_host_syncs, pad_to_multiple_of=None if use_cpu else 8
     )
     stop_guard = StopCallback(cfg.max_nonfinite_steps)
+    # the folder's W&B / MLflow run, in the environment the Trainer's callbacks read as it builds them
+    tracking = prepare_tracking(Path(cfg.output_dir), args.report_to, rank0=args.process_index == 0)
     trainer = JobTrainer(
         model=model,
         args=args,
@@ -292,6 +295,8 @@ def build_trainer(
             *(callbacks if callbacks is not None else _monitor_callbacks(cfg, model, use_cpu)),
         ],
     )
+    if tracking is not None:
+        continue_tracking(trainer, tracking)
     if callbacks is None:
         trainer.remove_callback(PrinterCallback)  # prints every raw log dict; our ProgressCallback replaces it
     return trainer

@@ -408,6 +408,7 @@ def main(argv: list[str]) -> int:
     cases = args.cases or list(CASES)
     if set(cases) - set(CASES):
         parser.error(f"unknown cases {sorted(set(cases) - set(CASES))}: choose from {', '.join(CASES)}")
+    cases = [c for c in CASES if c in {"prepare", *cases}]  # in order; prepare first: the others train on its data
     if args.work.exists():
         shutil.rmtree(args.work)
     args.work.mkdir(parents=True)

@@ -35,7 +35,7 @@ train-flags = --config $(RECIPE) --output-dir $(1) $(or $(if $(MODEL),--model $(
 
 .PHONY: help setup train smoke test test-fast test-random lint bench bench-gpu
 .PHONY: build push docker-train docker-smoke k8s-overlays k8s-render k8s-validate k8s-pvcs k8s-prepare \
-	k8s-submit k8s-multinode k8s-trainjob k8s-logs k8s-delete k8s-claims k8s-fetch
+	k8s-submit k8s-multinode k8s-trainjob k8s-logs k8s-delete k8s-claims k8s-fetch k8s-volume-permissions
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -103,14 +103,14 @@ test-fast: setup ## The unit tests only, for your own loop (under two minutes; n
 
 # ------------------------------------------------------------------ container image and Kubernetes
 # k8s/README.md explains these. IMAGE:TAG names the image for build, push, docker-* and k8s-*; it is never `latest`.
-# IMAGE: the one name, set in k8s/components/image/kustomization.yaml (newName), which every k8s/ kustomization
-# includes; .github/workflows/release.yml publishes ghcr.io/<owner>/<repo> and warns when the two differ.
-# TAG: the tag scheme of the release workflow, and nothing else, so `make k8s-submit` never names an image that
-# was not published: a commit tagged vX.Y.Z -> X.Y.Z (the workflow also publishes X.Y), any other commit ->
-# sha-<first 7 hex digits> (published for every push to main; the workflow also moves `main` to it).
-IMAGE ?= $(shell sed -n 's/^ *newName: *//p' k8s/components/image/kustomization.yaml)
-TAG ?= $(shell v=$$(git describe --tags --exact-match --match 'v[0-9]*' 2>/dev/null) && echo "$${v#v}" || \
-	{ s=$$(git rev-parse HEAD 2>/dev/null) && echo "sha-$${s:0:7}"; } || sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# The default is the reference every k8s/ manifest names, RELEASE_IMAGE = ghcr.io/<owner>/<repo>:VERSION, VERSION
+# being pyproject.toml's: the image .github/workflows/release.yml publishes for the git tag vVERSION (it refuses a
+# tag that differs from pyproject.toml). tests/test_release.py holds the manifests, this and the workflow equal.
+# Any commit pushed to main is published as sha-<first 7 hex digits> too: TAG=sha-... runs that commit's image.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+RELEASE_IMAGE := $(shell sed -n 's/^ *image: *\([^ ]*\).*/\1/p' k8s/job.yaml | head -1)
+IMAGE ?= $(patsubst %:$(VERSION),%,$(RELEASE_IMAGE))
+TAG ?= $(VERSION)
 # The engine of build and push: podman or docker, whichever is installed (podman first).
 ENGINE ?= $(or $(notdir $(shell command -v podman 2>/dev/null)),docker)
 # Build arguments of docker/Dockerfile, passed only when set here (TORCH_INDEX_URL= empty means: torch from the
@@ -155,7 +155,7 @@ DOCKER_RUN = $(DOCKER) run --rm --gpus $(DOCKER_GPUS) --shm-size $(SHM_SIZE) --u
 
 # Kubernetes. The sizes live in the kustomization.yaml of k8s/, k8s/jobset/, k8s/indexed/ and k8s/trainjob/; any
 # of these set here overrides them through an overlay that k8s/overlay.py writes into K8S_BUILD, never by editing
-# a tracked file. The K8S_QUEUE ... K8S_TOLERATE settings each switch on a component of k8s/components/.
+# a tracked file. The K8S_QUEUE ... K8S_RDMA settings each switch on a component of k8s/components/.
 GPUS ?=
 CPUS ?=
 MEMORY ?=
@@ -165,11 +165,16 @@ K8S_KUEUE_PRIORITY ?=
 K8S_PRIORITY_CLASS ?=
 K8S_GPU_PRODUCT ?=
 K8S_TOLERATE ?=
+K8S_PULL_SECRET ?=
+K8S_RDMA ?=
 MULTINODE ?= jobset
 # The claims (k8s/pvcs.yaml) as this cluster needs them: its storage class (empty: the default class) and access
 # mode. Several nodes mount every claim: multi-node targets refuse claims that are not ReadWriteMany.
 K8S_STORAGE_CLASS ?=
 K8S_ACCESS_MODE ?= ReadWriteOnce
+# Prepare pods at once: all of them (completions) on ReadWriteMany claims, else one at a time (pods on two nodes
+# cannot share a ReadWriteOnce claim). `make k8s-prepare` checks the claims against it before applying anything.
+K8S_PREPARE_PARALLELISM ?= $(if $(filter ReadWriteMany,$(K8S_ACCESS_MODE)),$(shell sed -n 's/^  completions: *//p' k8s/prepare-job.yaml),1)
 K8S_RUN ?= run
 K8S_NAMESPACE ?=
 K8S_SELECTOR ?= batch.kubernetes.io/job-name=bloom-zh-pretrain
@@ -182,18 +187,21 @@ K8S_MANIFESTS := $(filter-out %/kustomization.yaml %/kustomizeconfig.yaml,$(wild
 	k8s/trainjob/*.yaml))
 K8S_SETTINGS = 'GPUS=$(GPUS)' 'CPUS=$(CPUS)' 'MEMORY=$(MEMORY)' 'NNODES=$(NNODES)' 'QUEUE=$(K8S_QUEUE)' \
 	'KUEUE_PRIORITY=$(K8S_KUEUE_PRIORITY)' 'PRIORITY_CLASS=$(K8S_PRIORITY_CLASS)' 'GPU_PRODUCT=$(K8S_GPU_PRODUCT)' \
-	'TOLERATE=$(K8S_TOLERATE)'
+	'TOLERATE=$(K8S_TOLERATE)' 'PULL_SECRET=$(K8S_PULL_SECRET)' 'RDMA=$(K8S_RDMA)' 'PARALLELISM=$(K8S_PREPARE_PARALLELISM)'
 # The overlays: NAME = base [settings transformers re-run after the merge]
 K8S_OVERLAYS := train jobset indexed trainjob prepare
 k8s-base.train := k8s k8s/settings
 k8s-base.jobset := k8s/jobset k8s/jobset/settings
 k8s-base.indexed := k8s/indexed k8s/settings k8s/indexed/settings
 k8s-base.trainjob := k8s/trainjob k8s/trainjob/settings
-k8s-base.prepare := k8s/prepare-job.yaml
+k8s-base.prepare := k8s/prepare-job.yaml k8s/prepare-settings
 K8S_RENDERED = $(foreach o,$(K8S_OVERLAYS),$(K8S_BUILD)/$(o).yaml)
+# Tools applied once, not workloads of the job (validated with them).
+K8S_ONCE := k8s/volume-permissions/job.yaml
 # `make lint` also renders with every component on, into this folder, and validates that too.
 K8S_ALL_COMPONENTS = K8S_BUILD=$(K8S_BUILD)/components K8S_QUEUE=team-a K8S_KUEUE_PRIORITY=high \
-	K8S_PRIORITY_CLASS=training K8S_GPU_PRODUCT=NVIDIA-H100-80GB-HBM3 K8S_TOLERATE=dedicated
+	K8S_PRIORITY_CLASS=training K8S_GPU_PRODUCT=NVIDIA-H100-80GB-HBM3 K8S_TOLERATE=dedicated K8S_PULL_SECRET=ghcr-pull \
+	K8S_RDMA=1
 
 build: ## Build IMAGE:TAG from docker/Dockerfile with ENGINE (podman|docker; BASE_IMAGE=, TORCH_INDEX_URL=, ...)
 	$(CHECK_TAG)
@@ -234,15 +242,16 @@ docker-smoke: ## GPU check of the image: short DeepSpeed run, resume from its ch
 	$(CHECK_TAG)
 	@mkdir -p $(OUTPUT_DIR) $(CACHE_DIR)
 	rm -rf $(OUTPUT_DIR)/docker-smoke
-	$(DOCKER_RUN) $(IMAGE):$(TAG) train --config quickstart --output-dir /output/docker-smoke --deepspeed /app/job/ds_config.json \
+	$(DOCKER_RUN) $(IMAGE):$(TAG) train --config quickstart --output-dir /output/docker-smoke --deepspeed default \
 		--zero-stage 2 --bf16 --max-steps 20 --save-steps 10 --resume auto $(ARGS)
-	$(DOCKER_RUN) $(IMAGE):$(TAG) train --config quickstart --output-dir /output/docker-smoke --deepspeed /app/job/ds_config.json \
+	$(DOCKER_RUN) $(IMAGE):$(TAG) train --config quickstart --output-dir /output/docker-smoke --deepspeed default \
 		--zero-stage 2 --bf16 --max-steps 30 --save-steps 10 --resume auto $(ARGS)
 	$(DOCKER_RUN) $(IMAGE):$(TAG) smoke --model /output/docker-smoke/final
 
 k8s-overlays: ## Write the kustomize overlays (IMAGE, TAG, GPUS, ..., K8S_QUEUE, ...) into K8S_BUILD
 	$(CHECK_TAG)
 	@$(foreach o,$(K8S_OVERLAYS),$(PYTHON) k8s/overlay.py $(K8S_BUILD)/$(o) $(firstword $(k8s-base.$(o))) $(IMAGE):$(TAG) \
+		--released $(RELEASE_IMAGE) \
 		$(foreach t,$(wordlist 2,9,$(k8s-base.$(o))),--transformer $(t)) $(K8S_SETTINGS) &&) true
 
 k8s-render: k8s-overlays $(if $(filter $(VENV)/bin/kubectl,$(KUBECTL)),setup) ## Render every job to K8S_BUILD/NAME.yaml (offline)
@@ -254,7 +263,7 @@ k8s-validate: setup ## Strict validation of k8s/ and its renderings (K8S_VERSION
 	@$(MAKE) --no-print-directory k8s-render > /dev/null
 	@$(MAKE) --no-print-directory k8s-render $(K8S_ALL_COMPONENTS) > /dev/null
 	@for v in $(K8S_VERSIONS); do \
-	  $(VENV)/bin/kubernetes-validate --strict --quiet -k $$v $(K8S_MANIFESTS) $(K8S_RENDERED) \
+	  $(VENV)/bin/kubernetes-validate --strict --quiet -k $$v $(K8S_MANIFESTS) $(K8S_ONCE) $(K8S_RENDERED) \
 	    $(subst $(K8S_BUILD)/,$(K8S_BUILD)/components/,$(K8S_RENDERED)) 2>&1 | grep -v "Couldn't find schema for kind \(JobSet\|TrainJob\|TrainingRuntime\)"; \
 	  [ $${PIPESTATUS[0]} -eq 0 ] || exit 1; echo "k8s manifests and renderings: valid (strict) for Kubernetes $$v"; done
 	$(PY) k8s/crd_validate.py $(K8S_MANIFESTS) $(K8S_RENDERED) $(subst $(K8S_BUILD)/,$(K8S_BUILD)/components/,$(K8S_RENDERED))
@@ -271,7 +280,9 @@ K8S_CHECK_CLAIMS = $(K8S) get pvc -l app.kubernetes.io/part-of=bloom-zh -o json 
 k8s-pvcs: k8s-claims ## Create the data, models, output and cache claims (never deleted by make)
 	$(K8S) apply -f $(K8S_BUILD)/pvcs.yaml
 
-k8s-prepare: k8s-render k8s-pvcs ## Run the CPU prepare Job (k8s/prepare-job.yaml) and wait for it
+k8s-prepare: k8s-render k8s-claims ## Run the CPU prepare Job (k8s/prepare-job.yaml; K8S_PREPARE_PARALLELISM pods at once) and wait
+	@$(call K8S_CHECK_CLAIMS,$(K8S_PREPARE_PARALLELISM))
+	$(K8S) apply -f $(K8S_BUILD)/pvcs.yaml
 	$(K8S) delete job bloom-zh-prepare --ignore-not-found
 	$(K8S) apply -f $(K8S_BUILD)/prepare.yaml
 	@end=$$((SECONDS + $(K8S_WAIT))); while :; do \
@@ -279,6 +290,16 @@ k8s-prepare: k8s-render k8s-pvcs ## Run the CPU prepare Job (k8s/prepare-job.yam
 	  case "$$s" in *Complete*) echo "prepare: complete"; break;; \
 	    *Failed*) $(K8S) logs job/bloom-zh-prepare --tail=30; echo "prepare: failed" >&2; exit 1;; esac; \
 	  [ $$SECONDS -lt $$end ] || { echo "prepare: still running after $(K8S_WAIT) s" >&2; exit 1; }; sleep 10; done
+
+k8s-volume-permissions: $(if $(filter $(VENV)/bin/kubectl,$(KUBECTL)),setup) ## Once, where RWX volumes ignore fsGroup: claims' roots to uid 1000
+	$(CHECK_TAG)
+	@$(PYTHON) k8s/overlay.py $(K8S_BUILD)/volume-permissions $(K8S_ONCE) $(IMAGE):$(TAG) --released $(RELEASE_IMAGE) \
+		'PULL_SECRET=$(K8S_PULL_SECRET)'
+	$(KUBECTL) kustomize --load-restrictor LoadRestrictionsNone $(K8S_BUILD)/volume-permissions > $(K8S_BUILD)/volume-permissions.yaml
+	$(K8S) delete job bloom-zh-volume-permissions --ignore-not-found
+	$(K8S) apply -f $(K8S_BUILD)/volume-permissions.yaml
+	@$(K8S) wait --for=condition=complete --timeout=300s job/bloom-zh-volume-permissions > /dev/null; rc=$$?; \
+	  $(K8S) logs job/bloom-zh-volume-permissions; exit $$rc
 
 k8s-submit: k8s-render k8s-pvcs ## Submit the single-node training Job (IMAGE, TAG, GPUS, CPUS, MEMORY, K8S_QUEUE, ...)
 	$(K8S) apply -f $(K8S_BUILD)/train.yaml
@@ -300,7 +321,7 @@ k8s-trainjob: k8s-render k8s-claims ## Submit the Kubeflow TrainJob on the proje
 k8s-fetch: ## Copy final/, the report and the metrics of K8S_RUN (run, run-multinode, run-trainjob) from the output claim
 	$(CHECK_TAG)
 	$(PY) -m tools.k8s_fetch --image $(IMAGE):$(TAG) --run $(K8S_RUN) --kubectl "$(KUBECTL)" \
-		$(if $(K8S_NAMESPACE),--namespace $(K8S_NAMESPACE))
+		$(if $(K8S_NAMESPACE),--namespace $(K8S_NAMESPACE)) $(if $(K8S_PULL_SECRET),--pull-secret $(K8S_PULL_SECRET))
 
 k8s-logs: ## Follow the logs of every pod and container that K8S_SELECTOR selects (default: the single-node Job)
 	$(K8S) logs --follow --prefix --all-containers --max-log-requests 64 --tail -1 --selector $(K8S_SELECTOR)

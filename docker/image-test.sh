@@ -13,12 +13,15 @@
 #  5. the runs, every one with --network none, --read-only, --user 1000:1000 and host folders at /output, /cache,
 #     /data and /models (the last two read-only): doctor, a quickstart training + smoke, a stop mid-training
 #     (exit 75 + complete checkpoint), the resume, a third run that trains nothing, smoke as another uid.
+# BUILD=no skips 2-4 and runs IMAGE as it is in the engine's storage (the release workflow: the image it pushed,
+# by digest, before any tag moves to it).
 # Exit 0 only if all hold; the last line of stdout is one JSON object with the figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ENGINE=${ENGINE:-podman}
 IMAGE=${IMAGE:-localhost/bloom-zh-job:test}
+BUILD=${BUILD:-yes}                          # no: test IMAGE as it is (steps 2-4 skipped)
 CACHE=${CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bloom-zh-job}
 WORK=${WORK:-$CACHE/image-test}              # host folders mounted as the image's volumes (emptied first)
 WHEELS=${WHEELS:-/opt/wheels}                # a folder with torch-<TORCH_VERSION>+cpu-*.whl (else downloaded)
@@ -72,6 +75,9 @@ mkdir -p "$CACHE"
 nofile=$(ulimit -Hn); [ "$nofile" = unlimited ] && nofile=1048576; [ "$nofile" -gt 65536 ] && nofile=65536
 ULIMITS=(--ulimit "nofile=$nofile:$nofile" --ulimit nproc=4096:4096)
 
+case "$BUILD" in yes|no) ;; *) die "BUILD=$BUILD: yes or no" ;; esac
+build_s=0
+if [ "$BUILD" = yes ]; then
 # ------------------------------------------------------------------ 2. the local base (once)
 if ! "${ENG[@]}" image exists "$BASE" 2> /dev/null && ! "${ENG[@]}" image inspect "$BASE" > /dev/null 2>&1; then
   tarball=$CACHE/base-bookworm-$(echo "$BASE_PACKAGES" | cksum | cut -d' ' -f1).tar
@@ -117,8 +123,9 @@ make --no-print-directory build ENGINE="${ENG[0]}" IMAGE="${IMAGE%:*}" TAG="${IM
   TORCH_INDEX_URL= TORCH_CUDA=no WHEELHOUSE_IMAGE="$WHEELHOUSE" BUILD_NETWORK=host "${secret[@]}" \
   BUILD_OPTS="${ULIMITS[*]}" >&2
 build_s=$((SECONDS - build_t))
-size=$("${ENG[@]}" image inspect --format '{{.Size}}' "$IMAGE")
-log "built in ${build_s}s, $((size / 1000000)) MB"
+fi
+size=$("${ENG[@]}" image inspect --format '{{.Size}}' "$IMAGE") || die "no image $IMAGE in $ENGINE's storage"
+log "$IMAGE: built in ${build_s}s (BUILD=$BUILD), $((size / 1000000)) MB"
 
 # The image's own claims, from its configuration.
 user=$("${ENG[@]}" image inspect --format '{{.Config.User}}' "$IMAGE")

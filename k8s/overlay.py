@@ -1,8 +1,9 @@
 """Write the kustomize overlay `make k8s-render` builds: a base from k8s/, the image, the settings make was given.
 
-  python3 k8s/overlay.py OUT_DIR BASE IMAGE:TAG [--transformer DIR]... [KEY=VALUE]...
+  python3 k8s/overlay.py OUT_DIR BASE IMAGE:TAG --released NAME:VERSION [--transformer DIR]... [KEY=VALUE]...
 
-OUT_DIR/kustomization.yaml gets `resources: [BASE]`, `images:` naming IMAGE:TAG, the non-empty KEY=VALUE pairs
+OUT_DIR/kustomization.yaml gets `resources: [BASE]`, `images:` turning the manifests' reference (NAME:VERSION,
+the release every manifest names) into IMAGE:TAG, the non-empty KEY=VALUE pairs
 merged into the `bloom-zh-settings` ConfigMap (created when BASE is a single file without one), the
 components that a setting switches on (COMPONENTS below), and the settings transformers re-run after the
 merge. It is what a person would write by hand for `kubectl apply -k`; kustomize has no command for it
@@ -18,11 +19,6 @@ import os
 import sys
 from pathlib import Path
 
-# The image: the manifests name PLACEHOLDER, and k8s/components/image (included by every kustomization of k8s/)
-# sets the published name and tag, so an overlay renames both the placeholder (a plain manifest such as the
-# prepare Job) and the name that component gives.
-PLACEHOLDER = "bloom-zh-job"
-IMAGE_COMPONENT = Path(__file__).resolve().parent / "components" / "image" / "kustomization.yaml"
 SETTINGS = "bloom-zh-settings"
 # A setting that switches on a component of k8s/components/ (which reads the setting's value).
 COMPONENTS = {
@@ -31,25 +27,19 @@ COMPONENTS = {
     "PRIORITY_CLASS": "priority-class",
     "GPU_PRODUCT": "gpu-product",
     "TOLERATE": "tolerations",
+    "PULL_SECRET": "pull-secret",
+    "RDMA": "rdma",
 }
 COMPONENTS_DIR = Path(__file__).resolve().parent / "components"
 
 
-def published_name() -> str:
-    """The image name k8s/components/image sets (its `newName:` line; the Makefile's IMAGE reads the same)."""
-    for line in IMAGE_COMPONENT.read_text().splitlines():
-        key, _, value = line.strip().partition(":")
-        if key == "newName":
-            return value.strip().strip('"')
-    raise SystemExit(f"{IMAGE_COMPONENT}: no newName")
-
-
-def overlay(out: Path, base: Path, image: str, transformers: list[Path], settings: dict[str, str]) -> dict:
+def overlay(
+    out: Path, base: Path, image: str, released: str, transformers: list[Path], settings: dict[str, str]
+) -> dict:
     def rel(path: Path) -> str:  # kustomize takes no absolute paths
         return os.path.relpath(path.resolve(), out.resolve())
 
     name, _, tag = image.rpartition(":")
-    names = dict.fromkeys([PLACEHOLDER, published_name()])
     literals = [f"{k}={v}" for k, v in settings.items() if v]
     generator: dict = {"name": SETTINGS, "literals": literals}
     if base.is_file():  # a plain manifest (the prepare Job) has no settings to merge into
@@ -63,7 +53,7 @@ def overlay(out: Path, base: Path, image: str, transformers: list[Path], setting
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "resources": [rel(base)],
-        "images": [{"name": n, "newName": name, "newTag": tag} for n in names],
+        "images": [{"name": released.rpartition(":")[0], "newName": name, "newTag": tag}],  # matched by name
         "configMapGenerator": [generator] if literals else [],
         "components": [rel(COMPONENTS_DIR / COMPONENTS[k]) for k, v in settings.items() if v and k in COMPONENTS],
         "transformers": [rel(t) for t in transformers],
@@ -76,14 +66,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("base", type=Path)
     parser.add_argument("image", help="NAME:TAG")
+    parser.add_argument("--released", required=True, help="NAME:VERSION, the image reference the manifests name")
     parser.add_argument("--transformer", type=Path, action="append", default=[])
     parser.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="empty values are left out")
     args = parser.parse_intermixed_args(argv)
-    if ":" not in args.image.rpartition("/")[2]:
-        parser.error(f"image {args.image!r} has no tag")
+    for image in (args.image, args.released):
+        if ":" not in image.rpartition("/")[2]:
+            parser.error(f"image {image!r} has no tag")
     settings = dict(s.split("=", 1) for s in args.settings)
     args.out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(overlay(args.out, args.base, args.image, args.transformer, settings), indent=2)
+    text = json.dumps(overlay(args.out, args.base, args.image, args.released, args.transformer, settings), indent=2)
     (args.out / "kustomization.yaml").write_text(f"{text}\n")
     return 0
 

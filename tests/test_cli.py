@@ -396,7 +396,7 @@ def test_inconsistent_batch_settings_fail_before_any_process_starts(world):
 def test_doctor_prints_a_table_and_fails_on_a_bad_check(world):
     good = run_cli("doctor", *[a.format(w=world) for a in BASE], "--data", str(world / "good.jsonl"))
     assert good.exit_code == 0, good.output
-    for row in ("devices", "deepspeed", "output", "master port", "/dev/shm", "caches", "data", "tokenizer", "disk"):
+    for row in ("devices", "deepspeed", "output", "master port", "/dev/shm", "writable", "data", "tokenizer", "disk"):
         assert any(line.startswith("ok ") and row in line for line in good.output.splitlines()), (row, good.output)
     (world / "ds.json").write_text("{")
     bad = run_cli(

@@ -9,10 +9,10 @@ kustomize) for properties, not for their exact text:
   rendezvous address names pod 0; /dev/shm is in memory; the grace period holds --shutdown-timeout-s plus a step;
   the failure policies use job/errors.py's exit codes; make's settings and components reach the fields they set;
 - the image: hadolint clean, base pinned by digest, an init as PID 1 in front of the CLI, the OCI labels;
-- every deployment fact written once: the image name (k8s/components/image), its tag scheme (the release
-  workflow's, which make's TAG follows), torch's version (docker/Dockerfile), the container's environment (the
+- every deployment fact written once: torch's version (docker/Dockerfile), the container's environment (the
   Dockerfile's ENV, never repeated in a manifest), the CLI's defaults (never repeated as flags).
-The image itself is built and run by `make image-test` (docker/image-test.sh), not here.
+The image reference and the release workflow: tests/test_release.py. The image itself is built and run by
+`make image-test` (docker/image-test.sh), not here.
 """
 
 from __future__ import annotations
@@ -38,9 +38,6 @@ BIN = Path(sys.executable).parent
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 K8S = REPO / "k8s"
 KUSTOMIZATIONS = [K8S, K8S / "jobset", K8S / "indexed", K8S / "trainjob"]
-IMAGE_COMPONENT = K8S / "components" / "image" / "kustomization.yaml"
-PLACEHOLDER = "bloom-zh-job"  # the image the manifests name; k8s/components/image sets the real one
-RELEASE = REPO / ".github" / "workflows" / "release.yml"
 CLI = ["python", "-m", "job"]
 UID = 1000
 GRACE_MARGIN_S = 60  # one h100 optimizer step and the exit, after --shutdown-timeout-s allowed for the save
@@ -59,6 +56,8 @@ MAKE_SETTINGS = {
     "K8S_PRIORITY_CLASS": "training",
     "K8S_GPU_PRODUCT": "NVIDIA-H100-80GB-HBM3",
     "K8S_TOLERATE": "dedicated",
+    "K8S_PULL_SECRET": "ghcr-pull",
+    "K8S_RDMA": "1",
 }
 
 
@@ -80,7 +79,6 @@ def make_var(name: str) -> str:
     return out.stdout.strip()
 
 
-PUBLISHED_IMAGE = make_var("IMAGE")
 MANIFESTS = [REPO / p for p in make_var("K8S_MANIFESTS").split()]
 
 
@@ -252,11 +250,12 @@ def test_misspelled_field_fails_strict_validation(tmp_path):
     "file, edit, message",
     [
         ("jobset/jobset.yaml", ("backoffLimit: 0", "backofLimit: 0"), "'backofLimit' was unexpected"),
-        ("jobset/jobset.yaml", ("maxRestarts: 3", "maxRestarts: three"), "is not of type 'integer'"),
+        ("jobset/jobset.yaml", ("maxRestarts: 6", "maxRestarts: six"), "is not of type 'integer'"),
         ("jobset/jobset.yaml", ("action: FailJobSet", "action: Fail"), "is not one of"),
         ("trainjob/trainjob.yaml", ("numProcPerNode:", "numProcsPerNode:"), "'numProcsPerNode' was unexpected"),
         ("trainjob/trainjob.yaml", ("kind: TrainJob", "kind: TrainingJob"), "no schema for"),
-        ("trainjob/runtime.yaml", ("maxRestarts: 3", "maxRestart: 3"), "'maxRestart' was unexpected"),
+        ("trainjob/runtime.yaml", ("maxRestarts: 6", "maxRestart: 6"), "'maxRestart' was unexpected"),
+        ("trainjob/trainjob.yaml", ("activeDeadlineSeconds:", "activeDeadline:"), "'activeDeadline' was unexpected"),
         ("trainjob/runtime.yaml", ("numNodes: 1", "numNode: 1"), "'numNode' was unexpected"),
         ("trainjob/runtime.yaml", ("backoffLimit: 0", "backoffLimit: none"), "is not of type 'integer'"),
     ],
@@ -301,13 +300,16 @@ def test_commands_parse_and_resolve_to_the_gpus_and_nodes_they_have(rendered):
 
 
 def test_the_prepare_job_writes_each_shard_once():
-    """Pod I of the Indexed prepare Job runs `--shard I/N` with N = completions = parallelism, so the pods write
-    every shard of one set, each once."""
+    """Pod I of the Indexed prepare Job runs `--shard I/N` with N = completions, so the pods write every shard of
+    one set, each once; one pod at a time on the default (ReadWriteOnce) claims (make k8s-prepare: more on
+    ReadWriteMany ones, tests/test_k8s_claims.py)."""
     from job.data.prepare import Shard
 
     (job,) = load_docs((K8S / "prepare-job.yaml").read_text())
     spec = job["spec"]
-    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] > 1
+    assert spec["completionMode"] == "Indexed" and spec["completions"] > 1
+    claims = load_docs((K8S / "pvcs.yaml").read_text())
+    assert {m for c in claims for m in c["spec"]["accessModes"]} == {"ReadWriteOnce"} and spec["parallelism"] == 1
     (c,) = containers(spec["template"]["spec"])
     shards = [Shard.parse(parse_cli(argv(c, str(i)))[1]["shard"]) for i in range(spec["completions"])]
     assert shards == [Shard(i, spec["completions"]) for i in range(spec["completions"])]
@@ -371,6 +373,38 @@ def test_volumes_claims_and_shm(rendered):
                         assert v["persistentVolumeClaim"]["claimName"] in claims, f"{name}: no PVC manifest"
 
 
+def quantity(text: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    return float(text[:-2]) * units[text[-2:]] if text[-2:] in units else float(text)
+
+
+def test_nccl_settings_and_shm(rendered):
+    """k8s/README.md's multi-node networking: the image sets NCCL_DEBUG=WARN and TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+    for every pod; no manifest pins NCCL_SOCKET_IFNAME or any NCCL_IB_* (only the rdma component sets
+    NCCL_IB_DISABLE); /dev/shm is memory-backed and sized, at most half the train container's memory."""
+    env = image_env()
+    assert env["NCCL_DEBUG"] == "WARN" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    readme = (K8S / "README.md").read_text()
+    assert "`NCCL_DEBUG=WARN`" in readme and "`TORCH_NCCL_ASYNC_ERROR_HANDLING=1`" in readme
+    from transformers import TrainingArguments
+
+    ddp_timeout = TrainingArguments.__dataclass_fields__["ddp_timeout"].default
+    assert f"`ddp_timeout` (TrainingArguments' default, {ddp_timeout} s)" in readme
+    for name, docs in rendered.items():
+        for w in workloads(docs):
+            for spec, _ in pods(w):
+                volumes = {v["name"]: v for v in spec["volumes"]}
+                for c in containers(spec):
+                    nccl = {k for k in env_of(c) if k.startswith("NCCL_")}
+                    assert nccl <= ({"NCCL_IB_DISABLE"} if name.startswith("make") else set()), (name, nccl)
+                if component(w) != "train":
+                    continue
+                (train,) = spec["containers"]
+                (shm,) = [volumes[m["name"]] for m in train["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+                size = quantity(shm["emptyDir"]["sizeLimit"])
+                assert 2**30 <= size <= quantity(train["resources"]["limits"]["memory"]) / 2, name
+
+
 def test_the_grace_period_holds_the_shutdown_timeout_and_a_step(rendered):
     for name, docs in rendered.items():
         for w in workloads(docs):
@@ -430,8 +464,8 @@ def _jobset_action(jobset: dict, job_failure_message: str) -> str:
 
 def test_a_jobset_restarts_every_node_and_fails_fast_on_bad_input(rendered):
     """A failed pod fails its Job at once (backoffLimit 0); the Job controller's failure message names the
-    podFailurePolicy rule, and the JobSet's rules turn it into: fail (2, 3), restart without counting (75,
-    DisruptionTarget), or a counted restart of the whole group (a crash)."""
+    podFailurePolicy rule, and the JobSet's rules turn it into: fail (2, 3), or a counted restart of the whole
+    group (75, DisruptionTarget, a crash)."""
     seen = 0
     for name, docs in rendered.items():
         # A TrainJob runs the JobSet its runtime describes: the project's runtime has the JobSet's contract.
@@ -457,14 +491,44 @@ def test_a_jobset_restarts_every_node_and_fails_fast_on_bad_input(rendered):
                 expect = {
                     errors.EXIT_BAD_INPUT: "FailJobSet",
                     errors.EXIT_DIVERGED: "FailJobSet",
-                    errors.EXIT_PREEMPTED: "RestartJobSetAndIgnoreMaxRestarts",
-                    "DisruptionTarget": "RestartJobSetAndIgnoreMaxRestarts",
+                    errors.EXIT_PREEMPTED: "RestartJobSet",
+                    "DisruptionTarget": "RestartJobSet",
                 }
                 assert set(messages) == set(expect), name
                 for cause, action in expect.items():
                     assert _jobset_action(jobset, messages[cause]) == action, (name, cause)
                 assert _jobset_action(jobset, "Job has reached the specified backoff limit") == "RestartJobSet"
     assert seen >= 6  # JobSets and the TrainJob's runtime, as files and rendered
+
+
+def test_restarts_and_the_whole_run_are_bounded(rendered):
+    """A run preempted forever ends. JobSet (and the TrainJob's runtime): no rule restarts without counting, so at
+    most maxRestarts + 1 attempts, each ending at its Job's activeDeadlineSeconds; the TrainJob's own deadline is
+    that product. k8s/README.md states these very numbers."""
+    readme = (K8S / "README.md").read_text()
+    bounds = set()
+    for name, docs in rendered.items():
+        for w in workloads(docs):
+            if w["kind"] == "Job":
+                assert 0 < w["spec"]["activeDeadlineSeconds"] <= 172800, name  # the whole Job, retries included
+                continue
+            group = w["spec"] if w["kind"] == "JobSet" else w["_runtime"]["spec"]["template"]["spec"]
+            policy = group["failurePolicy"]
+            assert {r["action"] for r in policy["rules"]} <= {"FailJobSet", "RestartJobSet"}, name
+            ((job),) = [r["template"]["spec"] for r in group["replicatedJobs"]]
+            attempts, per_attempt = policy["maxRestarts"] + 1, job["activeDeadlineSeconds"]
+            if w["kind"] == "TrainJob":
+                assert w["spec"]["activeDeadlineSeconds"] == attempts * per_attempt, name
+            bounds.add((policy["maxRestarts"], per_attempt))
+    ((max_restarts, per_attempt),) = bounds
+    whole_days = (max_restarts + 1) * per_attempt // 86400
+    for promise in (
+        f"`maxRestarts: {max_restarts}`",
+        f"`activeDeadlineSeconds: {per_attempt}` ({per_attempt // 3600} h)",
+        f"{max_restarts + 1} x {per_attempt // 3600} h = {whole_days} days",
+        f"`activeDeadlineSeconds: {whole_days * 86400}`",
+    ):
+        assert promise in readme, promise
 
 
 # ------------------------------------------------------------------------ settings, components, images
@@ -493,8 +557,8 @@ def without_images(docs: list[dict]) -> list[dict]:
 
 
 def test_make_components_queue_and_place_the_workloads(rendered):
-    """K8S_QUEUE and friends: Kueue's labels and suspend on every workload, the pods' priority class, the GPU
-    model and the extra toleration on every training pod; and none of it without the settings."""
+    """K8S_QUEUE and friends: Kueue's labels and suspend on every workload, the pods' priority class and pull
+    secret, the GPU model and the extra toleration on every training pod; and none of it without the settings."""
     for name, docs in rendered.items():
         on = name.startswith("make")
         for w in workloads(docs):
@@ -506,133 +570,26 @@ def test_make_components_queue_and_place_the_workloads(rendered):
                 assert "suspend" not in job or w["kind"] == "Job", f"{name}: only the top-level object is queued"
                 if w["kind"] != "TrainJob":  # a runtime patch cannot set it
                     assert (spec.get("priorityClassName") == MAKE_SETTINGS["K8S_PRIORITY_CLASS"]) == on, name
+                pull = [{"name": MAKE_SETTINGS["K8S_PULL_SECRET"]}] if on else None
+                assert spec.get("imagePullSecrets") == pull, name  # every pod, the prepare Job's too
                 if component(w) != "train":
                     continue
                 product = spec.get("nodeSelector", {}).get("nvidia.com/gpu.product")
                 assert (product == MAKE_SETTINGS["K8S_GPU_PRODUCT"]) == on, name
                 keys = {t["key"] for t in spec["tolerations"]}
                 assert "nvidia.com/gpu" in keys and (MAKE_SETTINGS["K8S_TOLERATE"] in keys) == on, name
-
-
-def image_component() -> dict:
-    (entry,) = yaml.safe_load(IMAGE_COMPONENT.read_text())["images"]
-    return entry
-
-
-def test_the_manifests_name_the_published_image(rendered):
-    """One place names the image: k8s/components/image, which every kustomization includes and the Makefile's
-    IMAGE reads; the manifests name only the placeholder. Kustomize renders the published name and a version,
-    make's IMAGE:TAG in every rendering."""
-    entry = image_component()
-    assert entry["name"] == PLACEHOLDER and entry["newName"] == PUBLISHED_IMAGE
-    assert re.fullmatch(r"ghcr\.io/[a-z0-9-]+/[a-z0-9-]+", PUBLISHED_IMAGE)
-    steps = [s for job in yaml.safe_load(RELEASE.read_text())["jobs"].values() for s in job["steps"]]
-    assert any("ghcr.io/${GITHUB_REPOSITORY,,}" in s.get("run", "") for s in steps)
-    assert any(IMAGE_COMPONENT.relative_to(REPO).as_posix() in s.get("run", "") for s in steps)
-    images = {}
-    for name, docs in rendered.items():
-        for w in workloads(docs):
-            for spec, _ in pods(w):
-                images[name] = {c["image"] for c in containers(spec)} | images.get(name, set())
-    for name, found in images.items():
-        if name.startswith("make"):
-            assert found == {f"{MAKE_SETTINGS['IMAGE']}:{MAKE_SETTINGS['TAG']}"}, name
-        elif name.startswith("kustomize"):
-            assert found == {f"{PUBLISHED_IMAGE}:{entry['newTag']}"}, name
-        else:
-            assert found == {PLACEHOLDER}, f"{name} names {found}: only the placeholder, the component sets it"
-    for root in KUSTOMIZATIONS:
-        kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
-        assert "images" not in kustomization, root
-        included = {(root / c).resolve() for c in kustomization["components"]}
-        assert IMAGE_COMPONENT.parent.resolve() in included, root
+                # RDMA: the device and IPC_LOCK on the train container, NCCL_IB_DISABLE=0 in both; nothing else added.
+                (train,) = spec["containers"]
+                assert train["securityContext"]["capabilities"].get("add") == (["IPC_LOCK"] if on else None), name
+                assert (train["resources"]["limits"].get("rdma/ib") == MAKE_SETTINGS["K8S_RDMA"]) == on, name
+                for c in containers(spec):
+                    assert (env_of(c).get("NCCL_IB_DISABLE") == "0") == on, (name, c["name"])
+                    if c is not train:
+                        assert "add" not in c["securityContext"]["capabilities"], name
 
 
 def tracked_files() -> list[Path]:
     return [REPO / f for f in run(["git", "ls-files"]).stdout.split()]
-
-
-def test_the_image_name_is_written_once():
-    """Outside the docs, the published name appears in k8s/components/image alone."""
-    for path in tracked_files():
-        if path.suffix != ".md" and path != IMAGE_COMPONENT and path.is_file():
-            assert PUBLISHED_IMAGE not in path.read_text(errors="replace"), path
-
-
-# ----------------------------------------------------------------------------------------- tag scheme
-def released_tags(commit: str, git_tags: list[str], branch: str | None = "main") -> set[str]:
-    """The tags .github/workflows/release.yml publishes for a commit, from its docker/metadata-action rules."""
-    release = yaml.safe_load(RELEASE.read_text())
-    triggers = release.get("on", release.get(True))
-    assert "paths-ignore" not in triggers["push"] and "paths" not in triggers["push"], "a commit of main unpublished"
-    (meta,) = [s for j in release["jobs"].values() for s in j["steps"] if "metadata-action" in s.get("uses", "")]
-    assert "latest=false" in meta["with"]["flavor"]
-    published = set()
-    for rule in meta["with"]["tags"].split():
-        kind, *params = rule.split(",")
-        params = dict(p.split("=", 1) for p in params)
-        kind = kind.removeprefix("type=")
-        if kind == "sha":
-            assert params.get("format", "short") == "short"
-            published.add(params.get("prefix", "sha-") + commit[:7])
-        elif kind == "ref" and params["event"] == "branch" and branch in triggers["push"]["branches"]:
-            published.add(branch)
-        elif kind == "semver":
-            for tag in git_tags:
-                m = re.fullmatch(r"v(\d+)\.(\d+)\.(\d+)", tag)
-                if m:
-                    major, minor, patch = m.groups()
-                    published.add(
-                        params["pattern"]
-                        .replace("{{version}}", f"{major}.{minor}.{patch}")
-                        .replace("{{major}}", major)
-                        .replace("{{minor}}", minor)
-                    )
-        else:
-            raise AssertionError(f"unknown metadata-action rule {rule}")
-    return published
-
-
-def test_make_renders_a_tag_the_release_publishes_for_this_commit(tmp_path):
-    """`make k8s-render` with no IMAGE or TAG (what `make k8s-submit` applies) names IMAGE:TAG, and TAG is one
-    of the tags the release workflow publishes for HEAD (were HEAD pushed to main)."""
-    commit = run(["git", "rev-parse", "HEAD"]).stdout.strip()
-    tags = run(["git", "tag", "--points-at", "HEAD"]).stdout.split()
-    published = released_tags(commit, tags)
-    tag = make_var("TAG")
-    assert tag in published, (tag, published)
-    out = run(["make", "-s", "k8s-render", f"K8S_BUILD={tmp_path}"])
-    assert out.returncode == 0, out.stderr
-    for name in make_var("K8S_OVERLAYS").split():
-        for w in workloads(load_docs((tmp_path / f"{name}.yaml").read_text())):
-            for spec, _ in pods(w):
-                assert {c["image"] for c in containers(spec)} == {f"{PUBLISHED_IMAGE}:{tag}"}, name
-
-
-@pytest.mark.parametrize("git_tag", [None, "v1.2.3"])
-def test_make_tag_follows_the_release_scheme(tmp_path, git_tag):
-    """In a fresh repository: sha-<7> for an untagged commit, X.Y.Z for one tagged vX.Y.Z."""
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"]
-    steps = [["git", "init", "-q"], [*git, "commit", "-q", "--allow-empty", "-m", "x"]]
-    for step in steps + ([[*git, "tag", git_tag]] if git_tag else []):
-        done = run(step, cwd=tmp_path)
-        assert done.returncode == 0, done.stdout + done.stderr
-    commit = run(["git", "rev-parse", "HEAD"], cwd=tmp_path).stdout.strip()
-    out = run(
-        ["make", "-s", "-f", str(REPO / "Makefile"), "--eval", "print-var: ; @echo $(TAG)", "print-var"],
-        cwd=tmp_path,
-    )
-    tag = out.stdout.strip()
-    assert tag == (git_tag[1:] if git_tag else f"sha-{commit[:7]}")
-    assert tag in released_tags(commit, [git_tag] if git_tag else [])
-
-
-def test_the_manifests_default_tag_is_a_release():
-    """`kubectl apply -k k8s` without make: the component's tag is the version the release tag v<version> of
-    pyproject.toml publishes."""
-    version = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
-    assert image_component()["newTag"] == version
-    assert version in released_tags("0" * 40, [f"v{version}"])
 
 
 # --------------------------------------------------------------------------- facts written once
@@ -809,8 +766,24 @@ def dockerignore_keeps(path: str) -> bool:
     return keep
 
 
+def test_the_default_deepspeed_file_is_one_file_at_the_top_level():
+    """`--deepspeed default` is ds_config.json at the repository root (the design's top level), and the image
+    copies that very file to /app, beside the package (PYTHONPATH=/app): no second copy anywhere."""
+    from job.core.config import DEFAULT_DS_CONFIG
+
+    assert DEFAULT_DS_CONFIG == REPO / "ds_config.json"
+    assert json.loads(DEFAULT_DS_CONFIG.read_text())["zero_optimization"]["stage"] == 2
+    assert [p for p in tracked_files() if p.name == "ds_config.json"] == [DEFAULT_DS_CONFIG]
+    steps = instructions(DOCKERFILE.read_text())
+    (workdir,) = [v for k, v in steps if k == "WORKDIR"]
+    copied = [v.split() for k, v in steps if k == "COPY" and "ds_config.json" in v.split()]
+    assert copied and copied[0][-1] in ("./", workdir, workdir + "/"), copied
+    assert f"PYTHONPATH={workdir}" in " ".join(v for k, v in steps if k == "ENV")
+    assert [v for k, v in steps if k == "COPY" and v.split()[-1] == "./job/"], "the package lands beside it"
+
+
 def test_dockerignore_sends_only_the_project():
-    for path in ("job/cli.py", "job/recipes/h100.json", "requirements.txt", "constraints.txt", "job/ds_config.json"):
+    for path in ("job/cli.py", "job/recipes/h100.json", "requirements.txt", "constraints.txt", "ds_config.json"):
         assert dockerignore_keeps(path), path
     for path in (".venv/bin/python", ".git/HEAD", "output/run/checkpoint-1/x", "job/__pycache__/cli.pyc", "tests/x"):
         assert not dockerignore_keeps(path), path
@@ -899,7 +872,7 @@ def test_make_docker_smoke_runs_train_resume_and_smoke(tmp_path):
     dry = make_dry("docker-smoke", "IMAGE=registry.example.com/ml/bloom", "TAG=v1", f"OUTPUT_DIR={tmp_path}/o")
     smoke = [parse_cli(c) for c in image_commands(dry, image)]
     assert [s for s, _ in smoke] == ["train", "train", "smoke"]
-    assert all(p["deepspeed"].endswith("ds_config.json") and p["bf16"] for _, p in smoke[:2])
+    assert all(p["deepspeed"] == "default" and p["bf16"] for _, p in smoke[:2])  # the image's ds_config.json
     assert smoke[1][1]["max_steps"] > smoke[0][1]["max_steps"] and smoke[1][1]["resume"] == "auto"
 
 

@@ -59,10 +59,10 @@ def test_doctor_runs_exactly_the_checks_train_runs(tmp_path, monkeypatch):
         seen.append("spy")
         return Check("spy", False, "the spy failed", "remove the spy")
 
-    monkeypatch.setattr(doctor, "CHECKS", [doctor.check_output, spy, doctor.check_cache])
+    monkeypatch.setattr(doctor, "CHECKS", [doctor.check_output, spy, doctor.check_writable])
     cfg = RunConfig.load(output_dir=str(tmp_path / "out"))
     results, _ = doctor.run_checks(cfg)
-    assert [r.name for r in results] == ["output", "spy", "caches"]
+    assert [r.name for r in results] == ["output", "spy", "writable"]
     with pytest.raises(JobError, match="spy: the spy failed -- remove the spy"):
         doctor.preflight(cfg)
     assert seen == ["spy", "spy"]
@@ -228,3 +228,144 @@ def test_an_explicit_loopback_master_addr_means_every_node_on_this_host(monkeypa
     doctor.check_launch(found)
     result = doctor.check_rendezvous(found)
     assert result.ok and "on this host" in result.detail
+
+
+# ------------------------------------------------------------------------------- folders the run writes
+OTHER_UID = 1000  # the image's user, as the pods run it
+
+
+@pytest.fixture
+def shared_root():
+    """A folder another uid can enter (pytest's own tmp folders are private to this uid), removed afterwards."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="job-writable-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root)
+
+
+def as_pod_user(path: Path) -> None:
+    """Give `path` to the uid the check runs as (the pods' 1000 when this is root, else this uid)."""
+    import os
+
+    if os.getuid() == 0:
+        os.chown(path, OTHER_UID, OTHER_UID)
+    path.chmod(0o755)
+
+
+def lock(path: Path) -> None:
+    """Make `path` unwritable for that uid: root's and mode 755 when this is root (the child runs as 1000),
+    else mode 555 (this uid, which permissions bind)."""
+    import os
+
+    if os.getuid() == 0:
+        os.chown(path, 0, 0)
+        path.chmod(0o755)
+    else:
+        path.chmod(0o555)
+
+
+def pod_folders(root: Path) -> dict[str, Path]:
+    """The pod's volumes as folders under `root`: /output, and on /cache what the image's ENV points at."""
+    folders = {"output": root / "output", "cache": root / "cache"}
+    for sub in ("job", "huggingface", "home", "tmp"):
+        folders[sub] = root / "cache" / sub
+    for path in folders.values():
+        path.mkdir(parents=True, exist_ok=True)
+        as_pod_user(path)
+    return folders
+
+
+def check_writable_as_pod_user(folders: dict[str, Path]) -> dict:
+    """check_writable in a forked child that runs as the pods' uid (root here drops to it with setgid/setuid), with
+    the image's variables pointing into `folders`: what `doctor` in a pod sees. (A fork, not a new interpreter:
+    this one may live where that uid cannot read.)"""
+    import os
+    import tempfile
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            os.close(read)
+            if os.getuid() == 0:
+                os.setgroups([])
+                os.setgid(OTHER_UID)
+                os.setuid(OTHER_UID)
+            for name in doctor.WRITTEN_FOLDER_VARIABLES:
+                os.environ.pop(name, None)
+            os.environ.update(
+                JOB_CACHE=str(folders["job"]), HF_HOME=str(folders["huggingface"]), HOME=str(folders["home"])
+            )
+            tempfile.tempdir = str(folders["tmp"])
+            result = doctor.check_writable(Preflight(RunConfig.load(output_dir=str(folders["output"] / "run"))))
+            line = doctor.format_table([result])
+            os.write(write, json.dumps({"ok": result.ok, "line": line, "uid": os.getuid()}).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        text = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and text, text
+    found = json.loads(text)
+    assert found["uid"] == (OTHER_UID if os.getuid() == 0 else os.getuid())
+    return found
+
+
+@pytest.mark.parametrize(
+    "locked, named", [("output", "--output-dir"), ("job", "JOB_CACHE"), ("huggingface", "HF_HOME"), ("tmp", "the temp")]
+)
+def test_doctor_names_a_folder_the_pod_user_cannot_write_and_the_fix(shared_root, locked, named):
+    """A volume root owned by another uid (what a ReadWriteMany volume without fsGroup gives a pod): one line that
+    names the folder, the uid and the fix; writable again, the check passes."""
+    folders = pod_folders(shared_root)
+    assert check_writable_as_pod_user(folders)["ok"]
+    lock(folders[locked])
+    result = check_writable_as_pod_user(folders)
+    assert not result["ok"]
+    (line,) = result["line"].splitlines()
+    assert line.startswith("FAIL writable") and named in line and f"{folders[locked]} is not writable by uid" in line
+    assert "make k8s-volume-permissions" in line
+    assert not [p for p in shared_root.rglob(".job-write-test-*")], "the probe files are removed"
+    as_pod_user(folders[locked])
+    assert check_writable_as_pod_user(folders)["ok"]
+
+
+def test_the_volume_permissions_job_makes_root_owned_volumes_writable_for_the_pods(shared_root):
+    """k8s/volume-permissions/job.yaml's very command, run here as root (its pod's user) on folders laid out as
+    fresh ReadWriteMany volumes (root's, mode 755): before it the pods' uid cannot write, after it the check
+    passes, and the mount points are 1000:1000, mode 775."""
+    import os
+    import subprocess
+
+    import yaml
+
+    if os.getuid() != 0:
+        pytest.skip("the Job runs as root (chown to another uid); this test needs root too")
+    (job,) = [d for d in yaml.safe_load_all((REPO / "k8s" / "volume-permissions" / "job.yaml").read_text()) if d]
+    spec = job["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert spec["securityContext"]["runAsUser"] == 0
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]}
+    folders = pod_folders(shared_root)
+    for sub in ("job", "huggingface", "home"):  # the pods make these themselves, on the volume
+        folders[sub].rmdir()
+    host = {"/data": shared_root / "data", "/output": folders["output"], "/cache": folders["cache"]}
+    host["/data"].mkdir()
+    for path in host.values():
+        lock(path)
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert set(container["command"][4:]) == mounts == set(host)
+    assert not check_writable_as_pod_user(folders)["ok"]
+    command = [str(host[arg]) if arg in host else arg for arg in container["command"]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("owner 1000:1000, mode 775") == len(host), done.stdout
+    assert check_writable_as_pod_user(folders)["ok"]
+    for path in host.values():
+        assert (path.stat().st_uid, path.stat().st_gid, path.stat().st_mode & 0o777) == (1000, 1000, 0o775)

@@ -47,7 +47,7 @@ NO_DEEPSPEED = "defaults, --deepspeed none"
 def light_zero2_config(folder: Path) -> Path:
     """ds_config.json's ZeRO-2 without overlap_comm and contiguous_gradients: on one GPU there is nothing to
     overlap, and the contiguous buffer costs a gradient copy per parameter per micro-step."""
-    ds = json.loads((REPO / "job" / "ds_config.json").read_text(encoding="utf-8"))
+    ds = json.loads((REPO / "ds_config.json").read_text(encoding="utf-8"))
     ds["zero_optimization"].update(overlap_comm=False, contiguous_gradients=False)
     path = folder / "ds_zero2_light.json"
     path.write_text(json.dumps(ds, indent=2), encoding="utf-8")

@@ -4,6 +4,9 @@ is applied, of a multi-node run on claims that one node only can mount.
     python -m tools.k8s_claims --render k8s/pvcs.yaml --access-mode ReadWriteMany --storage-class nfs > PVCS
     kubectl get pvc -l app.kubernetes.io/part-of=bloom-zh -o json | python -m tools.k8s_claims --nodes 4 PVCS -
 
+`make k8s-multinode` and `make k8s-trainjob` pass the node count, `make k8s-prepare` the prepare pods it runs at once
+(each may land on another node).
+
 Reads PersistentVolumeClaims from YAML streams or `kubectl get -o json` lists (`-`: stdin), the claims that exist
 as well as the ones about to be created (an existing claim's access mode cannot change: `kubectl apply` keeps it).
 With more than one node every claim must be ReadWriteMany; a ReadWriteOnce one fails on the second node with a
@@ -43,10 +46,10 @@ def check(found: dict[str, list[str]], nodes: int) -> str | None:
     if not single:
         return None
     return (
-        f"error: {nodes} nodes need ReadWriteMany claims; {', '.join(single)} can be mounted on one node only "
-        "(a pod on another node fails with Multi-Attach) -- create them with an RWX storage class: "
-        "K8S_ACCESS_MODE=ReadWriteMany K8S_STORAGE_CLASS=<class> (an existing claim's mode cannot change: delete it "
-        "first, after copying out what it holds)"
+        f"error: {nodes} pods at once, on up to {nodes} nodes, need ReadWriteMany claims; {', '.join(single)} can be "
+        "mounted on one node only (a pod on another node fails with Multi-Attach) -- create them with an RWX storage "
+        "class: K8S_ACCESS_MODE=ReadWriteMany K8S_STORAGE_CLASS=<class> (an existing claim's mode cannot change: "
+        "delete it first, after copying out what it holds); make k8s-prepare: or K8S_PREPARE_PARALLELISM=1"
     )
 
 
@@ -68,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", metavar="PVCS_YAML", help="print these claims with the settings below")
     parser.add_argument("--access-mode", choices=ACCESS_MODES, default="ReadWriteOnce")
     parser.add_argument("--storage-class", default=None, help="storageClassName (default: the cluster's default)")
-    parser.add_argument("--nodes", type=int, help="nodes the run will use: refuse claims one node only can mount")
+    parser.add_argument(
+        "--nodes", type=int, help="pods at once, on as many nodes at worst: refuse claims one node only can mount"
+    )
     parser.add_argument("files", nargs="*", help="YAML or `kubectl get -o json` files; - for stdin")
     args = parser.parse_args(argv)
     if args.render:

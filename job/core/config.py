@@ -28,7 +28,8 @@ from job.core.mix import comparable_mix, is_mix, parse_mix
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # job/
 RECIPES_DIR = PACKAGE_DIR / "recipes"
-DEFAULT_DS_CONFIG = PACKAGE_DIR / "ds_config.json"  # `--deepspeed default`
+# `--deepspeed default`: the file at the repository root (the image copies it to /app, beside job/), one source.
+DEFAULT_DS_CONFIG = PACKAGE_DIR.parent / "ds_config.json"
 # The names of job.model.build.PRESET_SHAPES and auto + job.model.attention.KINDS (tests/test_config.py holds them
 # equal); here so that the CLI lists them without importing torch.
 Preset = Literal["tiny", "bloom-389m-zh"]
@@ -224,7 +225,7 @@ class RunConfig:
     )
     deepspeed: str = opt(
         "default",
-        "DeepSpeed JSON file; default: the packaged ZeRO-2 file (job/ds_config.json); none: plain DDP",
+        "DeepSpeed JSON file; default: the ZeRO-2 file ds_config.json at the repository root; none: plain DDP",
         group="distributed",
         path=True,
     )

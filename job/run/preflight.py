@@ -235,15 +235,51 @@ def check_shm(p: Preflight) -> Check:
     )
 
 
-def check_cache(p: Preflight) -> Check:
-    for name, path in (
+# Variables naming folders the run writes, when set (the image puts each on the /cache volume).
+WRITTEN_FOLDER_VARIABLES = ("TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "MPLCONFIGDIR", "HOME")
+
+
+def written_folders(cfg: RunConfig) -> list[tuple[str, Path]]:
+    """(what names it, folder) of every folder the run writes: the output, the caches, the temporary folder."""
+    return [
+        ("--output-dir", Path(cfg.output_dir)),
         ("JOB_CACHE", cache_root()),
         ("HF_HOME", Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()),
-    ):
+        *((name, Path(os.environ[name])) for name in WRITTEN_FOLDER_VARIABLES if os.environ.get(name)),
+        ("the temporary folder", Path(tempfile.gettempdir())),
+    ]
+
+
+def check_writable(p: Preflight) -> Check:
+    """Every folder the run writes takes a file from this uid. A real file, not os.access: access() answers yes to
+    root whatever the mode, and a volume can refuse what the mode bits allow (a read-only mount, a squashed uid on
+    NFS)."""
+    uid, gid = os.getuid(), os.getgid()
+
+    def refused(what: str, folder: Path | str, why: str) -> Check:
+        return Check(
+            "writable",
+            False,
+            f"{what} is not writable by uid {uid} gid {gid} ({why})",
+            f"give uid {uid} write access to {folder}: on Kubernetes the pod's fsGroup does it on most volumes; "
+            "a ReadWriteMany volume whose driver ignores fsGroup (NFS and the like) needs "
+            "`make k8s-volume-permissions` once (k8s/README.md)",
+        )
+
+    try:
+        folders = written_folders(p.cfg)
+    except FileNotFoundError as e:  # tempfile found no writable candidate (TMPDIR, /tmp, /var/tmp, ...)
+        return refused("no temporary folder", "TMPDIR or /tmp", str(e))
+    for name, path in folders:
         existing = next(q for q in [path, *path.parents] if q.exists())
-        if not os.access(existing, os.W_OK):
-            return Check("caches", False, f"{name}={path} is not writable", f"set {name} to a writable folder")
-    return Check("caches", True, f"JOB_CACHE={cache_root()}")
+        if not existing.is_dir():
+            continue  # a file in the way: check_output and cache_root name that
+        try:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".job-write-test-"):
+                pass
+        except OSError as e:
+            return refused(f"{name} {path}: {existing}", existing, e.strerror)
+    return Check("writable", True, f"{len(folders)} folders take files from uid {uid} (JOB_CACHE={cache_root()})")
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -397,11 +433,11 @@ CHECKS: list[Callable[[Preflight], Check]] = [
     check_settings,
     check_devices,
     check_deepspeed,
+    check_writable,
     check_output,
     check_port,
     check_rendezvous,
     check_shm,
-    check_cache,
     check_data,
     check_tokenizer,
     check_model,

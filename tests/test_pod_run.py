@@ -199,10 +199,15 @@ def test_exit_codes_are_judged_by_the_manifests_pod_failure_policy():
 def test_a_jobset_acts_on_the_index_of_its_child_jobs_rule():
     workload = _load("jobset/jobset.yaml")["bloom-zh-pretrain-js"]
     pod, policy = workload["pods"][0], workload["spec"]["failurePolicy"]
-    for code, want in ((2, "FailJobSet"), (3, "FailJobSet"), (75, "RestartJobSetAndIgnoreMaxRestarts")):
+    marked = copy.deepcopy(policy)  # which rule acted: each rule's action made its own
+    for i, rule in enumerate(marked["rules"]):
+        rule["action"] = f"rule-{i}"
+    for code, want, rule in ((2, "FailJobSet", 0), (3, "FailJobSet", 0), (75, "RestartJobSet", 1)):
         action, index = judge(pod.policy, code, "train")
         assert action == "FailJob"
-        assert jobset_action(policy, "PodFailurePolicy", failure_message(pod, "train", code, index)) == want
+        message = failure_message(pod, "train", code, index)
+        assert jobset_action(policy, "PodFailurePolicy", message) == want
+        assert jobset_action(marked, "PodFailurePolicy", message) == f"rule-{rule}"
     assert judge(pod.policy, 137, "train") == ("Count", None)  # a lost node: backoffLimit 0 is exceeded
     assert jobset_action(policy, "BackoffLimitExceeded", "") == "RestartJobSet"
 

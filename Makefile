@@ -60,9 +60,10 @@ bench: setup ## Measure tokens/s, TFLOP/s and MFU of the training path (ARGS= fo
 	$(PY) -m job bench $(ARGS)
 
 # The GPU figures of BENCHMARKS.md in one call, under 8 minutes from a cold start on one H100/H200 (tools/gpu_sweep.py):
-# the CUDA tests, the lever sweep, a kernel profile of the fastest variant, the train + smoke path. On a GPU box
-# without the venv: make bench-gpu PY=python3 -- when deepspeed is not importable, the wheels in GPU_WHEELS
-# (../shared/gpu-wheels, else .whl/ in the repo) are installed into BENCH_SITE first (no index, no network).
+# the CUDA tests, the memory plan against the measured peak (389m, 800m), the lever sweep, a kernel profile of the
+# fastest variant, the train + smoke path. On a GPU box without the venv: make bench-gpu PY=python3 -- when deepspeed
+# is not importable, the wheels in GPU_WHEELS (../shared/gpu-wheels, else .whl/ in the repo) are installed into
+# BENCH_SITE first (no index, no network).
 # Output: stdout and BENCH_LOG/bench-gpu-<time>.log.
 BENCH_LOG ?= output
 BENCH_BUDGET ?= 450

@@ -270,6 +270,41 @@ def doctor(config, **values):
     sys.exit(EXIT_BAD_INPUT if failed else 0)
 
 
+@cli.command(cls=GroupedCommand)
+@config_options(TRAIN_FIELDS)
+@click.option("--gpus", type=click.IntRange(min=1), default=None, help="GPUs per node (default: this machine's)")
+@click.option("--nodes", type=click.IntRange(min=1), default=None, help="nodes (default: --nnodes, else 1)")
+@click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), default=None, help="GiB per GPU")
+@click.option("--cpu-memory", type=click.FloatRange(min=0, min_open=True), default=None, help="GiB per node")
+def plan(config, gpus, nodes, gpu_memory, cpu_memory, **values):
+    """The memory plan of a run on a machine (this one, or --gpus x --nodes of --gpu-memory GiB): per GPU the
+    parameters, gradients, optimizer states, activations and buffers against the memory, and the CPU memory offload
+    needs. Exit 0 if it fits, else 2 and the settings that would (--plan auto: plans those)."""
+    import dataclasses
+
+    from job.model.build import model_config
+    from job.run.memory_plan import GiB, machine_here, plan_run, refusal, settings_flags, why
+
+    cfg = _load(config, values)
+    here = machine_here(cfg, gpus, nodes)
+    target = gpus is not None or gpu_memory is not None  # planned for GPUs named here, not for this machine's
+    machine = dataclasses.replace(
+        here,
+        gpu_memory=int(gpu_memory * GiB) if gpu_memory else here.gpu_memory,
+        cpu_memory=int(cpu_memory * GiB) if cpu_memory else here.cpu_memory,
+        device="cuda" if target else here.device,
+    )
+    mine, best = plan_run(cfg, model_config(cfg, None), machine)
+    click.echo("\n".join(mine.lines()))
+    if cfg.plan == "auto" and best is not None:
+        click.echo(f"--plan auto: {settings_flags(best.settings)}: {why(best.settings, mine.settings)}")
+        click.echo("\n".join(best.lines()))
+        sys.exit(0)
+    if not mine.fits:
+        raise refusal(mine, best)
+    sys.exit(0)
+
+
 @cli.command()
 @click.option("--model", required=True, type=click.Path(), help="HF model folder (e.g. OUTPUT/final)")
 @click.option("--prompt", "prompts", multiple=True, help="prompt text (repeatable)")

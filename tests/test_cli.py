@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from job.cli import cli
+from job.model.build import PRESET_SHAPES
 from tests.conftest import DOCS, REPO, complete_checkpoint, write_jsonl
 
 
@@ -185,7 +186,7 @@ CASES = {
         "different run (changed: learning_rate)",
     ),
     "truncated weights": (["--model", "{w}/lm"], lambda w: _saved_model(w / "lm", cut=100), "truncated or corrupt"),
-    "max length beyond memory": (["--max-length", "100000"], None, "activations per process"),
+    "max length beyond memory": (["--max-length", "100000"], None, "the memory plan does not fit"),
     # data: the file, the line, the value's type
     "number deep in a jsonl": (
         ["--data", "{w}/deep.jsonl"],
@@ -359,7 +360,8 @@ def test_help_lists_the_commands():
     """Each command is listed as a command (its own line in the Commands section), not just named somewhere."""
     out = run_cli("--help").output
     listed = {line.split()[0] for line in out.split("Commands:", 1)[1].splitlines() if line.strip()}
-    assert listed == {"prepare", "tokenizer", "train", "generate", "smoke", "bench", "doctor", "push"}  # not worker
+    commands = {"prepare", "tokenizer", "train", "generate", "smoke", "bench", "doctor", "plan", "push"}
+    assert listed == commands  # not worker
 
 
 def test_train_help_is_grouped_by_concern_and_shows_the_recipe_values():
@@ -513,7 +515,7 @@ def test_every_option_has_help():
     text = " ".join(command.get_help(ctx).split())
     assert "--learning-rate FLOAT peak learning rate [default: 0.002]" in text, text
     preset = next(p for p in command.params if p.name == "preset")
-    assert list(preset.type.choices) == ["tiny", "bloom-389m-zh"]
+    assert list(preset.type.choices) == list(PRESET_SHAPES)
 
 
 def test_doctor_refuses_flex_attention_on_a_cpu_as_train_does(world):

@@ -99,7 +99,7 @@ def test_every_field_is_declared_once_with_help_and_the_choices_match_their_modu
         ({"adam_beta2": 1.0}, r"--adam-beta2 1.0 is not in \[0, 1\)"),
         ({"max_steps": 0}, "--max-steps 0 is not -1 or at least 1"),
         ({"max_nonfinite_steps": 0}, "is not at least 1"),
-        ({"preset": "huge"}, "--preset 'huge' is not one of tiny, bloom-389m-zh"),
+        ({"preset": "huge"}, "--preset 'huge' is not one of tiny, bloom-389m-zh, bloom-800m-zh"),
         ({"zero_stage": 3, "deepspeed": "none"}, "has no effect with --deepspeed none"),
     ],
 )

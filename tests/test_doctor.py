@@ -84,19 +84,21 @@ def test_truncated_and_corrupt_safetensors_are_named(tmp_path):
         check_weights(tmp_path)
 
 
-def test_memory_preflight_counts_the_attention_scores_unless_flex(monkeypatch):
+def test_memory_preflight_is_the_plan_and_counts_the_attention_scores_unless_flex():
     from job.model.build import model_config
+    from job.run.memory_plan import ModelShape, activation_bytes, settings_of
 
     cfg = RunConfig.load(max_length=100_000, per_device_batch_size=16)
     config = model_config(cfg, 600)
-    need = doctor.activation_bytes(cfg, config, "cpu")  # sdpa on a CPU: [B, H, T, T] fp32 per layer
-    assert need >= 16 * config.n_head * 100_000**2 * 4 * config.n_layer
-    flex = doctor.activation_bytes(RunConfig.load(max_length=100_000, attention="flex"), config, "cuda")
-    assert flex < need / 500  # flex never builds the scores
-    found = Preflight(cfg, model_config=config)
-    result = doctor.check_memory(found)
-    assert not result.ok and "lower --max-length" in result.fix
+    shape = ModelShape.from_config(config)
+    need = sum(activation_bytes(shape, settings_of(cfg, "cpu")))  # sdpa: one [B, H, T, T] bias per step
+    assert need >= 16 * config.n_head * 100_000**2 * 4
+    flex = sum(activation_bytes(shape, settings_of(RunConfig.load(max_length=100_000, attention="flex"), "cuda")))
+    assert flex < need / 40  # flex never builds the scores
+    result = doctor.check_memory(Preflight(cfg, model_config=config))
+    assert not result.ok and "the memory plan does not fit" in result.detail and "--max-length" in result.fix
     assert doctor.check_memory(Preflight(RunConfig.load(), model_config=config)).ok
+    assert "--plan off" in doctor.check_memory(Preflight(RunConfig.load(plan="off"), model_config=config)).detail
 
 
 def test_a_folder_of_someone_else_is_refused_a_volume_root_is_not(tmp_path):

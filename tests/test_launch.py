@@ -159,7 +159,14 @@ def test_reference_run_is_complete(reference):
     assert status["code"] == 0
 
 
+# ZeRO-3 with everything that saves GPU memory: activation checkpointing, optimizer states and step on the CPU
+# (DeepSpeed's CPU Adam, a C++ build on its first use)
+LOW_MEMORY = ["--zero-stage", "3", "--gradient-checkpointing", "--offload", "optimizer"]
+
+
 def _stage_flags(stage: str) -> list[str]:
+    if stage == "low-memory":
+        return LOW_MEMORY
     return ["--deepspeed", "none"] if stage == "none" else ["--zero-stage", stage]
 
 
@@ -184,6 +191,19 @@ def test_every_stage_follows_the_same_loss_curve(inputs, reference, stage):
         assert abs(ours[step] - ref[step]) <= STAGE_TOLERANCE * ref[step], (step, ours[step], ref[step])
     if stage == "3":
         _check_export(output / "final", reference / "final")
+
+
+def test_zero3_with_checkpointing_and_offload_follows_the_ddp_curve(inputs):
+    """2 processes, ZeRO-3 + --gradient-checkpointing + --offload optimizer against --deepspeed none: the same curve
+    within STAGE_TOLERANCE, and the export (gathered 16-bit weights) reloads with the DDP run's weights."""
+    ddp, low = _stage_run(inputs, "none"), _stage_run(inputs, "low-memory")
+    ours, ref = losses(low), losses(ddp)
+    assert sorted(ours) == sorted(ref)
+    for step in ref:
+        assert abs(ours[step] - ref[step]) <= STAGE_TOLERANCE * ref[step], (step, ours[step], ref[step])
+    config = json.loads((low / "run_config.json").read_text())
+    assert (config["offload"], config["gradient_checkpointing"], config["zero_stage"]) == ("optimizer", True, 3)
+    _check_export(low / "final", ddp / "final")
 
 
 def test_two_nodes_rendezvous_and_follow_the_same_curve(inputs, reference):
@@ -482,7 +502,7 @@ def test_zero2_resumes_on_another_number_of_processes(inputs, reference):
     _continues(two, reference, 10)
 
 
-@pytest.mark.parametrize("stage", ["none", "1", "3"])
+@pytest.mark.parametrize("stage", ["none", "1", "3", "low-memory"])
 def test_other_stages_resume_on_fewer_processes(inputs, reference, stage):
     source = _stage_run(inputs, stage)
     output = _resume_elsewhere(inputs, source, "8", f"elastic-{stage}", "1", "4", *_stage_flags(stage))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import inspect
 import json
+import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
+from transformers import AutoModelForCausalLM, BloomForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from job.core.config import RunConfig
@@ -16,9 +18,10 @@ from job.core.errors import JobError
 from job.core.units import config_parameter_count, flops_per_token
 from job.model import build
 from job.model.attention import install_attention
-from job.model.build import PRESET_SHAPES, model_config, parameter_count
+from job.model.build import model_config, parameter_count
 from job.model.loss import chunked_causal_lm_loss, install_chunked_loss
 from job.model.patches import FusedGeluPatch, apply_patches, model_patches, undo_patches
+from job.run.training_args import run_training_arguments
 from tests.conftest import tiny_bloom as shared_tiny_bloom
 
 EOS, PAD = 2, 3
@@ -182,6 +185,44 @@ def test_trainer_with_gradient_accumulation_equals_stock(tmp_path):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("kind", ["sdpa", "eager"])
+def test_gradient_checkpointing_is_exact_with_the_job_patches(kind):
+    """`--gradient-checkpointing` (the Trainer's activation checkpointing, non-reentrant) over the job's attention,
+    GELU and chunked-loss patches: every block runs again in the backward, and three AdamW steps give the same
+    losses and weights, bit for bit, as without it."""
+    cfg = RunConfig(preset="tiny", attention=kind, gradient_checkpointing=True)
+    args = run_training_arguments(cfg, use_cpu=True)
+    assert args["activation_checkpointing"] is True
+    plain = tiny_bloom().train()
+    apply_patches(plain, model_patches(cfg, "cpu"))
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.activation_checkpointing_enable(
+        activation_checkpointing_kwargs=args["activation_checkpointing_kwargs"]
+    )
+    attention_calls = []
+    for block in checkpointed.transformer.h:
+        block.self_attention.register_forward_pre_hook(lambda *_: attention_calls.append(1))
+    ids = torch.randint(4, 96, (2, 24))
+    ids[0, 10] = 2  # an eos: two documents in the first row
+    mask = torch.ones_like(ids)
+    mask[1, 18:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    losses = {}
+    for name, model in (("plain", plain), ("checkpointed", checkpointed)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses[name] = []
+        for _ in range(3):
+            loss = model(ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[name].append(loss.item())
+    assert len(attention_calls) == 3 * 2 * len(checkpointed.transformer.h)  # each step: forward + recompute
+    assert losses["checkpointed"] == losses["plain"]
+    for (name, p), q in zip(checkpointed.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
 # ------------------------------------------------------------------------------------------------- build_model
 def test_build_tiny_preset(tiny_tokenizer):
     tok = tiny_tokenizer
@@ -202,13 +243,38 @@ def test_build_tiny_preset(tiny_tokenizer):
     assert model.job_attention == "sdpa"  # auto on CPU
 
 
+@pytest.mark.parametrize(
+    ("preset", "vocab", "parameters"),
+    [  # the Bloom-zh family's config.json files and model cards (tied embeddings)
+        ("bloom-389m-zh", 42437, 345.8e6),
+        ("bloom-800m-zh", 46145, 750.8e6),
+        ("bloom-1b4-zh", 46145, 1.303e9),
+        ("bloom-2b5-zh", 46145, 2.478e9),
+        ("bloom-6b4-zh", 46145, 6.230e9),
+    ],
+)
+def test_bloom_zh_presets_match_the_family(preset, vocab, parameters):
+    config = model_config(RunConfig(preset=preset), 8000)  # the built-in tokenizer fits: the family's vocabulary
+    assert config.vocab_size == vocab
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id, config.unk_token_id) == (1, 2, 3, 0)
+    assert (config.offset_alibi, config.seq_length) == (100, 2048)
+    with torch.device("meta"):  # shapes only: no memory
+        model = BloomForCausalLM(config)
+    assert parameter_count(model) == config_parameter_count(config)
+    assert parameter_count(model) / parameters == pytest.approx(1, abs=5e-4)  # the table's 4 significant figures
+
+
 def test_bloom_389m_zh_shape():
-    assert model_config(RunConfig(preset="bloom-389m-zh"), 42437).vocab_size == 42496  # rounded up to 64
-    config = BloomConfig(vocab_size=42437, **PRESET_SHAPES["bloom-389m-zh"])
+    config = model_config(RunConfig(preset="bloom-389m-zh"), 42437)
     with torch.device("meta"):
         model = BloomForCausalLM(config)
     assert parameter_count(model) == 345_768_960  # Langboat/bloom-389m-zh: 345.8M, tied embeddings
     assert flops_per_token(config, 1024) == pytest.approx(2.377e9, rel=1e-3)  # field notes: 2.38 GFLOP at seq 1024
+
+
+def test_a_tokenizer_larger_than_the_presets_vocabulary_is_refused():
+    with pytest.raises(JobError, match="len\\(tokenizer\\)=50000 > preset bloom-389m-zh's vocabulary 42437"):
+        model_config(RunConfig(preset="bloom-389m-zh"), 50000)
 
 
 def test_flops_per_token_counts_the_tied_head_once():
@@ -408,6 +474,33 @@ def test_compiled_blocks_save_a_plain_hf_bloom(tmp_path):
         assert torch.equal(p, q), name
 
 
+@pytest.mark.slow  # inductor's C++ compile: a minute and more on a small CPU
+def test_compiled_blocks_train_like_uncompiled_ones_with_inductor_on_cpu():
+    """--compile-blocks on a CPU: inductor compiles each BloomBlock (C++ through the system compiler), with
+    --gradient-checkpointing too; three AdamW steps give the uncompiled model's losses and weights (fp32)."""
+    tokenizer = StandInTokenizer(100)
+    plain = build_model(RunConfig(preset="tiny"), tokenizer)
+    compiled = build_model(RunConfig(preset="tiny", compile_blocks=True), tokenizer)
+    compiled.load_state_dict(plain.state_dict())
+    compiled.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(4, 100, (2, 32))
+    losses = {}
+    for name, model in (("plain", plain), ("compiled", compiled)):
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[name] = []
+        for _ in range(3):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[name].append(loss.item())
+    assert losses["compiled"] == pytest.approx(losses["plain"], rel=1e-5)
+    for (name, p), q in zip(compiled.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+    assert all(block._compiled_call_impl is not None for block in compiled.transformer.h)
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
@@ -418,6 +511,45 @@ def test_compiled_blocks_save_a_plain_hf_bloom(tmp_path):
 def test_flex_settings_are_checked_before_anything_runs(field, value, message):
     with pytest.raises(JobError, match=message):
         RunConfig.load(**{field: value})
+
+
+LIGER_UNDER_THE_INTERPRETER = """
+import copy, torch
+from job.model.loss import install_chunked_loss
+from tests.conftest import tiny_bloom
+chunked = tiny_bloom(vocab=300).train()
+liger = copy.deepcopy(chunked)
+install_chunked_loss(chunked, chunk_tokens=16)
+install_chunked_loss(liger, loss="liger")
+ids = torch.randint(4, 300, (2, 24))
+labels = ids.masked_fill(torch.rand(ids.shape) < 0.2, -100)
+losses = [m(ids, labels=labels).loss for m in (chunked, liger)]
+torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+for loss in losses:
+    loss.backward()
+for (name, p), q in zip(liger.named_parameters(), chunked.parameters(), strict=True):
+    torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+print("liger equals chunked")
+"""
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("liger_kernel", "triton")), reason="liger-kernel and triton"
+)
+def test_liger_loss_equals_chunked_loss_under_the_triton_interpreter():
+    """liger's Triton kernels on a CPU through Triton's interpreter (TRITON_INTERPRET=1, read when triton is
+    imported: a fresh process): the job's liger path gives the chunked loss and its gradients."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    pythonpath = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": pythonpath}
+    done = subprocess.run(
+        [sys.executable, "-c", LIGER_UNDER_THE_INTERPRETER], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and "liger equals chunked" in done.stdout, done.stderr[-3000:]
 
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

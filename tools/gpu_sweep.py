@@ -1,7 +1,8 @@
 """`make bench-gpu`: everything the GPU figures need, in one call with one global deadline.
 
 Steps, each in its own subprocess with its own time slice (a step that fails or outlives its slice is reported,
-killed with its process group, and the sweep goes on): the CUDA tests; one `python -m job bench` per variant, the
+killed with its process group, and the sweep goes on): the CUDA tests; the memory plan's activations against the
+measured peak for the 389m and 800m shapes (tools/plan_check.py, 90 s); one `python -m job bench` per variant, the
 throughput levers added one at a time, then settings on top of the defaults; a torch-profiler table of the
 fastest variant; the end-to-end train path (synthetic JSONL, a small BPE trained on it, `train`, `smoke`) as a
 path check. Every result is a JSON line (stdout and the log); a readable table closes the run.
@@ -206,6 +207,21 @@ def run_tests(sweep: Sweep, dry_run: bool) -> None:
     sweep.record(row)
 
 
+def run_plan_check(sweep: Sweep, dry_run: bool) -> None:
+    """The memory plan's activations against the measured peak, 389m and 800m (tools/plan_check.py): on a GPU only."""
+    if dry_run:
+        sweep.record({"step": "plan check", "status": "skipped", "seconds": 0.0, "error": "dry run: no GPU"})
+        return
+    out = sweep.run("plan check", [sys.executable, "-m", "tools.plan_check"], 90, reserve_s=TAIL_RESERVE_S)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    for row in rows:  # one per preset and checkpointing; planned against measured
+        status = "ok" if row.get("ok") else row.get("status", "off by more than 10%")
+        sweep.record({**row, "status": status, "seconds": round(out.seconds, 1)})
+    if out.status != "ok" and not rows:
+        error = _tail(out.stderr, 12)
+        sweep.record({"step": "plan check", "status": out.status, "seconds": round(out.seconds, 1), "error": error})
+
+
 def bench_row(name: str, out: Outcome, result: dict | None) -> dict:
     row = {"step": "bench", "variant": name, "status": out.status, "seconds": round(out.seconds, 1)}
     if out.status == "ok" and result:
@@ -379,7 +395,8 @@ def summarise(sweep: Sweep, rows: list[dict], profile: dict | None) -> None:
 @click.option("--tests/--no-tests", default=True, help="run the CUDA tests first")
 @click.option("--profile/--no-profile", default=True, help="profile the fastest variant")
 @click.option("--end-to-end/--no-end-to-end", default=True, help="the train + smoke path check")
-def main(budget_s, log_dir, dry_run, steps, warmup, variants_file, tests, profile, end_to_end):
+@click.option("--plan-check/--no-plan-check", default=True, help="the memory plan against the measured peak")
+def main(budget_s, log_dir, dry_run, steps, warmup, variants_file, tests, profile, end_to_end, plan_check):
     """The CUDA tests, the lever sweep, a kernel profile and the train path, under one deadline."""
     sweep = Sweep(budget_s, Path(log_dir))
     steps = steps if steps is not None else (1 if dry_run else 4)
@@ -390,6 +407,8 @@ def main(budget_s, log_dir, dry_run, steps, warmup, variants_file, tests, profil
     sweep.say(f"bench-gpu: {len(variants)} variants, budget {budget_s:.0f} s, log {sweep.log.name}, work {sweep.work}")
     if tests:
         run_tests(sweep, dry_run)
+    if plan_check:
+        run_plan_check(sweep, dry_run)
     rows = run_variants(sweep, variants, dry_run, steps, warmup)
     ok = [r for r in rows if r["status"] == "ok"]
     profiled = None

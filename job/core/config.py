@@ -32,10 +32,12 @@ RECIPES_DIR = PACKAGE_DIR / "recipes"
 DEFAULT_DS_CONFIG = PACKAGE_DIR.parent / "ds_config.json"
 # The names of job.model.build.PRESET_SHAPES and auto + job.model.attention.KINDS (tests/test_config.py holds them
 # equal); here so that the CLI lists them without importing torch.
-Preset = Literal["tiny", "bloom-389m-zh"]
+Preset = Literal["tiny", "bloom-389m-zh", "bloom-800m-zh", "bloom-1b4-zh", "bloom-2b5-zh", "bloom-6b4-zh"]
 Attention = Literal["auto", "eager", "sdpa", "flex"]
 Device = Literal["auto", "cuda", "cpu"]
 FlexCompileMode = Literal["default", "max-autotune-no-cudagraphs"]
+Offload = Literal["none", "optimizer", "all"]  # ZeRO-Offload: what moves from the GPUs to CPU memory (or NVMe)
+PlanMode = Literal["check", "auto", "off"]  # job.run.memory_plan: refuse what does not fit, choose, or skip
 MixUntil = Literal["first_exhausted", "all_exhausted"]  # datasets.interleave_datasets' stopping strategies
 MIX_FIELDS = ("data", "prepared")  # the fields that take a weighted mix of sources (job.core.mix)
 
@@ -231,6 +233,32 @@ class RunConfig:
     )
     zero_stage: int | None = opt(
         None, "ZeRO stage 0-3 (overrides the DeepSpeed file's)", group="distributed", bound=between(0, 4)
+    )
+    gradient_checkpointing: bool = opt(
+        False,
+        "activation checkpointing: each block's activations are recomputed in the backward (about a third more "
+        "compute, a fraction of the activation memory; the losses are the same)",
+        group="distributed",
+        resumable=True,
+    )
+    offload: Offload = opt(
+        "none",
+        "ZeRO-Offload: optimizer states (optimizer: ZeRO 1-3), or optimizer states and parameters (all: ZeRO-3) to "
+        "CPU memory, or to --offload-nvme; needs DeepSpeed's CPU Adam (a C++ build on first use)",
+        group="distributed",
+    )
+    offload_nvme: str | None = opt(
+        None,
+        "with --offload and --zero-stage 3: an NVMe folder instead of CPU memory (ZeRO-Infinity; needs libaio)",
+        group="distributed",
+        path=True,
+    )
+    plan: PlanMode = opt(
+        "check",
+        "the memory plan before any process starts (python -m job plan): check refuses a run that does not fit, "
+        "auto picks the fastest ZeRO stage, offload, micro-batch and checkpointing that fit, off skips it",
+        group="distributed",
+        resumable=True,
     )
     # Launch settings left unset come from the torchrun/Kubeflow environment (job.core.topology.resolve_topology).
     nproc: int | None = opt(
@@ -430,6 +458,16 @@ class RunConfig:
             self.zero_stage is None or self.uses_deepspeed,
             f"--zero-stage {self.zero_stage} has no effect with --deepspeed none",
             "leave --zero-stage out, or name a DeepSpeed file",
+        )
+        need(
+            self.offload == "none" or self.uses_deepspeed,
+            f"--offload {self.offload} needs DeepSpeed ZeRO, but this run has --deepspeed none",
+            "leave --offload out, or name a DeepSpeed file (default: the packaged ZeRO-2 one)",
+        )
+        need(
+            self.offload_nvme is None or self.offload != "none",
+            "--offload-nvme names where offloaded states go, but --offload is none",
+            "add --offload optimizer or --offload all",
         )
         need(
             self.resume in ("auto", "never") or Path(self.resume).is_dir(),

@@ -12,10 +12,23 @@ import torch
 
 from job.core.errors import JobError
 
-PRESET_SHAPES = {
+# The Langboat Bloom-zh family as their config.json files have it (vocabulary-pruned from bigscience's bloom-560m,
+# -1b1, -1b7, -3b, -7b1; tied embeddings). `tiny` takes the tokenizer's vocabulary (rounded up to VOCAB_MULTIPLE).
+BLOOM_ZH_SPECIAL = {
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 3,
+    "unk_token_id": 0,
+    "offset_alibi": 100,
+    "seq_length": 2048,
+}
+PRESET_SHAPES: dict[str, dict] = {
     "tiny": {"hidden_size": 128, "n_layer": 4, "n_head": 4},
-    # Langboat/bloom-389m-zh: vocab 42,437, tied embeddings, 345.8M parameters at that vocabulary.
-    "bloom-389m-zh": {"hidden_size": 1024, "n_layer": 24, "n_head": 16},
+    "bloom-389m-zh": {"hidden_size": 1024, "n_layer": 24, "n_head": 16, "vocab_size": 42437, **BLOOM_ZH_SPECIAL},
+    "bloom-800m-zh": {"hidden_size": 1536, "n_layer": 24, "n_head": 16, "vocab_size": 46145, **BLOOM_ZH_SPECIAL},
+    "bloom-1b4-zh": {"hidden_size": 2048, "n_layer": 24, "n_head": 16, "vocab_size": 46145, **BLOOM_ZH_SPECIAL},
+    "bloom-2b5-zh": {"hidden_size": 2560, "n_layer": 30, "n_head": 32, "vocab_size": 46145, **BLOOM_ZH_SPECIAL},
+    "bloom-6b4-zh": {"hidden_size": 4096, "n_layer": 30, "n_head": 32, "vocab_size": 46145, **BLOOM_ZH_SPECIAL},
 }
 VOCAB_MULTIPLE = 64  # random-init vocabularies are rounded up to this (tensor-core friendly shapes)
 WEIGHT_FILES = (
@@ -32,8 +45,7 @@ def model_config(cfg, vocab: int | None):
     from transformers import BloomConfig
 
     if not cfg.model:
-        size = -(-(vocab or 8000) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        return BloomConfig(vocab_size=size, **PRESET_SHAPES[cfg.preset])
+        return preset_config(cfg.preset, vocab)
     folder = Path(cfg.model)
     if not folder.is_dir():
         raise JobError(
@@ -74,6 +86,22 @@ def model_config(cfg, vocab: int | None):
             "use the model's own tokenizer (or one no larger than its vocabulary)",
         )
     return config
+
+
+def preset_config(preset: str, vocab: int | None = None):
+    """A preset's BloomConfig: the family's own vocabulary (a tokenizer of `vocab` tokens must fit it), or for
+    `tiny` the tokenizer's rounded up."""
+    from transformers import BloomConfig
+
+    shape = dict(PRESET_SHAPES[preset])
+    if "vocab_size" not in shape:
+        shape["vocab_size"] = -(-(vocab or 8000) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    elif vocab is not None and vocab > shape["vocab_size"]:
+        raise JobError(
+            f"len(tokenizer)={vocab} > preset {preset}'s vocabulary {shape['vocab_size']}",
+            "use a tokenizer no larger than the model's (e.g. its own), or --preset tiny",
+        )
+    return BloomConfig(**shape)
 
 
 # --------------------------------------------------------------------------------------------------- build

@@ -92,6 +92,8 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any] | None:
     else:
         for key in [k for k in zero if k.startswith("stage3_")]:
             zero.pop(key)
+    if cfg.offload != "none":
+        _render_offload(cfg, ds, zero)
     for key, ours in (("bf16", cfg.bf16), ("fp16", False)):
         section = ds.get(key)
         if isinstance(section, dict) and section.get("enabled") not in ("auto", ours):
@@ -100,6 +102,41 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any] | None:
                 f'set "{key}": {{"enabled": "auto"}} in the DeepSpeed file',
             )
     return ds
+
+
+# With offload DeepSpeed runs the optimizer step itself, on the CPU (DeepSpeedCPUAdam, from this block); the Trainer's
+# torch AdamW would be refused there (zero_force_ds_cpu_optimizer). "auto": the run config's values.
+OFFLOAD_OPTIMIZER = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+
+
+def _render_offload(cfg: RunConfig, ds: dict[str, Any], zero: dict[str, Any]) -> None:
+    """`--offload optimizer|all` (and `--offload-nvme`) as DeepSpeed's offload sections, with the optimizer block it
+    needs; what DeepSpeed would refuse mid-start (parameters or NVMe below ZeRO-3, offload at ZeRO-0) refused here."""
+    stage = zero.get("stage", 0)
+    if stage == 0:
+        raise JobError(f"--offload {cfg.offload} needs ZeRO stage 1, 2 or 3; this run has 0", "add --zero-stage 2")
+    if stage != 3 and (cfg.offload == "all" or cfg.offload_nvme):
+        what = "parameters (--offload all)" if cfg.offload == "all" else "NVMe (--offload-nvme)"
+        raise JobError(
+            f"offloading {what} needs ZeRO-3; this run has ZeRO-{stage}",
+            "add --zero-stage 3 (or use --offload optimizer to CPU memory)",
+        )
+    target: dict[str, Any] = {"device": "cpu", "pin_memory": True}
+    if cfg.offload_nvme:
+        target = {"device": "nvme", "nvme_path": cfg.offload_nvme, "pin_memory": True}
+    zero["offload_optimizer"] = dict(target)
+    if cfg.offload == "all":
+        zero["offload_param"] = dict(target)
+    ds.setdefault("optimizer", OFFLOAD_OPTIMIZER)
+
+
+def offload_in_use(ds: dict[str, Any] | None) -> str:
+    """What a rendered DeepSpeed config offloads: none, optimizer or all (a file may set the sections itself)."""
+    zero = (ds or {}).get("zero_optimization", {})
+    device = lambda key: (zero.get(key) or {}).get("device", "none")
+    if device("offload_param") in ("cpu", "nvme"):
+        return "all"
+    return "optimizer" if device("offload_optimizer") in ("cpu", "nvme") else "none"
 
 
 def zero_stage_in_use(cfg: RunConfig) -> int | None:

@@ -366,48 +366,37 @@ def check_model(p: Preflight) -> Check:
 
 
 def check_memory(p: Preflight) -> Check:
-    """A lower bound of one process's activation memory for sequence length x batch, against the device's."""
+    """The memory plan (`python -m job plan`) on this machine: refused with the settings that would fit; with
+    `--plan auto` those settings become the run's."""
+    from job.run.memory_plan import machine_here, plan_run, refusal, why, with_settings
+
+    cfg = p.cfg
     if p.model_config is None:
         return Check("memory", True, "not checked: needs the model's config")
-    cfg, config = p.cfg, p.model_config
-    where = device_type(cfg)
-    need = activation_bytes(cfg, config, where)
-    have = device_memory(where) // (1 if where == "cuda" else processes_per_node(cfg))
-    if need > have:
-        return Check(
-            "memory",
-            False,
-            f"batch {cfg.per_device_batch_size} x {cfg.max_length} tokens needs at least {need / 2**30:.1f} GiB of "
-            f"activations per process, the {where} has {have / 2**30:.1f} GiB",
-            "lower --max-length or --per-device-batch-size (raise --grad-accum to keep the global batch)",
-        )
-    return Check("memory", True, f"activations >= {need / 2**30:.2f} GiB of {have / 2**30:.1f} GiB ({where})")
-
-
-def activation_bytes(cfg: RunConfig, config, where: str) -> int:
-    """Never more than a step needs (a lower bound): per layer, 4 fp32 [B, T, d] tensors kept for the backward, and
-    unless flex attention runs (it never builds them), the fp32 [B, H, T, T] attention scores."""
-    from job.model.attention import resolve_attention
-
+    if cfg.plan == "off":
+        return Check("memory", True, "not planned (--plan off)")
     try:
-        flex = resolve_attention(cfg.attention, where) == "flex"
-    except JobError:  # flex where it cannot train: the devices check reports that
-        flex = False
-    batch, length = cfg.per_device_batch_size, cfg.max_length
-    per_layer = 4 * batch * length * config.hidden_size * 4
-    if not flex:
-        per_layer += batch * config.n_head * length * length * 4
-    return per_layer * config.n_layer
+        mine, best = plan_run(cfg, p.model_config, machine_here(cfg))
+    except JobError as e:  # a DeepSpeed file or attention kind that cannot work: its own row (deepspeed, devices)
+        return Check("memory", True, f"not planned: {e.cause}")
+    if cfg.plan == "auto" and best is not None:
+        p.cfg = with_settings(cfg, best.settings)
+        return Check("memory", True, f"--plan auto: {why(best.settings, mine.settings)}; " + _plan_summary(best))
+    if not mine.fits:
+        error = refusal(mine, best)
+        return Check("memory", False, error.cause, error.fix or "")
+    return Check("memory", True, _plan_summary(mine))
 
 
-def device_memory(where: str) -> int:
-    if where == "cuda":
-        import torch
+def _plan_summary(plan) -> str:
+    from job.run.memory_plan import gib
 
-        return torch.cuda.get_device_properties(0).total_memory
-    import psutil
-
-    return psutil.virtual_memory().available
+    where = "GPU" if plan.machine.device == "cuda" else "process"
+    return (
+        f"{gib(plan.total)} per {where} of {gib(plan.machine.gpu_memory)} (parameters {gib(plan.parameters)}, "
+        f"gradients {gib(plan.gradients)}, optimizer {gib(plan.optimizer)}, activations {gib(plan.activations)}, "
+        f"buffers {gib(plan.buffers)}); CPU {gib(plan.cpu_need)} of {gib(plan.machine.cpu_memory)}"
+    )
 
 
 def check_disk(p: Preflight) -> Check:
@@ -441,9 +430,9 @@ CHECKS: list[Callable[[Preflight], Check]] = [
     check_data,
     check_tokenizer,
     check_model,
+    check_memory,  # before the resume checks: --plan auto may change settings a resumed run must keep
     check_inputs,
     check_resume,
-    check_memory,
     check_disk,
 ]
 

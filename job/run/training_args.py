@@ -43,6 +43,9 @@ def run_training_arguments(
         seed=cfg.seed,
         data_seed=cfg.seed,
         torch_compile=cfg.torch_compile,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        # non-reentrant: the blocks take their attention inputs as keywords, which the reentrant form cannot carry
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         dataloader_num_workers=cfg.dataloader_workers,
         dataloader_pin_memory=not use_cpu,
         dataloader_persistent_workers=cfg.dataloader_workers > 0,

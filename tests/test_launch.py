@@ -86,7 +86,7 @@ def test_one_node_lets_torchrun_pick_the_port(monkeypatch):
     assert parsed.standalone  # torchrun binds localhost:0 itself: nothing probed, nothing to race for
 
 
-def test_nodes_meet_at_a_c10d_rendezvous_and_restart_together(monkeypatch, tmp_path):
+def test_nodes_meet_at_a_c10d_rendezvous_and_end_together_on_a_failure(monkeypatch, tmp_path):
     configs = []
     for rank in ("0", "2"):
         cfg, _ = resolve_topology(
@@ -97,7 +97,8 @@ def test_nodes_meet_at_a_c10d_rendezvous_and_restart_together(monkeypatch, tmp_p
     for launch in configs:
         assert launch.rdzv_backend == "c10d" and launch.rdzv_endpoint == "run-node-0-0.run:29400"
         assert (launch.min_nodes, launch.max_nodes, launch.nproc_per_node) == (4, 4, 8)
-        assert launch.max_restarts > 0 and int(launch.rdzv_configs["join_timeout"]) == RENDEZVOUS_JOIN_TIMEOUT_S
+        # no in-place restart: every node's torchrun ends when one fails, and Kubernetes replaces every pod
+        assert launch.max_restarts == 0 and int(launch.rdzv_configs["join_timeout"]) == RENDEZVOUS_JOIN_TIMEOUT_S
     assert configs[0].run_id == configs[1].run_id  # one rendezvous for every node of the run
     other, _ = resolve_topology(RunConfig.load(output_dir=str(tmp_path / "other")), KUBEFLOW_ENV)
     launch, _ = _torchrun_config(torchrun_command(other, 8, Path("run/run_config.json")), monkeypatch)

@@ -39,9 +39,11 @@ from job.run.resume import check_prepared_tokenizer
 
 log = logging.getLogger("job")
 
-# torchrun restarts every node's workers (a new c10d rendezvous round, each resuming from the newest complete
-# checkpoint) up to this many times when a worker or a node fails; one node alone has nothing to wait for.
-MULTINODE_RESTARTS = 3
+# No in-place restarts: when a worker or a node fails, torchrun on every node ends, and Kubernetes replaces
+# every pod (JobSet, TrainJob, Indexed Job alike), which then resume from the newest complete checkpoint. A
+# surviving launcher that restarts in place and waits for a replacement node minutes later does not re-form the
+# group: the new round dies on the c10d store's 60 s timeouts (k8s/README.md, "One pod replaced").
+MULTINODE_RESTARTS = 0
 LAUNCHER_PID_ENV = "JOB_LAUNCHER_PID"  # torchrun ends with the launcher that started it
 # How long a node waits for the others to join (torchrun's default, 600 s, is shorter than a cold image pull).
 RENDEZVOUS_JOIN_TIMEOUT_S = 1800
@@ -215,7 +217,7 @@ def torchrun_command(cfg: RunConfig, nproc: int, config_path: Path) -> list[str]
 
     One node without a port: `--standalone`, torchrun binds a free port itself (no probe-then-bind race).
     Otherwise a c10d rendezvous at master_addr:master_port: the ranks are assigned when every node has
-    joined, and a failed worker or node restarts all of them (a replacement pod joins the new round).
+    joined; a failed worker or node ends torchrun on every node, and Kubernetes starts every pod anew.
     """
     if cfg.nnodes == 1 and cfg.master_port is None:
         rendezvous = ["--standalone"]
@@ -240,7 +242,7 @@ def torchrun_command(cfg: RunConfig, nproc: int, config_path: Path) -> list[str]
         str(nproc),
         *rendezvous,
         "--max-restarts",
-        str(MULTINODE_RESTARTS if cfg.nnodes > 1 else 0),
+        str(MULTINODE_RESTARTS),
         "-m",
         "job",
         "worker",

@@ -213,6 +213,23 @@ build: ## Build IMAGE:TAG from docker/Dockerfile with ENGINE (podman|docker; BAS
 image-test: ## Build the CPU image here (local base, torch from WHEELS) and test it in the container (ENGINE=podman|docker)
 	ENGINE=$(if $(filter command line environment,$(origin ENGINE)),$(ENGINE),podman) docker/image-test.sh
 
+# Every workload's pod template, rendered as k8s-render renders it plus the CI-only patches of k8s/ci/NAME (sizes
+# and steps: tiny model, 40 steps, no GPU limits), run as a kubelet would in containers of the image-test image
+# (tools/cluster_test.py; k8s/README.md, "What make cluster-test runs"). CLUSTER_CASES= some of prepare train
+# jobset trainjob indexed; REPLACE_DELAY_S: when the Indexed Job's replacement pod arrives.
+CLUSTER_IMAGE ?= localhost/bloom-zh-job:test
+CLUSTER_CASES ?=
+REPLACE_DELAY_S ?= 30
+K8S_CI_BUILD ?= output/k8s-ci
+.PHONY: cluster-test
+cluster-test: setup ## Run every manifest's pods in containers of the image-test image (multi-node on a podman network)
+	BUILD_ONLY=1 IMAGE=$(CLUSTER_IMAGE) ENGINE=podman docker/image-test.sh
+	@$(MAKE) --no-print-directory k8s-render K8S_BUILD=$(K8S_CI_BUILD) IMAGE=$(firstword $(subst :, ,$(CLUSTER_IMAGE))) \
+		TAG=$(lastword $(subst :, ,$(CLUSTER_IMAGE))) GPUS=1 CPUS=1 MEMORY=6Gi NNODES=2 \
+		$(foreach o,$(K8S_OVERLAYS),'k8s-base.$(o)=$(k8s-base.$(o)) k8s/ci/$(o)')
+	$(PY) -m tools.cluster_test --rendered $(K8S_CI_BUILD) --image $(CLUSTER_IMAGE) --work output/cluster-test \
+		--replace-delay-s $(REPLACE_DELAY_S) $(CLUSTER_CASES)
+
 push: ## Push IMAGE:TAG to its registry with ENGINE (after make build)
 	$(CHECK_TAG)
 	$(ENGINE) push $(IMAGE):$(TAG)

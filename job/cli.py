@@ -18,24 +18,15 @@ from typing import NoReturn
 import click
 
 from job.core import run_files
-from job.core.config import GROUPS, RunConfig, field_meta, flag, prepare_fields, read_config_file
-from job.core.errors import (
-    EXIT_BAD_INPUT,
-    EXIT_CRASH,
-    EXIT_PREEMPTED,
-    JobError,
-    Stopped,
-    crash_summary,
-    raise_if_disk_full,
-    stop_at_once,
-)
+from job.core.config import GROUPS, RunConfig, field_meta, field_types, flag, prepare_fields, read_config_file
+from job.core.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_PREEMPTED, JobError, crash_summary, raise_if_disk_full
 from job.core.logs import FORMATS, LOG_FORMAT_ENV, setup_logging
-from job.core.mix import is_mix
+from job.core.signals import Stopped, stop_at_once
 from job.core.termination import no_termination_message, record_termination
 from job.model.sampling import READING_SAMPLES as READING
 
 # Fields a command line can set (a list, like `prompts`, comes from a --config file only).
-_HINTS = typing.get_type_hints(RunConfig)
+_HINTS = field_types()
 TRAIN_FIELDS = [name for name in RunConfig.field_names() if typing.get_origin(_HINTS[name]) is not list]
 
 
@@ -87,11 +78,13 @@ def _recipe_values(args: list[str]) -> dict:
 def _option(name: str):
     """The Click option of a RunConfig field, from its type and metadata (None = not given)."""
     meta = field_meta(name)
-    hint = typing.get_type_hints(RunConfig)[name]
+    hint = _HINTS[name]
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     base = next(t for t in options if t is not type(None))
     default = next(f for f in dataclasses.fields(RunConfig) if f.name == name).default
     text = meta["help"] + (f"  [default: {default}]" if default not in (None, dataclasses.MISSING, "") else "")
+    if meta["text"] is not None:  # a structured value: its text, parsed once by RunConfig
+        return click.option(flag(name), name, type=str, default=None, help=text)
     if base is bool:
         return click.option(f"{flag(name)}/--no-{flag(name)[2:]}", name, default=None, help=text)
     if typing.get_origin(base) is typing.Literal:
@@ -182,19 +175,19 @@ def cli(ctx, debug: bool, log_format: str | None):
 )
 def prepare(config, output, shard, **values):
     """Tokenize, add eos, pack or truncate a corpus once; print its stats.json."""
-    from job.data.corpus import load_corpus
+    from job.data.corpus import load_run_corpus
     from job.data.mix import sources
     from job.data.prepare import Shard
     from job.data.prepare import prepare as run_prepare
-    from job.data.tokenizer import resolve_tokenizer
+    from job.data.tokenizer import run_tokenizer
 
     part = Shard.parse(shard) if shard is not None else None  # before anything is read or written
     cfg = _load(config, values)
     if sources(cfg):
         _prepare_mix(cfg, output, part)
         return
-    corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
-    tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
+    corpus = load_run_corpus(cfg)
+    tokenizer = run_tokenizer(cfg)
     result = run_prepare(cfg, tokenizer, output, corpus=corpus, shard=part)
     shown = {"path": str(result.path), "cache_hit": result.cache_hit, **result.stats}
     click.echo(json.dumps({**shown, **({"shard": part.name} if part else {})}, ensure_ascii=False, indent=2))
@@ -204,15 +197,15 @@ def _prepare_mix(cfg: RunConfig, output: str | None, part) -> None:
     """`prepare` of a --data mix: each source on its own, into OUTPUT/NAME (default: the cache); prints the
     `--prepared` mix that trains on them."""
     from job.data.mix import load_source_corpora, prepare_mix, sources
-    from job.data.tokenizer import resolve_tokenizer
+    from job.data.tokenizer import run_tokenizer
 
     if part is not None:
         raise JobError("--shard takes one source, not a --data mix", "prepare each source of the mix on its own")
     corpora = load_source_corpora(cfg, sources(cfg))  # all readable before anything is written
-    tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
+    tokenizer = run_tokenizer(cfg)
     prepared, done = prepare_mix(cfg, tokenizer, corpora, output)
     shown = {n: {"path": str(r.path), "cache_hit": r.cache_hit, **r.stats} for n, r in done.items()}
-    click.echo(json.dumps({"prepared": prepared, "sources": shown}, ensure_ascii=False, indent=2))
+    click.echo(json.dumps({"prepared": str(prepared), "sources": shown}, ensure_ascii=False, indent=2))
 
 
 @cli.command()
@@ -222,14 +215,14 @@ def _prepare_mix(cfg: RunConfig, output: str | None, part) -> None:
 @click.option("--output", required=True, type=click.Path(), help="a new or empty folder for the HF tokenizer")
 def tokenizer(data, text_column, vocab_size, output):
     """Train a Bloom-style byte-level BPE on a corpus (a mix: on every source's documents, whatever the weights)."""
-    from job.data.corpus import TEXT, load_corpus
+    from job.data.corpus import TEXT, load_run_corpus
     from job.data.mix import load_source_corpora, sources
     from job.data.tokenizer import check_new_folder, train_tokenizer
 
     cfg = RunConfig.load(data=data, text_column=text_column, vocab_size=vocab_size)  # defaults and ranges
     check_new_folder(Path(output))  # before reading the corpus: a wrong --output fails in a second
     mix = sources(cfg)
-    corpora = list(load_source_corpora(cfg, mix).values()) if mix else [load_corpus(cfg.data, cfg.text_column)]
+    corpora = list(load_source_corpora(cfg, mix).values()) if mix else [load_run_corpus(cfg)]
     tok = train_tokenizer((row[TEXT] for c in corpora for row in c.rows), cfg.vocab_size, Path(output))
     click.echo(json.dumps({"output": output, "vocab_size": len(tok), "eos": tok.eos_token, "pad": tok.pad_token}))
 
@@ -253,7 +246,12 @@ def train(config, **values):
 
 
 @cli.command(hidden=True)
-@click.option("--config", required=True, type=click.Path(exists=True))
+@click.option(
+    "--config",
+    required=True,
+    type=click.Path(exists=True),
+    help="the run's run_config.json (written by train); its launch comes from train through the environment",
+)
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, help="set by launchers")
 def worker(config, local_rank):
     """One training process (started by `train` through torchrun or the deepspeed launcher)."""
@@ -460,7 +458,7 @@ def bench(config, steps, warmup, synthetic, compare, tokenize_mode, repeats, sca
 
     profile_steps, train_steps = values.pop("profile_steps"), values.pop("train_steps")
     cfg = _load(config, values)
-    if (prepare_mode or tokenize_mode) and is_mix(cfg.data):
+    if (prepare_mode or tokenize_mode) and cfg.data is not None and cfg.data.mixed:
         raise JobError(
             "bench --tokenize/--prepare measures one corpus, and --data is a mix", "pass one source's path as --data"
         )

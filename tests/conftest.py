@@ -112,10 +112,22 @@ TINY_RUN = dict(
 )
 
 
-def train_args(**options) -> list[str]:
-    """`train` and a `--name value` flag per keyword (underscores become dashes), TINY_RUN's first: later ones win."""
-    flags = {**TINY_RUN, **options}
+def train_args(tiny: bool = True, **options) -> list[str]:
+    """`train` and a `--name value` flag per keyword (underscores become dashes), TINY_RUN's first unless `tiny` is
+    False (a run as a recipe sets it): later ones win."""
+    flags = {**(TINY_RUN if tiny else {}), **options}
     return ["train", *(part for name, value in flags.items() for part in (f"--{name.replace('_', '-')}", str(value)))]
+
+
+def launch_of(cfg, **launch_settings):
+    """The launch `train` would resolve for `cfg` with these launch settings (nproc, nnodes, ...) and no
+    environment."""
+    import dataclasses
+
+    from job.core.topology import resolve_topology
+    from job.run.launch_record import resolve_launch
+
+    return resolve_launch(resolve_topology(dataclasses.replace(cfg, **launch_settings), {})[0])
 
 
 def complete_checkpoint(output: Path, step: int) -> Path:

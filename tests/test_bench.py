@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -156,11 +157,19 @@ def test_sweep_stopped_by_sigterm_stops_its_running_step(tmp_path):
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)},  # its work folders stay here
     )
+
+    def step_running() -> list:
+        """The step's processes once the step has exec'd its command (the sweep has its Popen back by then)."""
+        with contextlib.suppress(psutil.Error):
+            children = psutil.Process(sweep.pid).children(recursive=True)
+            if any("job" in child.cmdline() for child in children):
+                return children
+        return []
+
     deadline = time.monotonic() + 60
-    while not (children := psutil.Process(sweep.pid).children(recursive=True)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    while not (children := step_running()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert children, "the sweep started no step"
-    time.sleep(1)
     sweep.send_signal(signal.SIGTERM)
     out, _ = sweep.communicate(timeout=30)
     assert sweep.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in out, out[-3000:]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
 from job.core.config import RECIPES_DIR, RunConfig
-from job.core.errors import JobError
+from job.core.errors import EXIT_BAD_INPUT, JobError
 from job.run.deepspeed_config import check_batch_arithmetic, deepspeed_config
+from tests.conftest import REPO, launch_of
 
 
 def test_precedence_defaults_recipe_flags():
@@ -55,8 +59,10 @@ def test_bad_deepspeed_files(tmp_path):
         deepspeed_config(RunConfig.load(deepspeed=str(broken)))
     broken.write_text(json.dumps({"train_batch_size": 100, "zero_optimization": {"stage": 2}}))
     with pytest.raises(JobError, match=r"train_batch_size=100 but batch 16 x accumulation 4 x 2 processes = 128"):
-        check_batch_arithmetic(RunConfig.load(deepspeed=str(broken)), world_size=2)
-    check_batch_arithmetic(RunConfig.load(deepspeed=str(broken), grad_accum=25, per_device_batch_size=2), 2)
+        cfg = RunConfig.load(deepspeed=str(broken))
+        check_batch_arithmetic(cfg, launch_of(cfg, nproc=2))
+    cfg = RunConfig.load(deepspeed=str(broken), grad_accum=25, per_device_batch_size=2)
+    check_batch_arithmetic(cfg, launch_of(cfg, nproc=2))
 
 
 def test_training_arguments_follow_the_config(tmp_path):
@@ -136,3 +142,55 @@ def test_deepspeed_blocks_must_agree_with_the_run(tmp_path):
     path.write_text(json.dumps({"scheduler": {"params": {"warmup_num_steps": 5}}}))
     with pytest.raises(JobError, match="warmup_num_steps=5 but the run has --warmup-steps=10"):
         check_optimizer_blocks(RunConfig.load(deepspeed=str(path)))
+
+
+def test_structured_values_are_typed_and_keep_their_json_form(tmp_path):
+    """Parsed once at the boundary: readers get typed values; run_config.json keeps the text an older run wrote."""
+    from job.core.config import DEFAULT_DS_CONFIG, ResumeFrom
+    from job.core.data_spec import DataSpec, Source
+
+    cfg = RunConfig.load(
+        data="4:wiki=/data/wiki,1:replay=org/replay",
+        report_to="tensorboard, wandb",
+        dataset_ids="a/b, c/d",
+        flex_kernel_options='{"fwd_num_warps": 8}',
+        resume=str(tmp_path),
+    )
+    assert cfg.data == DataSpec((Source("wiki", 4.0, "/data/wiki"), Source("replay", 1.0, "org/replay")), True)
+    assert cfg.data.probabilities() == [0.8, 0.2]
+    assert cfg.report_to == ("tensorboard", "wandb") and cfg.dataset_ids == ("a/b", "c/d")
+    assert cfg.flex_kernel_options == {"fwd_num_warps": 8} and cfg.resume == ResumeFrom("folder", tmp_path)
+    assert cfg.deepspeed == DEFAULT_DS_CONFIG and RunConfig.load(deepspeed="none").deepspeed is None
+    assert RunConfig.load(report_to="none").report_to == ()
+    written = cfg.to_dict()
+    assert (written["data"], written["report_to"], written["deepspeed"], written["resume"]) == (
+        "4:wiki=/data/wiki,1:replay=org/replay",
+        "tensorboard,wandb",
+        "default",
+        str(tmp_path),
+    )
+    older = {**written, "dataset_ids": None}  # what a run folder of an earlier version holds
+    (tmp_path / "run_config.json").write_text(json.dumps(older))
+    assert RunConfig.load(str(tmp_path / "run_config.json")) == dataclasses.replace(cfg, dataset_ids=())
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("tensorboard,none", "--report-to 'tensorboard,none' names none beside integrations"),
+        ("tensorboard,,wandb", "--report-to 'tensorboard,,wandb' has an empty item"),
+    ],
+)
+def test_report_to_with_none_beside_an_integration_is_refused_before_anything_is_written(tmp_path, value, message):
+    output = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "job", "train", "--report-to", value, "--output-dir", str(output)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message} -- "), proc.stderr
+    assert not output.exists()

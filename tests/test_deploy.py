@@ -435,7 +435,8 @@ def test_plain_jobs_fail_fast_on_bad_input_and_do_not_count_preemption(rendered)
         for job in (d for d in docs if d["kind"] == "Job"):
             spec, seen = job["spec"], seen + 1
             assert spec["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy requires it
-            assert spec["backoffLimit"] >= 1 and spec["activeDeadlineSeconds"] > 0
+            retries = spec.get("backoffLimit", spec.get("backoffLimitPerIndex", 0))  # per index: the Indexed Job
+            assert retries >= 1 and spec["activeDeadlineSeconds"] > 0
             assert spec["ttlSecondsAfterFinished"] > 0 and spec["podReplacementPolicy"] == "Failed"
             rules = _pod_failure_rules(spec)
             fail = set().union(*(codes for action, codes, _ in rules if action == "FailJob"))

@@ -13,7 +13,7 @@ from job.core.config import RunConfig
 from job.core.errors import JobError
 from job.core.weights import check_weights
 from job.run import preflight as doctor
-from job.run.checks import Check, Preflight
+from job.run.check_results import Check, Preflight
 from job.run.resume import check_output
 from tests.conftest import REPO, complete_checkpoint, tiny_bloom
 

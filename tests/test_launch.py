@@ -21,8 +21,7 @@ from job.core.config import RunConfig
 from job.core.errors import EXIT_CRASH, EXIT_MEANINGS, EXIT_PREEMPTED
 from job.core.topology import resolve_topology
 from job.run.launch import RENDEZVOUS_JOIN_TIMEOUT_S, torchrun_command
-from tests.conftest import KUBEFLOW_ENV, REPO, tiny_bloom
-from tests.conftest import train_args as shared_train_args
+from tests.conftest import KUBEFLOW_ENV, REPO, tiny_bloom, train_args
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -36,10 +35,10 @@ def job_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "job", *args]
 
 
-def train_args(model: Path, tokenizer: Path, data: Path, output: Path, *extra: str) -> list[str]:
+def two_process_run(model: Path, tokenizer: Path, data: Path, output: Path, *extra: str) -> list[str]:
     """A tiny 2-process run of STEPS steps with a checkpoint every 4; EXTRA flags come last and win."""
     return [
-        *shared_train_args(
+        *train_args(
             model=model,
             tokenizer=tokenizer,
             data=data,
@@ -87,7 +86,7 @@ def test_one_node_lets_torchrun_pick_the_port(monkeypatch):
     assert parsed.standalone  # torchrun binds localhost:0 itself: nothing probed, nothing to race for
 
 
-def test_nodes_meet_at_a_c10d_rendezvous_and_restart_together(monkeypatch, tmp_path):
+def test_nodes_meet_at_a_c10d_rendezvous_and_end_together_on_a_failure(monkeypatch, tmp_path):
     configs = []
     for rank in ("0", "2"):
         cfg, _ = resolve_topology(
@@ -98,7 +97,8 @@ def test_nodes_meet_at_a_c10d_rendezvous_and_restart_together(monkeypatch, tmp_p
     for launch in configs:
         assert launch.rdzv_backend == "c10d" and launch.rdzv_endpoint == "run-node-0-0.run:29400"
         assert (launch.min_nodes, launch.max_nodes, launch.nproc_per_node) == (4, 4, 8)
-        assert launch.max_restarts > 0 and int(launch.rdzv_configs["join_timeout"]) == RENDEZVOUS_JOIN_TIMEOUT_S
+        # no in-place restart: every node's torchrun ends when one fails, and Kubernetes replaces every pod
+        assert launch.max_restarts == 0 and int(launch.rdzv_configs["join_timeout"]) == RENDEZVOUS_JOIN_TIMEOUT_S
     assert configs[0].run_id == configs[1].run_id  # one rendezvous for every node of the run
     other, _ = resolve_topology(RunConfig.load(output_dir=str(tmp_path / "other")), KUBEFLOW_ENV)
     launch, _ = _torchrun_config(torchrun_command(other, 8, Path("run/run_config.json")), monkeypatch)
@@ -144,7 +144,7 @@ def reference(inputs):
     """The uninterrupted ZeRO-2 run every other run is compared with."""
     model, tok, data, root = inputs
     output = root / "ref"
-    assert run(train_args(model, tok, data, output), root / "ref.log") == 0, (root / "ref.log").read_text()[-3000:]
+    assert run(two_process_run(model, tok, data, output), root / "ref.log") == 0, (root / "ref.log").read_text()[-3000:]
     return output
 
 
@@ -175,7 +175,7 @@ def _stage_run(inputs, stage: str) -> Path:
     output = root / f"stage-{stage}"
     if not (output / "final").exists():
         flags = _stage_flags(stage)
-        assert run(train_args(model, tok, data, output, *flags), root / f"{stage}.log") == 0, (
+        assert run(two_process_run(model, tok, data, output, *flags), root / f"{stage}.log") == 0, (
             root / f"{stage}.log"
         ).read_text()[-3000:]
     return output
@@ -213,22 +213,8 @@ def test_two_nodes_rendezvous_and_follow_the_same_curve(inputs, reference):
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
-        args = train_args(
-            model,
-            tok,
-            data,
-            output,
-            "--nproc",
-            "1",
-            "--nnodes",
-            "2",
-            "--node-rank",
-            str(rank),
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            port,
-        )  # click keeps the last value
+        node = ["--nproc", "1", "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1"]
+        args = two_process_run(model, tok, data, output, *node, "--master-port", port)  # click keeps the last value
         log = (root / f"node{rank}.log").open("w")
         procs.append((subprocess.Popen(job_command(*args), stdout=log, stderr=subprocess.STDOUT, env=_env()), log))
     deadline = time.time() + 600
@@ -244,6 +230,9 @@ def test_two_nodes_rendezvous_and_follow_the_same_curve(inputs, reference):
     for rank, (proc, log) in enumerate(procs):
         assert proc.returncode == 0, (root / f"node{rank}.log").read_text()[-3000:]
         log.close()
+    # the node rank came from a flag (no launch variable): node 1's launcher names itself node1
+    launch_lines = [line for line in (root / "node1.log").read_text().splitlines() if " launch: " in line]
+    assert launch_lines and all(" node1 " in line for line in launch_lines), launch_lines
     ours, ref = losses(output), losses(reference)
     assert sorted(ours) == sorted(ref)
     for step in ref:
@@ -353,7 +342,7 @@ def test_a_signal_in_training_checkpoints_exits_75_and_resume_continues_the_curv
         flags += ["--grad-accum", "4"]
     if moment == "eval":  # evaluation after every step takes most of the time: the signal lands in one
         flags += ["--eval-steps", "1", "--eval-batches", "30"]
-    args = train_args(model, tok, data, output, *flags)
+    args = two_process_run(model, tok, data, output, *flags)
     with (root / f"{name}.log").open("w") as log:
         proc = _start(args, log)
         if moment == "save":  # the Trainer has begun writing checkpoint-4
@@ -386,9 +375,8 @@ def test_signal_before_training_exits_promptly_and_writes_nothing_to_resume(inpu
     """During data preparation (1 process) or while the workers load the model (2): 75 within seconds.
 
     The moment is made, not hoped for: each test has its own cache (so preparation always runs), and the one-process
-    case prepares a corpus 40 times the usual (seconds of tokenizing) once its `launch:` line is out. (It used to
-    share the cache and prepare 399 documents in well under a second: under load the signal could land after
-    training had begun, and with DataLoader workers such a run could then hang at exit.)"""
+    case prepares a corpus 40 times the usual (seconds of tokenizing) once its `launch:` line is out: a small
+    corpus prepares in well under a second, and under load the signal could land after training had begun."""
     from job.data.corpus import builtin_articles
     from tests.conftest import write_jsonl
 
@@ -397,7 +385,7 @@ def test_signal_before_training_exits_promptly_and_writes_nothing_to_resume(inpu
     output = root / name
     if nproc == "1":
         data = write_jsonl(root / f"{name}.jsonl", builtin_articles()[:400] * 40)
-    args = train_args(model, tok, data, output, "--nproc", nproc)
+    args = two_process_run(model, tok, data, output, "--nproc", nproc)
     with (root / f"{name}.log").open("w") as log:
         proc = _start(args, log)
         mark = "launching:" if nproc == "2" else " launch: "  # torchrun starts / preparation starts
@@ -413,7 +401,7 @@ def test_signal_before_training_exits_promptly_and_writes_nothing_to_resume(inpu
 def test_kill_during_a_save_loses_only_that_save(inputs, reference):
     model, tok, data, root = inputs
     output = root / "killed"
-    args = train_args(model, tok, data, output)
+    args = two_process_run(model, tok, data, output)
     for _attempt in range(3):  # the kill must land inside the save of checkpoint-8
         if output.exists():
             import shutil
@@ -480,7 +468,9 @@ def _resume_elsewhere(inputs, source: Path, checkpoint: str, name: str, nproc: s
     output = root / name
     later = {p.name for p in checkpoints.all_checkpoints(source) if checkpoints.step_of(p) > int(checkpoint)}
     shutil.copytree(source, output, ignore=lambda d, names: {"final", "exit_status.json", "job.lock", *later})
-    args = train_args(model, tok, data, output, "--nproc", nproc, "--grad-accum", accum, "--save-steps", "2", *flags)
+    args = two_process_run(
+        model, tok, data, output, "--nproc", nproc, "--grad-accum", accum, "--save-steps", "2", *flags
+    )
     assert run(args, root / f"{name}.log") == 0, (root / f"{name}.log").read_text()[-3000:]
     return output
 
@@ -513,7 +503,7 @@ def test_other_stages_resume_on_fewer_processes(inputs, reference, stage):
 def test_another_process_count_that_changes_the_global_batch_is_refused(inputs, reference):
     model, tok, data, _ = inputs
     proc = subprocess.run(
-        job_command(*train_args(model, tok, data, reference, "--nproc", "1", "--max-steps", "20")),
+        job_command(*two_process_run(model, tok, data, reference, "--nproc", "1", "--max-steps", "20")),
         capture_output=True,
         text=True,
         env=_env(),
@@ -543,7 +533,7 @@ def test_a_finished_one_process_run_with_dataloader_workers_exits_within_seconds
     the rank must stop them itself, or `done:` is printed and the process never exits."""
     model, tok, data, root = inputs
     output, log_path = root / f"ends-{attempt}", root / f"ends-{attempt}.log"
-    args = train_args(model, tok, data, output, "--nproc", "1", "--deepspeed", "none", "--dataloader-workers", "2")
+    args = two_process_run(model, tok, data, output, "--nproc", "1", "--deepspeed", "none", "--dataloader-workers", "2")
     args[args.index("--max-steps") + 1] = "4"
     with log_path.open("w") as log:
         proc = _start(args, log)
@@ -587,20 +577,8 @@ def test_a_failing_one_process_run_with_dataloader_workers_exits(inputs):
         )
         == 0
     ), (root / "fails-prepare.log").read_text()[-3000:]
-    args = train_args(
-        model,
-        tok,
-        data,
-        output,
-        "--nproc",
-        "1",
-        "--deepspeed",
-        "none",
-        "--dataloader-workers",
-        "2",
-        "--prepared",
-        str(prepared),
-    )
+    one_process = ["--nproc", "1", "--deepspeed", "none", "--dataloader-workers", "2"]
+    args = two_process_run(model, tok, data, output, *one_process, "--prepared", str(prepared))
     limit = 64 * 1024  # the logs fit, a checkpoint of the model does not
 
     def small_files():
@@ -631,7 +609,9 @@ def test_a_failing_one_process_run_with_dataloader_workers_exits(inputs):
             pytest.fail(f"a failed run did not exit:\n{log_path.read_text()[-3000:]}")
     assert code not in (0, EXIT_PREEMPTED), log_path.read_text()[-3000:]
     assert "File too large" in log_path.read_text()
-    time.sleep(1)
+    deadline = time.time() + 30  # they die with their rank: the kernel may take a moment to reap them
+    while _alive(workers) and time.time() < deadline:
+        time.sleep(0.05)
     assert _alive(workers) == [], "DataLoader workers outlived their rank"
 
 
@@ -642,7 +622,7 @@ def test_a_killed_launcher_leaves_nothing_training_and_holds_the_folder_until_al
 
     model, tok, data, root = inputs
     output, log_path = root / "orphan", root / "orphan.log"
-    args = train_args(model, tok, data, output, "--dataloader-workers", "2")
+    args = two_process_run(model, tok, data, output, "--dataloader-workers", "2")
     args[args.index("--max-steps") + 1] = "5000"  # far more than the test waits: an orphaned run would go on
     with log_path.open("w") as log:
         proc = _start(args, log)

@@ -132,3 +132,14 @@ def test_an_unknown_log_format_is_one_line_exit_2(fresh_logging):
         "error: JOB_LOG_FORMAT='yaml' is not a log format -- use one of: text, json"
     ]
     assert "--log-format [text|json]" in CliRunner().invoke(cli, ["--help"]).output
+
+
+def test_a_launcher_names_its_resolved_node_rank(monkeypatch):
+    """`--node-rank 1` given as a flag (no launch variable set): the launcher's lines say node1, not node0."""
+    from job.core import logs
+
+    monkeypatch.setattr(logs, "_NODE_RANK", [])
+    assert logs.rank_label({}) == "node0"
+    logs.set_node_rank(1)
+    assert logs.rank_label({}) == "node1"
+    assert logs.rank_label({"RANK": "3"}) == "rank3"  # a worker names its global rank

@@ -1,10 +1,11 @@
-"""A weighted data mix (job/core/mix.py, job/data/mix.py): the `--data`/`--prepared` syntax and its refusals, the
+"""A weighted data mix (job/core/data_spec.py, job/data/mix.py): the `--data`/`--prepared` syntax and its refusals, the
 interleaving by weight and seed, and whole CPU runs on a mix: per-source held-out metrics in metrics.jsonl, the report
 and the model card, a SIGTERM mid-epoch that resumes to the very same curve, and a changed mix that refuses to
 resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from job.core.config import RunConfig, comparable
+from job.core.data_spec import Source, format_mix, parse_mix, probabilities
 from job.core.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, JobError
-from job.core.mix import Source, format_mix, parse_mix, probabilities
 from tests.conftest import REPO, tiny_bloom, train_args, write_jsonl
 
 
@@ -57,6 +58,9 @@ def test_a_mix_parses_in_order_and_one_path_stays_one_source():
         ("a=x,b=y", "--data item 'a=x' is not WEIGHT:NAME=PATH"),
         ("1:a=,1:b=y", "--data item '1:a=' is not WEIGHT:NAME=PATH"),
         ("1:a b=x,1:c=y", "--data source name 'a b' is not letters"),
+        # an all_exhausted epoch lasts until the rarest source is read whole: the ratio bounds its length
+        ("1:a=x,1e-300:b=y", "--data weight of 'a' is 1e\\+300 times that of 'b', more than 1000"),
+        ("1001:a=x,1:b=y,2:c=z", "weight of 'a' is 1e\\+03 times that of 'b', more than 1000"),
     ],
 )
 def test_a_bad_mix_is_refused_when_the_config_loads(text, message):
@@ -65,6 +69,13 @@ def test_a_bad_mix_is_refused_when_the_config_loads(text, message):
     assert e.value.fix  # one line: cause -- fix
     with pytest.raises(JobError, match="--prepared"):
         RunConfig.load(prepared=text)
+
+
+def test_huge_equal_weights_are_shares_that_sum_to_one():
+    """Weights are relative: 1e308 and 1e308 are 50/50 (their sum would overflow to inf)."""
+    spec = RunConfig.load(data="1e308:a=x,1e308:b=y").data
+    assert spec.probabilities() == [0.5, 0.5]
+    assert RunConfig.load(data="1000:a=x,1:b=y").data.probabilities() == pytest.approx([1000 / 1001, 1 / 1001])
 
 
 def _corpora(root: Path) -> tuple[Path, Path]:
@@ -119,7 +130,7 @@ def test_each_source_is_prepared_as_a_run_on_it_alone(prepared_mix, tmp_path, ti
     prepared, done = prepared_mix
     alone = prepare(RunConfig.load(data=str(tmp_path / "news.jsonl"), max_length=32, eval_fraction=0.1), tiny_tokenizer)
     assert alone.cache_hit and alone.path == done["news"].path  # today's cache key, rows and split
-    assert parse_mix(prepared) == [
+    assert list(prepared.sources) == [
         Source("news", 3, str(done["news"].path)),
         Source("replay", 1, str(done["replay"].path)),
     ]
@@ -149,11 +160,14 @@ def test_the_training_set_draws_by_weight_with_the_seed(prepared_mix):
     assert {r for r in whole if r in sources["news"]} == sources["news"]
     assert {r for r in whole if r in sources["replay"]} == sources["replay"]
     assert len(whole) > len(drawn) and len(whole) > len(set(whole))
+    # weights whose sum overflows a float still draw (datasets refuses shares that do not sum to 1)
+    huge = dataclasses.replace(prepared, sources=tuple(dataclasses.replace(s, weight=1e308) for s in prepared.sources))
+    assert len(load_mix(huge, 42, "first_exhausted")["train"]) > 0
 
 
 def test_a_prepared_mix_of_other_layouts_is_refused(prepared_mix, tmp_path, tiny_tokenizer):
     from job.data.prepare import prepare
-    from job.run.checks import Preflight
+    from job.run.check_results import Preflight
     from job.run.preflight import check_data
 
     prepared, _ = prepared_mix

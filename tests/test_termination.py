@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from job import cli as cli_module
 from job.core import run_files, termination
-from job.core.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, JobError, Stopped
+from job.core.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, JobError
+from job.core.signals import Stopped
 from tests.conftest import REPO, complete_checkpoint, train_args
 
 

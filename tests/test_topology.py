@@ -27,7 +27,7 @@ def test_the_torchrun_environment_fills_what_no_flag_sets():
         "master_addr": "PET_MASTER_ADDR",
         "master_port": "PET_MASTER_PORT",
     }
-    detail = check_topology(cfg, sources).detail
+    detail = check_topology(cfg, sources, 8).detail
     assert "nnodes=4 (PET_NNODES)" in detail and "node_rank=2 (PET_NODE_RANK)" in detail
 
 
@@ -41,7 +41,7 @@ def test_flags_win_over_the_environment():
         "flag",
         "PET_NPROC_PER_NODE",
     ]
-    assert "node_rank=1 (flag)" in check_topology(cfg, sources).detail
+    assert "node_rank=1 (flag)" in check_topology(cfg, sources, 8).detail
 
 
 def test_an_indexed_job_gives_the_node_rank():
@@ -58,7 +58,7 @@ def test_defaults_without_flags_or_environment():
     cfg, sources = resolve_topology(RunConfig.load(), {})
     assert set(sources.values()) == {"default"}
     assert (cfg.nproc, cfg.nnodes, cfg.node_rank, cfg.master_addr, cfg.master_port) == (None, 1, 0, "127.0.0.1", None)
-    assert "master_port=any" in check_topology(cfg, sources).detail
+    assert "master_port=any" in check_topology(cfg, sources, 8).detail
 
 
 @pytest.mark.parametrize(

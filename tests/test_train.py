@@ -15,13 +15,18 @@ from pathlib import Path
 import pytest
 
 from job.core.config import RunConfig
-from tests.conftest import REPO
+from tests.conftest import REPO, launch_of, train_args
 
 pytestmark = pytest.mark.slow
 
 
 def _env():
     return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+
+
+def quickstart_args(data: Path, tokenizer: Path, output: Path, **options) -> list[str]:
+    """`train` as a user starts it: the quickstart recipe on DATA with TOKENIZER into OUTPUT, then OPTIONS."""
+    return train_args(tiny=False, config="quickstart", data=data, tokenizer=tokenizer, output_dir=output, **options)
 
 
 @pytest.fixture(scope="module")
@@ -33,35 +38,20 @@ def trained(tmp_path_factory, tiny_tokenizer_dir):
     root = tmp_path_factory.mktemp("train")
     write_jsonl(root / "docs.jsonl", builtin_articles()[:300])
     output = root / "out"
-    args = [
-        "train",
-        "--config",
-        "quickstart",
-        "--data",
-        str(root / "docs.jsonl"),
-        "--tokenizer",
-        str(tiny_tokenizer_dir),
-        "--output-dir",
-        str(output),
-        "--max-length",
-        "64",
-        "--max-steps",
-        "40",
-        "--per-device-batch-size",
-        "8",
-        "--grad-accum",
-        "1",
-        "--logging-steps",
-        "5",
-        "--eval-steps",
-        "20",
-        "--save-steps",
-        "20",
-        "--learning-rate",
-        "3e-3",
-        "--eval-fraction",
-        "0.1",
-    ]
+    args = quickstart_args(
+        root / "docs.jsonl",
+        tiny_tokenizer_dir,
+        output,
+        max_length=64,
+        max_steps=40,
+        per_device_batch_size=8,
+        grad_accum=1,
+        logging_steps=5,
+        eval_steps=20,
+        save_steps=20,
+        learning_rate="3e-3",
+        eval_fraction=0.1,
+    )
     env = {**_env(), "JOB_TERMINATION_LOG": str(root / "termination-log")}
     proc = subprocess.run(
         [sys.executable, "-m", "job", *args],
@@ -83,7 +73,7 @@ def test_everything_the_run_wrote_is_readable_by_other_users(trained):
 
     output, _ = trained
     cfg = RunConfig.load(str(output / "run_config.json"))
-    written = [output, *output.rglob("*"), Path(cfg.prepared), *Path(cfg.prepared).rglob("*")]
+    written = [output, *output.rglob("*"), Path(cfg.prepared.path), *Path(cfg.prepared.path).rglob("*")]
     unreadable = [
         str(p)
         for p in written
@@ -189,13 +179,20 @@ def test_a_run_trains_on_a_sharded_prepared_dataset(tmp_path, tiny_tokenizer_dir
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "set" / "shards.json").exists()
-    run = ["--prepared", str(tmp_path / "set"), "--tokenizer", str(tiny_tokenizer_dir), "--preset", "tiny"]
-    run += ["--max-steps", "2", "--deepspeed", "none", "--report-to", "none", "--eval-batches", "1", "--nproc", "1"]
-    run += ["--per-device-batch-size", "4", "--grad-accum", "1", "--dataloader-workers", "0", "--device", "cpu"]
-    run += ["--output-dir", str(tmp_path / "run")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "job", "train", *run], capture_output=True, text=True, env=_env(), timeout=600
+    run = train_args(
+        prepared=tmp_path / "set",
+        tokenizer=tiny_tokenizer_dir,
+        preset="tiny",
+        max_steps=2,
+        deepspeed="none",
+        report_to="none",
+        eval_batches=1,
+        nproc=1,
+        grad_accum=1,
+        device="cpu",
+        output_dir=tmp_path / "run",
     )
+    proc = subprocess.run([sys.executable, "-m", "job", *run], capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in r for r in records)
@@ -243,7 +240,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_
         prompts=[],
     )
     cfg = dataclasses.replace(cfg, prepared=str(prepare(cfg, tiny_tokenizer).path))
-    trainer = build_trainer(cfg, callbacks=[])
+    trainer = build_trainer(cfg, launch_of(cfg), callbacks=[])
     real_compute_loss = trainer.compute_loss
 
     def poisoned(model, inputs, **kwargs):  # the loss turns NaN from step 5 on, as after a blow-up
@@ -338,10 +335,20 @@ def test_a_signal_during_the_export_exits_75_and_the_rerun_exports_without_train
 
     write_jsonl(tmp_path / "docs.jsonl", builtin_articles()[:100])
     output = tmp_path / "out"
-    command = [sys.executable, "-m", "job", "train", "--config", "quickstart", "--data", str(tmp_path / "docs.jsonl")]
-    command += ["--tokenizer", str(tiny_tokenizer_dir), "--output-dir", str(output), "--max-length", "32"]
-    command += ["--max-steps", "2", "--per-device-batch-size", "4", "--grad-accum", "1", "--eval-fraction", "0"]
-    command += ["--dataloader-workers", "0", "--report-to", "none", "--deepspeed", "none"]
+    flags = quickstart_args(
+        tmp_path / "docs.jsonl",
+        tiny_tokenizer_dir,
+        output,
+        max_length=32,
+        max_steps=2,
+        per_device_batch_size=4,
+        grad_accum=1,
+        eval_fraction=0,
+        dataloader_workers=0,
+        report_to="none",
+        deepspeed="none",
+    )
+    command = [sys.executable, "-m", "job", *flags]
     for _attempt in range(3):  # the signal must land while final.partial is being written and checked
         shutil.rmtree(output, ignore_errors=True)
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())

@@ -22,9 +22,13 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from job.core import run_files
-from job.core.files import atomic_write_json, atomic_write_text, refuse_link, share
+from job.core.files import apply_umask, atomic_write_json, atomic_write_text, refuse_link
+
+if TYPE_CHECKING:
+    from job.core.config import ResumeFrom
 
 MARKER = "COMPLETE"
 WRITING = ".job-writing"  # this job is writing the checkpoint (it may delete it if the save never completes)
@@ -68,12 +72,12 @@ def _staging_name() -> str:
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """The marked checkpoints whose contents match their marker, oldest first."""
-    return [p for p in all_checkpoints(output_dir) if (p / MARKER).exists() and distrust(p) is None]
+    return [p for p in all_checkpoints(output_dir) if (p / MARKER).exists() and untrusted_reason(p) is None]
 
 
 def damaged_checkpoints(output_dir: Path) -> list[tuple[Path, str]]:
     """Marked checkpoints whose contents no longer match the marker, with what is wrong."""
-    return [(p, why) for p in all_checkpoints(output_dir) if (p / MARKER).exists() and (why := distrust(p))]
+    return [(p, why) for p in all_checkpoints(output_dir) if (p / MARKER).exists() and (why := untrusted_reason(p))]
 
 
 def latest_complete(output_dir: Path) -> Path | None:
@@ -91,8 +95,8 @@ def begin(output_dir: Path, step: int) -> None:
 
 def mark_complete(checkpoint: Path, step: int) -> None:
     """After every rank has written `checkpoint`: give it the umask's permissions, then mark it complete with the
-    step and the size of every file, which `distrust` checks before the checkpoint is used."""
-    share(checkpoint)
+    step and the size of every file, which `untrusted_reason` checks before the checkpoint is used."""
+    apply_umask(checkpoint)
     files = {
         str(f.relative_to(checkpoint)): f.stat().st_size
         for f in sorted(checkpoint.rglob("*"))
@@ -102,7 +106,7 @@ def mark_complete(checkpoint: Path, step: int) -> None:
     (checkpoint / WRITING).unlink(missing_ok=True)
 
 
-def distrust(checkpoint: Path) -> str | None:
+def untrusted_reason(checkpoint: Path) -> str | None:
     """Why the checkpoint's contents do not match its `COMPLETE` marker (None: they do)."""
     try:
         marker = json.loads((checkpoint / MARKER).read_text(encoding="utf-8"))
@@ -154,12 +158,12 @@ def step_of(checkpoint: Path) -> int:
     return trainer_state(checkpoint)["global_step"]
 
 
-def resume_point(resume: str, output_dir: Path) -> Path | None:
+def resume_point(resume: ResumeFrom, output_dir: Path) -> Path | None:
     """The checkpoint `--resume` names: auto = the newest complete one (None: start from scratch)."""
-    if resume == "never":
+    if resume.mode == "never":
         return None
-    if resume != "auto":
-        return Path(resume)
+    if resume.mode == "folder":
+        return resume.folder
     return latest_complete(output_dir)
 
 
@@ -209,7 +213,7 @@ def export_final(
             shutil.copy2(path, staging / path.name)
     for name, text in (texts or {}).items():
         (staging / name).write_text(text, encoding="utf-8")
-    share(staging)  # copies keep the checkpoint's modes; the export is for others to read
+    apply_umask(staging)  # copies keep the checkpoint's modes; the export is for others to read
     verify_export(staging, expected_parameters)
     record_hashes(staging)  # of what was verified: `push` uploads only these bytes
     if final.exists():

@@ -7,11 +7,18 @@ Each field is declared once, with `opt(default, help, ...)`: its help text (the 
 values (a `Literal` type becomes a Click choice), the range it must fall in, whether a resumed run may change
 it, and whether it names a path (compared after resolving). The CLI, the validation and the resume check all
 read that metadata; nothing else lists fields.
+
+A value with structure (a data mix, the resume mode, the logging integrations, the DeepSpeed file, hub ids, kernel
+options) is written as text on the command line and in `run_config.json`, and parsed once, here, into a typed
+value (`opt(..., text=TextForm(parse, write))`): every reader gets the typed value, and an existing run folder's
+JSON still loads.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -22,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from job.core.data_spec import DataSpec
 from job.core.errors import JobError
 from job.core.files import atomic_write_json
-from job.core.mix import comparable_mix, is_mix, parse_mix
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # job/
 RECIPES_DIR = PACKAGE_DIR / "recipes"
@@ -39,7 +46,7 @@ FlexCompileMode = Literal["default", "max-autotune-no-cudagraphs"]
 Offload = Literal["none", "optimizer", "all"]  # ZeRO-Offload: what moves from the GPUs to CPU memory (or NVMe)
 PlanMode = Literal["check", "auto", "off"]  # job.run.memory_plan: refuse what does not fit, choose, or skip
 MixUntil = Literal["first_exhausted", "all_exhausted"]  # datasets.interleave_datasets' stopping strategies
-MIX_FIELDS = ("data", "prepared")  # the fields that take a weighted mix of sources (job.core.mix)
+MIX_FIELDS = ("data", "prepared")  # the fields that take a weighted mix of sources (job.core.data_spec)
 
 
 def cache_root() -> Path:
@@ -48,6 +55,82 @@ def cache_root() -> Path:
     if root.exists() and not root.is_dir():
         raise JobError(f"JOB_CACHE={root} is a file, not a folder", "set JOB_CACHE to a folder (it is created)")
     return root
+
+
+# ---------------------------------------------------------------------------------------- typed text values
+@dataclass(frozen=True)
+class TextForm:
+    """How a structured field reads from its text (a flag, a config file, run_config.json) and is written back."""
+
+    parse: Callable[[str, str], Any]  # (text, flag) -> the typed value; raises JobError naming the flag
+    write: Callable[[Any], Any] = str  # the typed value -> its JSON form
+
+
+@dataclass(frozen=True)
+class ResumeFrom:
+    """`--resume`: `auto` (the newest complete checkpoint), `never` (a fresh run only), or a checkpoint folder."""
+
+    mode: Literal["auto", "never", "folder"]
+    folder: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str, option: str = "--resume") -> ResumeFrom:
+        if text in ("auto", "never"):
+            return cls(text)
+        if not Path(text).is_dir():
+            raise JobError(
+                f"{option} {text!r} is neither auto, never nor a checkpoint folder",
+                "use --resume auto to continue from the newest complete checkpoint",
+            )
+        return cls("folder", Path(text))
+
+    def __str__(self) -> str:
+        return str(self.folder) if self.mode == "folder" else self.mode
+
+
+def parse_report_to(text: str, option: str = "--report-to") -> tuple[str, ...]:
+    """`tensorboard,wandb` -> ("tensorboard", "wandb"); `none` alone -> () (no integration)."""
+    names = tuple(name.strip() for name in text.split(","))
+    if any(not name for name in names):
+        raise JobError(
+            f"{option} {text!r} has an empty item", "name integrations separated by commas, e.g. tensorboard"
+        )
+    if "none" in names and len(names) > 1:
+        raise JobError(f"{option} {text!r} names none beside integrations", "give none alone, or only integrations")
+    return () if names == ("none",) else names
+
+
+def parse_deepspeed(text: str, option: str = "--deepspeed") -> Path | None:
+    """`default` -> the packaged file, `none` -> None (plain DDP), else the file's path."""
+    if text.lower() == "none":
+        return None
+    return DEFAULT_DS_CONFIG if text == "default" else Path(text)
+
+
+def write_deepspeed(path: Path | None) -> str:
+    return "none" if path is None else "default" if path == DEFAULT_DS_CONFIG else str(path)
+
+
+def parse_hub_ids(text: str, option: str = "--dataset-ids") -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def parse_json_object(text: str, option: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise JobError(f"{option} {text!r} is not a JSON object", 'write it as {"NAME": VALUE, ...}')
+    return value
+
+
+DATA_SPEC = TextForm(DataSpec.parse)
+RESUME = TextForm(ResumeFrom.parse)
+REPORT_TO = TextForm(parse_report_to, lambda names: ",".join(names) or "none")
+DEEPSPEED = TextForm(parse_deepspeed, write_deepspeed)
+HUB_IDS = TextForm(parse_hub_ids, ",".join)
+JSON_OBJECT = TextForm(parse_json_object, lambda value: json.dumps(value) if value else "")
 
 
 # ------------------------------------------------------------------------------------------ field metadata
@@ -81,11 +164,21 @@ def opt(
     bound: Bound | None = None,
     path: bool = False,
     factory: Callable[[], Any] | None = None,
+    text: TextForm | None = None,
 ):
     """A RunConfig field: default, CLI help, its concern (`GROUPS`), whether `prepare` reads it, whether a resumed run
-    may change it, its range, whether it is a path."""
+    may change it, its range, whether it is a path, and how it reads from text when it has structure (`TextForm`:
+    the default is then given as text too)."""
     assert group in GROUPS, group
-    metadata = {"help": help, "group": group, "prepare": prepare, "resumable": resumable, "bound": bound, "path": path}
+    metadata = {
+        "help": help,
+        "group": group,
+        "prepare": prepare,
+        "resumable": resumable,
+        "bound": bound,
+        "path": path,
+        "text": text,
+    }
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -97,14 +190,16 @@ class RunConfig:
     settings; then the prepared inputs) into a value no stage changes: a new stage gets a `dataclasses.replace`."""
 
     # --- data (prepare) ---
-    data: str | None = opt(
+    data: DataSpec | None = opt(
         None,
         "corpus: save_to_disk folder, .json/.jsonl(.gz)/.parquet files, folder or glob, or hub id "
         "(default: built-in People's Daily); or a weighted mix WEIGHT:NAME=PATH,... "
-        "(e.g. 0.8:wiki=/data/wiki.jsonl,0.2:replay=/data/replay.parquet; see the README's Data mix)",
+        "(e.g. 0.8:wiki=/data/wiki.jsonl,0.2:replay=/data/replay.parquet; the largest weight at most 1000 times the "
+        "smallest; see the README's Data mix)",
         group="data",
         prepare=True,
         path=True,
+        text=DATA_SPEC,
     )
     text_column: str = opt("completion", "the column holding the documents' text", group="data", prepare=True)
     max_samples: int | None = opt(
@@ -129,12 +224,13 @@ class RunConfig:
         resumable=True,
         bound=at_least(1),
     )
-    prepared: str | None = opt(
+    prepared: DataSpec | None = opt(
         None,
         "a folder written by `prepare` (skips preparation); or a mix of them, WEIGHT:NAME=FOLDER,...",
         group="data",
         resumable=True,
         path=True,
+        text=DATA_SPEC,
     )  # resumable as a path: the inputs' fingerprints (with a mix's weights) are what a resume compares
     mix_until: MixUntil = opt(
         "first_exhausted",
@@ -225,11 +321,12 @@ class RunConfig:
     device: Device = opt(
         "auto", "auto: CUDA when visible, else CPU; cuda insists on GPUs", group="distributed", resumable=True
     )
-    deepspeed: str = opt(
+    deepspeed: Path | None = opt(
         "default",
         "DeepSpeed JSON file; default: the ZeRO-2 file ds_config.json at the repository root; none: plain DDP",
         group="distributed",
         path=True,
+        text=DEEPSPEED,
     )
     zero_stage: int | None = opt(
         None, "ZeRO stage 0-3 (overrides the DeepSpeed file's)", group="distributed", bound=between(0, 4)
@@ -301,12 +398,13 @@ class RunConfig:
     )  # resumable: a run folder moved or copied elsewhere is still that run
     save_steps: int = opt(500, "checkpoint every N steps", group="checkpoints", resumable=True, bound=at_least(1))
     save_total_limit: int = opt(2, "complete checkpoints kept", group="checkpoints", resumable=True, bound=at_least(1))
-    resume: str = opt(
+    resume: ResumeFrom = opt(
         "auto",
         "auto (newest complete checkpoint), never, or a checkpoint folder",
         group="checkpoints",
         resumable=True,
         path=True,
+        text=RESUME,
     )
     shutdown_timeout_s: int = opt(
         600, "seconds a signalled run gets to checkpoint", group="checkpoints", resumable=True, bound=at_least(1)
@@ -331,11 +429,12 @@ class RunConfig:
     base_model: str | None = opt(
         None, "hub id of --model, for the model card (e.g. Langboat/bloom-389m-zh)", group="checkpoints", resumable=True
     )
-    dataset_ids: str | None = opt(
-        None,
+    dataset_ids: tuple[str, ...] = opt(
+        "",
         "hub ids of the data, comma-separated, for the model card (default: --data when it is a hub id)",
         group="checkpoints",
         resumable=True,
+        text=HUB_IDS,
     )
     # --- throughput levers (each exact; `make bench-gpu` measures them one at a time) ---
     torch_compile: bool = opt(False, "torch.compile the model", group="throughput levers")
@@ -347,11 +446,11 @@ class RunConfig:
     flex_compile_mode: FlexCompileMode = opt(
         "default", "torch.compile mode of FlexAttention", group="throughput levers"
     )
-    flex_kernel_options: str = opt(
+    flex_kernel_options: dict[str, Any] = opt(
         "",
         'JSON object for flex_attention(kernel_options=...), e.g. {"fwd_num_warps": 8}',
         group="throughput levers",
-        bound=(lambda v: _is_json_object(v), "a JSON object"),
+        text=JSON_OBJECT,
     )
     fused_gelu: bool = opt(
         True,
@@ -383,11 +482,12 @@ class RunConfig:
     eval_batches: int = opt(
         0, "held-out batches per evaluation (0: all)", group="logging", resumable=True, bound=at_least(0)
     )
-    report_to: str = opt(
+    report_to: tuple[str, ...] = opt(
         "tensorboard",
-        "logging integrations, comma-separated (tensorboard, wandb, ...; none: off)",
+        "logging integrations, comma-separated (tensorboard, wandb, ...; none alone: off)",
         group="logging",
         resumable=True,
+        text=REPORT_TO,
     )
     prompts: list[str] = opt(
         None,
@@ -419,10 +519,15 @@ class RunConfig:
                 f"unknown config key(s) {', '.join(unknown)}",
                 f"valid keys are: {', '.join(cls.field_names())}",
             )
-        hints = typing.get_type_hints(cls)
+        hints = field_types()
         return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})  # validated in __post_init__
 
     def __post_init__(self) -> None:
+        # The text of a structured value becomes its typed value (flags, files, run_config.json, a `replace`).
+        for f in dataclasses.fields(self):
+            form, value = f.metadata["text"], getattr(self, f.name)
+            if form is not None and isinstance(value, str):
+                object.__setattr__(self, f.name, form.parse(value, flag(f.name)))
         self.validate()  # also for every `dataclasses.replace` of a resolved config
 
     def validate(self) -> None:
@@ -442,8 +547,6 @@ class RunConfig:
             if not ok:
                 raise JobError(cause, fix)
 
-        for name in MIX_FIELDS:  # a malformed mix: refused before anything is read
-            parse_mix(getattr(self, name), flag(name))
         need(
             self.epochs > 0 or self.max_steps > 0,
             "nothing to train: --epochs is 0 and --max-steps is not set",
@@ -469,26 +572,29 @@ class RunConfig:
             "--offload-nvme names where offloaded states go, but --offload is none",
             "add --offload optimizer or --offload all",
         )
-        need(
-            self.resume in ("auto", "never") or Path(self.resume).is_dir(),
-            f"--resume {self.resume!r} is neither auto, never nor a checkpoint folder",
-            "use --resume auto to continue from the newest complete checkpoint",
-        )
 
     # ------------------------------------------------------------------ rendering
     @property
     def uses_deepspeed(self) -> bool:
-        return self.deepspeed.lower() != "none"
+        return self.deepspeed is not None
 
     @property
     def deepspeed_file(self) -> Path | None:
         """The DeepSpeed JSON file this run reads (None: plain DDP)."""
-        if not self.uses_deepspeed:
-            return None
-        return DEFAULT_DS_CONFIG if self.deepspeed == "default" else Path(self.deepspeed)
+        return self.deepspeed
+
+    @property
+    def source_data(self) -> DataSpec | None:
+        """The data as given: `--prepared` when set, else `--data` (None: the built-in corpus)."""
+        return self.prepared if self.prepared is not None else self.data
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The JSON form (`run_config.json`): each structured value as its text."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value, form = getattr(self, f.name), f.metadata["text"]
+            out[f.name] = form.write(value) if form is not None and value is not None else copy.deepcopy(value)
+        return out
 
     def write(self, path: Path) -> None:
         """Write the effective config (every node's launcher may write it at once: each whole)."""
@@ -498,6 +604,12 @@ class RunConfig:
 def flag(name: str) -> str:
     """The CLI flag of a RunConfig field."""
     return "--" + name.replace("_", "-")
+
+
+@functools.cache
+def field_types() -> dict[str, Any]:
+    """Each RunConfig field's type (`typing.get_type_hints`, read once)."""
+    return typing.get_type_hints(RunConfig)
 
 
 def field_meta(name: str) -> dict[str, Any]:
@@ -516,9 +628,12 @@ def resumable_fields() -> frozenset[str]:
 
 def comparable(name: str, value: Any) -> Any:
     """A field's value as two runs are compared: a path that exists is resolved (trailing slash, ./, relative)."""
-    if name in MIX_FIELDS and is_mix(value):
-        return comparable_mix(value)
-    if field_meta(name)["path"] and isinstance(value, str) and value not in ("auto", "never", "none"):
+    if name in MIX_FIELDS and isinstance(value, str):
+        spec = DataSpec.parse(value, flag(name))
+        if spec.mixed:
+            return spec.comparable()
+    words = {"resume": ("auto", "never"), "deepspeed": ("default", "none")}.get(name, ())  # values that name no path
+    if field_meta(name)["path"] and isinstance(value, str) and value not in words:
         path = Path(value).expanduser()
         return str(path.resolve()) if path.exists() or path.parent.exists() else value
     return value
@@ -551,15 +666,6 @@ def read_config_file(name_or_path: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise JobError(f"config file {path} holds a {type(values).__name__}, not an object", 'write {"key": value}')
     return {k: v for k, v in values.items() if not k.startswith("_")}  # "_comment" keys are documentation
-
-
-def _is_json_object(text: str) -> bool:
-    if not text:
-        return True
-    try:
-        return isinstance(json.loads(text), dict)
-    except json.JSONDecodeError:
-        return False
 
 
 class CoercionError(ValueError):
@@ -603,7 +709,12 @@ def coerce(value: Any, hint: Any, *, from_text: bool = False) -> Any:
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Check a config value against its field's type."""
+    """Check a config value against its field's type (a structured field: its text, parsed in __post_init__)."""
+    if field_meta(name)["text"] is not None:
+        if isinstance(value, str):
+            return value
+        if value is None and type(None) not in typing.get_args(hint):  # a JSON null (an older record): unset
+            return next(f.default for f in dataclasses.fields(RunConfig) if f.name == name)
     try:
         return coerce(value, hint)
     except CoercionError as e:

@@ -1,7 +1,7 @@
 """How the job writes files: whole or not at all, readable as the user's umask says, and one run per lock.
 
 Every file the job writes goes through `atomic_write_text` / `atomic_write_json` (a reader sees the old file or
-the new one, never half) or is given the umask's permissions after a library wrote it (`share`), so a serving
+the new one, never half) or is given the umask's permissions after a library wrote it (`apply_umask`), so a serving
 pod or a colleague with another uid on the same volume can read what a run produced. `FileLock` is `filelock`'s
 lock (the kernel drops it when its holder dies, so a killed run leaves nothing stuck) plus the holder's pid and
 host written into the lock file, which a refused second run names.
@@ -26,7 +26,7 @@ def umask() -> int:
     return mask
 
 
-def share(path: Path) -> None:
+def apply_umask(path: Path) -> None:
     """Give `path` (and everything below a folder) the permissions a plain `open`/`mkdir` would have had.
 
     Libraries write through `tempfile.mkstemp`/`mkdtemp` then rename (0600 files, 0700 folders); this undoes that,

@@ -46,12 +46,23 @@ NOISE: tuple[tuple[str, str], ...] = (
 _NOISE = [(prefix.lower(), re.compile(pattern)) for prefix, pattern in NOISE]
 
 
+_NODE_RANK: list[int] = []  # this launcher's node rank once resolved (a flag or the environment)
+
+
+def set_node_rank(rank: int) -> None:
+    """Name this launcher's node in its log lines from now on (`--node-rank` as well as the environment)."""
+    _NODE_RANK[:] = [rank]
+
+
 def rank_label(environ: dict[str, str] | None = None) -> str:
-    """`rank{RANK}` in a worker, else `node{N}` (a launcher: the node rank from the launch environment)."""
+    """`rank{RANK}` in a worker, else `node{N}` (a launcher: its resolved node rank, until then the launch
+    environment's)."""
     environ = os.environ if environ is None else environ
     rank = environ.get("RANK", "").strip()
     if rank:
         return f"rank{rank}"
+    if _NODE_RANK:
+        return f"node{_NODE_RANK[0]}"
     node = next((environ[v].strip() for v in TOPOLOGY_ENV["node_rank"] if environ.get(v, "").strip()), "0")
     return f"node{node}"
 

@@ -1,5 +1,5 @@
 """`OUTPUT/metrics.jsonl`: the record type its writer (the worker's `MetricsFileCallback`) and its readers (the
-report, publish) share, how a record is written, and how the file is read back as one consistent history.
+report, finish) share, how a record is written, and how the file is read back as one consistent history.
 
 A record is one Trainer log (its own keys: `loss`, `grad_norm`, `learning_rate`, `eval_loss`, `eval_runtime`, ...)
 plus the keys below; a resumed run appends a `train_begin` event and the reader drops what the resume repeats.

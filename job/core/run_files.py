@@ -3,17 +3,18 @@
 | name | written by | what it is |
 | --- | --- | --- |
 | `run_config.json` | launch | the effective run config every worker reads |
+| `launch.json` | launch | the launch as node 0 resolved it (`job.run.launch_record.Launch`) |
 | `inputs.json` | launch | fingerprints of tokenizer, data and model, compared when the run resumes |
 | `job.lock` | launch | held by the running job (node 0's launcher): one run per folder |
 | `checkpoint-N/` | worker | Trainer checkpoints; only those with `COMPLETE` count |
 | `metrics.jsonl` | worker | every log record (`job.core.metrics_log`) |
 | `tensorboard/` | worker | TensorBoard events |
 | `samples_before.json` | worker | generations of the untrained model, for the report |
-| `final/` | publish | the verified HF export, with its model card `README.md` and `SHA256SUMS` |
-| `report.md`, `loss.png`, `throughput.png` | publish | the run's report |
+| `final/` | finish | the verified HF export, with its model card `README.md` and `SHA256SUMS` |
+| `report.md`, `loss.png`, `throughput.png` | finish | the run's report |
 | `tracking.json` | worker | the W&B / MLflow run this folder continues, and the last step each was sent |
 | `tracking/` | worker | W&B's run files and caches, MLflow's file store, where the user set none |
-| `exit_status.json` | worker / publish | the verdict: exit code and message |
+| `exit_status.json` | worker / finish | the verdict: exit code and message |
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from job.core.files import atomic_write_json
 
 RUN_CONFIG = "run_config.json"
 INPUTS = "inputs.json"
+LAUNCH = "launch.json"
 LOCK = "job.lock"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -35,7 +37,7 @@ HASHES = "SHA256SUMS"  # in final/: the content hash of every file the export ve
 REPORT = "report.md"
 LOSS_PNG = "loss.png"
 THROUGHPUT_PNG = "throughput.png"
-STATUS = "exit_status.json"
+EXIT_STATUS = "exit_status.json"
 TRACKING = "tracking.json"
 NAMES = (
     RUN_CONFIG,
@@ -48,14 +50,14 @@ NAMES = (
     REPORT,
     LOSS_PNG,
     THROUGHPUT_PNG,
-    STATUS,
+    EXIT_STATUS,
     TRACKING,
 )
 
 
 def write_status(output: Path, code: int, message: str) -> None:
     """Rank 0's verdict, which the launcher returns as its exit code (torchrun itself only exits 0 or 1)."""
-    atomic_write_json(output / STATUS, {"code": code, "message": message})
+    atomic_write_json(output / EXIT_STATUS, {"code": code, "message": message})
 
 
 def write_status_if_possible(output: Path, code: int, message: str) -> bool:
@@ -72,7 +74,7 @@ def write_status_if_possible(output: Path, code: int, message: str) -> bool:
 
 def recorded_status(output: Path) -> dict | None:
     """Rank 0's verdict, {"code", "message"}, if one was recorded."""
-    path = output / STATUS
+    path = output / EXIT_STATUS
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 from pathlib import Path
 
-from job.core.config import CoercionError, RunConfig, coerce, field_meta, flag
+from job.core.config import CoercionError, RunConfig, coerce, field_meta, field_types, flag
 from job.core.errors import JobError
 
 TOPOLOGY_ENV = {
@@ -72,7 +71,7 @@ def _env_value(name: str, variable: str, text: str) -> int | str | None:
     text = text.strip()
     if name == "nproc" and text in ("auto", "gpu"):
         return None  # torchrun's words for "one process per GPU": our default too
-    hint = typing.get_type_hints(RunConfig)[name]
+    hint = field_types()[name]
     try:
         value = coerce(text, hint, from_text=True)
     except CoercionError:

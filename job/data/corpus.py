@@ -84,6 +84,11 @@ def _record_batches(files: list[str]):
             yield from pa.ipc.open_stream(source)
 
 
+def load_run_corpus(cfg) -> Corpus:
+    """The corpus of a run on one source (`cfg.data`'s, else the built-in), as its config reads it."""
+    return load_corpus(cfg.data.path if cfg.data is not None else None, cfg.text_column, cfg.max_samples)
+
+
 def load_corpus(source: str | None, text_column: str = TEXT, max_samples: int | None = None) -> Corpus:
     """Load documents from `source` (None: the built-in corpus), keep non-empty texts, first `max_samples`.
 

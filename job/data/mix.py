@@ -1,4 +1,4 @@
-"""A weighted mix of sources (`job.core.mix`), prepared and read.
+"""A weighted mix of sources (`job.core.data_spec`), prepared and read.
 
 Each source is prepared on its own by `job.data.prepare.prepare` (its own cache entry, its own held-out split); the
 training set interleaves their train splits with `datasets.interleave_datasets`, drawing a source per row by weight
@@ -16,21 +16,22 @@ import shutil
 from pathlib import Path
 
 from job.core.config import RunConfig
+from job.core.data_spec import DataSpec, Source
 from job.core.errors import JobError
-from job.core.mix import Source, format_mix, parse_mix, probabilities
 
 log = logging.getLogger("job")
 
 
 def sources(cfg: RunConfig) -> list[Source] | None:
     """The mix this run reads (`--prepared` when given, else `--data`); None for one source."""
-    return parse_mix(cfg.prepared, "--prepared") if cfg.prepared else parse_mix(cfg.data, "--data")
+    spec = cfg.source_data
+    return list(spec.sources) if spec is not None and spec.mixed else None
 
 
 def source_config(cfg: RunConfig, source: Source) -> RunConfig:
     """`cfg` for one source of a mix: exactly the config of a run on that source alone."""
     field = "prepared" if cfg.prepared else "data"
-    return dataclasses.replace(cfg, **{field: source.path})
+    return dataclasses.replace(cfg, **{field: DataSpec.one(source.path)})
 
 
 def load_source_corpus(cfg: RunConfig, source: Source):
@@ -67,7 +68,9 @@ def _paths(folder: Path) -> set[Path]:
     return {folder, *folder.rglob("*")} if folder.is_dir() else set()
 
 
-def prepare_mix(cfg: RunConfig, tokenizer, corpora: dict | None = None, output: str | None = None) -> tuple[str, dict]:
+def prepare_mix(
+    cfg: RunConfig, tokenizer, corpora: dict | None = None, output: str | None = None
+) -> tuple[DataSpec, dict]:
     """Prepare each source of `cfg.data`'s mix as a run on it alone would (into OUTPUT/NAME, default the cache),
     reusing loaded `corpora`; every source is read before anything is written. Returns the `--prepared` mix of
     their folders (the same weights) and each source's `Prepared`."""
@@ -81,32 +84,34 @@ def prepare_mix(cfg: RunConfig, tokenizer, corpora: dict | None = None, output: 
         done[s.name] = result = prepare(source_config(cfg, s), tokenizer, folder, corpus=corpora[s.name])
         counts = {k: result.stats[k] for k in ("documents", "tokens", "rows")}
         log.info("data %s %s: %s (%s)", s.name, "cached" if result.cache_hit else "prepared", result.path, counts)
-    return format_mix([dataclasses.replace(s, path=str(done[s.name].path)) for s in mix]), done
+    return cfg.data.with_paths({name: str(result.path) for name, result in done.items()}), done
 
 
 def prepared_splits(cfg: RunConfig) -> set[str]:
     """The splits `cfg.prepared` holds (a mix: those any of its sources holds)."""
     from job.data.prepare import read_prepared_stats
 
-    mix = sources(cfg)
-    folders = [s.path for s in mix] if mix else [cfg.prepared]
+    folders = [s.path for s in cfg.prepared.sources]
     return {split for folder in folders for split in ("train", "eval") if split in read_prepared_stats(folder)}
 
 
-def load_mix(prepared: str, seed: int, until: str) -> dict:
+def load_mix(prepared: DataSpec, seed: int, until: str) -> dict:
     """The training set of a `--prepared` mix and its held-out splits: {"train": Dataset, "eval": {name: Dataset}}
     ("eval" absent when no source holds one out)."""
     import datasets
 
     from job.data.prepare import load_prepared
 
-    mix = parse_mix(prepared, "--prepared")
+    mix = prepared.sources
     parts = {s.name: load_prepared(s.path) for s in mix}
     empty = [s.name for s in mix if len(parts[s.name]["train"]) == 0]
     if empty:
         raise JobError(f"source {empty[0]} has no training rows", "give it more documents")
     train = datasets.interleave_datasets(
-        [parts[s.name]["train"] for s in mix], probabilities=probabilities(mix), seed=seed, stopping_strategy=until
+        [parts[s.name]["train"] for s in mix],
+        probabilities=prepared.probabilities(),
+        seed=seed,
+        stopping_strategy=until,
     )
     evals = {name: part["eval"] for name, part in parts.items() if "eval" in part and len(part["eval"])}
     return {"train": train, **({"eval": evals} if evals else {})}

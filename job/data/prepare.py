@@ -40,9 +40,9 @@ import numpy as np
 
 from job.core.config import RunConfig, cache_root
 from job.core.errors import JobError, raise_if_disk_full
-from job.core.files import FileLock, atomic_write_json, new_folder, refuse_link, share
+from job.core.files import FileLock, apply_umask, atomic_write_json, new_folder, refuse_link
 from job.core.topology import usable_cpus
-from job.data.corpus import Corpus, load_corpus
+from job.data.corpus import Corpus, load_run_corpus
 from job.data.tokenizer import tokenizer_fingerprint
 
 log = logging.getLogger("job")
@@ -138,7 +138,7 @@ def prepare(
     dataset's key and stats, and the shards in order), which makes the folder one prepared dataset: the rows and
     stats of one process.
     """
-    corpus = corpus or load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
+    corpus = corpus or load_run_corpus(cfg)
     key = {
         "layout_version": LAYOUT_VERSION,
         "corpus": corpus.fingerprint,
@@ -335,7 +335,7 @@ def _write(staging: Path, corpus: Corpus, cfg: RunConfig, tokenizer, key: dict, 
     (staging / CONTENTS_FILE).write_text(json.dumps(contents, indent=2) + "\n")
     (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     (staging / KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")  # written last: marks it complete
-    share(staging)
+    apply_umask(staging)
     return stats
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from job.core.config import cache_root
 from job.core.errors import JobError
-from job.core.files import FileLock, new_folder, share
+from job.core.files import FileLock, apply_umask, new_folder
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0-3, as in Bloom
 # Bloom's split: runs of non-space, non-punctuation characters keep one leading space.
@@ -101,6 +101,11 @@ def check_specials(tokenizer, where: str) -> None:
         )
 
 
+def run_tokenizer(cfg):
+    """The tokenizer a run's config names (`resolve_tokenizer` of its fields)."""
+    return resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
+
+
 def resolve_tokenizer(tokenizer: str | None, model: str | None, vocab_size: int, trust_remote_code: bool = False):
     """`--tokenizer`, else the model's own, else the built-in BPE."""
     if tokenizer:
@@ -133,7 +138,7 @@ def _save_atomically(tokenizer, output: Path) -> None:
     staging = new_folder(output.parent, f".{output.name}.")
     try:
         tokenizer.save_pretrained(str(staging))
-        share(staging)
+        apply_umask(staging)
         if output.exists():
             output.rmdir()  # empty (check_new_folder)
         staging.rename(output)

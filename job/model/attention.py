@@ -28,6 +28,7 @@ On CPU flex runs uncompiled and forward-only (torch has no FlexAttention backwar
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from types import MethodType
@@ -100,7 +101,7 @@ def install_attention(model, kind: str, flex: FlexSettings | None = None) -> Non
         for module in [base, *attentions]:
             module.__dict__.pop("forward", None)
     else:
-        base.forward = MethodType(_bloom_model_forward, base)
+        base.forward = patched_forward(base, _bloom_model_forward)
         for module in attentions:
             module.forward = MethodType(_bloom_attention_forward, module)
             module.job_flex = flex or FlexSettings()
@@ -167,7 +168,7 @@ def flex_block_mask(docs: torch.Tensor, valid: torch.Tensor | None, fold: bool =
     """The same mask as `allowed_mask`, as a FlexAttention `BlockMask` (blocks outside every document skipped).
 
     `fold` (the default) folds padding into the document ids, so `mask_mod` is the plain document-causal one;
-    without it `mask_mod` also reads `valid` (the path measured at 814ef2d, kept as a bench variant).
+    without it `mask_mod` also reads `valid` (kept as a bench variant: `--no-fold-padding` measures what folding saves).
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -275,41 +276,44 @@ def _bloom_attention_forward(
     return dropout_add(output, residual, self.hidden_dropout, self.training), None
 
 
-def _bloom_model_forward(
-    self,
-    input_ids=None,
-    cache=None,
-    attention_mask=None,
-    inputs_embeds=None,
-    use_cache=None,
-    output_attentions=None,
-    output_hidden_states=None,
-    return_dict=None,
-    **kwargs,
-):
-    """`BloomModel.forward`: the fast loop for training-shaped calls, the stock forward for everything else."""
+def patched_forward(module, function):
+    """`function` as `module`'s forward, showing the stock forward's signature: the Trainer and `generate` read from
+    it which arguments the model takes (labels, cache, loss keywords), and callers pass them by name."""
+    function.__signature__ = inspect.signature(type(module).forward)
+    return MethodType(function, module)
+
+
+def stock_forward(module, input_ids, arguments: dict):
+    """The class's own `forward` (a patch is an instance attribute over it) with the arguments the patched forward
+    received: every call a fast path does not take."""
+    return type(module).forward(module, input_ids, **arguments)
+
+
+def trains_fast(module, arguments: dict) -> bool:
+    """Whether a patched forward's call (keyword `arguments`, as HF passes them) is training-shaped."""
+    attentions = arguments.get("output_attentions")
+    attentions = module.config.output_attentions if attentions is None else attentions
+    return training_shaped(
+        arguments.get("cache"), arguments.get("use_cache"), attentions, arguments.get("past_key_values")
+    )
+
+
+def _bloom_model_forward(self, input_ids=None, **arguments):
+    """`BloomModel.forward` (its keyword arguments): the fast loop for training-shaped calls, the stock forward for
+    everything else."""
     from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-    output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
     if (
         input_ids is None
-        or inputs_embeds is not None
-        or not training_shaped(cache, use_cache, output_attentions, kwargs.get("past_key_values"))
+        or arguments.get("inputs_embeds") is not None
+        or not trains_fast(self, arguments)
         or getattr(self, "job_attention", None) not in FAST_KINDS
     ):
-        return type(self).forward(
-            self,
-            input_ids,
-            cache=cache,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-            **kwargs,
-        )
+        return stock_forward(self, input_ids, arguments)
+    attention_mask = arguments.get("attention_mask")
+    output_hidden_states = arguments.get("output_hidden_states")
     output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+    return_dict = arguments.get("return_dict")
     return_dict = self.config.return_dict if return_dict is None else return_dict
 
     hidden_states = self.word_embeddings_layernorm(self.word_embeddings(input_ids))

@@ -9,6 +9,7 @@ import torch
 
 from job.core.errors import JobError
 from job.core.logs import adopt_library_loggers
+from job.model.sampling import Sampling
 
 SMOKE_PROMPTS = ["下面是一则娱乐新闻，", "中国的首都是", "今天天气"]
 
@@ -67,22 +68,20 @@ def generate_ids(
     tokenizer,
     prompts: list[str],
     max_new_tokens: int = 64,
-    greedy: bool = True,
-    top_k: int = 50,
-    top_p: float = 0.95,
-    temperature: float = 1.0,
-    seed: int = 0,
     batch_size: int = 16,
     with_scores: bool = False,
-    repetition_penalty: float = 1.0,
+    **sampling,
 ) -> list[dict[str, Any]]:
     """Per prompt: `ids` (the new tokens up to and including a first eos) and `stopped_at_eos`; with
     `with_scores`, also `scores` (the processed next-token logits at each new position, float32 on CPU).
+    `sampling`: the fields of `job.model.sampling.Sampling` to change (default: greedy).
 
     Left padding with the attention mask (Bloom's ALiBi reads positions from the mask, so a right-padded or
     unmasked batch changes outputs); no special tokens added (training documents have no bos); the global RNG is
     seeded inside `fork_rng`, so a caller's random state (a training run's) is left as it was.
     """
+    draw = Sampling(**sampling)
+    greedy, temperature, repetition_penalty = draw.greedy, draw.temperature, draw.repetition_penalty
     if max_new_tokens < 1:
         raise JobError(f"max_new_tokens {max_new_tokens} must be at least 1", "use e.g. 64")
     if not greedy and temperature <= 0:
@@ -93,14 +92,14 @@ def generate_ids(
     device = _device_of(model)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] or [eos] for p in prompts]  # "": a new document
     check_prompt_lengths(encoded, context_tokens(model, tokenizer))
-    sampling = {} if greedy else {"top_k": top_k, "top_p": top_p, "temperature": temperature}
+    how = {} if greedy else {"top_k": draw.top_k, "top_p": draw.top_p, "temperature": temperature}
     results: list[dict[str, Any]] = []
     was_training = model.training
     model.eval()
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
-            torch.manual_seed(seed)
+            torch.manual_seed(draw.seed)
             for start in range(0, len(encoded), batch_size):
                 chunk = encoded[start : start + batch_size]
                 width = max(len(ids) for ids in chunk)
@@ -121,7 +120,7 @@ def generate_ids(
                     return_dict_in_generate=True,
                     output_scores=with_scores,
                     repetition_penalty=repetition_penalty,
-                    **sampling,
+                    **how,
                 )
                 new = out.sequences[:, width:].tolist()
                 for row, tokens in enumerate(new):
@@ -137,36 +136,15 @@ def generate_ids(
 
 
 def generate(
-    model,
-    tokenizer,
-    prompts: list[str],
-    max_new_tokens: int = 64,
-    greedy: bool = True,
-    top_k: int = 50,
-    top_p: float = 0.95,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 16,
-    repetition_penalty: float = 1.0,
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16, **sampling
 ) -> list[dict]:
-    """Continuations of `prompts`: [{"prompt", "text", "new_tokens", "stopped_at_eos"}], in order.
+    """Continuations of `prompts`: [{"prompt", "text", "new_tokens", "stopped_at_eos"}], in order; `sampling` as
+    `generate_ids` takes it.
 
     `text` is the continuation alone, decoded with special tokens skipped; `new_tokens` counts the generated
     tokens, the stopping eos included. A fixed seed repeats its text (same prompts, batch size and device).
     """
-    outs = generate_ids(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        greedy=greedy,
-        top_k=top_k,
-        top_p=top_p,
-        temperature=temperature,
-        seed=seed,
-        batch_size=batch_size,
-        repetition_penalty=repetition_penalty,
-    )
+    outs = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, **sampling)
     return [
         {
             "prompt": p,

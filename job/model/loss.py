@@ -11,13 +11,11 @@ liger-kernel (CUDA, Triton) its fused linear + cross-entropy computes the same s
 
 from __future__ import annotations
 
-from types import MethodType
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from job.model.attention import training_shaped
+from job.model.attention import patched_forward, stock_forward, trains_fast
 
 CHUNK_TOKENS = 2048  # tokens per loss chunk: 2048 x 42k fp32 logits = 350 MB at a time
 
@@ -91,54 +89,47 @@ def chunked_causal_lm_loss(
     return total / num_items_in_batch
 
 
-def _causal_lm_forward(
-    self,
-    input_ids=None,
-    cache=None,
-    attention_mask=None,
-    inputs_embeds=None,
-    labels=None,
-    use_cache=None,
-    output_attentions=None,
-    output_hidden_states=None,
-    return_dict=None,
-    logits_to_keep=0,
-    **kwargs,
-):
-    """`BloomForCausalLM.forward` with the chunked loss when labels are given; the stock forward otherwise."""
+# BloomForCausalLM.forward's own parameters; whatever else a call passes goes on to the loss (num_items_in_batch)
+FORWARD_PARAMETERS = frozenset(
+    {
+        "cache",
+        "attention_mask",
+        "inputs_embeds",
+        "labels",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "logits_to_keep",
+    }
+)
+
+
+def _causal_lm_forward(self, input_ids=None, **arguments):
+    """`BloomForCausalLM.forward` (its keyword arguments) with the chunked loss when labels are given; the stock
+    forward otherwise."""
     from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
-    return_dict = self.config.return_dict if return_dict is None else return_dict
+    labels, logits_to_keep = arguments.get("labels"), arguments.get("logits_to_keep", 0)
+    return_dict = arguments.get("return_dict")
     if (
         labels is None
-        or not training_shaped(cache, use_cache, output_attentions, kwargs.get("past_key_values"))
-        or not return_dict
+        or not trains_fast(self, arguments)
+        or not (self.config.return_dict if return_dict is None else return_dict)
         or not isinstance(logits_to_keep, int)
         or logits_to_keep != 0
     ):
-        return type(self).forward(
-            self,
-            input_ids,
-            cache=cache,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        return stock_forward(self, input_ids, arguments)
     outputs = self.transformer(
         input_ids,
-        attention_mask=attention_mask,
-        inputs_embeds=inputs_embeds,
+        attention_mask=arguments.get("attention_mask"),
+        inputs_embeds=arguments.get("inputs_embeds"),
         use_cache=False,
-        output_attentions=output_attentions,
-        output_hidden_states=output_hidden_states,
+        output_attentions=arguments.get("output_attentions"),
+        output_hidden_states=arguments.get("output_hidden_states"),
         return_dict=True,
     )
+    kwargs = {k: v for k, v in arguments.items() if k not in FORWARD_PARAMETERS}
     loss = chunked_causal_lm_loss(
         outputs.last_hidden_state,
         self.lm_head,
@@ -156,7 +147,7 @@ def install_chunked_loss(model, chunk_tokens: int = CHUNK_TOKENS, loss: str = "c
     """Give a `BloomForCausalLM` the chunked (or `loss="liger"`) loss in place; the class and config stay stock."""
     model.job_loss_chunk_tokens = chunk_tokens
     model.job_loss = loss
-    model.forward = MethodType(_causal_lm_forward, model)
+    model.forward = patched_forward(model, _causal_lm_forward)
 
 
 def uninstall_chunked_loss(model) -> None:

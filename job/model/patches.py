@@ -13,7 +13,6 @@ tests/test_attention.py).
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -160,16 +159,18 @@ def liger_available(device_type: str) -> bool:
     return device_type == "cuda" and all(importlib.util.find_spec(m) for m in ("liger_kernel", "triton"))
 
 
-def model_patches(cfg, device_type: str, zero3: bool = False) -> list[ModelPatch]:
+def model_patches(cfg, device_type: str, zero3: bool = False, attention: str | None = None) -> list[ModelPatch]:
     """The patches the run config asks for, in the order they are installed. `zero3`: parameters are partitioned
-    (liger reads the head's weight directly, so the chunked loss there)."""
+    (liger reads the head's weight directly, so the chunked loss there). `attention`: the kind the launch resolved
+    (default: `cfg.attention` resolved for `device_type`, for a model built outside a run)."""
     patches: list[ModelPatch] = [
         AttentionPatch(
-            kind=resolve_attention(cfg.attention, device_type),  # flex where it cannot train: refused here
+            # flex where it cannot train: refused here
+            kind=attention or resolve_attention(cfg.attention, device_type),
             flex=FlexSettings(
                 fold_padding=cfg.fold_padding,
                 compile_mode=cfg.flex_compile_mode,
-                kernel_options=json.loads(cfg.flex_kernel_options or "{}"),  # checked by RunConfig.validate
+                kernel_options=cfg.flex_kernel_options,
             ),
         )
     ]

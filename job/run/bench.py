@@ -131,9 +131,10 @@ def bench_training(
     from accelerate.state import AcceleratorState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from job.data.tokenizer import resolve_tokenizer
+    from job.data.tokenizer import run_tokenizer
     from job.model.patches import undo_patches
     from job.run.launch import prepare_inputs
+    from job.run.launch_record import resolve_launch
     from job.run.metrics import measure_matmul_tflops, peak_tflops
     from job.run.worker import build_trainer
 
@@ -142,13 +143,15 @@ def bench_training(
         tokenizer = synthetic_tokenizer(cfg.vocab_size, folder)
         cfg = dataclasses.replace(cfg, tokenizer=str(folder))
     elif synthetic:
-        tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
+        tokenizer = run_tokenizer(cfg)
         cfg = dataclasses.replace(cfg, tokenizer=tokenizer.name_or_path)
     else:
         cfg, tokenizer = prepare_inputs(cfg)
     cfg = dataclasses.replace(cfg, eval_fraction=0.0)  # no evaluation inside the timed run
+    # bench is its own launcher: one node, the processes torch.distributed already has (one without)
     world = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
-    rows = (steps + warmup + 1) * cfg.per_device_batch_size * cfg.grad_accum * world
+    launch = resolve_launch(dataclasses.replace(cfg, nproc=world, nnodes=1, node_rank=0))
+    rows = (steps + warmup + 1) * launch.global_batch
     data = synthetic_data(rows, cfg.max_length, len(tokenizer), tokenizer.eos_token_id) if synthetic else None
     timer = StepTimer(warmup, profile_steps)
     if torch.cuda.is_available():
@@ -158,7 +161,7 @@ def bench_training(
     AcceleratorState._reset_state()
     unset_hf_deepspeed_config()
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
-    trainer = build_trainer(cfg, data=data, callbacks=[timer])
+    trainer = build_trainer(cfg, launch, data=data, callbacks=[timer])
     trainer.args.save_strategy = "no"  # the Trainer would save at the last step: seconds of I/O, never timed
     if stock:
         undo_patches(trainer.model)
@@ -236,7 +239,7 @@ def run_bench(
             "settings": {
                 **{k: v for k, v in cfg.to_dict().items() if field_meta(k)["group"] in BENCH_SETTING_GROUPS},
                 "max_length": cfg.max_length,
-                "deepspeed": cfg.deepspeed,
+                "deepspeed": cfg.to_dict()["deepspeed"],
                 "zero_stage": zero_stage_in_use(cfg),
                 "model_patches": main.pop("model_patches"),
             },
@@ -287,15 +290,15 @@ def bench_tokenize(cfg: RunConfig, repeats: int = 3, scale: int = 1) -> dict:
     """
     import datasets
 
-    from job.data.corpus import TEXT, Corpus, load_corpus
+    from job.data.corpus import TEXT, Corpus, load_run_corpus
     from job.data.prepare import prepare, tokenizer_threads
-    from job.data.tokenizer import resolve_tokenizer
+    from job.data.tokenizer import run_tokenizer
 
-    corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
+    corpus = load_run_corpus(cfg)
     if scale > 1:
         rows = datasets.concatenate_datasets([corpus.rows] * scale)
         corpus = Corpus.of(rows, f"{corpus.fingerprint}x{scale}", corpus.name)
-    tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
+    tokenizer = run_tokenizer(cfg)
     texts = corpus.rows[TEXT][:]
     chunks = [texts[i : i + 1000] for i in range(0, len(texts), 1000)]  # prepare's map batch size
     best = {"bare": float("inf"), "rust": float("inf"), "prepare": float("inf")}
@@ -360,13 +363,13 @@ def bench_prepare(cfg: RunConfig, copies: list[int], train_steps: int = 0) -> di
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from job.data.corpus import TEXT, load_corpus
+    from job.data.corpus import TEXT, load_run_corpus
     from job.data.prepare import token_ids_function, tokenizer_threads
-    from job.data.tokenizer import resolve_tokenizer
+    from job.data.tokenizer import run_tokenizer
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the Rust tokenizer at each call, and by the children
-    corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
-    tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
+    corpus = load_run_corpus(cfg)
+    tokenizer = run_tokenizer(cfg)
     texts = corpus.rows[TEXT][:]
     token_ids = token_ids_function(tokenizer)
     rounds = 3  # the mean, not the best: prepare's one long run meets the machine's other work as this does

@@ -12,6 +12,7 @@ from typing import Any
 
 from job.core.config import RunConfig, read_json
 from job.core.errors import JobError
+from job.run.launch_record import Launch
 
 # Top-level keys DeepSpeed's config model accepts; anything else is most likely a typo.
 DEEPSPEED_KEYS = {
@@ -145,7 +146,7 @@ def zero_stage_in_use(cfg: RunConfig) -> int | None:
     return None if ds is None else ds["zero_optimization"].get("stage", 0)
 
 
-def check_batch_arithmetic(cfg: RunConfig, world_size: int) -> None:
+def check_batch_arithmetic(cfg: RunConfig, launch: Launch) -> None:
     """DeepSpeed refuses train_batch_size != micro x accum x world; say so before any process starts."""
     ds = deepspeed_config(cfg)
     if not ds:
@@ -163,11 +164,11 @@ def check_batch_arithmetic(cfg: RunConfig, world_size: int) -> None:
             f"{cfg.deepspeed_file} sets gradient_accumulation_steps={accum} but --grad-accum is {cfg.grad_accum}",
             'set it to "auto" in the DeepSpeed file',
         )
-    expected = cfg.per_device_batch_size * cfg.grad_accum * world_size
+    expected = launch.global_batch
     if total not in ("auto", expected):
         raise JobError(
             f"{cfg.deepspeed_file} sets train_batch_size={total} but batch {cfg.per_device_batch_size}"
-            f" x accumulation {cfg.grad_accum} x {world_size} processes = {expected}",
+            f" x accumulation {cfg.grad_accum} x {launch.world_size} processes = {expected}",
             'set train_batch_size to "auto" or make the three agree',
         )
 

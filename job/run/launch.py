@@ -25,27 +25,25 @@ from pathlib import Path
 
 from job.core import checkpoints, run_files
 from job.core.config import RunConfig
-from job.core.errors import (
-    EXIT_CRASH,
-    EXIT_OK,
-    EXIT_PREEMPTED,
-    STOP_SIGNALS,
-    JobError,
-    die_with_parent,
-    raise_if_stopped,
-)
+from job.core.data_spec import DataSpec
+from job.core.errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, JobError
 from job.core.files import FileLock, atomic_write_json
-from job.core.topology import TOPOLOGY_DEFAULTS, processes_per_node
-from job.run.checks import Preflight
+from job.core.logs import set_node_rank
+from job.core.signals import STOP_SIGNALS, die_with_parent, raise_if_stopped
+from job.core.topology import TOPOLOGY_DEFAULTS
+from job.run.check_results import Preflight
+from job.run.finish import finish_run
+from job.run.launch_record import LAUNCH_ENV, Launch, with_resume_point, write_launch
 from job.run.preflight import preflight
-from job.run.publish import publish
 from job.run.resume import check_prepared_tokenizer
 
 log = logging.getLogger("job")
 
-# torchrun restarts every node's workers (a new c10d rendezvous round, each resuming from the newest complete
-# checkpoint) up to this many times when a worker or a node fails; one node alone has nothing to wait for.
-MULTINODE_RESTARTS = 3
+# No in-place restarts: when a worker or a node fails, torchrun on every node ends, and Kubernetes replaces
+# every pod (JobSet, TrainJob, Indexed Job alike), which then resume from the newest complete checkpoint. A
+# surviving launcher that restarts in place and waits for a replacement node minutes later does not re-form the
+# group: the new round dies on the c10d store's 60 s timeouts (k8s/README.md, "One pod replaced").
+MULTINODE_RESTARTS = 0
 LAUNCHER_PID_ENV = "JOB_LAUNCHER_PID"  # torchrun ends with the launcher that started it
 # How long a node waits for the others to join (torchrun's default, 600 s, is shorter than a cold image pull).
 RENDEZVOUS_JOIN_TIMEOUT_S = 1800
@@ -63,17 +61,17 @@ def prepare_inputs(cfg: RunConfig, found: Preflight | None = None) -> tuple[RunC
     `--prepared` mix of each source's folder, with the same weights), and the tokenizer. The prepared data goes
     to the cache, never half-way.
     """
-    from job.data.corpus import load_corpus
+    from job.data.corpus import load_run_corpus
     from job.data.mix import prepare_mix, sources
     from job.data.prepare import check_contents, prepare, read_prepared_key, read_prepared_stats
-    from job.data.tokenizer import resolve_tokenizer, tokenizer_fingerprint
+    from job.data.tokenizer import run_tokenizer, tokenizer_fingerprint
 
     found = found or Preflight(cfg)
-    tokenizer = found.tokenizer or resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
+    tokenizer = found.tokenizer or run_tokenizer(cfg)
     mix = sources(cfg)
     if cfg.prepared:
         keys = (
-            {cfg.prepared: found.prepared_key}
+            {cfg.prepared.path: found.prepared_key}
             if mix is None
             else {s.path: found.prepared_keys.get(s.name) for s in mix}
         )
@@ -84,7 +82,7 @@ def prepare_inputs(cfg: RunConfig, found: Preflight | None = None) -> tuple[RunC
     elif mix is not None:  # each source prepared as a run on it alone would be; the workers read the mix
         cfg = dataclasses.replace(cfg, prepared=prepare_mix(cfg, tokenizer, found.corpora)[0])
     else:
-        corpus = found.corpus or load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
+        corpus = found.corpus or load_run_corpus(cfg)
         result = prepare(cfg, tokenizer, corpus=corpus)
         log.info(
             "data %s: %s (%s)",
@@ -92,7 +90,7 @@ def prepare_inputs(cfg: RunConfig, found: Preflight | None = None) -> tuple[RunC
             result.path,
             {k: result.stats[k] for k in ("documents", "tokens", "rows")},
         )
-        cfg = dataclasses.replace(cfg, prepared=str(result.path))
+        cfg = dataclasses.replace(cfg, prepared=DataSpec.one(str(result.path)))
     return dataclasses.replace(cfg, tokenizer=tokenizer.name_or_path), tokenizer  # the folder every worker loads
 
 
@@ -100,11 +98,12 @@ def train(cfg: RunConfig) -> int:
     """Check everything, prepare, then write the config and launch; the exit code of the run."""
     found = preflight(cfg)  # stops at the first failed check: nothing written yet
     cfg = found.cfg  # with the launch settings resolved
+    set_node_rank(cfg.node_rank)  # this launcher's log lines name its node, from a flag as from the environment
     output = Path(cfg.output_dir)
     lock = OutputLock(output) if cfg.node_rank == 0 else None
     if lock and output.is_dir():
         lock.acquire()  # refuse a second run before preparing anything
-    log.info("launch: %s", found.launch)
+    log.info("launch: %s", found.launch_row)
     cfg, _ = prepare_inputs(cfg, found)
     raise_if_stopped()  # a signal during preparation stops here even if a library's pool swallowed it
 
@@ -114,8 +113,8 @@ def train(cfg: RunConfig) -> int:
         for path in checkpoints.remove_incomplete(output):
             log.warning("removed incomplete checkpoint %s (a save was interrupted)", path)
     last = checkpoints.resume_point(cfg.resume, output)
-    world = processes_per_node(cfg) * cfg.nnodes
-    if lock and last and checkpoints.zero_world_size(last) not in (None, world):
+    launch = with_resume_point(found.launch, last)
+    if lock and launch.universal_checkpoint:
         make_universal(last)
     if checkpoints.finished(last, cfg.max_steps):
         if run_files.recorded_code(output) == EXIT_OK and (output / run_files.FINAL).is_dir():
@@ -124,15 +123,16 @@ def train(cfg: RunConfig) -> int:
         if cfg.node_rank != 0:
             return EXIT_OK
         log.info("%s trained to step %d; exporting it (the export was interrupted)", last, checkpoints.step_of(last))
-        return publish(cfg, last, processes=world)
-    (output / run_files.STATUS).unlink(missing_ok=True)
+        return finish_run(cfg, launch, last)
+    (output / run_files.EXIT_STATUS).unlink(missing_ok=True)
     cfg.write(output / run_files.RUN_CONFIG)  # first: from here on other nodes see a folder of this job
     atomic_write_json(output / run_files.INPUTS, found.fingerprints)
+    if cfg.node_rank == 0:
+        write_launch(output, launch)
 
-    nproc = processes_per_node(cfg)
-    if nproc == 1 and cfg.nnodes == 1:
-        return _run_in_process(cfg)
-    return _run_torchrun(cfg, nproc, output, lock)
+    if launch.world_size == 1:
+        return _run_in_process(cfg, launch)
+    return _run_torchrun(cfg, launch, output, lock)
 
 
 class OutputLock:
@@ -206,11 +206,11 @@ def single_process_env(cfg: RunConfig) -> None:
         os.environ.setdefault(key, value)
 
 
-def _run_in_process(cfg: RunConfig) -> int:
+def _run_in_process(cfg: RunConfig, launch: Launch) -> int:
     from job.run.worker import run_worker
 
     single_process_env(cfg)
-    return run_worker(cfg)
+    return run_worker(cfg, launch)
 
 
 def torchrun_command(cfg: RunConfig, nproc: int, config_path: Path) -> list[str]:
@@ -218,7 +218,7 @@ def torchrun_command(cfg: RunConfig, nproc: int, config_path: Path) -> list[str]
 
     One node without a port: `--standalone`, torchrun binds a free port itself (no probe-then-bind race).
     Otherwise a c10d rendezvous at master_addr:master_port: the ranks are assigned when every node has
-    joined, and a failed worker or node restarts all of them (a replacement pod joins the new round).
+    joined; a failed worker or node ends torchrun on every node, and Kubernetes starts every pod anew.
     """
     if cfg.nnodes == 1 and cfg.master_port is None:
         rendezvous = ["--standalone"]
@@ -243,7 +243,7 @@ def torchrun_command(cfg: RunConfig, nproc: int, config_path: Path) -> list[str]
         str(nproc),
         *rendezvous,
         "--max-restarts",
-        str(MULTINODE_RESTARTS if cfg.nnodes > 1 else 0),
+        str(MULTINODE_RESTARTS),
         "-m",
         "job",
         "worker",
@@ -252,11 +252,13 @@ def torchrun_command(cfg: RunConfig, nproc: int, config_path: Path) -> list[str]
     ]
 
 
-def _run_torchrun(cfg: RunConfig, nproc: int, output: Path, lock: OutputLock | None) -> int:
+def _run_torchrun(cfg: RunConfig, launch: Launch, output: Path, lock: OutputLock | None) -> int:
+    nproc = launch.nproc_per_node
     command = torchrun_command(cfg, nproc, output / run_files.RUN_CONFIG)
     env = {
         **os.environ,
         LAUNCHER_PID_ENV: str(os.getpid()),
+        LAUNCH_ENV: launch.to_json(),
         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(cfg.shutdown_timeout_s),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
     }
@@ -300,7 +302,7 @@ def _quiet_torchrun() -> int:
 
     Plain torchrun restarts its shutdown on every further signal (a signal to all processes, then ours
     forwarded), which cuts short its wait for the workers' checkpoint, and ends a clean signalled shutdown
-    with a SignalException traceback. The workers' verdict is in STATUS_FILE either way.
+    with a SignalException traceback. The workers' verdict is in run_files.EXIT_STATUS either way.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main

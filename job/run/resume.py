@@ -13,10 +13,9 @@ from job.core import checkpoints, run_files
 from job.core.config import RunConfig, comparable, resumable_fields
 from job.core.errors import JobError
 from job.core.files import FileLock, refuse_link
-from job.core.mix import probabilities
-from job.core.topology import processes_per_node
 from job.core.weights import model_fingerprint
-from job.run.checks import Check, Preflight
+from job.run.check_results import Check, Preflight
+from job.run.launch_record import Launch
 
 
 def has_run_state(output: Path) -> bool:
@@ -67,7 +66,7 @@ def check_output(p: Preflight) -> Check:
             "output", False, f"{output} is in use by a running job ({running})", "wait for it to end, or stop it"
         )
     damaged = checkpoints.damaged_checkpoints(output)
-    if damaged and checkpoints.latest_complete(output) is None and cfg.resume == "auto":
+    if damaged and checkpoints.latest_complete(output) is None and cfg.resume.mode == "auto":
         shown = "; ".join(f"{path.name}: {why}" for path, why in damaged[-2:])
         return Check(
             "output",
@@ -78,7 +77,7 @@ def check_output(p: Preflight) -> Check:
         )
     if not has_run_state(output):  # a start that failed before its first checkpoint: begin again
         return Check("output", True, f"{output} holds no checkpoint yet: the run starts afresh")
-    if cfg.resume == "never":
+    if cfg.resume.mode == "never":
         return Check(
             "output",
             False,
@@ -87,7 +86,7 @@ def check_output(p: Preflight) -> Check:
         )
     old = read_record(previous)
     changed = changed_settings(cfg, old)
-    batch = _global_batch_on_resume(cfg, old)
+    batch = _global_batch_on_resume(cfg, old, p.launch)
     if batch is not None:
         if not batch.ok:
             return batch
@@ -133,21 +132,19 @@ def changed_settings(cfg: RunConfig, old: dict) -> list[str]:
     )
 
 
-def _global_batch_on_resume(cfg: RunConfig, old: dict) -> Check | None:
+def _global_batch_on_resume(cfg: RunConfig, old: dict, launch: Launch) -> Check | None:
     """Resuming on another number of processes (elastic) keeps the global batch, or the curve would not continue.
 
     DDP checkpoints load at any world size; a ZeRO one is converted to DeepSpeed's universal checkpoint at
     launch. `--grad-accum` may change on resume only to keep per-device batch x accumulation x processes.
     """
-    last = checkpoints.latest_complete(Path(cfg.output_dir)) if cfg.resume == "auto" else None
-    if cfg.resume not in ("auto", "never"):
-        last = Path(cfg.resume)
+    last = checkpoints.resume_point(cfg.resume, Path(cfg.output_dir))
     written_by = checkpoints.world_size(last) if last else None
     if written_by is None or "grad_accum" not in old or "per_device_batch_size" not in old:
         return None
-    world = processes_per_node(cfg) * cfg.nnodes
+    world = launch.world_size
     before = old["per_device_batch_size"] * old["grad_accum"] * written_by
-    now = cfg.per_device_batch_size * cfg.grad_accum * world
+    now = launch.global_batch
     if before == now:
         return Check("output", True, f"resumes {last.name} on {world} process(es), global batch {now} rows")
     per_step = cfg.per_device_batch_size * world
@@ -175,7 +172,7 @@ def check_inputs(p: Preflight) -> Check:
         return Check("inputs", True, "not checked: needs a loadable tokenizer")
     tokenizer = tokenizer_fingerprint(p.tokenizer)
     if p.prepared_key is not None:
-        check_prepared_tokenizer(cfg.prepared, p.prepared_key, tokenizer)
+        check_prepared_tokenizer(cfg.prepared.path, p.prepared_key, tokenizer)
     key = p.prepared_key or {"corpus": p.corpus.fingerprint if p.corpus else None}
     data = key["corpus"]
     mix = sources(cfg)
@@ -187,7 +184,7 @@ def check_inputs(p: Preflight) -> Check:
         key = next(iter(keys.values()), {})
         data = {
             s.name: {"corpus": keys[s.name]["corpus"] if s.name in keys else None, "share": round(share, 6)}
-            for s, share in zip(mix, probabilities(mix), strict=True)
+            for s, share in zip(mix, cfg.source_data.probabilities(), strict=True)
         }
     p.fingerprints = {
         "tokenizer": tokenizer,
@@ -198,7 +195,7 @@ def check_inputs(p: Preflight) -> Check:
         "packing": key.get("packing", cfg.packing),
     }
     output = Path(cfg.output_dir)
-    if cfg.resume == "auto" and has_run_state(output):
+    if cfg.resume.mode == "auto" and has_run_state(output):
         _require_same_inputs(p.fingerprints, output)
         return Check("inputs", True, "the same tokenizer, data and model as the run being resumed")
     return Check("inputs", True, f"tokenizer {tokenizer}, data {p.fingerprints['data']}")
@@ -228,9 +225,9 @@ def check_resume(p: Preflight) -> Check:
     match its marker, of a run of this job with the same settings (and, in check_inputs, inputs), of a model of
     this shape."""
     cfg = p.cfg
-    if cfg.resume in ("auto", "never"):
-        return Check("resume", True, cfg.resume)
-    folder = Path(cfg.resume)
+    if cfg.resume.mode != "folder":
+        return Check("resume", True, cfg.resume.mode)
+    folder = cfg.resume.folder
     if not (folder / "trainer_state.json").is_file():
         raise JobError(
             f"--resume {folder} is not a checkpoint (no trainer_state.json)",
@@ -255,7 +252,7 @@ def check_resume(p: Preflight) -> Check:
             f"--resume {folder} is not a complete checkpoint (no {checkpoints.MARKER}: its save never finished)",
             "pass a complete checkpoint-N folder, or --resume auto",
         )
-    why = checkpoints.distrust(folder)
+    why = checkpoints.untrusted_reason(folder)
     if why:
         raise JobError(f"--resume {folder} is damaged ({why})", "pass another complete checkpoint, or --resume auto")
     old = read_record(folder.parent / run_files.RUN_CONFIG)

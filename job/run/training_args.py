@@ -49,7 +49,7 @@ def run_training_arguments(
         dataloader_num_workers=cfg.dataloader_workers,
         dataloader_pin_memory=not use_cpu,
         dataloader_persistent_workers=cfg.dataloader_workers > 0,
-        report_to=[] if cfg.report_to == "none" else [r.strip() for r in cfg.report_to.split(",")],
+        report_to=list(cfg.report_to),
         deepspeed=deepspeed,
         use_cpu=use_cpu,
         remove_unused_columns=False,

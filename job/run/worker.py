@@ -3,10 +3,10 @@
 Trainer + DeepSpeed as configured; callbacks for checkpoint completion and rotation, signals,
 non-finite losses and live throughput; at the end a verified HF export in `OUTPUT/final` and a report.
 
-Signals: until the Trainer is built a SIGTERM/SIGINT stops at once (`errors.Stopped`, nothing to keep); in
+Signals: until the Trainer is built a SIGTERM/SIGINT stops at once (`signals.Stopped`, nothing to keep); in
 training and evaluation it stops every rank at the next step boundary after a complete checkpoint; after the
 last step it stops at once again, because the last checkpoint already holds everything and a rerun redoes
-the export from it (`publish`).
+the export from it (`finish_run`).
 """
 
 from __future__ import annotations
@@ -32,26 +32,24 @@ from job.core.errors import (
     EXIT_DIVERGED,
     EXIT_OK,
     EXIT_PREEMPTED,
-    STOP_SIGNALS,
     JobError,
-    Stopped,
     crash_summary,
-    die_with_parent,
-    ignore_stop_signals,
     raise_if_disk_full,
-    stop_at_once,
 )
 from job.core.files import atomic_write_json
 from job.core.logs import adopt_library_loggers, prints_logged
 from job.core.metrics_log import eval_losses
+from job.core.signals import STOP_SIGNALS, Stopped, die_with_parent, ignore_stop_signals, stop_at_once
 from job.core.units import flops_per_token
-from job.data.mix import load_mix, prepared_splits, sources
+from job.data.mix import load_mix, prepared_splits
 from job.data.prepare import load_prepared
 from job.data.tokenizer import load_tokenizer
 from job.model.build import build_model, parameter_count
 from job.model.patches import apply_patches, model_patches
+from job.run.finish import finish_run, record_verdict
+from job.run.launch_record import Launch, read_launch
 from job.run.metrics import REAL_TOKENS_KEY, CountingCollator, extra_log_values
-from job.run.publish import finish, publish
+from job.run.private_apis import require_private_apis
 from job.run.tracking import continue_tracking, prepare_tracking
 from job.run.training_args import training_arguments
 
@@ -217,6 +215,7 @@ class JobTrainer(Trainer):
         logs.update(extra_log_values(self.callback_handler.callbacks, self.args, self.state, logs))
         super().log(logs, start_time)
 
+    # Private Trainer methods (job.run.private_apis: the transformers releases they were written for).
     def _prepare_inputs(self, inputs):
         # The host count must not reach the model (training and evaluation batches both pass here).
         self._host_tokens = inputs.pop(REAL_TOKENS_KEY, None)
@@ -258,11 +257,16 @@ def training_collator(tokenizer, count_tokens: bool, pad_to_multiple_of: int | N
 
 
 def build_trainer(
-    cfg: RunConfig, data=None, callbacks: list[TrainerCallback] | None = None, load_universal: bool = False
+    cfg: RunConfig,
+    launch: Launch,
+    data=None,
+    callbacks: list[TrainerCallback] | None = None,
+    load_universal: bool = False,
 ):
-    """The Trainer for `cfg` (model, data, collator, guards); `data` overrides the prepared dataset (bench);
-    `load_universal`: resume from the DeepSpeed universal checkpoint (another data-parallel world size)."""
-    use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    """The Trainer for `cfg` as `launch` resolved it (model, data, collator, guards); `data` overrides the prepared
+    dataset (bench); `load_universal`: resume from the DeepSpeed universal checkpoint (another world size)."""
+    require_private_apis()  # JobTrainer's overrides: also where no preflight ran (bench)
+    use_cpu = launch.device == "cpu"
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / run_files.TENSORBOARD))
     splits = data if data is not None else prepared_splits(cfg)
     if cfg.eval_fraction > 0 and "eval" not in splits:
@@ -287,8 +291,9 @@ def build_trainer(
     # The fast paths, each named in the log (or why it is not installed and which stock path runs instead).
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    apply_patches(model, model_patches(cfg, "cpu" if use_cpu else "cuda", zero3=is_deepspeed_zero3_enabled()))
-    data = data if data is not None else _load_prepared(cfg)
+    patches = model_patches(cfg, launch.device, zero3=is_deepspeed_zero3_enabled(), attention=launch.attention)
+    apply_patches(model, patches)
+    data = data if data is not None else _load_prepared(cfg, launch)
     collator = training_collator(
         tokenizer, count_tokens=cfg.avoid_host_syncs, pad_to_multiple_of=None if use_cpu else 8
     )
@@ -317,15 +322,17 @@ def build_trainer(
     return trainer
 
 
-def run_worker(cfg: RunConfig) -> int:
-    """Train as configured; return the exit code (rank 0 also records it in STATUS_FILE)."""
+def run_worker(cfg: RunConfig, launch: Launch | None = None) -> int:
+    """Train as configured and launched (default: the launch its launcher handed on); return the exit code (rank 0
+    also records it in run_files.EXIT_STATUS)."""
     output = Path(cfg.output_dir)
+    launch = launch or read_launch(output)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     stop_at_once()  # also when started by torchrun: the CLI's handlers are the launcher's, not ours
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun: a SIGKILLed torchrun stops this rank (checkpoint)
         die_with_parent(signal.SIGTERM)
     try:
-        return _train(cfg, output)
+        return _train(cfg, launch, output)
     except Stopped as e:
         last = checkpoints.latest_complete(output)
         if last is None:
@@ -334,7 +341,7 @@ def run_worker(cfg: RunConfig) -> int:
             message = f"after the last step; complete checkpoint {last}. Run again with --resume auto to export it"
         else:
             message = f"before training resumed; complete checkpoint {last}. Run again with --resume auto to continue"
-        return finish(output, rank0, EXIT_PREEMPTED, f"stopped by {e.signal_name} {message}")
+        return record_verdict(output, rank0, EXIT_PREEMPTED, f"stopped by {e.signal_name} {message}")
     except Exception as e:
         _crashed(output, rank0, e)
     finally:
@@ -361,20 +368,17 @@ def _crashed(output: Path, rank0: bool, error: Exception) -> NoReturn:
 
 def _leave_process_group() -> None:
     """Destroy the process group before the interpreter exits, as torch asks: left to the exit-time destructors,
-    gloo's worker threads were still running and a rank that had finished aborted (std::terminate, SIGABRT), which
-    torchrun reported as a failed run (seen once in make test-random, after `done`)."""
+    gloo's worker threads may still run, and a rank that had finished can abort (std::terminate, SIGABRT), which
+    torchrun reports as a failed run."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
-def _train(cfg: RunConfig, output: Path) -> int:
+def _train(cfg: RunConfig, launch: Launch, output: Path) -> int:
     resume = checkpoints.resume_point(cfg.resume, output)
-    # written by another number of processes: the launcher made the universal checkpoint beside it
-    universal = resume is not None and checkpoints.zero_world_size(resume) not in (
-        None,
-        int(os.environ.get("WORLD_SIZE", "1")),
-    )
-    trainer = build_trainer(cfg, load_universal=universal)  # from here on a signal stops at the next step boundary
+    # written by another number of processes: the launcher made the universal checkpoint beside it. From here on a
+    # signal stops at the next step boundary.
+    trainer = build_trainer(cfg, launch, load_universal=launch.loads_universal(resume))
     model, tokenizer, stop_guard = trainer.model, trainer.processing_class, trainer.stop_guard
     rank0 = trainer.args.process_index == 0
     if rank0:
@@ -390,14 +394,14 @@ def _train(cfg: RunConfig, output: Path) -> int:
             f"{trainer.state.global_step}; stopped. Last good checkpoint: {last or 'none'}. "
             "Lower --learning-rate or check the data, then resume with --resume auto"
         )
-        return finish(output, rank0, EXIT_DIVERGED, message)
+        return record_verdict(output, rank0, EXIT_DIVERGED, message)
     if stop_guard.reason == "signal":
         last = checkpoints.latest_complete(output)
         message = (
             f"stopped by {stop_guard.signal_name} at step {trainer.state.global_step}; complete checkpoint "
             f"{last}. Run again with --resume auto to continue"
         )
-        return finish(output, rank0, EXIT_PREEMPTED, message)
+        return record_verdict(output, rank0, EXIT_PREEMPTED, message)
 
     final_metrics = _final_eval(trainer)  # every rank; a signal during it is only noted, then agreed on below
     last = checkpoints.latest_complete(output)
@@ -406,10 +410,10 @@ def _train(cfg: RunConfig, output: Path) -> int:
             f"stopped by {stop_guard.signal_name} after the last step; complete checkpoint {last}. "
             "Run again with --resume auto to export it"
         )
-        return finish(output, rank0, EXIT_PREEMPTED, message)
+        return record_verdict(output, rank0, EXIT_PREEMPTED, message)
     if last is None or checkpoints.step_of(last) != trainer.state.global_step:
         message = f"the last step ({trainer.state.global_step}) left no checkpoint (its loss was not finite)"
-        return finish(output, rank0, EXIT_DIVERGED, f"{message}; nothing exported. Resume with --resume auto")
+        return record_verdict(output, rank0, EXIT_DIVERGED, f"{message}; nothing exported. Resume with --resume auto")
     if not rank0:
         return EXIT_OK  # the export is rank 0's alone: no collective follows
     stop_at_once()  # the last checkpoint holds everything: a rerun redoes what follows from it
@@ -417,7 +421,7 @@ def _train(cfg: RunConfig, output: Path) -> int:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # else from_pretrained would partition (zero.Init) on rank 0 alone
-    return publish(cfg, last, parameter_count(model), final_metrics, time.time() - started, trainer.args.world_size)
+    return finish_run(cfg, launch, last, parameter_count(model), final_metrics, time.time() - started)
 
 
 def _final_eval(trainer: Trainer) -> dict:
@@ -435,13 +439,14 @@ def _final_eval(trainer: Trainer) -> dict:
     return trainer.evaluate()
 
 
-def _load_prepared(cfg: RunConfig):
+def _load_prepared(cfg: RunConfig, launch: Launch):
     # memory-mapped; fails with a clear message if it is not one. A mix: its sources interleaved, an eval set each
-    data = load_mix(cfg.prepared, cfg.seed, cfg.mix_until) if sources(cfg) else load_prepared(cfg.prepared)
+    spec = cfg.prepared
+    data = load_mix(spec, cfg.seed, cfg.mix_until) if spec.mixed else load_prepared(spec.path)
     if "eval" in data:
         data["eval"] = _predictable(data["eval"])
     if "eval" in data and cfg.eval_batches:
-        rows = cfg.eval_batches * cfg.per_device_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
+        rows = cfg.eval_batches * cfg.per_device_batch_size * launch.world_size
         first = lambda split: split.select(range(min(rows, len(split))))
         evals = data["eval"]
         data["eval"] = {n: first(e) for n, e in evals.items()} if isinstance(evals, dict) else first(evals)

@@ -15,7 +15,7 @@ import pytest
 FORK_WITH_A_SIGNAL = textwrap.dedent(
     """
     import os, signal, sys, time
-    from job.core import errors
+    from job.core import signals
 
     side = sys.argv[1]
     if side == "parent-threaded":  # another thread takes the signal, and the main thread runs its handler inside
@@ -33,7 +33,7 @@ FORK_WITH_A_SIGNAL = textwrap.dedent(
         os.register_at_fork(before=lambda: os.kill(os.getpid(), signal.SIGTERM))
     else:
         os.register_at_fork(after_in_child=lambda: os.kill(os.getpid(), signal.SIGTERM))
-    errors.stop_at_once()
+    signals.stop_at_once()
     pid = None
     try:
         pid = os.fork()
@@ -43,7 +43,7 @@ FORK_WITH_A_SIGNAL = textwrap.dedent(
         time.sleep(10 if side == "parent" else 0)
         _, status = os.waitpid(pid, 0)
         print("child", os.waitstatus_to_exitcode(status))
-    except errors.Stopped as stop:
+    except signals.Stopped as stop:
         print("stopped", stop.signal_name)
         if pid:
             os.kill(pid, signal.SIGKILL)

@@ -8,6 +8,7 @@ from typing import Any
 
 from job.core.config import RunConfig
 from job.core.errors import JobError
+from job.run.launch_record import Launch
 
 
 @dataclass
@@ -30,8 +31,9 @@ class Preflight:
     tokenizer: Any = None
     model_config: Any = None
     fingerprints: dict[str, Any] = field(default_factory=dict)
-    launch: str = ""  # the launch settings and their sources (check_launch)
-    sources: dict[str, str] = field(default_factory=dict)  # where each launch setting came from (check_launch)
+    launch: Launch | None = None  # the launch, resolved once (check_launch): every later check reads it
+    launch_row: str = ""  # the launch settings and their sources (check_launch)
+    setting_sources: dict[str, str] = field(default_factory=dict)  # where each launch setting came from (check_launch)
 
 
 def require(check: Check) -> None:

@@ -6,18 +6,20 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import sys
 import types
 import typing
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
 from job.core import run_files
 from job.core.config import GROUPS, RunConfig, field_meta, field_types, flag, prepare_fields, read_config_file
-from job.core.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_PREEMPTED, JobError
+from job.core.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_PREEMPTED, JobError, crash_summary, raise_if_disk_full
 from job.core.logs import FORMATS, LOG_FORMAT_ENV, setup_logging
 from job.core.signals import Stopped, stop_at_once
 from job.core.termination import no_termination_message, record_termination
@@ -140,7 +142,7 @@ class JobGroup(click.Group):
             if os.environ.get("JOB_DEBUG") == "1":
                 raise
             click.echo(f"error: {e}", err=True)
-            record_termination(e.exit_code, f"error: {e}")
+            record_termination(e.exit_code, f"error: {e}", _INVOKED.get("output_dir"))
             sys.exit(e.exit_code)
 
 
@@ -194,12 +196,12 @@ def prepare(config, output, shard, **values):
 def _prepare_mix(cfg: RunConfig, output: str | None, part) -> None:
     """`prepare` of a --data mix: each source on its own, into OUTPUT/NAME (default: the cache); prints the
     `--prepared` mix that trains on them."""
-    from job.data.mix import load_source_corpus, prepare_mix, sources
+    from job.data.mix import load_source_corpora, prepare_mix, sources
     from job.data.tokenizer import run_tokenizer
 
     if part is not None:
         raise JobError("--shard takes one source, not a --data mix", "prepare each source of the mix on its own")
-    corpora = {s.name: load_source_corpus(cfg, s) for s in sources(cfg)}  # all readable before anything is written
+    corpora = load_source_corpora(cfg, sources(cfg))  # all readable before anything is written
     tokenizer = run_tokenizer(cfg)
     prepared, done = prepare_mix(cfg, tokenizer, corpora, output)
     shown = {n: {"path": str(r.path), "cache_hit": r.cache_hit, **r.stats} for n, r in done.items()}
@@ -214,13 +216,13 @@ def _prepare_mix(cfg: RunConfig, output: str | None, part) -> None:
 def tokenizer(data, text_column, vocab_size, output):
     """Train a Bloom-style byte-level BPE on a corpus (a mix: on every source's documents, whatever the weights)."""
     from job.data.corpus import TEXT, load_run_corpus
-    from job.data.mix import load_source_corpus, sources
+    from job.data.mix import load_source_corpora, sources
     from job.data.tokenizer import check_new_folder, train_tokenizer
 
     cfg = RunConfig.load(data=data, text_column=text_column, vocab_size=vocab_size)  # defaults and ranges
     check_new_folder(Path(output))  # before reading the corpus: a wrong --output fails in a second
     mix = sources(cfg)
-    corpora = [load_source_corpus(cfg, s) for s in mix] if mix else [load_run_corpus(cfg)]
+    corpora = list(load_source_corpora(cfg, mix).values()) if mix else [load_run_corpus(cfg)]
     tok = train_tokenizer((row[TEXT] for c in corpora for row in c.rows), cfg.vocab_size, Path(output))
     click.echo(json.dumps({"output": output, "vocab_size": len(tok), "eos": tok.eos_token, "pad": tok.pad_token}))
 
@@ -232,6 +234,7 @@ def train(config, **values):
     from job.run.launch import train as launch_train
 
     cfg = _load(config, values)
+    _INVOKED["output_dir"] = cfg.output_dir  # where a crash's verdict goes
     code = launch_train(cfg)
     output = Path(cfg.output_dir)
     status = run_files.recorded_status(output) if output.is_dir() else None
@@ -486,7 +489,9 @@ def main():
         code = cli.main(prog_name="python -m job", standalone_mode=False)
     except click.UsageError as e:  # Click's own four lines (usage, hint, blank, error) as one, like every refusal
         command = e.ctx.command_path if e.ctx else "python -m job"
-        click.echo(f"error: {e.format_message()} -- see `{command} --help`", err=True)
+        message = f"error: {e.format_message()} -- see `{command} --help`"
+        click.echo(message, err=True)
+        record_termination(EXIT_BAD_INPUT, message)  # no stale verdict of an earlier run stays in the file
         sys.exit(EXIT_BAD_INPUT)
     except click.Abort as e:  # Click turns an EOFError (a truncated compressed file, say) into Abort
         if isinstance(e.__cause__, EOFError):
@@ -500,7 +505,34 @@ def main():
         click.echo(message, err=True)
         record_termination(EXIT_PREEMPTED, message)
         sys.exit(EXIT_PREEMPTED)
-    except Exception as e:  # a crash: the traceback follows as ever, the termination message names it
-        record_termination(EXIT_CRASH, f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}")
-        raise
+    except Exception as e:
+        _crashed(e)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _crashed(error: Exception) -> NoReturn:
+    """A verdict for an error no refusal caught: a write the disk refused (full, over quota, over a file-size limit)
+    is one line, exit 2, as for `prepare`; anything else is a crash, exit 1, with its traceback (a JSON record under
+    --log-format json, not raw lines). Either way the termination message, and a run's exit_status.json, say so."""
+    output = _INVOKED.get("output_dir")
+    try:
+        raise_if_disk_full(error, getattr(error, "filename", None) or "a file")
+    except JobError as full:
+        if os.environ.get("JOB_DEBUG") == "1":
+            raise error from None
+        message = f"error: {full}"
+        click.echo(message, err=True)
+        _record_verdict(full.exit_code, message, output)
+        sys.exit(full.exit_code)
+    _record_verdict(EXIT_CRASH, f"crash: {crash_summary(error)}", output)
+    if os.environ.get(LOG_FORMAT_ENV) == "json" and os.environ.get("JOB_DEBUG") != "1":
+        logging.getLogger("job").error("crash: %s", crash_summary(error), exc_info=error)
+        sys.exit(EXIT_CRASH)
+    raise error
+
+
+def _record_verdict(code: int, message: str, output_dir: str | None) -> None:
+    """The termination message, and for a run (`train`) its exit_status.json, if the folder takes it."""
+    if output_dir:
+        run_files.write_status_if_possible(Path(output_dir), code, message)
+    record_termination(code, message, output_dir)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from job.core import checkpoints
+from job.core.errors import JobError
 
 
 def _make(root, step, complete=True):
@@ -109,3 +112,46 @@ def test_marking_complete_gives_the_files_the_umasks_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((path / "model.safetensors").stat().st_mode) == 0o644
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
+
+
+def _outside(tmp_path):
+    """A folder outside the run folder, holding a file and the job's own writing marker."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "theirs.bin").write_bytes(b"theirs")
+    (outside / checkpoints.WRITING).touch()
+    return outside, sorted((p.name, p.read_bytes()) for p in outside.iterdir())
+
+
+def test_a_linked_checkpoint_is_neither_written_nor_deleted_nor_reported_removed(tmp_path):
+    run = tmp_path / "run"
+    _make(run, 5)
+    outside, before = _outside(tmp_path)
+    (run / "checkpoint-7").symlink_to(outside, target_is_directory=True)
+    assert checkpoints.remove_incomplete(run) == []  # nothing removed, so nothing reported removed
+    assert checkpoints.rotate(run, keep=0) == []
+    with pytest.raises(JobError, match=r"checkpoint-7 is a symbolic link .*remove the link"):
+        checkpoints.begin(run, 7)  # where the Trainer would save through it
+    assert sorted((p.name, p.read_bytes()) for p in outside.iterdir()) == before
+    assert [p.name for p in checkpoints.all_checkpoints(run)] == ["checkpoint-5"]
+
+
+def test_the_report_of_removals_names_only_what_is_gone(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _make(run, 9, complete=False)
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", lambda path, ignore_errors=False: None)  # a deletion that fails
+    assert checkpoints.remove_incomplete(run) == []
+
+
+@pytest.mark.parametrize("name", ["final", "final.partial"])
+def test_a_linked_export_or_staging_folder_is_refused_and_left_alone(tmp_path, name):
+    from tests.test_model_card import _checkpoint
+
+    run = tmp_path / "run"
+    checkpoint = _checkpoint(run)
+    outside, before = _outside(tmp_path)
+    (run / name).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(JobError, match=f"{name} is a symbolic link"):
+        checkpoints.export_final(checkpoint, run)
+    assert sorted((p.name, p.read_bytes()) for p in outside.iterdir()) == before
+    assert (run / name).is_symlink()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from job.core import checkpoints
+from job.core import checkpoints, run_files
 from job.core.config import RunConfig
 from job.core.errors import JobError
 from job.core.weights import check_weights
@@ -230,6 +230,21 @@ def test_an_explicit_loopback_master_addr_means_every_node_on_this_host(monkeypa
     doctor.check_launch(found)
     result = doctor.check_rendezvous(found)
     assert result.ok and "on this host" in result.detail
+
+
+@pytest.mark.parametrize("name", ["checkpoint-7", "final", "final.partial", "metrics.jsonl"])
+def test_a_run_folder_whose_own_names_link_outside_is_refused(tmp_path, name):
+    out = tmp_path / "out"
+    complete_checkpoint(out, 5)
+    (out / run_files.RUN_CONFIG).write_text("{}")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / ".job-writing").touch()
+    (out / name).symlink_to(outside, target_is_directory=True)
+    result = check_output(Preflight(RunConfig.load(output_dir=str(out))))
+    assert not result.ok and f"{out / name} is a symbolic link (to {outside})" in result.detail, result
+    assert "remove the link" in result.fix
+    assert sorted(p.name for p in outside.iterdir()) == [".job-writing"]
 
 
 # ------------------------------------------------------------------------------- folders the run writes

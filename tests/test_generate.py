@@ -198,3 +198,48 @@ def test_the_repetition_penalty_reaches_the_logits(model, tiny_tokenizer):
         assert scores[token] == pytest.approx(float(expected), rel=1e-5, abs=1e-5), token
     with pytest.raises(JobError, match="repetition penalty 0"):
         generate_ids(model, tiny_tokenizer, [prompt], repetition_penalty=0)
+
+
+def test_a_prompt_longer_than_the_context_is_one_line_before_any_allocation(saved, tmp_path):
+    """200,000 characters (what once asked eager attention for a 24 GB mask): refused in one line, exit 2, and the
+    process never grows past a few GB."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from tests.conftest import REPO
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("北京是中华人民共和国的首都。" * 14_286 + "\n", encoding="utf-8")  # 200,004 characters
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "job", "generate", "--model", str(saved), "--prompts-file", str(prompts)],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    watchdog = threading.Timer(300, proc.kill)  # a hang fails the test instead of stalling the suite
+    watchdog.start()
+    try:
+        stderr = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
+    finally:
+        watchdog.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stderr = stderr
+    peak_gib = usage.ru_maxrss / 2**20  # kB on Linux
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: prompt 1 is ") and "longer than the model's context of 2,048 tokens" in line
+    assert peak_gib < 4, peak_gib
+
+
+def test_the_context_is_the_models_own_when_it_names_one(model, tiny_tokenizer):
+    from job.model.generate import context_tokens
+
+    assert context_tokens(model, tiny_tokenizer) == 2048  # none named: BLOOM's
+    named = copy.deepcopy(model)
+    named.config.seq_length = 16
+    assert context_tokens(named, tiny_tokenizer) == 16
+    with pytest.raises(JobError, match=r"prompt 2 is .* longer than the model's context of 16 tokens"):
+        generate(named, tiny_tokenizer, ["北京", "这是一篇比较长的文章，" * 10], max_new_tokens=2)

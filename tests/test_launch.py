@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from job.core import checkpoints
+from job.core import checkpoints, run_files
 from job.core.config import RunConfig
-from job.core.errors import EXIT_PREEMPTED
+from job.core.errors import EXIT_CRASH, EXIT_MEANINGS, EXIT_PREEMPTED
 from job.core.topology import resolve_topology
 from job.run.launch import RENDEZVOUS_JOIN_TIMEOUT_S, torchrun_command
 from tests.conftest import KUBEFLOW_ENV, REPO, tiny_bloom, train_args
@@ -642,3 +642,35 @@ def test_a_killed_launcher_leaves_nothing_training_and_holds_the_folder_until_al
     assert _alive(tree) == [], f"left running after the launcher was killed:\n{log_path.read_text()[-3000:]}"
     assert lock.held_elsewhere() is None  # the last holder is gone: the folder is free again
     assert checkpoints.latest_complete(output) is not None  # they stopped as on a SIGTERM: after a checkpoint
+
+
+def test_a_rank_killed_as_the_oom_killer_does_leaves_a_verdict_and_ends(inputs, tmp_path):
+    """SIGKILL of one rank mid-run (what the kernel's OOM killer sends): the launcher ends within a bounded time with
+    a crash verdict in exit_status.json and the termination message, whoever could or could not record it."""
+    import psutil
+
+    model, tok, data, root = inputs
+    output, log_path, message = root / "oom", root / "oom.log", tmp_path / "termination-log"
+    args = train_args(model, tok, data, output)
+    args[args.index("--max-steps") + 1] = "5000"  # far more than the test waits
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            job_command(*args),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**_env(), "JOB_TERMINATION_LOG": str(message)},
+            start_new_session=True,
+        )
+        proc.log = log_path
+        _wait_for(lambda: (output / "metrics.jsonl").exists() and len(losses(output)) >= 1, proc)
+        ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if "worker" in " ".join(c.cmdline()[1:5])]
+        assert ranks, "no rank found"
+        ranks[-1].send_signal(signal.SIGKILL)
+        try:
+            code = proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc.pid)
+            pytest.fail(f"the run did not end after a rank was killed:\n{log_path.read_text()[-3000:]}")
+    status = run_files.recorded_status(output)
+    assert code == status["code"] == EXIT_CRASH, log_path.read_text()[-3000:]
+    assert message.read_text().splitlines()[:2] == [f"exit 1 ({EXIT_MEANINGS[EXIT_CRASH]})", status["message"]]

@@ -107,8 +107,8 @@ def test_bad_mix_input_exits_2_in_one_line_and_writes_nothing(tmp_path, tiny_tok
     assert "Traceback" not in proc.stderr
     if "blank" in mix:
         assert "source blank:" in lines[0]
-    # nothing but datasets' Arrow conversion of a good source read before the bad one (a cache a rerun reuses)
-    assert not output.exists() and [p for p in sorted(job_cache.rglob("*")) if "datasets" not in p.parts] == before
+    # nothing at all: not even datasets' Arrow conversion of the good source read before the bad one
+    assert not output.exists() and sorted(job_cache.rglob("*")) == before
 
 
 # ------------------------------------------------------------------------------------------- interleaving
@@ -323,3 +323,34 @@ def test_bench_of_one_corpus_refuses_a_mix_in_one_line(tmp_path, mode):
         "error: bench --tokenize/--prepare measures one corpus, and --data is a mix -- pass one source's path as --data"
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["news.jsonl", "replay.jsonl"]
+
+
+@pytest.mark.slow
+def test_eval_workers_scale_with_the_processes_not_with_the_sources(inputs, tmp_path):
+    """Six sources, two DataLoader workers: while the run evaluates every source again and again, the rank never
+    holds more than its training workers and one source's eval workers (persistent loaders kept 2 per source)."""
+    import psutil
+
+    from job.data.corpus import builtin_articles
+
+    articles = builtin_articles()
+    paths = {f"s{i}": write_jsonl(tmp_path / f"s{i}.jsonl", articles[i * 40 : (i + 1) * 40]) for i in range(6)}
+    mix = ",".join(f"1:{name}={path}" for name, path in paths.items())
+    output = tmp_path / "run"
+    args = _train_args(inputs, output, mix, "--dataloader-workers", "2", "--eval-steps", "2", "--max-steps", "10")
+    proc = subprocess.Popen([sys.executable, "-m", "job", *args], stderr=subprocess.PIPE, text=True, env=_env())
+    most = 0
+    try:
+        while proc.poll() is None:
+            try:
+                most = max(most, len(psutil.Process(proc.pid).children(recursive=True)))
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    evaluated = {k for r in _records(output) for k in r if k.startswith("eval_s") and k.endswith("_loss")}
+    assert len(evaluated) == 6
+    assert 2 < most <= 4, most  # 2 training workers + 2 of one source at a time (not 2 + 12)

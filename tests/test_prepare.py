@@ -378,7 +378,13 @@ def test_a_missing_extra_or_foreign_shard_is_refused_and_nothing_written(tiny_to
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [("3/3", "--shard 3/3 is out of range"), ("1", "is not I/N"), ("-1/2", "is not I/N"), ("0/0", "is not I/N")],
+    [
+        ("3/3", "--shard 3/3 is out of range"),
+        ("1", "is not I/N"),
+        ("-1/2", "is not I/N"),
+        ("0/0", "is not I/N"),
+        ("0/100000", "100000 shards are more than 99,999"),  # a shard folder's name holds five digits
+    ],
 )
 def test_a_bad_shard_is_one_line_exit_2_before_anything_is_read(tiny_tokenizer_dir, tmp_path, value, message):
     from click.testing import CliRunner
@@ -424,3 +430,73 @@ def test_a_signal_while_several_threads_tokenize_stops_at_once_in_one_line(tmp_p
     assert time.time() - signalled < 10, "the stop took too long"
     assert err.strip().splitlines() == ["stopped by SIGTERM -- run the same command again"], err
     assert not output.exists() and not list(tmp_path.glob(".prepared.staging-*"))
+
+
+def _truncate(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _flip(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip])
+def test_a_damaged_cache_entry_is_prepared_again(tiny_tokenizer, docs_jsonl, damage, caplog):
+    from job.data.prepare import load_prepared
+
+    cfg = RunConfig.load(data=str(docs_jsonl), max_length=16, eval_fraction=0.0)
+    first = prepare(cfg, tiny_tokenizer)
+    rows = load_prepared(str(first.path))["train"].to_dict()["input_ids"]
+    damage(first.path / "train.arrow")
+    again = prepare(cfg, tiny_tokenizer)
+    assert again.path == first.path and not again.cache_hit
+    assert load_prepared(str(again.path))["train"].to_dict()["input_ids"] == rows
+    assert "is damaged" in caplog.text and "train.arrow" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "damage, words", [(_truncate, r"is \d+ bytes, \d+ were written"), (_flip, "changed since it was written")]
+)
+def test_a_damaged_prepared_folder_of_the_users_is_refused_in_one_line(
+    tiny_tokenizer, docs_jsonl, tmp_path, damage, words
+):
+    from job.core.errors import JobError
+    from job.data.prepare import check_contents, load_prepared
+
+    cfg = RunConfig.load(data=str(docs_jsonl), max_length=16, eval_fraction=0.0)
+    out = tmp_path / "out"
+    prepare(cfg, tiny_tokenizer, str(out))
+    damage(out / "train.arrow")
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(JobError, match=f"prepared data {out} is damaged: .*train.arrow.*{words}"):
+        prepare(cfg, tiny_tokenizer, str(out))  # not the cache's: refused, never deleted
+    with pytest.raises(JobError, match=words):
+        check_contents(out)  # what train checks of a --prepared folder before it launches
+    assert sorted(p.name for p in out.iterdir()) == before
+    if damage is _truncate:  # what a worker checks before pyarrow reads it
+        with pytest.raises(JobError, match="were written"):
+            load_prepared(str(out))
+
+
+def test_a_cache_entry_that_is_a_link_out_of_the_cache_is_refused(tiny_tokenizer, docs_jsonl, tmp_path):
+    from job.core.errors import JobError
+
+    cfg = RunConfig.load(data=str(docs_jsonl), max_length=16, eval_fraction=0.0)
+    entry = prepare(cfg, tiny_tokenizer).path
+    outside = tmp_path / "elsewhere"
+    entry.rename(outside)
+    entry.symlink_to(outside, target_is_directory=True)
+    before = sorted((p.name, p.stat().st_size) for p in outside.iterdir())
+    with pytest.raises(JobError, match=f"{entry} is a symbolic link"):
+        prepare(cfg, tiny_tokenizer)
+    assert sorted((p.name, p.stat().st_size) for p in outside.iterdir()) == before
+
+
+def test_the_largest_shard_count_names_a_folder_its_own_pattern_reads():
+    from job.data.prepare import _SHARD_FOLDER, MAX_SHARDS, Shard
+
+    last = Shard.parse(f"{MAX_SHARDS - 1}/{MAX_SHARDS}")
+    assert _SHARD_FOLDER.fullmatch(last.folder)[2] == str(MAX_SHARDS)

@@ -3,13 +3,21 @@ one line, exit 2, and the token is never written anywhere."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import RevisionNotFoundError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash
@@ -19,6 +27,7 @@ from job.core import checkpoints, run_files
 from job.core.config import RunConfig
 from job.run.model_card import render_model_card
 from job.run.report import run_figures
+from tests.conftest import REPO
 from tests.test_model_card import _checkpoint
 
 TOKEN = "hf_test_token_never_written_1234"
@@ -37,6 +46,7 @@ def online(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HF_ENDPOINT", "http://hub.mirror.internal:8080")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # huggingface_hub read the session's 1 at import
 
 
 class StandInHub:
@@ -146,6 +156,15 @@ def test_push_refuses_offline_mode_first(export, online, hub, monkeypatch):
     assert hub == []
 
 
+def _flip_bytes(path: Path, count: int = 1000) -> None:
+    """Invert `count` bytes of the tensor data at the end of the file: its size and header stay as they were."""
+    data = bytearray(path.read_bytes())
+    data[-count:] = bytes(b ^ 0xFF for b in data[-count:])
+    size = path.stat().st_size
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == size
+
+
 @pytest.mark.parametrize(
     "change, words",
     [
@@ -153,6 +172,9 @@ def test_push_refuses_offline_mode_first(export, online, hub, monkeypatch):
         (lambda mp, export: (export / "README.md").unlink(), "has no model card"),
         (lambda mp, export: (export / "model.safetensors").write_bytes(b"\x00\x01"), "no valid header"),
         (lambda mp, export: (export / "config.json").unlink(), "no config.json"),
+        (lambda mp, export: _flip_bytes(export / "model.safetensors"), "model.safetensors changed since"),
+        (lambda mp, export: (export / "extra.bin").write_bytes(b"x"), "files differ from those verified (extra.bin)"),
+        (lambda mp, export: (export / "SHA256SUMS").unlink(), "has no readable SHA256SUMS"),
     ],
 )
 def test_push_refuses_what_it_cannot_verify(export, online, hub, monkeypatch, change, words):
@@ -257,7 +279,7 @@ def test_a_transient_failure_is_retried_and_a_refusal_is_not(sharded_export, onl
     assert _push("--model", str(sharded_export), "--repo", "team/big").exit_code == 0
     assert set(stand_in.branches["team/big", "main"]) == {p.name for p in sharded_export.iterdir()}
     stand_in.fail_commits = [HfHubHTTPError("403 Forbidden", response=_response(api, 403))]
-    (sharded_export / "config.json").write_text((sharded_export / "config.json").read_text() + " ")
+    _reexport_with_other_config(sharded_export)
     tries = len(stand_in.calls)
     _one_line_refusal(
         _push("--model", str(sharded_export), "--repo", "team/big"), "refused the upload to team/big: 403"
@@ -265,14 +287,106 @@ def test_a_transient_failure_is_retried_and_a_refusal_is_not(sharded_export, onl
     assert [c[0] for c in stand_in.calls[tries:]] == ["create_repo", "create_commit"]  # not tried again
 
 
+def _reexport_with_other_config(export: Path) -> None:
+    """The export as a later run re-exports it: config.json differs, and its hashes are recorded again."""
+    (export / "config.json").write_text((export / "config.json").read_text() + " ")
+    checkpoints.record_hashes(export)
+
+
 def test_revision_pushes_to_a_branch_made_from_main(sharded_export, online, stand_in):
     assert _push("--model", str(sharded_export), "--repo", "team/big").exit_code == 0
     main = dict(stand_in.branches["team/big", "main"])
-    (sharded_export / "config.json").write_text((sharded_export / "config.json").read_text() + " ")
+    _reexport_with_other_config(sharded_export)
     result = _push("--model", str(sharded_export), "--repo", "team/big", "--revision", "v2")
     assert result.exit_code == 0, result.output
     assert stand_in.branches["team/big", "main"] == main  # main untouched
     branch = stand_in.branches["team/big", "v2"]
     assert branch["config.json"] == (sharded_export / "config.json").read_bytes()
     (last,) = stand_in.commits()[-1:]
-    assert last["revision"] == "v2" and last["paths"] == ["config.json"]  # the branch had the rest from main
+    assert last["revision"] == "v2" and last["paths"] == ["SHA256SUMS", "config.json"]  # the rest: from main
+
+
+@pytest.fixture
+def silent_listener():
+    """A real listener on loopback that accepts every connection and never answers; yields (port, accepted)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept():
+        with contextlib.suppress(OSError):  # closed at the end of the test
+            while True:
+                accepted.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield server.getsockname()[1], accepted
+    server.close()
+    for conn in accepted:
+        conn.close()
+
+
+def _closed_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]  # closed again on leaving: nothing listens there
+
+
+def test_an_endpoint_that_never_answers_is_one_line_within_the_timeout(export, online, monkeypatch, silent_listener):
+    port, accepted = silent_listener
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("JOB_HUB_TIMEOUT", "1")
+    started = time.monotonic()
+    result = _push("--model", str(export), "--repo", "team/x")
+    _one_line_refusal(result, f"http://127.0.0.1:{port} cannot be reached: ReadTimeout")
+    assert accepted and time.monotonic() - started < 60  # without a timeout it waits forever
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:{closed}", "http://no-such-host.invalid"])
+def test_an_endpoint_that_refuses_or_does_not_resolve_is_one_line(export, online, monkeypatch, endpoint):
+    monkeypatch.setenv("HF_ENDPOINT", endpoint.format(closed=_closed_port()))
+    _one_line_refusal(_push("--model", str(export), "--repo", "team/x"), "cannot be reached: ConnectError")
+
+
+def test_a_tls_failure_is_one_line(export, online, monkeypatch):
+    server = socket.create_server(("127.0.0.1", 0))  # answers a TLS hello with plain text
+
+    def answer_in_plain_text():
+        with contextlib.suppress(OSError), server:
+            while True:
+                conn = server.accept()[0]
+                with conn:
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    threading.Thread(target=answer_in_plain_text, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"https://127.0.0.1:{server.getsockname()[1]}")
+    result = _push("--model", str(export), "--repo", "team/x")
+    server.close()
+    _one_line_refusal(result, "cannot be reached: ConnectError")
+    assert "SSL" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "nan", "-5"])
+def test_a_bad_timeout_is_refused_before_anything_is_read(online, monkeypatch, value):
+    monkeypatch.setenv("JOB_HUB_TIMEOUT", value)
+    _one_line_refusal(_push("--model", "/nowhere", "--repo", "team/x"), f"JOB_HUB_TIMEOUT={value!r}")
+
+
+def test_a_push_waiting_on_the_hub_ends_on_sigterm(export, online, silent_listener, tmp_path):
+    port, accepted = silent_listener
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "JOB_HUB_TIMEOUT": "600"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "job", "push", "--model", str(export), "--repo", "team/x"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not accepted and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert accepted, "push never reached the listener"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, err
+    assert err.strip().splitlines()[-1].startswith("stopped by SIGTERM"), err

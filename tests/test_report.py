@@ -115,3 +115,22 @@ def test_report_without_metrics(tmp_path):
     text = path.read_text(encoding="utf-8")
     assert "No loss was logged" in text and "No throughput was logged" in text and "No samples" in text
     assert not (tmp_path / "loss.png").exists() and not (tmp_path / "throughput.png").exists()
+
+
+def test_a_source_whose_held_out_loss_was_never_finite_is_shown_as_such(tmp_path):
+    """A mix source with a NaN held-out loss at every evaluation (logged as null): the figures, the table and the
+    model card say n/a for it instead of failing the export."""
+    from job.core.config import RunConfig
+    from job.run.model_card import render_model_card
+    from job.run.report import run_figures, source_table
+
+    records = [
+        {"step": 0, "eval_news_loss": 6.5, "eval_odd_loss": None},
+        {"step": 6, "eval_news_loss": 6.1, "eval_odd_loss": None},
+    ]
+    figures = run_figures(records, {"final_source_eval_losses": {"news": 6.0}})
+    assert figures["source_eval_losses"] == {"news": (6.5, 6.0), "odd": (None, None)}
+    table = source_table(figures, {"data": "1:news=a.jsonl,1:odd=b.jsonl"})
+    assert "| odd | 50% | n/a | n/a | n/a |" in table
+    card = render_model_card(RunConfig.load(data="1:news=a.jsonl,1:odd=b.jsonl"), figures)
+    assert "held-out loss of odd, before / after training" in card

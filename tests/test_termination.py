@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +17,7 @@ from job import cli as cli_module
 from job.core import run_files, termination
 from job.core.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, JobError
 from job.core.signals import Stopped
-from tests.conftest import complete_checkpoint
+from tests.conftest import REPO, complete_checkpoint, train_args
 
 
 @pytest.fixture
@@ -130,7 +134,7 @@ def test_a_signal_before_training_and_a_crash_write_theirs(message_file, monkeyp
         cli_module.main()
     assert message_file.read_text().splitlines() == [
         "exit 1 (crash: see the log; a retry may get past it)",
-        "RuntimeError: NCCL error: unhandled system error",
+        "crash: RuntimeError: NCCL error: unhandled system error",
     ]
 
 
@@ -142,3 +146,77 @@ def test_a_worker_leaves_the_message_to_its_launcher(message_file, monkeypatch):
     assert termination.termination_path() is None
     termination.record_termination(1, "a worker crashed")
     assert not message_file.exists()
+
+
+def _job(argv: list[str], tmp_path: Path, message_file: Path, limit_kib: int | None = None, **env):
+    """`python -m job ARGV` in a process of its own (under `ulimit -f` when `limit_kib` is given)."""
+    command = [sys.executable, "-m", "job", *argv]
+    if limit_kib is not None:
+        command = ["bash", "-c", f'ulimit -f {limit_kib}; exec "$@"', "bash", *command]
+    environ = {**os.environ, "PYTHONPATH": str(REPO), termination.TERMINATION_LOG_ENV: str(message_file), **env}
+    return subprocess.run(command, capture_output=True, text=True, env=environ, cwd=tmp_path, timeout=600)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_usage_error_replaces_a_stale_message_with_its_own(tmp_path, message_file, log_format):
+    message_file.write_text("exit 0 (success)\nmodel saved to an earlier run\n")
+    proc = _job(["train", "--max-steps", "abc"], tmp_path, message_file, JOB_LOG_FORMAT=log_format)
+    assert proc.returncode == 2, proc.stderr
+    (shown,) = proc.stderr.strip().splitlines()  # a command's own refusal: its line, in either log format
+    assert shown.startswith("error: Invalid value for '--max-steps'") and "--help" in shown
+    assert message_file.read_text().splitlines() == [
+        "exit 2 (bad input or configuration: a retry fails the same way until it is fixed)",
+        shown,
+    ]
+
+
+def test_a_crash_under_json_logging_is_json_and_leaves_a_verdict(tmp_path, message_file, monkeypatch, capfd):
+    from job.core.logs import setup_logging
+
+    def crash(**kwargs):
+        raise RuntimeError("NCCL error: unhandled system error\nmore detail")
+
+    setup_logging("json")
+    output = tmp_path / "run"
+    output.mkdir()
+    monkeypatch.setattr(cli_module, "cli", SimpleNamespace(main=crash))
+    monkeypatch.setitem(cli_module._INVOKED, "output_dir", str(output))  # as `train` records it
+    with pytest.raises(SystemExit) as e:
+        cli_module.main()
+    assert e.value.code == 1
+    records = [json.loads(line) for line in capfd.readouterr().err.strip().splitlines()]  # no raw traceback lines
+    assert records[-1]["message"] == "crash: RuntimeError: NCCL error: unhandled system error"
+    assert "RuntimeError" in records[-1]["traceback"]
+    assert run_files.recorded_status(output) == {
+        "code": 1,
+        "message": "crash: RuntimeError: NCCL error: unhandled system error",
+    }
+    assert message_file.read_text().startswith("exit 1 (crash")
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_hit_while_saving_a_checkpoint_is_one_line_with_a_verdict(
+    tmp_path, message_file, tiny_tokenizer_dir
+):
+    from job.data.corpus import builtin_articles
+    from tests.conftest import write_jsonl
+
+    write_jsonl(tmp_path / "docs.jsonl", builtin_articles()[:100])
+    message_file.write_text("stale\n")
+    argv = [
+        *train_args(max_steps=3, save_steps=2, eval_steps=2, eval_batches=1),
+        *("--preset", "tiny", "--deepspeed", "none", "--data", "docs.jsonl", "--output-dir", "out"),
+        *("--tokenizer", str(tiny_tokenizer_dir)),
+    ]
+    # 400 KiB: the prepared data and the run's small files fit, a checkpoint's weights do not (EFBIG)
+    proc = _job(argv, tmp_path, message_file, limit_kib=400, JOB_LOG_FORMAT="json")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    *logged, refusal = proc.stderr.strip().splitlines()
+    assert all(json.loads(line)["level"] != "ERROR" for line in logged)  # JSON records, no traceback lines
+    errors = [refusal]  # the command's own one line, as every refusal
+    assert refusal.startswith("error: no room to write") and "File too large" in refusal
+    assert run_files.recorded_status(tmp_path / "out") == {"code": 2, "message": errors[0]}
+    assert message_file.read_text().splitlines()[:2] == [
+        "exit 2 (bad input or configuration: a retry fails the same way until it is fixed)",
+        errors[0],
+    ]

@@ -66,7 +66,11 @@ def test_defaults_without_flags_or_environment():
     [
         ({"PET_NNODES": "1:4"}, ["PET_NNODES='1:4'", "elastic"]),
         ({"PET_NPROC_PER_NODE": "many"}, ["PET_NPROC_PER_NODE='many'"]),
-        ({"PET_NNODES": "2", "JOB_COMPLETION_INDEX": "2"}, ["--node-rank 2 is not below --nnodes 2"]),
+        ({"PET_NNODES": "2", "JOB_COMPLETION_INDEX": "2"}, ["JOB_COMPLETION_INDEX=2 is not below PET_NNODES=2"]),
+        ({"PET_NODE_RANK": "3", "PET_NNODES": "2"}, ["PET_NODE_RANK=3 is not below PET_NNODES=2"]),
+        ({"PET_NODE_RANK": "1"}, ["PET_NODE_RANK=1 is not below --nnodes 1 (the default)"]),
+        ({"JOB_COMPLETION_INDEX": "-1"}, ["JOB_COMPLETION_INDEX='-1' is not at least 0"]),  # a whole number
+        ({"PET_NODE_RANK": "-2"}, ["PET_NODE_RANK='-2' is not at least 0"]),
         ({"PET_MASTER_PORT": "70000"}, ["PET_MASTER_PORT='70000' is not a port"]),
         ({"PET_NPROC_PER_NODE": "0"}, ["PET_NPROC_PER_NODE='0' is not at least 1"]),  # named as it was given
     ],
@@ -75,6 +79,11 @@ def test_a_bad_environment_is_a_one_line_error(env, words):
     with pytest.raises(JobError) as e:
         resolve_topology(RunConfig.load(), env)
     assert all(w in str(e.value) for w in words) and e.value.fix
+
+
+def test_a_flag_and_a_variable_are_each_named_as_set():
+    with pytest.raises(JobError, match="--node-rank 3 is not below PET_NNODES=2"):
+        resolve_topology(RunConfig.load(node_rank=3), {"PET_NNODES": "2"})
 
 
 def test_nproc_auto_means_one_process_per_gpu():

@@ -367,3 +367,28 @@ def test_a_signal_during_the_export_exits_75_and_the_rerun_exports_without_train
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert (output / "final" / "model.safetensors").exists() and not (output / "final.partial").exists()
     assert [step_of(p) for p in all_checkpoints(output)] == [2]  # exported from it, not a step more
+
+
+def test_held_out_rows_without_a_target_are_left_out_of_the_evaluation(caplog, tiny_tokenizer):
+    """A row of one token has no next token to predict: alone in a batch its loss is 0/0 = NaN (a held-out document
+    of exactly max_length tokens leaves its eos alone in the last row). Such rows are dropped per source, a source
+    with nothing else is not evaluated, and a run where no source has anything to predict is refused."""
+    import datasets
+    import torch
+
+    from job.core.errors import JobError
+    from job.run.worker import _predictable, training_collator
+    from tests.conftest import tiny_bloom
+
+    rows = lambda *r: datasets.Dataset.from_dict({"input_ids": [list(x) for x in r]})
+    lone_eos = rows([2])
+    model = tiny_bloom(len(tiny_tokenizer)).eval()
+    with torch.no_grad():  # what the held-out loss of such a batch is
+        batch = training_collator(tiny_tokenizer, count_tokens=False)([{"input_ids": [tiny_tokenizer.eos_token_id]}])
+        assert math.isnan(model(**batch).loss.item())
+    kept = _predictable({"news": rows([5, 6, 7, 8], [2]), "lone": lone_eos})
+    assert list(kept) == ["news"] and kept["news"]["input_ids"] == [[5, 6, 7, 8]]
+    assert "source lone: no held-out row has a token to predict" in caplog.text
+    assert _predictable(rows([5, 6], [7, 2]))["input_ids"] == [[5, 6], [7, 2]]  # one source, nothing dropped
+    with pytest.raises(JobError, match="no held-out row has a token to predict"):
+        _predictable({"lone": lone_eos})

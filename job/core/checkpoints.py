@@ -16,6 +16,7 @@ Stdlib only at import time: the launcher imports this module without torch.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import re
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from job.core import run_files
-from job.core.files import apply_umask, atomic_write_json
+from job.core.files import apply_umask, atomic_write_json, atomic_write_text, refuse_link
 
 if TYPE_CHECKING:
     from job.core.config import ResumeFrom
@@ -50,10 +51,23 @@ def _step(path: Path) -> int:
 
 
 def all_checkpoints(output_dir: Path) -> list[Path]:
-    """Every `checkpoint-N` folder, oldest first."""
+    """Every `checkpoint-N` folder, oldest first (never a symbolic link: the job neither follows nor deletes one)."""
     if not output_dir.is_dir():
         return []
-    return sorted((p for p in output_dir.iterdir() if p.is_dir() and _step(p) >= 0), key=_step)
+    return sorted((p for p in output_dir.iterdir() if _step(p) >= 0 and p.is_dir() and not p.is_symlink()), key=_step)
+
+
+def linked_entries(output_dir: Path) -> list[Path]:
+    """The names the job writes in a run folder (checkpoints, the export, its staging, run files) that are symbolic
+    links: writing or deleting there would reach outside the folder."""
+    if not output_dir.is_dir():
+        return []
+    own = {run_files.FINAL, _staging_name(), *run_files.NAMES}
+    return sorted(p for p in output_dir.iterdir() if p.is_symlink() and (p.name in own or _step(p) >= 0))
+
+
+def _staging_name() -> str:
+    return f"{run_files.FINAL}.partial"
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -74,6 +88,7 @@ def latest_complete(output_dir: Path) -> Path | None:
 def begin(output_dir: Path, step: int) -> None:
     """Before the Trainer writes checkpoint-`step`: claim the folder as this job's."""
     folder = output_dir / f"checkpoint-{step}"
+    refuse_link(folder, output_dir)  # the Trainer would save through it
     folder.mkdir(parents=True, exist_ok=True)
     (folder / WRITING).touch()
 
@@ -114,20 +129,22 @@ def untrusted_reason(checkpoint: Path) -> str | None:
 
 def remove_incomplete(output_dir: Path) -> list[Path]:
     """Delete the checkpoint folders this job began and never completed (a crash mid-save; call only when no save
-    is in progress). Folders without its `WRITING` claim are not its own: they stay."""
+    is in progress); those it removed. Folders without its `WRITING` claim are not its own: they stay."""
     partial = [p for p in all_checkpoints(output_dir) if not (p / MARKER).exists() and (p / WRITING).exists()]
-    for path in partial:
-        shutil.rmtree(path, ignore_errors=True)
-    return partial
+    return [path for path in partial if _removed(path)]
+
+
+def _removed(folder: Path) -> bool:
+    """Delete `folder` (a real one, never a link); whether it is gone."""
+    shutil.rmtree(folder, ignore_errors=True)
+    return not folder.exists()
 
 
 def rotate(output_dir: Path, keep: int) -> list[Path]:
     """Keep the newest `keep` complete checkpoints (never fewer than one); drop older and partial ones."""
     removed = remove_incomplete(output_dir)
     done = complete_checkpoints(output_dir)
-    for path in done[: max(0, len(done) - max(1, keep))]:
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
+    removed += [path for path in done[: max(0, len(done) - max(1, keep))] if _removed(path)]
     return removed
 
 
@@ -185,7 +202,9 @@ def export_final(
 ) -> Path:
     """Publish OUTPUT/final from `checkpoint`'s model and tokenizer files, plus `texts` ({file name: content}, e.g.
     the model card), verified before the rename: `final/` appears whole or not at all."""
-    final, staging = output_dir / run_files.FINAL, output_dir / f"{run_files.FINAL}.partial"
+    final, staging = output_dir / run_files.FINAL, output_dir / _staging_name()
+    for path in (final, staging):
+        refuse_link(path, output_dir)
     if staging.exists():
         shutil.rmtree(staging)  # an export a signal or a kill interrupted
     staging.mkdir()
@@ -196,10 +215,37 @@ def export_final(
         (staging / name).write_text(text, encoding="utf-8")
     apply_umask(staging)  # copies keep the checkpoint's modes; the export is for others to read
     verify_export(staging, expected_parameters)
+    record_hashes(staging)  # of what was verified: `push` uploads only these bytes
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)
     return final
+
+
+def record_hashes(folder: Path) -> Path:
+    """Write `SHA256SUMS` (the format `sha256sum -c` reads) over every file of the export."""
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != run_files.HASHES]
+    lines = [f"{_sha256(p)}  {p.name}\n" for p in files]
+    return atomic_write_text(folder / run_files.HASHES, "".join(lines))
+
+
+def changed_files(folder: Path) -> str | None:
+    """What in the export no longer matches the hashes recorded when it was verified (None: every file does)."""
+    try:
+        recorded = (folder / run_files.HASHES).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return f"it has no readable {run_files.HASHES} (an export of an older release, or not this job's)"
+    expected = dict(reversed(line.split("  ", 1)) for line in recorded if "  " in line)
+    present = {p.name for p in folder.iterdir() if p.is_file() and p.name != run_files.HASHES}
+    if present != set(expected):
+        return f"its files differ from those verified ({', '.join(sorted(present ^ set(expected)))})"
+    changed = [name for name in sorted(expected) if _sha256(folder / name) != expected[name]]
+    return f"{', '.join(changed)} changed since it was verified" if changed else None
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify_export(folder: Path, expected_parameters: int | None = None) -> int:

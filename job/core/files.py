@@ -1,7 +1,7 @@
 """How the job writes files: whole or not at all, readable as the user's umask says, and one run per lock.
 
 Every file the job writes goes through `atomic_write_text` / `atomic_write_json` (a reader sees the old file or
-the new one, never half) or is given the umask's permissions after a library wrote it (`share`), so a serving
+the new one, never half) or is given the umask's permissions after a library wrote it (`apply_umask`), so a serving
 pod or a colleague with another uid on the same volume can read what a run produced. `FileLock` is `filelock`'s
 lock (the kernel drops it when its holder dies, so a killed run leaves nothing stuck) plus the holder's pid and
 host written into the lock file, which a refused second run names.
@@ -38,6 +38,18 @@ def apply_umask(path: Path) -> None:
         if p.is_symlink():
             continue
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def refuse_link(path: Path, root: Path) -> None:
+    """One line for a path the job would write or delete that is a symbolic link: through it the job would reach
+    outside its folder `root` (and a link is nothing the job made, so it is not its to remove either)."""
+    from job.core.errors import JobError
+
+    if Path(path).is_symlink():
+        raise JobError(
+            f"{path} is a symbolic link (to {os.readlink(path)}): the job writes only inside {root}",
+            f"remove the link {path} (what it points to stays), or use another folder",
+        )
 
 
 def new_folder(parent: Path, prefix: str) -> Path:

@@ -10,7 +10,7 @@
 | `metrics.jsonl` | worker | every log record (`job.core.metrics_log`) |
 | `tensorboard/` | worker | TensorBoard events |
 | `samples_before.json` | worker | generations of the untrained model, for the report |
-| `final/` | finish | the verified HF export, with its model card `README.md` |
+| `final/` | finish | the verified HF export, with its model card `README.md` and `SHA256SUMS` |
 | `report.md`, `loss.png`, `throughput.png` | finish | the run's report |
 | `tracking.json` | worker | the W&B / MLflow run this folder continues, and the last step each was sent |
 | `tracking/` | worker | W&B's run files and caches, MLflow's file store, where the user set none |
@@ -33,16 +33,43 @@ TENSORBOARD = "tensorboard"
 SAMPLES_BEFORE = "samples_before.json"
 FINAL = "final"
 MODEL_CARD = "README.md"  # in final/
+HASHES = "SHA256SUMS"  # in final/: the content hash of every file the export verified (`sha256sum -c` reads it)
 REPORT = "report.md"
 LOSS_PNG = "loss.png"
 THROUGHPUT_PNG = "throughput.png"
 EXIT_STATUS = "exit_status.json"
 TRACKING = "tracking.json"
+NAMES = (
+    RUN_CONFIG,
+    INPUTS,
+    LOCK,
+    METRICS,
+    TENSORBOARD,
+    SAMPLES_BEFORE,
+    FINAL,
+    REPORT,
+    LOSS_PNG,
+    THROUGHPUT_PNG,
+    EXIT_STATUS,
+    TRACKING,
+)
 
 
 def write_status(output: Path, code: int, message: str) -> None:
     """Rank 0's verdict, which the launcher returns as its exit code (torchrun itself only exits 0 or 1)."""
     atomic_write_json(output / EXIT_STATUS, {"code": code, "message": message})
+
+
+def write_status_if_possible(output: Path, code: int, message: str) -> bool:
+    """`write_status` where the run may have failed for want of room (a full disk, a file-size limit): the verdict
+    is recorded if it can be; whether it was."""
+    if not output.is_dir():
+        return False
+    try:
+        write_status(output, code, message)
+    except OSError:
+        return False
+    return True
 
 
 def recorded_status(output: Path) -> dict | None:

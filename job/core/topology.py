@@ -39,10 +39,32 @@ def resolve_topology(cfg: RunConfig, environ: dict[str, str] | None = None) -> t
         variable = next((v for v in variables if environ.get(v, "").strip()), None)
         sources[name] = variable or "default"
         values[name] = TOPOLOGY_DEFAULTS[name] if variable is None else _env_value(name, variable, environ[variable])
+    _check_rank_below_nodes({**{n: getattr(cfg, n) for n in ("node_rank", "nnodes")}, **values}, sources)
     resolved = dataclasses.replace(cfg, **values)  # validates: node rank below the node count, a real port
     if resolved.master_port is None and resolved.nnodes > 1:
         resolved = dataclasses.replace(resolved, master_port=MULTINODE_PORT)
     return resolved, sources
+
+
+def _check_rank_below_nodes(values: dict, sources: dict[str, str]) -> None:
+    """The node rank below the node count, refused naming each as the user set it (a flag or a variable)."""
+    rank, nodes = values["node_rank"], values["nnodes"]
+    if rank is None or nodes is None or rank < nodes:
+        return
+    shown = {name: _as_set(name, values[name], sources[name]) for name in ("node_rank", "nnodes")}
+    raise JobError(
+        f"{shown['node_rank']} is not below {shown['nnodes']}",
+        "node ranks run from 0 to nnodes-1: fix the one set wrong",
+    )
+
+
+def _as_set(name: str, value, source: str) -> str:
+    """A launch setting as the user set it: `VARIABLE=value`, `--flag value`, or the default."""
+    if source == "flag":
+        return f"{flag(name)} {value}"
+    if source == "default":
+        return f"{flag(name)} {value} (the default)"
+    return f"{source}={value}"
 
 
 def _env_value(name: str, variable: str, text: str) -> int | str | None:
@@ -54,7 +76,8 @@ def _env_value(name: str, variable: str, text: str) -> int | str | None:
         value = coerce(text, hint, from_text=True)
     except CoercionError:
         value = None
-    if value is None or isinstance(value, bool) or (isinstance(value, int) and not text.isdigit()):
+    whole = text.removeprefix("-").isdigit()  # -1 is a whole number; the bound below refuses it by name
+    if value is None or isinstance(value, bool) or (isinstance(value, int) and not whole):
         elastic = " (an elastic range: a ZeRO checkpoint is tied to its world size)" if ":" in text else ""
         raise JobError(
             f"{variable}={text!r} is not a whole number{elastic}", f"set {variable} to one, or pass {flag(name)}"

@@ -100,3 +100,14 @@ def clock(seconds: float | None) -> str:
         return "?"
     s = round(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def size_text(count: float) -> str:
+    """A byte count in the largest binary unit that keeps it at least 1, three significant figures: never "0.0 GiB"
+    for a few megabytes."""
+    value, unit = float(count), "bytes"
+    for name in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024:
+            break
+        value, unit = value / 1024, name
+    return f"{int(value)} bytes" if unit == "bytes" else f"{value:.3g} {unit}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 
 from job.core.config import RunConfig
@@ -41,6 +42,30 @@ def load_source_corpus(cfg: RunConfig, source: Source):
         return load_corpus(source.path, cfg.text_column, cfg.max_samples)
     except JobError as e:
         raise JobError(f"source {source.name}: {e.cause}", e.fix) from None
+
+
+def load_source_corpora(cfg: RunConfig, mix: list[Source]) -> dict:
+    """Every source's documents by name, or a refusal that leaves nothing behind: the Arrow conversions datasets
+    made in this call of the sources read before the refused one (into the job's cache) are removed again."""
+    from job.data.corpus import _datasets_cache as datasets_cache
+
+    cache = Path(datasets_cache())
+    before = _paths(cache)
+    try:
+        return {s.name: load_source_corpus(cfg, s) for s in mix}
+    except JobError:
+        made = _paths(cache) - before
+        for path in sorted(p for p in made if p.parent not in made):  # the topmost of what this call made
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
+
+
+def _paths(folder: Path) -> set[Path]:
+    """`folder` and everything in it (nothing if it is not there)."""
+    return {folder, *folder.rglob("*")} if folder.is_dir() else set()
 
 
 def prepare_mix(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -39,10 +40,12 @@ import numpy as np
 
 from job.core.config import RunConfig, cache_root
 from job.core.errors import JobError, raise_if_disk_full
-from job.core.files import FileLock, apply_umask, atomic_write_json, new_folder
+from job.core.files import FileLock, apply_umask, atomic_write_json, new_folder, refuse_link
 from job.core.topology import usable_cpus
 from job.data.corpus import Corpus, load_run_corpus
 from job.data.tokenizer import tokenizer_fingerprint
+
+log = logging.getLogger("job")
 
 # part of the cache key: bump when the stored layout changes (2: packing restarts per block; 3: one Arrow file per
 # split, written in place; held-out documents a seeded random subset, both splits in corpus order)
@@ -63,6 +66,10 @@ STATS_FILE = "stats.json"
 STAGING = ".staging-"  # `.NAME.staging-XXXX`: the only folders next to a target that prepare ever deletes
 SHARDS_FILE = "shards.json"  # the index of a sharded dataset: its shard folders, in order
 SPLITS = ("train", "eval")  # each one Arrow file, SPLIT.arrow
+# Each Arrow file's size and xxh3-128, checked before a prepared folder is used: a key file alone trusted a truncated
+# or overwritten file. xxh3 reads about 6 GiB/s (0.17 s per GiB from the page cache on a 2-core test machine), so
+# the whole file is hashed at every start; a cold volume makes it as slow as reading the file once.
+CONTENTS_FILE = "contents.json"
 
 
 @dataclass
@@ -73,6 +80,10 @@ class Prepared:
 
     def load(self):
         return load_prepared(str(self.path))
+
+
+SHARD_DIGITS = 5  # of a shard folder's index and count: the one source of the folder name, its pattern and the bound
+MAX_SHARDS = 10**SHARD_DIGITS - 1
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,11 @@ class Shard:
         if not (slash and index.strip().isdigit() and count.strip().isdigit() and int(count) >= 1):
             raise JobError(f"--shard {text!r} is not I/N", "pass the shard's index and count, e.g. --shard 0/4")
         shard = cls(int(index), int(count))
+        if shard.count > MAX_SHARDS:
+            raise JobError(
+                f"--shard {text}: {shard.count} shards are more than {MAX_SHARDS:,}",
+                f"use at most {MAX_SHARDS:,} shards",
+            )
         if shard.index >= shard.count:
             raise JobError(
                 f"--shard {text} is out of range", f"shard indices run from 0 to {shard.count - 1} (0 to N-1)"
@@ -100,7 +116,7 @@ class Shard:
 
     @property
     def folder(self) -> str:
-        return f"shard-{self.index:05d}-of-{self.count:05d}"
+        return f"shard-{self.index:0{SHARD_DIGITS}d}-of-{self.count:0{SHARD_DIGITS}d}"
 
     def documents(self, documents: int) -> range:
         """The documents of a split this shard lays out: whole blocks, so that the shards' rows in order are the
@@ -110,7 +126,7 @@ class Shard:
         return range(first * BLOCK_DOCUMENTS, min(documents, end * BLOCK_DOCUMENTS))
 
 
-_SHARD_FOLDER = re.compile(r"shard-(\d{5})-of-(\d{5})")
+_SHARD_FOLDER = re.compile(rf"shard-(\d{{{SHARD_DIGITS}}})-of-(\d{{{SHARD_DIGITS}}})")
 
 
 def prepare(
@@ -134,11 +150,16 @@ def prepare(
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     target = Path(output) if output else cache_root() / "prepared" / f"{corpus.name}-{digest}"
-    done = _existing(target, key, shard)  # refusals before anything is written (even the lock file)
+    if not output:  # a name in the cache is the job's own: never a way out of it
+        refuse_link(target, cache_root())
+    if shard is not None:
+        refuse_link(target / shard.folder, target)
+    done = _existing(target, key, shard, rebuild=not output)  # refusals before anything is written (even the lock file)
     if done:
         return done
     if shard is None:
-        return _prepare_once(target, key, lambda staging: _write(staging, corpus, cfg, tokenizer, key))
+        write = lambda staging: _write(staging, corpus, cfg, tokenizer, key)
+        return _prepare_once(target, key, write, rebuild=not output)
     shard_key = {**key, "shard": shard.name}
     part = _prepare_once(
         target / shard.folder, shard_key, lambda staging: _write(staging, corpus, cfg, tokenizer, shard_key, shard)
@@ -146,17 +167,21 @@ def prepare(
     return _assemble(target, key, shard.count) or part
 
 
-def _prepare_once(target: Path, key: dict, write) -> Prepared:
-    """`write` a staging folder that then becomes `target`, unless another process did it meanwhile."""
+def _prepare_once(target: Path, key: dict, write, rebuild: bool = False) -> Prepared:
+    """`write` a staging folder that then becomes `target`, unless another process did it meanwhile. `rebuild`: a
+    damaged `target` (the job's own cache entry) is deleted and written again."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # A lock next to the target (a shared cache volume: every node sees it); several processes or nodes on one
     # key: one writes, the others wait and reuse. The kernel releases it when its holder dies.
     with FileLock(target.parent / f".{target.name}.lock"):
-        done = _existing(target, key)
+        done = _existing(target, key, rebuild=rebuild)
         if done:
             return done
+        if rebuild and (target / KEY_FILE).exists():  # damaged (checked above), and the cache's own
+            shutil.rmtree(target)
         for stale in target.parent.glob(f".{target.name}{STAGING}*"):  # ours, left by a killed prepare
-            shutil.rmtree(stale, ignore_errors=True)  # (its writer held this lock: it is gone)
+            if not stale.is_symlink():  # (its writer held this lock: it is gone); a link is not ours
+                shutil.rmtree(stale, ignore_errors=True)
         staging = new_folder(target.parent, f".{target.name}{STAGING}")
         try:
             try:
@@ -172,13 +197,19 @@ def _prepare_once(target: Path, key: dict, write) -> Prepared:
     return Prepared(target, stats, cache_hit=False)
 
 
-def _existing(target: Path, key: dict, shard: Shard | None = None) -> Prepared | None:
-    """The data already prepared at `target` for this key; None if there is none; refuse anything else there
-    (with `shard`: anything but shards of the same set)."""
+def _existing(target: Path, key: dict, shard: Shard | None = None, rebuild: bool = False) -> Prepared | None:
+    """The data already prepared at `target` for this key, whole (`damage`); None if there is none (`rebuild`: or
+    it is damaged); refuse anything else there (with `shard`: anything but shards of the same set)."""
     if target.exists() and not target.is_dir():
         raise JobError(f"{target} is a file", "choose a new or empty --output folder")
     if (target / KEY_FILE).exists():
         if json.loads((target / KEY_FILE).read_text()) == key:
+            why = damage(target)
+            if why and rebuild:
+                log.warning("the cache entry %s is damaged (%s): it is prepared again", target, why)
+                return None
+            if why:
+                check_contents(target)
             return Prepared(target, json.loads((target / STATS_FILE).read_text()), cache_hit=True)
         raise JobError(
             f"{target} holds data prepared with other settings",
@@ -268,12 +299,14 @@ def load_prepared(path: str):
         )
     folder = Path(path)
     if not (folder / SHARDS_FILE).exists():
+        check_contents(folder, hashes=False)  # the launcher hashed it; here the sizes, before pyarrow reads it
         return datasets.DatasetDict(_splits(folder))
     key = json.loads((folder / KEY_FILE).read_text())
     shards = json.loads((folder / SHARDS_FILE).read_text())["shards"]
     count, present = _shards(folder, key, len(shards))
     if len(present) < count:
         _missing(folder, count, present)
+    check_contents(folder, hashes=False)
     parts = [_splits(folder / name) for name in shards]
     return datasets.DatasetDict(
         {
@@ -298,10 +331,53 @@ def _write(staging: Path, corpus: Corpus, cfg: RunConfig, tokenizer, key: dict, 
     with _one_rust_thread_per_call():
         stats = _tokenize_and_layout(corpus, cfg, tokenizer, staging, shard)
     stats["corpus"] = corpus.name
+    contents = {p.name: {"bytes": p.stat().st_size, "xxh3_128": _xxh3(p)} for p in sorted(staging.glob("*.arrow"))}
+    (staging / CONTENTS_FILE).write_text(json.dumps(contents, indent=2) + "\n")
     (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     (staging / KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")  # written last: marks it complete
     apply_umask(staging)
     return stats
+
+
+def _xxh3(path: Path) -> str:
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def damage(path: str | Path, hashes: bool = True) -> str | None:
+    """What in a prepared folder (each shard of a set) differs from what was written: a missing, resized or (with
+    `hashes`) changed Arrow file; None when it is whole."""
+    folder = Path(path)
+    parts = [folder]
+    if (folder / SHARDS_FILE).exists():
+        parts = [folder / name for name in json.loads((folder / SHARDS_FILE).read_text())["shards"]]
+    for part in parts:
+        try:
+            contents = json.loads((part / CONTENTS_FILE).read_text())
+        except (OSError, ValueError):
+            return f"{part / CONTENTS_FILE} is missing or unreadable (prepared by an older release?)"
+        on_disk = {p.name for p in part.glob("*.arrow")}
+        if on_disk != set(contents):
+            return f"{part} holds {sorted(on_disk)}, not the {sorted(contents)} that were written"
+        for name, written in contents.items():
+            size = (part / name).stat().st_size
+            if size != written["bytes"]:
+                return f"{part / name} is {size} bytes, {written['bytes']} were written"
+            if hashes and _xxh3(part / name) != written["xxh3_128"]:
+                return f"{part / name} changed since it was written (its xxh3-128 differs)"
+    return None
+
+
+def check_contents(path: str | Path, hashes: bool = True) -> None:
+    """One line for a prepared folder that is not whole (see `damage`)."""
+    why = damage(path, hashes)
+    if why:
+        raise JobError(f"prepared data {path} is damaged: {why}", "prepare it again into a new folder and pass that")
 
 
 @contextlib.contextmanager

@@ -35,6 +35,34 @@ def _special_ids(tokenizer, model) -> tuple[int, int]:
     return int(eos), int(pad)
 
 
+# The context of a model that names none: BLOOM's training context (its config's `seq_length`). ALiBi has no position
+# table to run out of, but eager attention's mask grows with the square of the length: a 130k-token prompt asks for
+# tens of GB, so a longer prompt is refused, not attempted.
+DEFAULT_CONTEXT_TOKENS = 2048
+
+
+def context_tokens(model, tokenizer) -> int:
+    """The longest prompt the model takes: its config's context (`seq_length`, `max_position_embeddings`,
+    `n_positions`), else the tokenizer's `model_max_length` when it is a real figure, else BLOOM's 2048."""
+    for name in ("seq_length", "max_position_embeddings", "n_positions"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**6 else DEFAULT_CONTEXT_TOKENS  # 1e30: "none set"
+
+
+def check_prompt_lengths(encoded: list[list[int]], context: int) -> None:
+    """One line for a prompt longer than the model's context, before anything is allocated for it."""
+    longest = max(range(len(encoded)), key=lambda i: len(encoded[i]), default=None)
+    if longest is not None and len(encoded[longest]) > context:
+        raise JobError(
+            f"prompt {longest + 1} is {len(encoded[longest]):,} tokens, longer than the model's context of "
+            f"{context:,} tokens",
+            "shorten it (the end of a text is what a continuation follows on)",
+        )
+
+
 def generate_ids(
     model,
     tokenizer,
@@ -63,6 +91,7 @@ def generate_ids(
     eos, pad = _special_ids(tokenizer, model)
     device = _device_of(model)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] or [eos] for p in prompts]  # "": a new document
+    check_prompt_lengths(encoded, context_tokens(model, tokenizer))
     how = {} if greedy else {"top_k": draw.top_k, "top_p": draw.top_p, "temperature": temperature}
     results: list[dict[str, Any]] = []
     was_training = model.training

@@ -63,7 +63,7 @@ def prepare_inputs(cfg: RunConfig, found: Preflight | None = None) -> tuple[RunC
     """
     from job.data.corpus import load_run_corpus
     from job.data.mix import prepare_mix, sources
-    from job.data.prepare import prepare, read_prepared_key, read_prepared_stats
+    from job.data.prepare import check_contents, prepare, read_prepared_key, read_prepared_stats
     from job.data.tokenizer import run_tokenizer, tokenizer_fingerprint
 
     found = found or Preflight(cfg)
@@ -77,6 +77,7 @@ def prepare_inputs(cfg: RunConfig, found: Preflight | None = None) -> tuple[RunC
         )
         for path, key in keys.items():
             check_prepared_tokenizer(path, key or read_prepared_key(path), tokenizer_fingerprint(tokenizer))
+            check_contents(path)  # whole, before any worker maps it
         cfg = dataclasses.replace(cfg, max_length=read_prepared_stats(next(iter(keys)))["max_length"])
     elif mix is not None:  # each source prepared as a run on it alone would be; the workers read the mix
         cfg = dataclasses.replace(cfg, prepared=prepare_mix(cfg, tokenizer, found.corpora)[0])
@@ -285,10 +286,15 @@ def _run_torchrun(cfg: RunConfig, launch: Launch, output: Path, lock: OutputLock
     if code is not None:
         return code
     if received:
-        log.error("stopped by %s before the workers recorded a verdict", signal.Signals(received[0]).name)
-        return EXIT_PREEMPTED
-    log.error("the workers ended without a verdict (torchrun exit %s); see the log above", returncode)
-    return returncode or EXIT_CRASH
+        verdict = f"stopped by {signal.Signals(received[0]).name} before the workers recorded a verdict"
+        code = EXIT_PREEMPTED
+    else:  # a worker killed (the OOM killer) or crashed before it could record one
+        verdict = f"the workers ended without a verdict (torchrun exit {returncode}); see the log above"
+        code = returncode or EXIT_CRASH
+    log.error(verdict)
+    if lock:  # node 0's launcher records the run's verdict
+        run_files.write_status_if_possible(output, code, verdict)
+    return code
 
 
 def _quiet_torchrun() -> int:

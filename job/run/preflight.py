@@ -25,7 +25,7 @@ from job.core.topology import (
     resolve_topology,
     visible_gpus,
 )
-from job.core.units import config_parameter_count
+from job.core.units import config_parameter_count, size_text
 from job.core.weights import check_weights
 from job.run.check_results import Check, Preflight, require
 from job.run.launch_record import resolve_launch
@@ -317,7 +317,7 @@ def check_data(p: Preflight) -> Check:
 def _check_mix(p: Preflight, mix: list) -> Check:
     """Each source of a mix as one source is checked (a --prepared mix: one max length and layout); the row shows
     every source with its share."""
-    from job.data.mix import load_source_corpus
+    from job.data.mix import load_source_corpora
     from job.data.prepare import read_prepared_key, read_prepared_stats
 
     shares = [f"{s.name} {share:.0%}" for s, share in zip(mix, p.cfg.source_data.probabilities(), strict=True)]
@@ -335,8 +335,7 @@ def _check_mix(p: Preflight, mix: list) -> Check:
                 "prepare every source with the same --max-length and --packing",
             )
     else:
-        for source in mix:
-            p.corpora[source.name] = load_source_corpus(p.cfg, source)
+        p.corpora.update(load_source_corpora(p.cfg, mix))
         rows = [f"{len(p.corpora[s.name].rows)} documents" for s in mix]
     shown = "; ".join(f"{share}: {s.path} ({n})" for share, s, n in zip(shares, mix, rows, strict=True))
     return Check("data", True, f"mix of {len(mix)} sources: {shown}")
@@ -416,16 +415,16 @@ def check_disk(p: Preflight) -> Check:
     existing = next(q for q in [output, *output.parents] if q.exists())
     free = shutil.disk_usage(existing).free
     if p.model_config is None:
-        return Check("disk", True, f"{free / 2**30:.1f} GiB free (model size unknown)")
+        return Check("disk", True, f"{size_text(free)} free (model size unknown)")
     need = config_parameter_count(p.model_config) * BYTES_PER_PARAMETER_CHECKPOINT * 2  # new + last checkpoint
     if free < need:
         return Check(
             "disk",
             False,
-            f"{free / 2**30:.1f} GiB free at {existing}, a checkpoint needs about {need / 2**30:.1f} GiB",
+            f"{size_text(free)} free at {existing}, a checkpoint and the one before it need about {size_text(need)}",
             "free space or choose another --output-dir",
         )
-    return Check("disk", True, f"{free / 2**30:.1f} GiB free, ~{need / 2**30:.1f} GiB needed per checkpoint pair")
+    return Check("disk", True, f"{size_text(free)} free, ~{size_text(need)} needed per checkpoint pair")
 
 
 # In order: later checks read what earlier ones found. `train` stops at the first failure; `doctor` runs all.

@@ -5,23 +5,58 @@ Only an export is pushed, never a training run's checkpoints (`--training-arg pu
 `job.run.training_args`). The hub is $HF_ENDPOINT (default huggingface.co; a mirror or a private hub); the token is
 $HF_TOKEN, read from the environment only and never written anywhere. With HF_HUB_OFFLINE set (the image's default)
 the push is refused in one line, before anything is read.
+
+Every request has a timeout ($JOB_HUB_TIMEOUT seconds to connect and between bytes, default 60): huggingface_hub's
+own client waits forever on an endpoint that accepts and never answers. An endpoint that cannot be reached (refused,
+unknown host, TLS failure, a stall) is one line, exit 2.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import time
 from pathlib import Path
 
 from job.core import run_files
-from job.core.checkpoints import verify_export
+from job.core.checkpoints import changed_files, verify_export
 from job.core.errors import JobError
 from job.core.logs import adopt_library_loggers
 from job.core.weights import check_weights
 
 log = logging.getLogger("job")
+TIMEOUT_ENV = "JOB_HUB_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def hub_timeout(environ: dict[str, str] | None = None) -> float:
+    """$JOB_HUB_TIMEOUT in seconds (default 60): how long one request may wait to connect or for its next bytes."""
+    environ = os.environ if environ is None else environ
+    text = environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise JobError(f"{TIMEOUT_ENV}={text!r} is not a positive number of seconds", "unset it or set e.g. 60")
+    return seconds
+
+
+def bound_requests(seconds: float) -> None:
+    """Give huggingface_hub's shared HTTP client a timeout (its default client has none)."""
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    def client_with_timeout():
+        client = _http.default_client_factory()
+        client.timeout = httpx2.Timeout(seconds)
+        return client
+
+    _http.set_client_factory(client_with_timeout)
 
 
 def check_online(environ: dict[str, str] | None = None) -> None:
@@ -54,6 +89,9 @@ def check_export(folder: Path) -> int:
             "push an export of this job (OUTPUT/final); a rerun of the same train command re-exports an older run",
         )
     check_weights(folder)  # a truncated or corrupt file: one line
+    changed = changed_files(folder)  # bytes changed in place: headers and a reload need not notice
+    if changed:
+        raise JobError(f"{folder} is not the export that was verified: {changed}", "export it again (rerun train)")
     try:
         return verify_export(folder)
     except (RuntimeError, OSError, ValueError) as e:
@@ -69,11 +107,13 @@ def push(
 ) -> str:
     """Upload the export at `model` to `repo_id` (created if missing, private unless asked), on the branch
     `revision` (created from main if missing; default main); the last commit's URL."""
+    import httpx2
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     check_online()
+    timeout = hub_timeout()
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
@@ -85,6 +125,7 @@ def push(
     adopt_library_loggers()  # no loading bars while the export is verified
     parameters = check_export(folder)
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)  # read now, not at import
+    bound_requests(timeout)
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         if revision:
@@ -100,6 +141,11 @@ def push(
         raise JobError(
             f"{api.endpoint} refused the upload to {repo_id}: {str(e).splitlines()[0][:300]}",
             "check that HF_TOKEN may write to that repository (and HF_ENDPOINT, if set)",
+        ) from None
+    except httpx2.TransportError as e:  # refused, unknown host, TLS, a stall past the timeout
+        raise JobError(
+            f"{api.endpoint} cannot be reached: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+            f"check HF_ENDPOINT and the network (each request waits at most {timeout:g} s: {TIMEOUT_ENV})",
         ) from None
 
 

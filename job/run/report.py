@@ -251,7 +251,9 @@ def run_figures(records: list[dict], summary: dict) -> dict[str, Any]:
     for source in [s for s in sources_evaluated(records) if s]:
         values = [v for r in records if (v := number(eval_losses(r).get(source))) is not None]
         final = number(final_by_source.get(source))
-        by_source[source] = (values[0] if values else None, final if final is not None else values[-1])
+        if final is None and values:
+            final = values[-1]
+        by_source[source] = (values[0] if values else None, final)  # None: no finite loss was ever logged
     return {
         "steps": steps,
         "tokens_seen": tokens,

@@ -12,7 +12,7 @@ from pathlib import Path
 from job.core import checkpoints, run_files
 from job.core.config import RunConfig, comparable, resumable_fields
 from job.core.errors import JobError
-from job.core.files import FileLock
+from job.core.files import FileLock, refuse_link
 from job.core.weights import model_fingerprint
 from job.run.check_results import Check, Preflight
 from job.run.launch_record import Launch
@@ -52,6 +52,11 @@ def check_output(p: Preflight) -> Check:
                 "choose a new or empty --output-dir",
             )
         return Check("output", True, f"{output} (new)")
+    try:
+        for link in checkpoints.linked_entries(output):
+            refuse_link(link, output)
+    except JobError as e:
+        return Check("output", False, e.cause, e.fix)
     # What `doctor` says of a folder whose run is going (`train` takes the lock itself). Only node 0 (or an unset rank,
     # which means node 0) asks: node 0 holds the lock for the whole run, so another node of that same run that starts
     # after it finds the lock held by its own run.

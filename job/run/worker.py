@@ -19,6 +19,7 @@ import signal
 import time
 import weakref
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, set_seed
@@ -26,7 +27,15 @@ from transformers.trainer_callback import PrinterCallback
 
 from job.core import checkpoints, run_files
 from job.core.config import RunConfig
-from job.core.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED
+from job.core.errors import (
+    EXIT_CRASH,
+    EXIT_DIVERGED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    JobError,
+    crash_summary,
+    raise_if_disk_full,
+)
 from job.core.files import atomic_write_json
 from job.core.logs import adopt_library_loggers, prints_logged
 from job.core.metrics_log import eval_losses
@@ -223,7 +232,17 @@ class JobTrainer(Trainer):
         return _workers_ignore_signals(super().get_train_dataloader())
 
     def get_eval_dataloader(self, eval_dataset=None):
-        return _workers_ignore_signals(super().get_eval_dataloader(eval_dataset))
+        if not (isinstance(self.eval_dataset, dict) and len(self.eval_dataset) > 1):
+            return _workers_ignore_signals(super().get_eval_dataloader(eval_dataset))
+        # A mix: one held-out set per source. Persistent loaders would keep `dataloader_workers` idle processes per
+        # source for the whole run (100 for 50 sources); each source's workers end with its evaluation instead, so
+        # at most one set is alive per process, whatever the number of sources.
+        persistent = self.args.dataloader_persistent_workers
+        self.args.dataloader_persistent_workers = False
+        try:
+            return _workers_ignore_signals(super().get_eval_dataloader(eval_dataset))
+        finally:
+            self.args.dataloader_persistent_workers = persistent
 
 
 def training_collator(tokenizer, count_tokens: bool, pad_to_multiple_of: int | None = None):
@@ -323,9 +342,28 @@ def run_worker(cfg: RunConfig, launch: Launch | None = None) -> int:
         else:
             message = f"before training resumed; complete checkpoint {last}. Run again with --resume auto to continue"
         return record_verdict(output, rank0, EXIT_PREEMPTED, f"stopped by {e.signal_name} {message}")
+    except Exception as e:
+        _crashed(output, rank0, e)
     finally:
         stop_dataloader_workers()
         _leave_process_group()
+
+
+def _crashed(output: Path, rank0: bool, error: Exception) -> NoReturn:
+    """Every ending has a verdict: bad input found in a worker and a write the disk refused (full, over quota, over
+    a file-size limit) are raised as their one-line JobError; any other error is recorded as a crash, then raised
+    (its traceback in the log). Either way the process fails, and torchrun stops the other ranks."""
+    try:
+        raise_if_disk_full(error, output)
+        if isinstance(error, JobError):
+            raise error
+    except JobError as refusal:
+        if rank0:
+            run_files.write_status_if_possible(output, refusal.exit_code, f"error: {refusal}")
+        raise refusal from None  # the CLI prints its one line and exits with its code
+    if rank0:
+        run_files.write_status_if_possible(output, EXIT_CRASH, f"crash: {crash_summary(error)}")
+    raise error
 
 
 def _leave_process_group() -> None:
@@ -405,12 +443,38 @@ def _load_prepared(cfg: RunConfig, launch: Launch):
     # memory-mapped; fails with a clear message if it is not one. A mix: its sources interleaved, an eval set each
     spec = cfg.prepared
     data = load_mix(spec, cfg.seed, cfg.mix_until) if spec.mixed else load_prepared(spec.path)
+    if "eval" in data:
+        data["eval"] = _predictable(data["eval"])
     if "eval" in data and cfg.eval_batches:
         rows = cfg.eval_batches * cfg.per_device_batch_size * launch.world_size
         first = lambda split: split.select(range(min(rows, len(split))))
         evals = data["eval"]
         data["eval"] = {n: first(e) for n, e in evals.items()} if isinstance(evals, dict) else first(evals)
     return data
+
+
+def _predictable(evals):
+    """The held-out rows that hold something to predict (a mix: per source). A row of one token has no next token:
+    a batch of such rows (a held-out document of exactly max_length tokens leaves its eos alone in a row) gave a
+    held-out loss of 0/0 = NaN at every evaluation. Dropping them changes no loss: they hold no target."""
+    import pyarrow.compute as pc
+
+    def keep(split):
+        lengths = pc.list_value_length(split.with_format("arrow")["input_ids"]).to_numpy(zero_copy_only=False)
+        rows = (lengths > 1).nonzero()[0]
+        return split if len(rows) == len(split) else split.select(rows)  # an in-memory index: nothing written
+
+    kept = {name: keep(split) for name, split in evals.items()} if isinstance(evals, dict) else {"": keep(evals)}
+    empty = sorted(name for name, split in kept.items() if len(split) == 0)
+    if len(empty) == len(kept):
+        raise JobError(
+            "no held-out row has a token to predict (each is a lone token)",
+            "raise --eval-fraction, or use --eval-fraction 0",
+        )
+    for name in empty:
+        log.warning("source %s: no held-out row has a token to predict; it is not evaluated", name)
+        del kept[name]
+    return kept if isinstance(evals, dict) else kept[""]
 
 
 def _monitor_callbacks(cfg: RunConfig, model, use_cpu: bool) -> list[TrainerCallback]:

@@ -292,11 +292,14 @@ def plan(config, gpus, nodes, gpu_memory, cpu_memory, **values):
     needs. Exit 0 if it fits, else 2 and the settings that would (--plan auto: plans those)."""
     import dataclasses
 
+    from job.core.topology import device_type, processes_per_node
+    from job.model.attention import resolve_attention
     from job.model.build import model_config
     from job.run.memory_plan import GiB, machine_here, plan_run, refusal, settings_flags, why
 
     cfg = _load(config, values)
-    here = machine_here(cfg, gpus, nodes)
+    # a what-if for a machine that may not be this one: the launch it would get there, not this machine's
+    here = machine_here(processes_per_node(cfg), cfg.nnodes or 1, device_type(cfg), gpus, nodes)
     target = gpus is not None or gpu_memory is not None  # planned for GPUs named here, not for this machine's
     machine = dataclasses.replace(
         here,
@@ -304,7 +307,7 @@ def plan(config, gpus, nodes, gpu_memory, cpu_memory, **values):
         cpu_memory=int(cpu_memory * GiB) if cpu_memory else here.cpu_memory,
         device="cuda" if target else here.device,
     )
-    mine, best = plan_run(cfg, model_config(cfg, None), machine)
+    mine, best = plan_run(cfg, model_config(cfg, None), machine, resolve_attention(cfg.attention, machine.device))
     click.echo("\n".join(mine.lines()))
     if cfg.plan == "auto" and best is not None:
         click.echo(f"--plan auto: {settings_flags(best.settings)}: {why(best.settings, mine.settings)}")

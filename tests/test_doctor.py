@@ -91,14 +91,20 @@ def test_memory_preflight_is_the_plan_and_counts_the_attention_scores_unless_fle
     cfg = RunConfig.load(max_length=100_000, per_device_batch_size=16)
     config = model_config(cfg, 600)
     shape = ModelShape.from_config(config)
-    need = sum(activation_bytes(shape, settings_of(cfg, "cpu")))  # sdpa: one [B, H, T, T] bias per step
+    need = sum(activation_bytes(shape, settings_of(cfg, "sdpa")))  # sdpa: one [B, H, T, T] bias per step
     assert need >= 16 * config.n_head * 100_000**2 * 4
-    flex = sum(activation_bytes(shape, settings_of(RunConfig.load(max_length=100_000, attention="flex"), "cuda")))
+    flex = sum(activation_bytes(shape, settings_of(RunConfig.load(max_length=100_000, attention="flex"), "flex")))
     assert flex < need / 40  # flex never builds the scores
-    result = doctor.check_memory(Preflight(cfg, model_config=config))
+
+    def memory_row(cfg):  # the check plans the resolved launch
+        found = Preflight(cfg, model_config=config)
+        doctor.check_launch(found)
+        return doctor.check_memory(found)
+
+    result = memory_row(cfg)
     assert not result.ok and "the memory plan does not fit" in result.detail and "--max-length" in result.fix
-    assert doctor.check_memory(Preflight(RunConfig.load(), model_config=config)).ok
-    assert "--plan off" in doctor.check_memory(Preflight(RunConfig.load(plan="off"), model_config=config)).detail
+    assert memory_row(RunConfig.load()).ok
+    assert "--plan off" in memory_row(RunConfig.load(plan="off")).detail
 
 
 def test_a_folder_of_someone_else_is_refused_a_volume_root_is_not(tmp_path):

@@ -651,8 +651,7 @@ def test_a_rank_killed_as_the_oom_killer_does_leaves_a_verdict_and_ends(inputs, 
 
     model, tok, data, root = inputs
     output, log_path, message = root / "oom", root / "oom.log", tmp_path / "termination-log"
-    args = train_args(model, tok, data, output)
-    args[args.index("--max-steps") + 1] = "5000"  # far more than the test waits
+    args = two_process_run(model, tok, data, output, "--max-steps", "5000")  # far more than the test waits
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             job_command(*args),

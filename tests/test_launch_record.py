@@ -57,3 +57,22 @@ def test_a_worker_reads_its_launchers_environment_else_the_run_folders_record(tm
     monkeypatch.delenv(LAUNCH_ENV)
     with pytest.raises(JobError, match=r"launch\.json is missing or unreadable"):
         read_launch(tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("plan", ["check", "auto"])
+def test_the_launch_records_the_memory_plan_it_settled_on(tmp_path, plan):
+    """The memory check plans the resolved launch (its processes, device and attention kind) and records the settings
+    it settled on, which launch.json keeps."""
+    from job.model.build import preset_config
+    from job.run.preflight import Preflight, check_launch, check_memory
+
+    found = Preflight(RunConfig.load(device="cpu", plan=plan, output_dir=str(tmp_path / "run")))
+    check_launch(found)
+    found.model_config = preset_config("tiny", 512)
+    assert check_memory(found).ok
+    memory = found.launch.memory
+    assert memory.chosen_by == ("--plan auto" if plan == "auto" else "the run's settings")
+    assert memory.per_device_batch_size * memory.grad_accum == found.cfg.per_device_batch_size * found.cfg.grad_accum
+    assert 0 < memory.bytes_per_device <= memory.device_memory
+    write_launch(tmp_path, found.launch)
+    assert Launch.from_dict(json.loads((tmp_path / run_files.LAUNCH).read_text())) == found.launch

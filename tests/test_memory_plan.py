@@ -186,9 +186,9 @@ def test_plan_command_exits_0_when_it_fits_and_2_naming_what_would():
 
 
 def test_settings_of_reads_the_rendered_deepspeed_file():
-    s = settings_of(RunConfig.load(zero_stage=3, offload="all", gradient_checkpointing=True), "cuda")
+    s = settings_of(RunConfig.load(zero_stage=3, offload="all", gradient_checkpointing=True), "flex")
     assert (s.zero_stage, s.offload, s.checkpointing, s.attention) == (3, "all", True, "flex")
-    assert settings_of(RunConfig.load(deepspeed="none"), "cpu").zero_stage is None
+    assert settings_of(RunConfig.load(deepspeed="none"), "sdpa").zero_stage is None
     chosen = dataclasses.replace(s, zero_stage=2, offload="optimizer", micro_batch=4, grad_accum=4, checkpointing=False)
     cfg = with_settings(RunConfig.load(zero_stage=3, offload="all", gradient_checkpointing=True), chosen)
     assert (cfg.zero_stage, cfg.offload, cfg.per_device_batch_size, cfg.grad_accum) == (2, "optimizer", 4, 4)

@@ -130,7 +130,8 @@ def test_a_source_whose_held_out_loss_was_never_finite_is_shown_as_such(tmp_path
     ]
     figures = run_figures(records, {"final_source_eval_losses": {"news": 6.0}})
     assert figures["source_eval_losses"] == {"news": (6.5, 6.0), "odd": (None, None)}
-    table = source_table(figures, {"data": "1:news=a.jsonl,1:odd=b.jsonl"})
+    cfg = RunConfig.load(data="1:news=a.jsonl,1:odd=b.jsonl")
+    table = source_table(figures, cfg.source_data)
     assert "| odd | 50% | n/a | n/a | n/a |" in table
-    card = render_model_card(RunConfig.load(data="1:news=a.jsonl,1:odd=b.jsonl"), figures)
+    card = render_model_card(cfg, figures)
     assert "held-out loss of odd, before / after training" in card

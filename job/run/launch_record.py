@@ -4,8 +4,8 @@ Processes per node, nodes, this node's rank, world size, the device the workers 
 global batch, and which checkpoint (if any) is loaded as DeepSpeed's universal checkpoint. The preflight checks
 resolve it (`resolve_launch`); the launcher records it with the run (`OUTPUT/launch.json`, node 0's view) and hands
 it to its workers (`LAUNCH_ENV`, this node's view); the workers, the resume rules, the DeepSpeed config, the model
-card and bench read it and derive none of it again. A dataclass, so that later launch decisions (a memory plan) are
-fields beside these.
+card and bench read it and derive none of it again. The memory check (`job.run.memory_plan`) adds the memory plan
+it settled on: the ZeRO stage, offload, checkpointing and micro-batch the run trains with, and the figure it fits in.
 """
 
 from __future__ import annotations
@@ -26,6 +26,20 @@ LAUNCH_ENV = "JOB_LAUNCH"  # the record as JSON, in every worker's environment (
 
 
 @dataclass(frozen=True)
+class PlannedMemory:
+    """The settings the memory plan settled on (as configured, or chosen by `--plan auto`) and what they need."""
+
+    zero_stage: int | None  # None: plain DDP
+    offload: str
+    gradient_checkpointing: bool
+    per_device_batch_size: int
+    grad_accum: int
+    bytes_per_device: int  # the plan's total per GPU (per process on a CPU)
+    device_memory: int  # what each GPU (process) has
+    chosen_by: str  # "the run's settings" or "--plan auto"
+
+
+@dataclass(frozen=True)
 class Launch:
     nproc_per_node: int
     nnodes: int
@@ -36,6 +50,7 @@ class Launch:
     global_batch: int  # rows per optimizer step: per device x accumulation x world size
     universal_checkpoint: str | None = None  # the checkpoint loaded through its universal form (another world size)
     given_prepared: bool = False  # the run was given --prepared (not data the launcher prepared)
+    memory: PlannedMemory | None = None  # None: not planned (--plan off, or no model config to plan from)
 
     def loads_universal(self, checkpoint: Path | None) -> bool:
         """Whether resuming from `checkpoint` loads its universal form (a restart after a newer save does not)."""
@@ -46,7 +61,8 @@ class Launch:
 
     @classmethod
     def from_dict(cls, values: dict) -> Launch:
-        return cls(**values)
+        memory = values.get("memory")
+        return cls(**{**values, "memory": PlannedMemory(**memory) if memory else None})
 
 
 def resolve_launch(cfg: RunConfig) -> Launch:

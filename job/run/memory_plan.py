@@ -287,9 +287,9 @@ def why(chosen: RunSettings, asked: RunSettings) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ from a run config
-def settings_of(cfg, device: str) -> RunSettings:
-    """The plan's settings of a run config (its DeepSpeed file rendered: stage, offload, bucket sizes)."""
-    from job.model.attention import resolve_attention
+def settings_of(cfg, attention: str) -> RunSettings:
+    """The plan's settings of a run config trained with the `attention` kernel (the launch's): its DeepSpeed file
+    rendered (stage, offload, bucket sizes)."""
     from job.model.loss import CHUNK_TOKENS
     from job.run.deepspeed_config import deepspeed_config, offload_in_use
 
@@ -307,7 +307,7 @@ def settings_of(cfg, device: str) -> RunSettings:
         seq_len=cfg.max_length,
         grad_accum=cfg.grad_accum,
         checkpointing=cfg.gradient_checkpointing,
-        attention=resolve_attention(cfg.attention, device),
+        attention=attention,
         bf16=cfg.bf16,
         loss_chunk_tokens=CHUNK_TOKENS,
         bucket_elements=int(buckets),
@@ -326,30 +326,45 @@ def with_settings(cfg, s: RunSettings):
     )
 
 
-def machine_here(cfg, gpus: int | None = None, nodes: int | None = None) -> Machine:
-    """This machine (or the run's --nproc/--nnodes on it): every visible GPU's memory, else the CPU's RAM shared by
-    the processes."""
+def machine_here(nproc_per_node: int, nnodes: int, device: str, gpus: int | None = None, nodes: int | None = None):
+    """This machine as a launch of `nproc_per_node` processes on `nnodes` nodes on `device` uses it (or `gpus` x
+    `nodes` of this machine's GPUs): every visible GPU's memory, else the CPU's RAM shared by the processes."""
     import psutil
 
-    from job.core.topology import device_type, processes_per_node
-
-    per_node = gpus or processes_per_node(cfg)
+    per_node = gpus or nproc_per_node
     ram = psutil.virtual_memory()
-    if device_type(cfg) == "cuda":
+    if device == "cuda":
         import torch
 
         memory = torch.cuda.get_device_properties(0).total_memory
-        return Machine(per_node, nodes or cfg.nnodes or 1, memory, ram.total, "cuda")
-    return Machine(per_node, nodes or cfg.nnodes or 1, ram.available // per_node, ram.available, "cpu")
+        return Machine(per_node, nodes or nnodes, memory, ram.total, "cuda")
+    return Machine(per_node, nodes or nnodes, ram.available // per_node, ram.available, "cpu")
 
 
-def plan_run(cfg, model_config, machine: Machine) -> tuple[Plan, Plan | None]:
+def plan_run(cfg, model_config, machine: Machine, attention: str) -> tuple[Plan, Plan | None]:
     """The plan of the run as configured and, with `--plan auto` or when it does not fit, the fastest that fits."""
     shape = ModelShape.from_config(model_config)
-    asked = settings_of(cfg, machine.device)
+    asked = settings_of(cfg, attention)
     mine = plan(shape, asked, machine)
     best = choose(shape, asked, machine) if cfg.plan == "auto" or not mine.fits else None
     return mine, best
+
+
+def planned_memory(plan: Plan, chosen_by: str):
+    """What the launch records of `plan` (`job.run.launch_record.PlannedMemory`)."""
+    from job.run.launch_record import PlannedMemory
+
+    s = plan.settings
+    return PlannedMemory(
+        zero_stage=s.zero_stage,
+        offload=s.offload,
+        gradient_checkpointing=s.checkpointing,
+        per_device_batch_size=s.micro_batch,
+        grad_accum=s.grad_accum,
+        bytes_per_device=plan.total,
+        device_memory=plan.machine.gpu_memory,
+        chosen_by=chosen_by,
+    )
 
 
 def refusal(mine: Plan, best: Plan | None):

@@ -377,9 +377,9 @@ def check_model(p: Preflight) -> Check:
 
 
 def check_memory(p: Preflight) -> Check:
-    """The memory plan (`python -m job plan`) on this machine: refused with the settings that would fit; with
-    `--plan auto` those settings become the run's."""
-    from job.run.memory_plan import machine_here, plan_run, refusal, why, with_settings
+    """The memory plan (`python -m job plan`) of the resolved launch on this machine: refused with the settings that
+    would fit; with `--plan auto` those settings become the run's. The launch records the plan it settled on."""
+    from job.run.memory_plan import machine_here, plan_run, planned_memory, refusal, why, with_settings
 
     cfg = p.cfg
     if p.model_config is None:
@@ -387,15 +387,19 @@ def check_memory(p: Preflight) -> Check:
     if cfg.plan == "off":
         return Check("memory", True, "not planned (--plan off)")
     try:
-        mine, best = plan_run(cfg, p.model_config, machine_here(cfg))
+        launch = p.launch
+        here = machine_here(launch.nproc_per_node, launch.nnodes, launch.device)
+        mine, best = plan_run(cfg, p.model_config, here, launch.attention)
     except JobError as e:  # a DeepSpeed file or attention kind that cannot work: its own row (deepspeed, devices)
         return Check("memory", True, f"not planned: {e.cause}")
     if cfg.plan == "auto" and best is not None:
         p.cfg = with_settings(cfg, best.settings)
+        p.launch = dataclasses.replace(p.launch, memory=planned_memory(best, "--plan auto"))
         return Check("memory", True, f"--plan auto: {why(best.settings, mine.settings)}; " + _plan_summary(best))
     if not mine.fits:
         error = refusal(mine, best)
         return Check("memory", False, error.cause, error.fix or "")
+    p.launch = dataclasses.replace(p.launch, memory=planned_memory(mine, "the run's settings"))
     return Check("memory", True, _plan_summary(mine))
 
 

@@ -21,7 +21,7 @@ from job.core import run_files
 from job.core.config import GROUPS, RunConfig, field_meta, field_types, flag, prepare_fields, read_config_file
 from job.core.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_PREEMPTED, JobError, crash_summary, raise_if_disk_full
 from job.core.logs import FORMATS, LOG_FORMAT_ENV, setup_logging
-from job.core.signals import Stopped, stop_at_once
+from job.core.signals import Stopped, exit_without_teardown, stop_at_once
 from job.core.termination import no_termination_message, record_termination
 from job.model.sampling import READING_SAMPLES as READING
 
@@ -262,6 +262,8 @@ def worker(config, local_rank):
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
     cfg = RunConfig.load(config)
     run_worker(cfg)  # the verdict goes to exit_status.json; exiting 0 keeps torchrun from killing peers
+    if int(os.environ.get("RANK", "0")) != 0:
+        exit_without_teardown(0)
 
 
 @cli.command(cls=GroupedCommand)

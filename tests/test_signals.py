@@ -1,4 +1,5 @@
-"""Stop signals around forks: a signal that lands while a process forks is neither lost nor printed and dropped."""
+"""Stop signals around forks: a signal that lands while a process forks is neither lost nor printed and dropped; how a
+rank ends without the interpreter's teardown."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sys
 import textwrap
 
 import pytest
+
+from tests.conftest import REPO
 
 # A process that forks once, with a SIGTERM sent from inside the fork: in the parent (from an at-fork hook that runs
 # before the fork) or in the child (from one that runs first in the child). The test's hooks are registered before
@@ -65,3 +68,22 @@ def test_a_stop_signal_during_a_fork_is_neither_lost_nor_printed_and_dropped(sid
     )
     assert result.stdout.strip() == expected, result.stdout + result.stderr
     assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_exit_without_teardown_flushes_the_logs_and_skips_what_teardown_would_wait_for(tmp_path):
+    """A rank's last act: its log lines and output reach their files, and nothing left alive (here a thread that
+    never ends, which the interpreter's exit would join forever) holds the process."""
+    log_file = tmp_path / "rank.log"
+    script = (
+        "import logging, sys, threading\n"
+        "from job.core.signals import exit_without_teardown\n"
+        f"logging.basicConfig(filename={str(log_file)!r}, level=logging.INFO)\n"
+        "logging.getLogger('job').info('rank 1 done')\n"
+        "print('last words', end='')\n"
+        "threading.Thread(target=threading.Event().wait).start()\n"
+        "exit_without_teardown(0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "last words"
+    assert "rank 1 done" in log_file.read_text()

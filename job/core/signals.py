@@ -1,6 +1,7 @@
 """How a SIGTERM/SIGINT unwinds outside the training loop (also while a process forks), and how a child process
 ends with its parent."""
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -120,3 +121,19 @@ def die_with_parent(sig: int, parent: int | None = None) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
     if parent is not None and os.getppid() != parent:
         os.kill(os.getpid(), sig)
+
+
+def exit_without_teardown(code: int) -> None:
+    """End this process now, after flushing the logs and standard streams, without the interpreter's teardown.
+
+    For a rank other than 0 once it has left the process group: objects that still hold the gloo group (the DDP
+    wrapper, DeepSpeed's engine) would be destroyed in whatever order finalization takes, with gloo's threads live,
+    and `std::terminate` (SIGABRT) makes torchrun report a finished run as failed. Such a rank writes nothing at
+    exit (no tracking, no writers: rank 0 owns them)."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing left to say on it
+            stream.flush()
+    os._exit(code)

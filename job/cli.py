@@ -157,6 +157,7 @@ class JobGroup(click.Group):
 @click.pass_context
 def cli(ctx, debug: bool, log_format: str | None):
     """Continued pre-training of a Chinese Bloom causal LM (HF Trainer + DeepSpeed ZeRO)."""
+    _INVOKED.clear()  # a second invocation in one process (an in-process caller) starts without the first's folder
     _INVOKED["command"] = ctx.invoked_subcommand
     if debug:
         os.environ["JOB_DEBUG"] = "1"

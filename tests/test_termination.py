@@ -118,7 +118,7 @@ def test_a_signal_before_training_and_a_crash_write_theirs(message_file, monkeyp
         raise Stopped(signal.SIGTERM)
 
     monkeypatch.setattr(cli_module, "cli", SimpleNamespace(main=stopped))
-    monkeypatch.setitem(cli_module._INVOKED, "command", "train")  # as the group records it
+    monkeypatch.setattr(cli_module, "_INVOKED", {"command": "train"})  # as the group records it, nothing earlier
     with pytest.raises(SystemExit) as e:
         cli_module.main()
     assert e.value.code == EXIT_PREEMPTED
@@ -180,7 +180,7 @@ def test_a_crash_under_json_logging_is_json_and_leaves_a_verdict(tmp_path, messa
     output = tmp_path / "run"
     output.mkdir()
     monkeypatch.setattr(cli_module, "cli", SimpleNamespace(main=crash))
-    monkeypatch.setitem(cli_module._INVOKED, "output_dir", str(output))  # as `train` records it
+    monkeypatch.setattr(cli_module, "_INVOKED", {"output_dir": str(output)})  # as `train` records it
     with pytest.raises(SystemExit) as e:
         cli_module.main()
     assert e.value.code == 1

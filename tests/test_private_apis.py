@@ -19,15 +19,16 @@ from tests.conftest import REPO
 def test_every_private_api_the_worker_uses_is_declared_and_holds_here():
     import inspect
 
-    from job.run import worker
+    from job.run import op_builds, worker
 
-    source = inspect.getsource(worker)
+    source = inspect.getsource(worker) + inspect.getsource(op_builds)
     for api in PRIVATE_APIS:
         assert api.attribute in source and private_api_problem(api) is None, api
     assert {"_prepare_inputs", "_track_num_input_tokens"} <= {
         name for name in vars(worker.JobTrainer) if name.startswith("_") and not name.startswith("__")
     }
-    assert "transformers 5.24" in require_private_apis() and "torch 2.13" in require_private_apis()
+    checked = require_private_apis()
+    assert "transformers 5.24" in checked and "torch 2.13" in checked and "deepspeed 0.19" in checked
 
 
 def test_another_release_is_refused_in_one_line(monkeypatch):

@@ -22,7 +22,7 @@ from job.core.errors import JobError
 @dataclass(frozen=True)
 class PrivateApi:
     package: str  # the distribution whose release is checked
-    owner: str  # the importable object holding it, "module:Class"
+    owner: str  # the importable object holding it: "module:Class", or "module" for a module's own function
     attribute: str
     written_for: SpecifierSet
     use: str  # what the job does with it
@@ -30,6 +30,8 @@ class PrivateApi:
 
 TRAINER_INTERNALS = SpecifierSet(">=5.24,<5.25")  # transformers' Trainer as read for JobTrainer
 DATALOADER_INTERNALS = SpecifierSet(">=2.13,<2.14")  # torch's multiprocessing DataLoader iterator
+EXTENSION_BUILD_INTERNALS = SpecifierSet(">=2.13,<2.14")  # torch's cpp_extension build folder and its lock file
+OP_BUILDER_INTERNALS = SpecifierSet(">=0.19.8,<0.20")  # DeepSpeed's OpBuilder.jit_load
 
 PRIVATE_APIS = (
     PrivateApi(
@@ -53,6 +55,20 @@ PRIVATE_APIS = (
         DATALOADER_INTERNALS,
         "stop_dataloader_workers asks a DataLoader's workers to stop (DataLoader._iterator holds the iterator)",
     ),
+    PrivateApi(
+        "torch",
+        "torch.utils.cpp_extension",
+        "_get_build_directory",
+        EXTENSION_BUILD_INTERNALS,
+        "job.run.op_builds finds the folder where torch holds its build lock (`lock`, polled without a timeout)",
+    ),
+    PrivateApi(
+        "deepspeed",
+        "deepspeed.ops.op_builder.builder:OpBuilder",
+        "jit_load",
+        OP_BUILDER_INTERNALS,
+        "job.run.op_builds wraps every JIT op build in a lock that a killed builder cannot leave held",
+    ),
 )
 
 
@@ -67,7 +83,8 @@ def private_api_problem(api: PrivateApi, installed: Version | None = None) -> st
     if installed not in api.written_for:
         return f"{named} was written for {api.package} {api.written_for}, this is {installed}"
     module, _, name = api.owner.partition(":")
-    if not hasattr(getattr(importlib.import_module(module), name), api.attribute):
+    owner = importlib.import_module(module)
+    if not hasattr(getattr(owner, name) if name else owner, api.attribute):
         return f"{api.package} {installed} has no {named}"
     return None
 

@@ -49,6 +49,7 @@ from job.model.patches import apply_patches, model_patches
 from job.run.finish import finish_run, record_verdict
 from job.run.launch_record import Launch, read_launch
 from job.run.metrics import REAL_TOKENS_KEY, CountingCollator, extra_log_values
+from job.run.op_builds import guard_op_builds
 from job.run.private_apis import require_private_apis
 from job.run.tracking import continue_tracking, prepare_tracking
 from job.run.training_args import training_arguments
@@ -266,6 +267,7 @@ def build_trainer(
     """The Trainer for `cfg` as `launch` resolved it (model, data, collator, guards); `data` overrides the prepared
     dataset (bench); `load_universal`: resume from the DeepSpeed universal checkpoint (another world size)."""
     require_private_apis()  # JobTrainer's overrides: also where no preflight ran (bench)
+    guard_op_builds()  # before DeepSpeed's comm layer builds its first op
     use_cpu = launch.device == "cpu"
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / run_files.TENSORBOARD))
     splits = data if data is not None else prepared_splits(cfg)

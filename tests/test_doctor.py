@@ -238,7 +238,7 @@ def test_an_explicit_loopback_master_addr_means_every_node_on_this_host(monkeypa
     assert result.ok and "on this host" in result.detail
 
 
-@pytest.mark.parametrize("name", ["checkpoint-7", "final", "final.partial", "metrics.jsonl"])
+@pytest.mark.parametrize("name", ["checkpoint-7", "final", "final.partial", "metrics.jsonl", "launch.json", "tracking"])
 def test_a_run_folder_whose_own_names_link_outside_is_refused(tmp_path, name):
     out = tmp_path / "out"
     complete_checkpoint(out, 5)

@@ -495,6 +495,22 @@ def test_a_cache_entry_that_is_a_link_out_of_the_cache_is_refused(tiny_tokenizer
     assert sorted((p.name, p.stat().st_size) for p in outside.iterdir()) == before
 
 
+@pytest.mark.parametrize("folder", ["prepared", "datasets"])
+def test_a_cache_folder_that_is_a_link_out_of_the_cache_is_refused(
+    tiny_tokenizer, docs_jsonl, tmp_path, job_cache, folder
+):
+    """The folders the job makes in JOB_CACHE: what lies below a link there would be written outside it."""
+    from job.core.errors import JobError
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (job_cache / folder).symlink_to(outside, target_is_directory=True)
+    cfg = RunConfig.load(data=str(docs_jsonl), max_length=16, eval_fraction=0.0)
+    with pytest.raises(JobError, match=f"{job_cache / folder} is a symbolic link .*remove the link"):
+        prepare(cfg, tiny_tokenizer)
+    assert list(outside.iterdir()) == []
+
+
 def test_the_largest_shard_count_names_a_folder_its_own_pattern_reads():
     from job.data.prepare import _SHARD_FOLDER, MAX_SHARDS, Shard
 

@@ -41,14 +41,18 @@ def apply_umask(path: Path) -> None:
 
 
 def refuse_link(path: Path, root: Path) -> None:
-    """One line for a path the job would write or delete that is a symbolic link: through it the job would reach
-    outside its folder `root` (and a link is nothing the job made, so it is not its to remove either)."""
+    """One line for a path the job would write or delete that is a symbolic link, or lies below one inside its
+    folder `root`: through it the job would reach outside `root` (and a link is nothing the job made, so it is not its
+    to remove either). `root` itself may be a link: the user named it."""
     from job.core.errors import JobError
 
-    if Path(path).is_symlink():
+    path, root = Path(path), Path(root)
+    below_root = [path, *path.parents]
+    below_root = below_root[: below_root.index(root)] if root in path.parents else [path]
+    for link in (p for p in below_root if p.is_symlink()):
         raise JobError(
-            f"{path} is a symbolic link (to {os.readlink(path)}): the job writes only inside {root}",
-            f"remove the link {path} (what it points to stays), or use another folder",
+            f"{link} is a symbolic link (to {os.readlink(link)}): the job writes only inside {root}",
+            f"remove the link {link} (what it points to stays), or use another folder",
         )
 
 

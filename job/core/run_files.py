@@ -39,8 +39,10 @@ LOSS_PNG = "loss.png"
 THROUGHPUT_PNG = "throughput.png"
 EXIT_STATUS = "exit_status.json"
 TRACKING = "tracking.json"
+TRACKING_FILES = "tracking"  # a folder: W&B's run files and caches, MLflow's file store, where the user set none
 NAMES = (
     RUN_CONFIG,
+    LAUNCH,
     INPUTS,
     LOCK,
     METRICS,
@@ -52,6 +54,7 @@ NAMES = (
     THROUGHPUT_PNG,
     EXIT_STATUS,
     TRACKING,
+    TRACKING_FILES,
 )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from job.core.config import cache_root
 from job.core.errors import JobError, raise_if_disk_full
+from job.core.files import refuse_link
 
 TEXT = "completion"
 SOURCE = "source"
@@ -273,7 +274,9 @@ def _load_files(files: list[str], name: str, text_column: str = TEXT):
 
 def _datasets_cache() -> str:
     """Where datasets builds the Arrow files of a JSON, Parquet or hub corpus: the job's cache, with the rest."""
-    return str(cache_root() / "datasets")
+    folder = cache_root() / "datasets"
+    refuse_link(folder, cache_root())
+    return str(folder)
 
 
 @dataclass

@@ -31,8 +31,6 @@ from transformers import TrainerCallback
 from job.core import run_files
 from job.core.files import atomic_write_json
 
-TRACKING_DIR = "tracking"  # in the run folder: W&B's run files and caches, MLflow's file store
-
 
 def tracking_run_id(output: Path) -> str:
     """A W&B-valid run id (letters, digits, dashes) naming the folder, unique to this folder at this first start."""
@@ -81,7 +79,7 @@ def tracking_environment(
 ) -> dict[str, str]:
     """Set (where the user set nothing) what the tracking libraries read; returns what was set."""
     environ = os.environ if environ is None else environ
-    folder = output.resolve() / TRACKING_DIR
+    folder = output.resolve() / run_files.TRACKING_FILES
     defaults: dict[str, str] = {}
     if "wandb" in reporters:
         defaults |= {

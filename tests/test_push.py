@@ -150,6 +150,22 @@ def test_the_export_is_uploaded_to_the_endpoint_with_the_env_token(export, onlin
     assert written == []  # not in the export, not in HF_HOME (no login, no stored token)
 
 
+@pytest.mark.parametrize(("setting", "xet_used"), [(None, False), ("0", True)])
+def test_files_go_through_the_bounded_client_unless_xet_is_asked_for(
+    export, online, stand_in, monkeypatch, setting, xet_used
+):
+    from huggingface_hub.utils._runtime import is_xet_available
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # as imported where the variable is not set
+    if setting is None:
+        monkeypatch.delenv("HF_HUB_DISABLE_XET", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", setting)
+    assert is_xet_available()  # hf_xet is installed: without the job, uploads would take it
+    assert _push("--model", str(export), "--repo", "team/bloom-zh-news").exit_code == 0
+    assert is_xet_available() is xet_used
+
+
 def test_push_refuses_offline_mode_first(export, online, hub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _one_line_refusal(_push("--model", "/nowhere", "--repo", "team/x"), "HF_HUB_OFFLINE=1")

@@ -7,7 +7,8 @@ $HF_TOKEN, read from the environment only and never written anywhere. With HF_HU
 the push is refused in one line, before anything is read.
 
 Every request has a timeout ($JOB_HUB_TIMEOUT seconds to connect and between bytes, default 60): huggingface_hub's
-own client waits forever on an endpoint that accepts and never answers. An endpoint that cannot be reached (refused,
+own client waits forever on an endpoint that accepts and never answers. Files go through that client, not hf_xet's
+(unless HF_HUB_DISABLE_XET=0 asks for it). An endpoint that cannot be reached (refused,
 unknown host, TLS failure, a stall) is one line, exit 2.
 """
 
@@ -46,10 +47,17 @@ def hub_timeout(environ: dict[str, str] | None = None) -> float:
     return seconds
 
 
-def bound_requests(seconds: float) -> None:
-    """Give huggingface_hub's shared HTTP client a timeout (its default client has none)."""
+def bound_requests(seconds: float, environ: dict[str, str] | None = None) -> None:
+    """Give huggingface_hub's shared HTTP client a timeout (its default client has none), and send every file
+    through it: hf_xet, when installed, moves large files with a Rust client of its own that this timeout does not
+    reach, so it is off unless the user turned it on (HF_HUB_DISABLE_XET=0; its transfers are then unbounded)."""
     import httpx2
+    from huggingface_hub import constants
     from huggingface_hub.utils import _http
+
+    environ = os.environ if environ is None else environ
+    if not environ.get("HF_HUB_DISABLE_XET", "").strip():
+        constants.HF_HUB_DISABLE_XET = True  # read at import: the variable alone would come too late
 
     def client_with_timeout():
         client = _http.default_client_factory()

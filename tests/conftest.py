@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,11 +35,29 @@ KUBEFLOW_ENV = {  # what a PyTorchJob/TrainJob sets in the pod of node 2 of 4
 @pytest.fixture(scope="session", autouse=True)
 def session_cache(tmp_path_factory):
     """The cache of the session's shared fixtures (module- and session-scoped ones run before any test's own), and
-    its built-in BPE, which every test's cache links (content-addressed and trained under a lock: read-only reuse)."""
+    the built-in BPEs every test's cache shares (content-addressed and read-only once trained)."""
     path = tmp_path_factory.mktemp("job-cache")
     (path / "tokenizers").mkdir()
     os.environ["JOB_CACHE"] = str(path)
     return path
+
+
+def share_entries(source: Path, target: Path) -> None:
+    """Hard-link into `target` each complete built-in BPE of `source` it lacks (training one takes ~30 s; a symbolic
+    link would be refused by the job, which writes nothing through one)."""
+    target.mkdir(exist_ok=True)
+    for entry in sorted(source.iterdir()):
+        if entry.is_symlink() or not (entry / "tokenizer.json").is_file() or (target / entry.name).exists():
+            continue
+        staging = target / f".{entry.name}.sharing-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for file in entry.iterdir():
+            os.link(file, staging / file.name)
+        try:
+            staging.rename(target / entry.name)
+        except OSError:  # another worker's test shared it first
+            shutil.rmtree(staging)
 
 
 @pytest.fixture(autouse=True)
@@ -56,11 +75,13 @@ def restore_environ():
 @pytest.fixture(autouse=True)
 def job_cache(tmp_path_factory, session_cache, monkeypatch):
     """A cache private to each test: no test sees a prepared entry another test left, whatever the order (beside
-    `tmp_path`, which stays the test's own)."""
+    `tmp_path`, which stays the test's own). The built-in BPEs are shared both ways (`share_entries`)."""
     path = tmp_path_factory.mktemp("job-cache")
-    (path / "tokenizers").symlink_to(session_cache / "tokenizers")
+    share_entries(session_cache / "tokenizers", path / "tokenizers")
     monkeypatch.setenv("JOB_CACHE", str(path))
-    return path
+    yield path
+    if (path / "tokenizers").is_dir() and not (path / "tokenizers").is_symlink():
+        share_entries(path / "tokenizers", session_cache / "tokenizers")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from job.core.errors import JobError
@@ -29,6 +31,24 @@ def test_builtin_tokenizer_is_cached(job_cache):
     assert second.name_or_path == folder
     assert tokenizer_fingerprint(first) == tokenizer_fingerprint(second)
     assert (job_cache / "tokenizers").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("linked", ["tokenizers", "entry"])
+def test_a_tokenizer_cache_reached_through_a_link_is_refused(job_cache, tmp_path, linked):
+    from job.data.tokenizer import builtin_tokenizer
+
+    shared = builtin_tokenizer(1000).name_or_path  # an entry as the cache holds it
+    outside = tmp_path / "elsewhere"
+    moved = Path(shared) if linked == "entry" else job_cache / "tokenizers"
+    moved.rename(outside)
+    moved.symlink_to(outside, target_is_directory=True)
+    before = sorted(p.relative_to(outside) for p in outside.rglob("*"))
+    with pytest.raises(JobError, match=f"{moved} is a symbolic link .*the job writes only inside {job_cache}"):
+        builtin_tokenizer(1000)
+    if linked == "tokenizers":
+        with pytest.raises(JobError, match=f"{moved} is a symbolic link"):
+            builtin_tokenizer(1200)  # one it would train and write
+    assert sorted(p.relative_to(outside) for p in outside.rglob("*")) == before
 
 
 def test_pad_equal_to_eos_is_refused(tiny_tokenizer):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from job.core.config import cache_root
 from job.core.errors import JobError
-from job.core.files import FileLock, apply_umask, new_folder
+from job.core.files import FileLock, apply_umask, new_folder, refuse_link
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0-3, as in Bloom
 # Bloom's split: runs of non-space, non-punctuation characters keep one leading space.
@@ -62,6 +62,7 @@ def builtin_tokenizer(vocab_size: int):
 
     key = hashlib.sha256(f"{BUILTIN_NAME}:v{_BUILTIN_VERSION}:{vocab_size}:{_BLOOM_SPLIT}".encode()).hexdigest()[:12]
     folder = cache_root() / "tokenizers" / f"builtin-{vocab_size}-{key}"
+    refuse_link(folder, cache_root())
     if not (folder / "tokenizer.json").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(folder.parent / f".{folder.name}.lock"):  # several first runs: one trains, the others reuse

@@ -91,29 +91,34 @@ def test_a_job_process_waits_for_anothers_build_and_takes_over_when_it_dies(tmp_
     """Two processes, one build: the second waits on the kernel lock while the first lives, and gets it the moment
     the first is killed (no polling of a file that a dead process left)."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    hold = (
+    take_and_hold = (
         "from job.run.op_builds import build_lock\n"
         "import time\n"
+        "print('waiting', flush=True)\n"
         "with build_lock('some_op'):\n"
-        "    print('holding', flush=True); time.sleep(600)\n"
+        "    print('took', flush=True); time.sleep(600)\n"
     )
-    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "holding"
-        take = (
-            "from job.run.op_builds import build_lock\n"
-            "print('waiting', flush=True)\n"
-            "with build_lock('some_op'):\n"
-            "    print('took', flush=True)\n"
+
+    def start() -> subprocess.Popen:
+        process = subprocess.Popen(
+            [sys.executable, "-c", take_and_hold], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
         )
-        waiter = subprocess.Popen([sys.executable, "-c", take], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-        assert waiter.stdout.readline().strip() == "waiting"
+        assert process.stdout.readline().strip() == "waiting"
+        return process
+
+    holder = start()
+    waiter = None
+    try:
+        assert holder.stdout.readline().strip() == "took"
+        waiter = start()
         deadline = time.time() + 60
         while not blocked_on_flock(waiter.pid):  # the kernel lists it as waiting for the holder's lock
             assert waiter.poll() is None and time.time() < deadline, "the second process did not wait"
             time.sleep(0.05)
         holder.kill()
-        assert waiter.communicate(timeout=60)[0].strip() == "took" and waiter.returncode == 0
+        assert waiter.stdout.readline().strip() == "took"
     finally:
-        holder.kill()
-        holder.wait()
+        for process in (holder, waiter):
+            if process:
+                process.kill()
+                process.wait()

@@ -39,6 +39,8 @@ def test_a_mix_parses_in_order_and_one_path_stays_one_source():
     assert mix == [Source("wiki", 0.8, "/data/wiki.jsonl"), Source("replay", 0.2, "org/replay")]
     assert probabilities(parse_mix("4:a=x,1:b=y")) == [0.8, 0.2]
     assert parse_mix(format_mix(mix)) == mix
+    exact = parse_mix("0.1234567891:a=x,4:b=y,1e-2:c=z")
+    assert parse_mix(format_mix(exact)) == exact and format_mix(exact) == "0.1234567891:a=x,4:b=y,0.01:c=z"
     for single in (None, "/data/wiki.jsonl", "org/dataset", "data/*.parquet", "./a=b.jsonl", "docs.jsonl"):
         assert parse_mix(single) is None  # exactly today's --data
     # the same mix written otherwise (relative weights, a trailing slash) is the same run

@@ -71,7 +71,7 @@ class DataSpec:
         return ",".join(f"{p:.6g}:{s.name}={_resolved(s.path)}" for s, p in shares)
 
     def __str__(self) -> str:
-        """The text it was parsed from, in its shortest form (what run_config.json holds)."""
+        """The text it was parsed from, in its shortest exact form (what run_config.json holds)."""
         return format_mix(list(self.sources)) if self.mixed else self.path
 
 
@@ -118,8 +118,9 @@ def parse_mix(text: str | None, option: str = "--data") -> list[Source] | None:
 
 
 def format_mix(sources: list[Source]) -> str:
-    """The `--data`/`--prepared` text of `sources` (parse_mix's inverse, weights in their shortest form)."""
-    return ",".join(f"{s.weight:g}:{s.name}={s.path}" for s in sources)
+    """The `--data`/`--prepared` text of `sources` (parse_mix's inverse: each weight in the shortest form that reads
+    back as the same float, so the workers mix with exactly the weights the launcher checked)."""
+    return ",".join(f"{repr(s.weight).removesuffix('.0')}:{s.name}={s.path}" for s in sources)
 
 
 def probabilities(sources: list[Source]) -> list[float]:

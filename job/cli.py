@@ -123,7 +123,9 @@ def _load(config: str | None, values: dict) -> RunConfig:
     return RunConfig.load(config, **values)
 
 
-_INVOKED: dict[str, str | None] = {}  # the subcommand running, for the message of a signal that stops it
+# The subcommand running (for the message of a signal that stops it), the run folder it names (`output_dir`, read
+# for the termination message) and, once its launcher holds that folder's lock, the folder it writes its verdict in.
+_INVOKED: dict[str, str | None] = {}
 MAX_NEW_TOKENS = 65536  # generation beyond this is a mistake, not a request (Bloom's ALiBi has no length limit)
 
 
@@ -235,8 +237,12 @@ def train(config, **values):
     from job.run.launch import train as launch_train
 
     cfg = _load(config, values)
-    _INVOKED["output_dir"] = cfg.output_dir  # where a crash's verdict goes
-    code = launch_train(cfg)
+    _INVOKED["output_dir"] = cfg.output_dir  # what a crash's termination message describes
+
+    def claimed(folder: Path) -> None:  # the lock is held: the folder is this run's, and so is its verdict
+        _INVOKED["run_folder"] = str(folder)
+
+    code = launch_train(cfg, claimed)
     output = Path(cfg.output_dir)
     status = run_files.recorded_status(output) if output.is_dir() else None
     verdict = status["message"] if status and status["code"] == code else f"train ended with exit code {code}"
@@ -520,7 +526,6 @@ def _crashed(error: Exception) -> NoReturn:
     """A verdict for an error no refusal caught: a write the disk refused (full, over quota, over a file-size limit)
     is one line, exit 2, as for `prepare`; anything else is a crash, exit 1, with its traceback (a JSON record under
     --log-format json, not raw lines). Either way the termination message, and a run's exit_status.json, say so."""
-    output = _INVOKED.get("output_dir")
     try:
         raise_if_disk_full(error, getattr(error, "filename", None) or "a file")
     except JobError as full:
@@ -528,17 +533,18 @@ def _crashed(error: Exception) -> NoReturn:
             raise error from None
         message = f"error: {full}"
         click.echo(message, err=True)
-        _record_verdict(full.exit_code, message, output)
+        _record_verdict(full.exit_code, message)
         sys.exit(full.exit_code)
-    _record_verdict(EXIT_CRASH, f"crash: {crash_summary(error)}", output)
+    _record_verdict(EXIT_CRASH, f"crash: {crash_summary(error)}")
     if os.environ.get(LOG_FORMAT_ENV) == "json" and os.environ.get("JOB_DEBUG") != "1":
         logging.getLogger("job").error("crash: %s", crash_summary(error), exc_info=error)
         sys.exit(EXIT_CRASH)
     raise error
 
 
-def _record_verdict(code: int, message: str, output_dir: str | None) -> None:
-    """The termination message, and for a run (`train`) its exit_status.json, if the folder takes it."""
-    if output_dir:
-        run_files.write_status_if_possible(Path(output_dir), code, message)
-    record_termination(code, message, output_dir)
+def _record_verdict(code: int, message: str) -> None:
+    """The termination message, and the run's exit_status.json once this launcher holds its folder (never into a
+    folder it has not claimed: another tool's, or a running job's), if the folder takes it."""
+    if _INVOKED.get("run_folder"):
+        run_files.write_status_if_possible(Path(_INVOKED["run_folder"]), code, message)
+    record_termination(code, message, _INVOKED.get("output_dir"))

@@ -63,7 +63,7 @@ def test_the_message_names_code_meaning_verdict_step_checkpoint_and_model(tmp_pa
 
 
 def _fake_launch(monkeypatch, output: Path, code: int, message: str | None):
-    def launch(cfg):
+    def launch(cfg, claimed):
         output.mkdir(parents=True, exist_ok=True)
         if message is not None:
             run_files.write_status(output, code, message)
@@ -93,7 +93,7 @@ def test_train_writes_the_verdict_it_exits_with(tmp_path, message_file, monkeypa
 
 
 def test_bad_input_and_a_failed_doctor_write_their_one_line(tmp_path, message_file, monkeypatch, tiny_tokenizer_dir):
-    def refuse(cfg):
+    def refuse(cfg, claimed):
         raise JobError("data path x.jsonl does not exist", "check the path")
 
     monkeypatch.setattr("job.run.launch.train", refuse)
@@ -180,7 +180,8 @@ def test_a_crash_under_json_logging_is_json_and_leaves_a_verdict(tmp_path, messa
     output = tmp_path / "run"
     output.mkdir()
     monkeypatch.setattr(cli_module, "cli", SimpleNamespace(main=crash))
-    monkeypatch.setattr(cli_module, "_INVOKED", {"output_dir": str(output)})  # as `train` records it
+    claimed = {"output_dir": str(output), "run_folder": str(output)}  # as `train` records it, its lock held
+    monkeypatch.setattr(cli_module, "_INVOKED", claimed)
     with pytest.raises(SystemExit) as e:
         cli_module.main()
     assert e.value.code == 1
@@ -192,6 +193,39 @@ def test_a_crash_under_json_logging_is_json_and_leaves_a_verdict(tmp_path, messa
         "message": "crash: RuntimeError: NCCL error: unhandled system error",
     }
     assert message_file.read_text().startswith("exit 1 (crash")
+
+
+@pytest.mark.parametrize("folder", ["foreign", "running"])
+def test_a_crash_before_the_folder_is_claimed_writes_no_verdict_into_it(tmp_path, message_file, monkeypatch, folder):
+    """Another tool's folder, or one a running job holds: a crash in the checks before the lock is taken leaves it
+    as it was (its termination message still says what happened)."""
+    from job.core.files import FileLock
+    from job.run import launch
+
+    output = tmp_path / "out"
+    output.mkdir()
+    if folder == "foreign":
+        (output / "notes.txt").write_text("not a run\n")
+    else:
+        complete_checkpoint(output, 3)
+        (output / run_files.RUN_CONFIG).write_text("{}")
+        run_files.write_status(output, 0, "the running job's own verdict")
+        running = FileLock(output / run_files.LOCK)
+        assert running.try_acquire()
+
+    def crash(cfg):
+        raise RuntimeError("a library failed while checking")
+
+    monkeypatch.setattr(launch, "preflight", crash)
+    before = sorted((p.name, p.read_bytes()) for p in output.iterdir() if p.is_file())
+    monkeypatch.setattr(sys, "argv", ["job", "train", "--output-dir", str(output)])
+    with pytest.raises(RuntimeError):
+        cli_module.main()
+    assert sorted((p.name, p.read_bytes()) for p in output.iterdir() if p.is_file()) == before
+    assert message_file.read_text().splitlines()[:2] == [
+        "exit 1 (crash: see the log; a retry may get past it)",
+        "crash: RuntimeError: a library failed while checking",
+    ]
 
 
 @pytest.mark.slow

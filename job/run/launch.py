@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from job.core import checkpoints, run_files
@@ -94,8 +95,9 @@ def prepare_inputs(cfg: RunConfig, found: Preflight | None = None) -> tuple[RunC
     return dataclasses.replace(cfg, tokenizer=tokenizer.name_or_path), tokenizer  # the folder every worker loads
 
 
-def train(cfg: RunConfig) -> int:
-    """Check everything, prepare, then write the config and launch; the exit code of the run."""
+def train(cfg: RunConfig, claimed: Callable[[Path], None] = lambda output: None) -> int:
+    """Check everything, prepare, then write the config and launch; the exit code of the run. `claimed(output)` is
+    called once node 0's launcher holds the run folder's lock: from then on the folder's verdict is this run's."""
     found = preflight(cfg)  # stops at the first failed check: nothing written yet
     cfg = found.cfg  # with the launch settings resolved
     set_node_rank(cfg.node_rank)  # this launcher's log lines name its node, from a flag as from the environment
@@ -110,6 +112,7 @@ def train(cfg: RunConfig) -> int:
     output.mkdir(parents=True, exist_ok=True)
     if lock:  # the folder is this job's (resume.check_output): its own partial saves only
         lock.acquire()
+        claimed(output)
         for path in checkpoints.remove_incomplete(output):
             log.warning("removed incomplete checkpoint %s (a save was interrupted)", path)
     last = checkpoints.resume_point(cfg.resume, output)

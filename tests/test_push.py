@@ -150,6 +150,25 @@ def test_the_export_is_uploaded_to_the_endpoint_with_the_env_token(export, onlin
     assert written == []  # not in the export, not in HF_HOME (no login, no stored token)
 
 
+def test_a_clone_of_the_pushed_repository_passes_its_own_checksums(export, online, stand_in, tmp_path):
+    """The card gets the repository's id at push time: the SHA256SUMS the hub gets lists those bytes. Only what the
+    export's checksums recorded is sent (not a folder someone put beside it)."""
+    (export / "notes").mkdir()
+    (export / "notes" / "draft.txt").write_text("not part of the export\n")
+    assert _push("--model", str(export), "--repo", "team/bloom-zh-news").exit_code == 0
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for name, content in stand_in.branches["team/bloom-zh-news", "main"].items():
+        (clone / name).write_bytes(content)
+    assert b"team/bloom-zh-news" in (clone / run_files.MODEL_CARD).read_bytes()
+    checked = subprocess.run(
+        ["sha256sum", "--check", "--strict", "SHA256SUMS"], cwd=clone, capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    listed = {line.split("  ", 1)[1] for line in (clone / "SHA256SUMS").read_text().splitlines()}
+    assert listed | {"SHA256SUMS"} == {p.name for p in clone.iterdir()}  # every file, and nothing from notes/
+
+
 @pytest.mark.parametrize(("setting", "xet_used"), [(None, False), ("0", True)])
 def test_files_go_through_the_bounded_client_unless_xet_is_asked_for(
     export, online, stand_in, monkeypatch, setting, xet_used
@@ -244,7 +263,8 @@ def test_each_shard_is_a_commit_of_its_own_and_the_small_files_come_last(sharded
     commits = stand_in.commits()
     assert [c["paths"] for c in commits[:-1]] == [[s] for s in shards]
     assert "model.safetensors.index.json" in commits[-1]["paths"] and "README.md" in commits[-1]["paths"]
-    assert {p.name: p.read_bytes() for p in sharded_export.iterdir() if p.name != "README.md"}.items() <= (
+    rewritten = {"README.md", "SHA256SUMS"}  # for the repository: its id in the card, and the card's checksum
+    assert {p.name: p.read_bytes() for p in sharded_export.iterdir() if p.name not in rewritten}.items() <= (
         stand_in.branches["team/big", "main"].items()
     )
 

@@ -215,7 +215,7 @@ def export_final(
         (staging / name).write_text(text, encoding="utf-8")
     apply_umask(staging)  # copies keep the checkpoint's modes; the export is for others to read
     verify_export(staging, expected_parameters)
-    record_hashes(staging)  # of what was verified: `push` uploads only these bytes
+    record_hashes(staging)  # of what was verified: `push` uploads only these files (the card with its repo id)
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)
@@ -225,17 +225,28 @@ def export_final(
 def record_hashes(folder: Path) -> Path:
     """Write `SHA256SUMS` (the format `sha256sum -c` reads) over every file of the export."""
     files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != run_files.HASHES]
-    lines = [f"{_sha256(p)}  {p.name}\n" for p in files]
-    return atomic_write_text(folder / run_files.HASHES, "".join(lines))
+    return atomic_write_text(folder / run_files.HASHES, hashes_text({p.name: _sha256(p) for p in files}))
+
+
+def hashes_text(hashes: dict[str, str]) -> str:
+    """`SHA256SUMS` for {file name: sha256 hex}."""
+    return "".join(f"{digest}  {name}\n" for name, digest in sorted(hashes.items()))
+
+
+def recorded_hashes(folder: Path) -> dict[str, str] | None:
+    """{file name: sha256 hex} as the export's `SHA256SUMS` records them (None: no readable one)."""
+    try:
+        recorded = (folder / run_files.HASHES).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    return {name: digest for digest, name in (line.split("  ", 1) for line in recorded if "  " in line)}
 
 
 def changed_files(folder: Path) -> str | None:
     """What in the export no longer matches the hashes recorded when it was verified (None: every file does)."""
-    try:
-        recorded = (folder / run_files.HASHES).read_text(encoding="utf-8").splitlines()
-    except OSError:
+    expected = recorded_hashes(folder)
+    if expected is None:
         return f"it has no readable {run_files.HASHES} (an export of an older release, or not this job's)"
-    expected = dict(reversed(line.split("  ", 1)) for line in recorded if "  " in line)
     present = {p.name for p in folder.iterdir() if p.is_file() and p.name != run_files.HASHES}
     if present != set(expected):
         return f"its files differ from those verified ({', '.join(sorted(present ^ set(expected)))})"

@@ -21,7 +21,7 @@ import os
 import time
 from pathlib import Path
 
-from job.core import run_files
+from job.core import checkpoints, run_files
 from job.core.checkpoints import changed_files, verify_export
 from job.core.errors import JobError
 from job.core.logs import adopt_library_loggers
@@ -170,16 +170,18 @@ TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 def upload_files(folder: Path, repo_id: str) -> dict[str, Path | bytes]:
-    """What the repository gets: every file of the export (none through a link), the card with `repo_id` filled."""
+    """What the repository gets: the files `SHA256SUMS` recorded (which `check_export` found unchanged), the card with
+    `repo_id` filled, and a `SHA256SUMS` of exactly that, so that `sha256sum -c` passes in a clone of the repository
+    (the shards are not hashed again: their recorded sums were just checked)."""
     from job.run.model_card import card_for_repo
 
-    files: dict[str, Path | bytes] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.is_symlink():
-            files[path.relative_to(folder).as_posix()] = path
+    hashes = checkpoints.recorded_hashes(folder) or {}
+    files: dict[str, Path | bytes] = {name: folder / name for name in hashes}
     card = (folder / run_files.MODEL_CARD).read_text(encoding="utf-8")
     files[run_files.MODEL_CARD] = card_for_repo(card, repo_id).encode("utf-8")
-    return files
+    hashes[run_files.MODEL_CARD] = hashlib.sha256(files[run_files.MODEL_CARD]).hexdigest()
+    files[run_files.HASHES] = checkpoints.hashes_text(hashes).encode("utf-8")
+    return dict(sorted(files.items()))
 
 
 def remote_files(api, repo_id: str, revision: str | None) -> dict:

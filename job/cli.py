@@ -304,21 +304,45 @@ def plan(config, gpus, nodes, gpu_memory, cpu_memory, **values):
     from job.core.topology import device_type, processes_per_node
     from job.model.attention import resolve_attention
     from job.model.build import model_config
-    from job.run.memory_plan import GiB, machine_here, plan_run, refusal, settings_flags, why
+    from job.run.launch_record import Launch
+    from job.run.memory_plan import (
+        GiB,
+        auto_conflict,
+        machine_here,
+        plan_run,
+        refusal,
+        settings_flags,
+        why,
+        with_settings,
+    )
 
     cfg = _load(config, values)
     # a what-if for a machine that may not be this one: the launch it would get there, not this machine's
     here = machine_here(processes_per_node(cfg), cfg.nnodes or 1, device_type(cfg), gpus, nodes)
     target = gpus is not None or gpu_memory is not None  # planned for GPUs named here, not for this machine's
+    if target and gpu_memory is None and here.device != "cuda":
+        raise JobError(
+            f"--gpus {gpus} plans for GPUs, and this machine has none to read their memory from",
+            "add --gpu-memory GiB (e.g. 80 for an H100)",
+        )
     machine = dataclasses.replace(
         here,
         gpu_memory=int(gpu_memory * GiB) if gpu_memory else here.gpu_memory,
         cpu_memory=int(cpu_memory * GiB) if cpu_memory else here.cpu_memory,
         device="cuda" if target else here.device,
     )
-    mine, best = plan_run(cfg, model_config(cfg, None), machine, resolve_attention(cfg.attention, machine.device))
+    attention = resolve_attention(cfg.attention, machine.device)
+    mine, best = plan_run(cfg, model_config(cfg, None), machine, attention)
     click.echo("\n".join(mine.lines()))
     if cfg.plan == "auto" and best is not None:
+        world = machine.world
+        launch = Launch(
+            nproc_per_node=machine.gpus_per_node, nnodes=machine.nodes, node_rank=0, world_size=world,
+            device=machine.device, attention=attention, global_batch=cfg.per_device_batch_size * cfg.grad_accum * world,
+        )  # fmt: skip
+        conflict = auto_conflict(with_settings(cfg, best.settings), best.settings, launch)
+        if conflict:
+            raise conflict
         click.echo(f"--plan auto: {settings_flags(best.settings)}: {why(best.settings, mine.settings)}")
         click.echo("\n".join(best.lines()))
         sys.exit(0)

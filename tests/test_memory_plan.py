@@ -9,6 +9,7 @@ import io
 import re
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from job.cli import cli
@@ -185,6 +186,13 @@ def test_plan_command_exits_0_when_it_fits_and_2_naming_what_would():
     assert nothing.exit_code == 2 and "no stage, offload" in nothing.output, nothing.output
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has GPUs whose memory the plan reads")
+def test_gpus_named_on_a_machine_without_any_need_their_memory():
+    result = run_cli("plan", "--preset", "bloom-389m-zh", "--gpus", "8")
+    assert result.exit_code == 2 and "add --gpu-memory GiB" in result.output, result.output
+    assert "GiB per GPU" not in result.output  # no plan against a GPU size made up from this machine's RAM
+
+
 def test_settings_of_reads_the_rendered_deepspeed_file():
     s = settings_of(RunConfig.load(zero_stage=3, offload="all", gradient_checkpointing=True), "flex")
     assert (s.zero_stage, s.offload, s.checkpointing, s.attention) == (3, "all", True, "flex")
@@ -193,6 +201,39 @@ def test_settings_of_reads_the_rendered_deepspeed_file():
     cfg = with_settings(RunConfig.load(zero_stage=3, offload="all", gradient_checkpointing=True), chosen)
     assert (cfg.zero_stage, cfg.offload, cfg.per_device_batch_size, cfg.grad_accum) == (2, "optimizer", 4, 4)
     assert not cfg.gradient_checkpointing
+
+
+def test_states_offloaded_to_nvme_take_no_cpu_memory_and_auto_keeps_nvme_to_zero3(tmp_path):
+    shape = shape_of("bloom-6b4-zh")
+    to_cpu = dataclasses.replace(BF16_ZERO2, zero_stage=3, offload="all")
+    one_80 = Machine(1, 1, 80 * GiB, 64 * GiB)
+    in_memory, on_disk = (
+        plan(shape, to_cpu, one_80),
+        plan(shape, dataclasses.replace(to_cpu, offload_to="nvme"), one_80),
+    )
+    assert in_memory.cpu_need > 18 * shape.parameters and not in_memory.fits  # 6b4's states: 104 GiB in 64 GiB
+    assert on_disk.cpu_need < 24 * GiB and on_disk.fits and on_disk.total == in_memory.total  # the GPU side alike
+    nvme = str(tmp_path / "nvme")
+    cfg = RunConfig.load(zero_stage=3, offload="all", offload_nvme=nvme)
+    assert settings_of(cfg, "sdpa").offload_to == "nvme"
+    assert {c.offload_to for c in candidates(settings_of(cfg, "sdpa"), one_80) if c.zero_stage != 3} == {"cpu"}
+    zero2 = dataclasses.replace(settings_of(cfg, "sdpa"), zero_stage=2, offload="optimizer", offload_to="cpu")
+    assert with_settings(cfg, zero2).offload_nvme is None  # ZeRO-2 offloads to CPU memory: a config it can render
+    assert with_settings(cfg, settings_of(cfg, "sdpa")).offload_nvme == nvme
+
+
+def test_auto_refuses_a_choice_the_deepspeed_file_would_override(tmp_path):
+    """A file that pins the micro-batch (or offloads itself) would train with other settings than the plan chose."""
+    pinned = tmp_path / "ds.json"
+    pinned.write_text('{"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}')
+    big = ["plan", "--preset", "bloom-6b4-zh", "--bf16", "--max-length", "2048", "--per-device-batch-size", "16"]
+    machine = ["--gpus", "8", "--gpu-memory", "80", "--cpu-memory", "512", "--plan", "auto"]
+    result = run_cli(*big, "--deepspeed", str(pinned), *machine)
+    assert result.exit_code == 2, result.output  # 16 rows of 2048 tokens do not fit: auto takes fewer per step
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "--plan auto chose" in error[0] and "train_micro_batch_size_per_gpu=16" in error[0]
+    pinned.write_text('{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}')
+    assert run_cli(*big, "--deepspeed", str(pinned), *machine).exit_code == 0
 
 
 @pytest.mark.slow  # reads the built-in corpus before the memory check

@@ -131,6 +131,13 @@ def _render_offload(cfg: RunConfig, ds: dict[str, Any], zero: dict[str, Any]) ->
     ds.setdefault("optimizer", OFFLOAD_OPTIMIZER)
 
 
+def offload_device(ds: dict[str, Any] | None) -> str:
+    """Where a rendered DeepSpeed config offloads to: nvme if any section says so, else cpu."""
+    zero = (ds or {}).get("zero_optimization", {})
+    sections = (zero.get(key) or {} for key in ("offload_optimizer", "offload_param"))
+    return "nvme" if any(section.get("device") == "nvme" for section in sections) else "cpu"
+
+
 def offload_in_use(ds: dict[str, Any] | None) -> str:
     """What a rendered DeepSpeed config offloads: none, optimizer or all (a file may set the sections itself)."""
     zero = (ds or {}).get("zero_optimization", {})

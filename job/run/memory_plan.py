@@ -35,6 +35,7 @@ from typing import Literal
 GiB = 2**30
 Stage = Literal[0, 1, 2, 3]
 OffloadKind = Literal["none", "optimizer", "all"]
+OffloadDevice = Literal["cpu", "nvme"]
 AttentionKind = Literal["eager", "sdpa", "flex"]
 
 BLOCK_TENSORS = 16  # [b, s, h] tensors a Bloom block keeps for its backward (measured, see the module docstring)
@@ -93,6 +94,7 @@ class RunSettings:
     bf16: bool
     loss_chunk_tokens: int = 2048  # job.model.loss.CHUNK_TOKENS
     bucket_elements: int = 400_000_000  # ZeRO 1/2: reduce + allgather buckets; ZeRO-3: prefetch + reduce
+    offload_to: OffloadDevice = "cpu"  # where offloaded states go: CPU memory, or NVMe (ZeRO-3 only)
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,8 @@ def model_states(shape: ModelShape, s: RunSettings, m: Machine) -> tuple[int, in
     fp32_grads = 4 * p // n
     if s.zero_stage == 3:
         offloaded = 16 * p if s.offload == "optimizer" else 18 * p  # all: the 16-bit parameters too
-        cpu = int(offloaded / m.nodes * BUFFER_FACTOR)
+        if s.offload_to == "cpu":  # on NVMe they take disk, not memory: the CPU keeps zero.Init's need
+            cpu = int(offloaded / m.nodes * BUFFER_FACTOR)
         params = w * big if s.offload == "all" else params
         return params, w * big, 0, cpu
     cpu = int(p * max(4 * per_node, 16 / m.nodes) * BUFFER_FACTOR)
@@ -244,7 +247,15 @@ def candidates(s: RunSettings, m: Machine) -> list[RunSettings]:
         levels = [(z, "none") for z in range(first, 4)]
         levels += [(z, "optimizer") for z in (2, 3)] + [(3, "all")]
     return [
-        dataclasses.replace(s, zero_stage=z, offload=o, checkpointing=c, micro_batch=b, grad_accum=rows // b)
+        dataclasses.replace(
+            s,
+            zero_stage=z,
+            offload=o,
+            offload_to=s.offload_to if z == 3 else "cpu",  # NVMe is ZeRO-3's alone
+            checkpointing=c,
+            micro_batch=b,
+            grad_accum=rows // b,
+        )
         for z, o in levels
         for c in (False, True)
         for b in micros
@@ -291,7 +302,7 @@ def settings_of(cfg, attention: str) -> RunSettings:
     """The plan's settings of a run config trained with the `attention` kernel (the launch's): its DeepSpeed file
     rendered (stage, offload, bucket sizes)."""
     from job.model.loss import CHUNK_TOKENS
-    from job.run.deepspeed_config import deepspeed_config, offload_in_use
+    from job.run.deepspeed_config import deepspeed_config, offload_device, offload_in_use
 
     ds = deepspeed_config(cfg)
     zero = (ds or {}).get("zero_optimization", {})
@@ -303,6 +314,7 @@ def settings_of(cfg, attention: str) -> RunSettings:
     return RunSettings(
         zero_stage=stage,
         offload=offload_in_use(ds),
+        offload_to=offload_device(ds),
         micro_batch=cfg.per_device_batch_size,
         seq_len=cfg.max_length,
         grad_accum=cfg.grad_accum,
@@ -317,12 +329,39 @@ def settings_of(cfg, attention: str) -> RunSettings:
 def with_settings(cfg, s: RunSettings):
     """`cfg` with the settings `--plan auto` chose."""
     stage = {"zero_stage": s.zero_stage, "offload": s.offload} if s.zero_stage is not None else {}
+    nvme = cfg.offload_nvme if s.offload_to == "nvme" and s.offload != "none" else None
     return dataclasses.replace(
         cfg,
         per_device_batch_size=s.micro_batch,
         grad_accum=s.grad_accum,
         gradient_checkpointing=s.checkpointing,
+        offload_nvme=nvme,
         **stage,
+    )
+
+
+def auto_conflict(chosen_cfg, settings: RunSettings, launch):
+    """The refusal (a JobError) of the run config `--plan auto` made (`with_settings`) when it would not train with
+    `settings` under `launch`: its DeepSpeed file pins a batch value, or sets offload sections of its own, that the
+    rendering keeps. None: it would train as planned."""
+    from job.core.errors import JobError
+    from job.run.deepspeed_config import check_batch_arithmetic
+
+    try:
+        check_batch_arithmetic(chosen_cfg, launch)
+        problem = None
+    except JobError as e:
+        problem = e.cause
+    rendered = settings_of(chosen_cfg, launch.attention)
+    fields = ("zero_stage", "offload", "offload_to", "micro_batch", "grad_accum", "checkpointing")
+    differ = [f"{f} {getattr(rendered, f)}" for f in fields if getattr(rendered, f) != getattr(settings, f)]
+    if differ and problem is None:
+        problem = f"{chosen_cfg.deepspeed_file} makes it train with {', '.join(differ)}"
+    if problem is None:
+        return None
+    return JobError(
+        f"--plan auto chose {settings_flags(settings)}, but {problem}",
+        'set those values to "auto" (or remove them) in the DeepSpeed file, or use --plan check',
     )
 
 

@@ -379,7 +379,15 @@ def check_model(p: Preflight) -> Check:
 def check_memory(p: Preflight) -> Check:
     """The memory plan (`python -m job plan`) of the resolved launch on this machine: refused with the settings that
     would fit; with `--plan auto` those settings become the run's. The launch records the plan it settled on."""
-    from job.run.memory_plan import machine_here, plan_run, planned_memory, refusal, why, with_settings
+    from job.run.memory_plan import (
+        auto_conflict,
+        machine_here,
+        plan_run,
+        planned_memory,
+        refusal,
+        why,
+        with_settings,
+    )
 
     cfg = p.cfg
     if p.model_config is None:
@@ -393,7 +401,11 @@ def check_memory(p: Preflight) -> Check:
     except JobError as e:  # a DeepSpeed file or attention kind that cannot work: its own row (deepspeed, devices)
         return Check("memory", True, f"not planned: {e.cause}")
     if cfg.plan == "auto" and best is not None:
-        p.cfg = with_settings(cfg, best.settings)
+        chosen = with_settings(cfg, best.settings)
+        conflict = auto_conflict(chosen, best.settings, launch)
+        if conflict:
+            return Check("memory", False, conflict.cause, conflict.fix or "")
+        p.cfg = chosen
         p.launch = dataclasses.replace(p.launch, memory=planned_memory(best, "--plan auto"))
         return Check("memory", True, f"--plan auto: {why(best.settings, mine.settings)}; " + _plan_summary(best))
     if not mine.fits:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from job.core import checkpoints, run_files
-from job.core.errors import EXIT_PREEMPTED
+from job.core.errors import EXIT_PREEMPTED, JobError
 from job.run.tracking import TrackingRecord, tracking_environment, tracking_run_id
 from tests.conftest import REPO, train_args, write_jsonl
 
@@ -51,6 +51,25 @@ def test_the_environment_points_into_the_run_folder_unless_the_user_chose(tmp_pa
     other = {"MLFLOW_TRACKING_URI": "https://other.internal"}  # a server that never saw the run: a new one there
     assert "MLFLOW_RUN_ID" not in tracking_environment(output, ["mlflow"], record, other)
     assert tracking_environment(output, ["tensorboard"], record, {}) == {}
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"run_id": "r", "sent": 3}'])
+def test_a_damaged_record_is_one_line_not_a_new_run(tmp_path, text):
+    (tmp_path / run_files.TRACKING).write_text(text)
+    with pytest.raises(JobError, match=f"{tmp_path / run_files.TRACKING} is unreadable .*not known"):
+        TrackingRecord(tmp_path)
+    assert (tmp_path / run_files.TRACKING).read_text() == text  # left as it was, for the user to restore
+
+
+@pytest.mark.parametrize("linked", ["wandb-cache", "mlruns"])
+def test_a_link_inside_the_tracking_folder_is_refused(tmp_path, linked):
+    output, outside = tmp_path / "run", tmp_path / "elsewhere"
+    (output / run_files.TRACKING_FILES).mkdir(parents=True)
+    outside.mkdir()
+    (output / run_files.TRACKING_FILES / linked).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(JobError, match=f"{linked} is a symbolic link .*the job writes only inside"):
+        tracking_environment(output, ["wandb", "mlflow"], TrackingRecord(output), {})
+    assert list(outside.iterdir()) == []
 
 
 def test_a_metric_is_sent_once_per_step_and_backend(tmp_path):

@@ -29,7 +29,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from job.core import run_files
-from job.core.files import atomic_write_json
+from job.core.errors import JobError
+from job.core.files import atomic_write_json, refuse_link
 
 
 def tracking_run_id(output: Path) -> str:
@@ -46,12 +47,25 @@ class TrackingRecord:
 
     def __init__(self, output: Path):
         self.path = output / run_files.TRACKING
-        self.values: dict[str, Any] = json.loads(self.path.read_text(encoding="utf-8")) if self.path.exists() else {}
+        self.values: dict[str, Any] = self._read() if self.path.exists() else {}
         if "run_id" not in self.values:
             self.values["run_id"] = tracking_run_id(output)
             self.save()
         # the last step each backend was sent before this worker started
         self.before = {b: max(sent.values(), default=-1) for b, sent in self.values.get("sent", {}).items()}
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            values = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            values = type(e).__name__
+        if not (isinstance(values, dict) and isinstance(values.get("sent", {}), dict)):
+            raise JobError(
+                f"{self.path} is unreadable ({values if isinstance(values, str) else 'not a record of this job'}): "
+                "the tracking runs this folder continues are not known",
+                "restore it from a copy of the run folder, or remove it to start new tracking runs",
+            )
+        return values
 
     @property
     def run_id(self) -> str:
@@ -102,8 +116,11 @@ def tracking_environment(
         if record.values.get("mlflow_run_id") and record.values.get("mlflow_tracking_uri") == uri:
             defaults["MLFLOW_RUN_ID"] = record.values["mlflow_run_id"]  # (another server has no such run)
     chosen = {k: v for k, v in defaults.items() if not environ.get(k)}
+    if "MLFLOW_TRACKING_URI" in chosen:
+        refuse_link(folder / "mlruns", output.resolve())
     for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         if name in chosen:
+            refuse_link(Path(chosen[name]), output.resolve())  # the libraries write below: never through a link
             Path(chosen[name]).mkdir(parents=True, exist_ok=True)
     environ.update(chosen)
     return chosen

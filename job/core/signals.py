@@ -58,11 +58,12 @@ def stop_at_once() -> None:
 _FORK_HOOKED = False
 
 
-# A stop signal raised inside an at-fork hook is lost: Python prints "Exception ignored" and goes on (a child then
-# keeps the parent's handler; a pool worker raised `Stopped` and hung on its queue's lock). So while a process forks
-# (from the job's `before` hook, which runs first, to its `after` hooks, which run last) the handler only records
-# a signal, and the stop signals are blocked: the child then takes the default action, and the parent raises its
-# signal once `os.fork` has returned.
+# A stop signal raised inside an at-fork hook is lost: Python prints "Exception ignored" and goes on (a child would
+# keep the parent's handler, and a pool worker that raised `Stopped` there hangs on its queue's lock). So from the
+# job's `before` hook to its `after` hooks the handler only records a signal, and the stop signals are blocked: the
+# child takes the default action, and the parent raises its signal once its hooks have run. CPython runs `before`
+# hooks last-registered first and `after` hooks in registration order, and the job registers at start-up, before
+# any library: the window is the fork itself, and a library's own hooks run outside it.
 _FORKING = False
 _DEFERRED: list[int] = []
 

@@ -66,8 +66,8 @@ STATS_FILE = "stats.json"
 STAGING = ".staging-"  # `.NAME.staging-XXXX`: the only folders next to a target that prepare ever deletes
 SHARDS_FILE = "shards.json"  # the index of a sharded dataset: its shard folders, in order
 SPLITS = ("train", "eval")  # each one Arrow file, SPLIT.arrow
-# Each Arrow file's size and xxh3-128, checked before a prepared folder is used: a key file alone trusted a truncated
-# or overwritten file. xxh3 reads about 6 GiB/s (0.17 s per GiB from the page cache on a 2-core test machine), so
+# Each Arrow file's size and xxh3-128, checked before a prepared folder is used: the key file says what was prepared,
+# not that the bytes are still those written. xxh3 reads about 6 GiB/s (0.17 s per GiB from the page cache on a 2-core test machine), so
 # the whole file is hashed at every start; a cold volume makes it as slow as reading the file once.
 CONTENTS_FILE = "contents.json"
 

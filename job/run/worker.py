@@ -457,8 +457,8 @@ def _load_prepared(cfg: RunConfig, launch: Launch):
 
 def _predictable(evals):
     """The held-out rows that hold something to predict (a mix: per source). A row of one token has no next token:
-    a batch of such rows (a held-out document of exactly max_length tokens leaves its eos alone in a row) gave a
-    held-out loss of 0/0 = NaN at every evaluation. Dropping them changes no loss: they hold no target."""
+    a batch of only such rows (a held-out document of exactly max_length tokens leaves its eos alone in a row) would
+    make the held-out loss 0/0 = NaN. Dropping them changes no loss: they hold no target."""
     import pyarrow.compute as pc
 
     def keep(split):

@@ -59,6 +59,10 @@ class DataSpec:
     def probabilities(self) -> list[float]:
         return probabilities(list(self.sources))
 
+    def shares(self) -> list[tuple[Source, float]]:
+        """Each source with its share of the training rows."""
+        return list(zip(self.sources, self.probabilities(), strict=True))
+
     def with_paths(self, paths: dict[str, str]) -> DataSpec:
         """The same sources and weights at other paths (by name), e.g. their prepared folders."""
         return replace(self, sources=tuple(replace(s, path=paths[s.name]) for s in self.sources))
@@ -67,8 +71,7 @@ class DataSpec:
         """As two runs compare it: a mix's weights as probabilities, each path resolved when it exists."""
         if not self.mixed:
             return self.path
-        shares = zip(self.sources, self.probabilities(), strict=True)
-        return ",".join(f"{p:.6g}:{s.name}={_resolved(s.path)}" for s, p in shares)
+        return ",".join(f"{p:.6g}:{s.name}={_resolved(s.path)}" for s, p in self.shares())
 
     def __str__(self) -> str:
         """The text it was parsed from, in its shortest exact form (what run_config.json holds)."""

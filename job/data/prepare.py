@@ -67,8 +67,9 @@ STAGING = ".staging-"  # `.NAME.staging-XXXX`: the only folders next to a target
 SHARDS_FILE = "shards.json"  # the index of a sharded dataset: its shard folders, in order
 SPLITS = ("train", "eval")  # each one Arrow file, SPLIT.arrow
 # Each Arrow file's size and xxh3-128, checked before a prepared folder is used: the key file says what was prepared,
-# not that the bytes are still those written. xxh3 reads about 6 GiB/s (0.17 s per GiB from the page cache on a 2-core test machine), so
-# the whole file is hashed at every start; a cold volume makes it as slow as reading the file once.
+# not that the bytes are still those written. xxh3 reads about 6 GiB/s (0.17 s per GiB from the page cache on a
+# 2-core test machine), so the whole file is hashed at every start; a cold volume makes it as slow as reading the
+# file once.
 CONTENTS_FILE = "contents.json"
 
 
@@ -209,7 +210,7 @@ def _existing(target: Path, key: dict, shard: Shard | None = None, rebuild: bool
                 log.warning("the cache entry %s is damaged (%s): it is prepared again", target, why)
                 return None
             if why:
-                check_contents(target)
+                raise _damaged(target, why)
             return Prepared(target, json.loads((target / STATS_FILE).read_text()), cache_hit=True)
         raise JobError(
             f"{target} holds data prepared with other settings",
@@ -377,7 +378,11 @@ def check_contents(path: str | Path, hashes: bool = True) -> None:
     """One line for a prepared folder that is not whole (see `damage`)."""
     why = damage(path, hashes)
     if why:
-        raise JobError(f"prepared data {path} is damaged: {why}", "prepare it again into a new folder and pass that")
+        raise _damaged(path, why)
+
+
+def _damaged(path: str | Path, why: str) -> JobError:
+    return JobError(f"prepared data {path} is damaged: {why}", "prepare it again into a new folder and pass that")
 
 
 @contextlib.contextmanager

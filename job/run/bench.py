@@ -172,7 +172,7 @@ def bench_training(
     trainer.train()
     per_token = flops_per_token(trainer.model.config, cfg.max_length)
     step_s = statistics.median(timer.times)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
+    device = torch.device(launch.device)
     peak = peak_tflops(device)
     figures = throughput(sum(timer.tokens), sum(timer.times), per_token, world, peak)
     result = {

@@ -111,6 +111,11 @@ class Machine:
     def world(self) -> int:
         return self.gpus_per_node * self.nodes
 
+    @property
+    def unit(self) -> str:
+        """What one share of `gpu_memory` is: a GPU, or on a CPU one process's part of the RAM."""
+        return "GPU" if self.device == "cuda" else "process"
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -143,7 +148,6 @@ class Plan:
     def lines(self) -> list[str]:
         s, m = self.settings, self.machine
         zero = "DDP (no DeepSpeed)" if s.zero_stage is None else f"ZeRO-{s.zero_stage}, offload {s.offload}"
-        where = "GPU" if m.device == "cuda" else "process"
         rows = [
             (
                 f"{self.shape.parameters / 1e6:,.1f}M parameters on {m.nodes} node(s) x {m.gpus_per_node} "
@@ -151,7 +155,7 @@ class Plan:
                 f"{s.grad_accum}; {s.attention}; checkpointing {'on' if s.checkpointing else 'off'}; "
                 f"{'bf16' if s.bf16 else 'fp32'}"
             ),
-            f"  parameters   {gib(self.parameters):>10} per {where}",
+            f"  parameters   {gib(self.parameters):>10} per {m.unit}",
             f"  gradients    {gib(self.gradients):>10}",
             f"  optimizer    {gib(self.optimizer):>10}",
             f"  activations  {gib(self.activations):>10}",
@@ -162,6 +166,15 @@ class Plan:
             f"{'fits' if self.fits_cpu else 'DOES NOT FIT'}",
         ]
         return rows
+
+    def summary(self) -> str:
+        """The plan in one line (doctor's and train's `memory` row)."""
+        return (
+            f"{gib(self.total)} per {self.machine.unit} of {gib(self.machine.gpu_memory)} (parameters "
+            f"{gib(self.parameters)}, gradients {gib(self.gradients)}, optimizer {gib(self.optimizer)}, activations "
+            f"{gib(self.activations)}, buffers {gib(self.buffers)}); CPU {gib(self.cpu_need)} of "
+            f"{gib(self.machine.cpu_memory)}"
+        )
 
 
 def gib(n: int) -> str:

@@ -37,7 +37,7 @@ def card_datasets(cfg: RunConfig, launch: Launch | None = None) -> list[str]:
         return list(cfg.dataset_ids)
     data = card_data(cfg, launch)
     paths = [s.path for s in data.sources] if data is not None else []
-    return [p for p in paths if HUB_ID.fullmatch(p) and not Path(p).exists()]
+    return [p for p in paths if _hub_id(p)]
 
 
 def _data_line(cfg: RunConfig, data: DataSpec | None) -> str:

@@ -320,7 +320,7 @@ def _check_mix(p: Preflight, mix: list) -> Check:
     from job.data.mix import load_source_corpora
     from job.data.prepare import read_prepared_key, read_prepared_stats
 
-    shares = [f"{s.name} {share:.0%}" for s, share in zip(mix, p.cfg.source_data.probabilities(), strict=True)]
+    shares = [f"{s.name} {share:.0%}" for s, share in p.cfg.source_data.shares()]
     if p.cfg.prepared:
         rows = []
         for source in mix:
@@ -407,23 +407,12 @@ def check_memory(p: Preflight) -> Check:
             return Check("memory", False, conflict.cause, conflict.fix or "")
         p.cfg = chosen
         p.launch = dataclasses.replace(p.launch, memory=planned_memory(best, "--plan auto"))
-        return Check("memory", True, f"--plan auto: {why(best.settings, mine.settings)}; " + _plan_summary(best))
+        return Check("memory", True, f"--plan auto: {why(best.settings, mine.settings)}; " + best.summary())
     if not mine.fits:
         error = refusal(mine, best)
         return Check("memory", False, error.cause, error.fix or "")
     p.launch = dataclasses.replace(p.launch, memory=planned_memory(mine, "the run's settings"))
-    return Check("memory", True, _plan_summary(mine))
-
-
-def _plan_summary(plan) -> str:
-    from job.run.memory_plan import gib
-
-    where = "GPU" if plan.machine.device == "cuda" else "process"
-    return (
-        f"{gib(plan.total)} per {where} of {gib(plan.machine.gpu_memory)} (parameters {gib(plan.parameters)}, "
-        f"gradients {gib(plan.gradients)}, optimizer {gib(plan.optimizer)}, activations {gib(plan.activations)}, "
-        f"buffers {gib(plan.buffers)}); CPU {gib(plan.cpu_need)} of {gib(plan.machine.cpu_memory)}"
-    )
+    return Check("memory", True, mine.summary())
 
 
 def check_disk(p: Preflight) -> Check:

@@ -287,7 +287,7 @@ def source_shares(data: DataSpec | None) -> list[tuple[Source, float]]:
     """Each source of a mix with its share of the training rows; [] for one source (the card's and the report's)."""
     if data is None or not data.mixed:
         return []
-    return list(zip(data.sources, data.probabilities(), strict=True))
+    return data.shares()
 
 
 def write_report(

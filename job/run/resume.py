@@ -184,7 +184,7 @@ def check_inputs(p: Preflight) -> Check:
         key = next(iter(keys.values()), {})
         data = {
             s.name: {"corpus": keys[s.name]["corpus"] if s.name in keys else None, "share": round(share, 6)}
-            for s, share in zip(mix, cfg.source_data.probabilities(), strict=True)
+            for s, share in cfg.source_data.shares()
         }
     p.fingerprints = {
         "tokenizer": tokenizer,

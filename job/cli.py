@@ -299,8 +299,6 @@ def plan(config, gpus, nodes, gpu_memory, cpu_memory, **values):
     """The memory plan of a run on a machine (this one, or --gpus x --nodes of --gpu-memory GiB): per GPU the
     parameters, gradients, optimizer states, activations and buffers against the memory, and the CPU memory offload
     needs. Exit 0 if it fits, else 2 and the settings that would (--plan auto: plans those)."""
-    import dataclasses
-
     from job.core.topology import device_type, processes_per_node
     from job.model.attention import resolve_attention
     from job.model.build import model_config

@@ -579,11 +579,6 @@ class RunConfig:
         return self.deepspeed is not None
 
     @property
-    def deepspeed_file(self) -> Path | None:
-        """The DeepSpeed JSON file this run reads (None: plain DDP)."""
-        return self.deepspeed
-
-    @property
     def source_data(self) -> DataSpec | None:
         """The data as given: `--prepared` when set, else `--data` (None: the built-in corpus)."""
         return self.prepared if self.prepared is not None else self.data

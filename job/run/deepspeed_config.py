@@ -83,7 +83,7 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any] | None:
     """The DeepSpeed config this run uses: the file, with `--zero-stage` applied and checked."""
     if not cfg.uses_deepspeed:
         return None
-    ds = read_deepspeed_file(str(cfg.deepspeed_file))
+    ds = read_deepspeed_file(str(cfg.deepspeed))
     zero = ds.setdefault("zero_optimization", {})
     if cfg.zero_stage is not None:
         zero["stage"] = cfg.zero_stage
@@ -99,7 +99,7 @@ def deepspeed_config(cfg: RunConfig) -> dict[str, Any] | None:
         section = ds.get(key)
         if isinstance(section, dict) and section.get("enabled") not in ("auto", ours):
             raise JobError(
-                f"{cfg.deepspeed_file} sets {key}.enabled={section['enabled']} but this run has --bf16={cfg.bf16}",
+                f"{cfg.deepspeed} sets {key}.enabled={section['enabled']} but this run has --bf16={cfg.bf16}",
                 f'set "{key}": {{"enabled": "auto"}} in the DeepSpeed file',
             )
     return ds
@@ -162,19 +162,19 @@ def check_batch_arithmetic(cfg: RunConfig, launch: Launch) -> None:
     total = ds.get("train_batch_size", "auto")
     if micro not in ("auto", cfg.per_device_batch_size):
         raise JobError(
-            f"{cfg.deepspeed_file} sets train_micro_batch_size_per_gpu={micro} but "
+            f"{cfg.deepspeed} sets train_micro_batch_size_per_gpu={micro} but "
             f"--per-device-batch-size is {cfg.per_device_batch_size}",
             'set it to "auto" in the DeepSpeed file so the run config decides',
         )
     if accum not in ("auto", cfg.grad_accum):
         raise JobError(
-            f"{cfg.deepspeed_file} sets gradient_accumulation_steps={accum} but --grad-accum is {cfg.grad_accum}",
+            f"{cfg.deepspeed} sets gradient_accumulation_steps={accum} but --grad-accum is {cfg.grad_accum}",
             'set it to "auto" in the DeepSpeed file',
         )
     expected = launch.global_batch
     if total not in ("auto", expected):
         raise JobError(
-            f"{cfg.deepspeed_file} sets train_batch_size={total} but batch {cfg.per_device_batch_size}"
+            f"{cfg.deepspeed} sets train_batch_size={total} but batch {cfg.per_device_batch_size}"
             f" x accumulation {cfg.grad_accum} x {launch.world_size} processes = {expected}",
             'set train_batch_size to "auto" or make the three agree',
         )
@@ -204,6 +204,6 @@ def check_optimizer_blocks(cfg: RunConfig) -> None:
             node = node.get(part, "auto") if isinstance(node, dict) else "auto"
         if node != "auto" and node != value:
             raise JobError(
-                f"{cfg.deepspeed_file} sets {dotted}={node} but the run has {name}={value}",
+                f"{cfg.deepspeed} sets {dotted}={node} but the run has {name}={value}",
                 f'set {dotted} to "auto" in the DeepSpeed file so the run config decides',
             )

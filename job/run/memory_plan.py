@@ -369,7 +369,7 @@ def auto_conflict(chosen_cfg, settings: RunSettings, launch):
     fields = ("zero_stage", "offload", "offload_to", "micro_batch", "grad_accum", "checkpointing")
     differ = [f"{f} {getattr(rendered, f)}" for f in fields if getattr(rendered, f) != getattr(settings, f)]
     if differ and problem is None:
-        problem = f"{chosen_cfg.deepspeed_file} makes it train with {', '.join(differ)}"
+        problem = f"{chosen_cfg.deepspeed} makes it train with {', '.join(differ)}"
     if problem is None:
         return None
     return JobError(

@@ -62,8 +62,9 @@ _FORK_HOOKED = False
 # keep the parent's handler, and a pool worker that raised `Stopped` there hangs on its queue's lock). So from the
 # job's `before` hook to its `after` hooks the handler only records a signal, and the stop signals are blocked: the
 # child takes the default action, and the parent raises its signal once its hooks have run. CPython runs `before`
-# hooks last-registered first and `after` hooks in registration order, and the job registers at start-up, before
-# any library: the window is the fork itself, and a library's own hooks run outside it.
+# hooks last-registered first and `after` hooks in registration order, and the job registers at start-up: the window
+# holds the fork and the hooks of modules imported before it (the standard library's), not those of libraries
+# imported later (torch, datasets), which run outside it.
 _FORKING = False
 _DEFERRED: list[int] = []
 

@@ -302,7 +302,7 @@ def plan(config, gpus, nodes, gpu_memory, cpu_memory, **values):
     from job.core.topology import device_type, processes_per_node
     from job.model.attention import resolve_attention
     from job.model.build import model_config
-    from job.run.launch_record import Launch
+    from job.run.launch_record import launch_on
     from job.run.memory_plan import (
         GiB,
         auto_conflict,
@@ -333,11 +333,7 @@ def plan(config, gpus, nodes, gpu_memory, cpu_memory, **values):
     mine, best = plan_run(cfg, model_config(cfg, None), machine, attention)
     click.echo("\n".join(mine.lines()))
     if cfg.plan == "auto" and best is not None:
-        world = machine.world
-        launch = Launch(
-            nproc_per_node=machine.gpus_per_node, nnodes=machine.nodes, node_rank=0, world_size=world,
-            device=machine.device, attention=attention, global_batch=cfg.per_device_batch_size * cfg.grad_accum * world,
-        )  # fmt: skip
+        launch = launch_on(cfg, machine.gpus_per_node, machine.nodes, machine.device, attention)
         conflict = auto_conflict(with_settings(cfg, best.settings), best.settings, launch)
         if conflict:
             raise conflict

@@ -69,16 +69,24 @@ def resolve_launch(cfg: RunConfig) -> Launch:
     """The launch of `cfg`, whose launch settings are resolved (`job.core.topology.resolve_topology`)."""
     from job.model.attention import resolve_attention
 
-    nproc = processes_per_node(cfg)
-    world = nproc * cfg.nnodes
     device = device_type(cfg)
+    attention = resolve_attention(cfg.attention, device)  # flex where it cannot train: refused here
+    return launch_on(cfg, processes_per_node(cfg), cfg.nnodes, device, attention, cfg.node_rank)
+
+
+def launch_on(
+    cfg: RunConfig, nproc_per_node: int, nnodes: int, device: str, attention: str, node_rank: int = 0
+) -> Launch:
+    """The launch of `cfg` as `nnodes` nodes of `nproc_per_node` processes on `device` would run it (this machine's,
+    from `resolve_launch`, or another's: `python -m job plan --gpus N --nodes M`)."""
+    world = nproc_per_node * nnodes
     return Launch(
-        nproc_per_node=nproc,
-        nnodes=cfg.nnodes,
-        node_rank=cfg.node_rank,
+        nproc_per_node=nproc_per_node,
+        nnodes=nnodes,
+        node_rank=node_rank,
         world_size=world,
         device=device,
-        attention=resolve_attention(cfg.attention, device),  # flex where it cannot train: refused here
+        attention=attention,
         global_batch=cfg.per_device_batch_size * cfg.grad_accum * world,
         given_prepared=cfg.prepared is not None,
     )

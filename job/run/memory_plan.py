@@ -362,16 +362,15 @@ def auto_conflict(chosen_cfg, settings: RunSettings, launch):
 
     try:
         check_batch_arithmetic(chosen_cfg, launch)
-        problem = None
     except JobError as e:
         problem = e.cause
-    rendered = settings_of(chosen_cfg, launch.attention)
-    fields = ("zero_stage", "offload", "offload_to", "micro_batch", "grad_accum", "checkpointing")
-    differ = [f"{f} {getattr(rendered, f)}" for f in fields if getattr(rendered, f) != getattr(settings, f)]
-    if differ and problem is None:
+    else:
+        rendered = settings_of(chosen_cfg, launch.attention)
+        fields = ("zero_stage", "offload", "offload_to", "micro_batch", "grad_accum", "checkpointing")
+        differ = [f"{f} {getattr(rendered, f)}" for f in fields if getattr(rendered, f) != getattr(settings, f)]
+        if not differ:
+            return None
         problem = f"{chosen_cfg.deepspeed} makes it train with {', '.join(differ)}"
-    if problem is None:
-        return None
     return JobError(
         f"--plan auto chose {settings_flags(settings)}, but {problem}",
         'set those values to "auto" (or remove them) in the DeepSpeed file, or use --plan check',

@@ -58,14 +58,15 @@ class TrackingRecord:
         try:
             values = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            values = type(e).__name__
-        if not (isinstance(values, dict) and isinstance(values.get("sent", {}), dict)):
-            raise JobError(
-                f"{self.path} is unreadable ({values if isinstance(values, str) else 'not a record of this job'}): "
-                "the tracking runs this folder continues are not known",
-                "restore it from a copy of the run folder, or remove it to start new tracking runs",
-            )
-        return values
+            problem = type(e).__name__
+        else:
+            if isinstance(values, dict) and isinstance(values.get("sent", {}), dict):
+                return values
+            problem = "not a record of this job"
+        raise JobError(
+            f"{self.path} is unreadable ({problem}): the tracking runs this folder continues are not known",
+            "restore it from a copy of the run folder, or remove it to start new tracking runs",
+        )
 
     @property
     def run_id(self) -> str:
@@ -93,13 +94,14 @@ def tracking_environment(
 ) -> dict[str, str]:
     """Set (where the user set nothing) what the tracking libraries read; returns what was set."""
     environ = os.environ if environ is None else environ
-    folder = output.resolve() / run_files.TRACKING_FILES
+    run_folder = output.resolve()
+    folder = run_folder / run_files.TRACKING_FILES
     defaults: dict[str, str] = {}
     if "wandb" in reporters:
         defaults |= {
             "WANDB_RUN_ID": record.run_id,
             "WANDB_RESUME": "allow",
-            "WANDB_NAME": output.resolve().name,
+            "WANDB_NAME": run_folder.name,
             # W&B writes its run files under WANDB_DIR/wandb, and keeps caches and settings under $HOME otherwise
             "WANDB_DIR": str(folder),
             "WANDB_CACHE_DIR": str(folder / "wandb-cache"),
@@ -117,10 +119,10 @@ def tracking_environment(
             defaults["MLFLOW_RUN_ID"] = record.values["mlflow_run_id"]  # (another server has no such run)
     chosen = {k: v for k, v in defaults.items() if not environ.get(k)}
     if "MLFLOW_TRACKING_URI" in chosen:
-        refuse_link(folder / "mlruns", output.resolve())
+        refuse_link(folder / "mlruns", run_folder)
     for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         if name in chosen:
-            refuse_link(Path(chosen[name]), output.resolve())  # the libraries write below: never through a link
+            refuse_link(Path(chosen[name]), run_folder)  # the libraries write below: never through a link
             Path(chosen[name]).mkdir(parents=True, exist_ok=True)
     environ.update(chosen)
     return chosen
